@@ -1,0 +1,146 @@
+"""Validation of the op's inputs, shared by every backend (see ``docs/op.md``).
+
+Every check raises before any kernel runs, with a message that names the
+argument, what it got and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .dropout import SEED_LIMIT
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """Sizes of one call: ``B, H, Nq, N, Dh`` and the segment layout."""
+
+    batch: int
+    heads: int
+    n_query: int
+    n_keys: int
+    head_dim: int
+    segments: tuple[int, ...]
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.segments)
+
+    @property
+    def class_only(self) -> bool:
+        return self.n_query == 1
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_segments(segments: Sequence[int], n_keys: int | None = None) -> tuple[int, ...]:
+    """Validate ``segments`` (M ≥ 2 positive ints) and, if given, ``N == 1 + sum``."""
+    if isinstance(segments, torch.Tensor):
+        segments = segments.tolist()
+    try:
+        segs = tuple(operator.index(s) for s in segments)
+    except TypeError as exc:
+        raise TypeError(f"segments: expected a sequence of ints, got {segments!r}") from exc
+    if len(segs) < 2:
+        raise ValueError(f"segments: expected at least 2 modalities, got {len(segs)} ({segs})")
+    if any(s < 1 for s in segs):
+        raise ValueError(f"segments: every padded size must be >= 1, got {segs}")
+    if n_keys is not None and n_keys != 1 + sum(segs):
+        raise ValueError(
+            f"segments: N must equal 1 + sum(segments) = {1 + sum(segs)} for segments {segs}, "
+            f"but k has N = {n_keys}"
+        )
+    return segs
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: Sequence[int],
+    lengths: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    scale: float | None,
+    dropout_p: float,
+    seed: int | None,
+    backend: str,
+) -> OpShape:
+    """Check every argument of ``rollingq_attention``; return the call's sizes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-d tensor (B, H, N, Dh), got shape {_shape(t)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise TypeError(f"q, k, v: expected one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {_shape(k)}, got {_shape(v)}")
+    B, H, N, Dh = k.shape
+    if B < 1 or H < 1 or Dh < 1:
+        raise ValueError(f"k: expected B, H, Dh >= 1, got shape {_shape(k)}")
+    if q.shape[0] != B or q.shape[1] != H or q.shape[3] != Dh or q.shape[2] not in (1, N):
+        raise ValueError(
+            f"q: expected shape ({B}, {H}, {N}, {Dh}) (all-query) or ({B}, {H}, 1, {Dh}) "
+            f"(class-only), got {_shape(q)}"
+        )
+    segs = check_segments(segments, N)
+    M = len(segs)
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor):
+            raise TypeError(f"lengths: expected a ({B}, {M}) integer tensor, got {type(lengths).__name__}")
+        if lengths.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise TypeError(f"lengths: expected an integer dtype, got {lengths.dtype}")
+        if tuple(lengths.shape) != (B, M):
+            raise ValueError(f"lengths: expected shape ({B}, {M}), got {_shape(lengths)}")
+        if lengths.device != q.device:
+            raise TypeError(f"lengths: expected device {q.device}, got {lengths.device}")
+        if lengths.numel():
+            caps = torch.tensor(segs, device=lengths.device, dtype=torch.int64)
+            bad = (lengths.to(torch.int64) < 0) | (lengths.to(torch.int64) > caps)
+            if bool(bad.any()):
+                b, m = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"lengths: expected 0 <= lengths[b, m] <= segments[m]; "
+                    f"lengths[{b}, {m}] = {int(lengths[b, m])} with segments[{m}] = {segs[m]}"
+                )
+    if rotation is not None:
+        if not isinstance(rotation, torch.Tensor):
+            raise TypeError(f"rotation: expected a tensor or None, got {type(rotation).__name__}")
+        if rotation.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"rotation: expected float32 or float64, got {rotation.dtype}")
+        if rotation.device != q.device:
+            raise TypeError(f"rotation: expected device {q.device}, got {rotation.device}")
+        glob, per_head = (H * Dh, H * Dh), (H, Dh, Dh)
+        if tuple(rotation.shape) not in (glob, per_head):
+            raise ValueError(
+                f"rotation: expected shape {glob} (global) or {per_head} (per head), "
+                f"got {_shape(rotation)}"
+            )
+        if not bool(torch.isfinite(rotation).all()):
+            raise ValueError("rotation: expected finite values, got NaN or inf")
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
+            raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed: expected None or an int in [0, 2**31), got {seed!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return OpShape(B, H, q.shape[2], N, Dh, segs)

@@ -1,0 +1,140 @@
+"""The eager reference of the op: the correctness oracle of every backend.
+
+It implements ``docs/op.md`` literally with plain, differentiable PyTorch ops and
+materializes the ``(B, H, Nq, N)`` score matrix. It is also the benchmarks'
+"eager" provider: what a user writes today to get attention plus RollingQ
+statistics. Run it in float64 for tests.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .dropout import dropout_mask
+from .stats import AttentionStats, finish_stats
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (the contract's ``c``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segment_offsets(segments: Sequence[int]) -> list[int]:
+    """Start index of each modality along N (the class token is index 0)."""
+    offsets, o = [], 1
+    for s in segments:
+        offsets.append(o)
+        o += s
+    return offsets
+
+
+def key_valid_mask(
+    lengths: torch.Tensor | None, segments: Sequence[int], batch: int, device: torch.device
+) -> torch.Tensor:
+    """``(B, N)`` bool: key ``j`` of sample ``b`` is valid (class token always)."""
+    n = 1 + sum(segments)
+    if lengths is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    parts = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
+    for m, size in enumerate(segments):
+        pos = torch.arange(size, device=device).unsqueeze(0)
+        parts.append(pos < lengths[:, m : m + 1].to(torch.int64))
+    return torch.cat(parts, dim=1)
+
+
+def modality_index(segments: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(N,)`` int64: 0 for the class token, ``m + 1`` for modality ``m``."""
+    ids = [torch.zeros(1, dtype=torch.int64, device=device)]
+    for m, size in enumerate(segments):
+        ids.append(torch.full((size,), m + 1, dtype=torch.int64, device=device))
+    return torch.cat(ids)
+
+
+def rotate_class_query(q0: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Rotate the class query ``(B, H, Dh)``: global ``(H·Dh, H·Dh)`` or per head.
+
+    Computed in the compute dtype and rounded back to ``q0.dtype``; the column
+    convention ``y = R x`` means rows are multiplied by ``Rᵀ``.
+    """
+    if rotation is None:
+        return q0
+    c = compute_dtype(q0.dtype)
+    B, H, Dh = q0.shape
+    r = rotation.to(c)
+    if rotation.dim() == 2:
+        out = (q0.reshape(B, H * Dh).to(c) @ r.T).reshape(B, H, Dh)
+    else:
+        out = torch.einsum("bhd,hed->bhe", q0.to(c), r)
+    return out.to(q0.dtype)
+
+
+def rollingq_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: Sequence[int],
+    *,
+    lengths: torch.Tensor | None = None,
+    rotation: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    compute_stats: bool = True,
+) -> tuple[torch.Tensor, AttentionStats | None]:
+    """Rotated class-query attention with RollingQ statistics, eagerly.
+
+    Args:
+        q: ``(B, H, N, Dh)`` (all-query) or ``(B, H, 1, Dh)`` (class-only).
+        k, v: ``(B, H, N, Dh)``; ``N = 1 + sum(segments)``.
+        segments: padded sizes ``(L_1, …, L_M)`` of the ``M ≥ 2`` modalities.
+        lengths: ``(B, M)`` valid tokens per modality, or None.
+        rotation: ``(H·Dh, H·Dh)``, ``(H, Dh, Dh)`` or None.
+        scale: score scale, default ``Dh ** -0.5``.
+        dropout_p, seed: dropout with the contract's counter-based mask
+            (``seed`` is required when ``dropout_p > 0``).
+        compute_stats: return ``None`` instead of the statistics when False.
+
+    Returns:
+        ``out`` with the shape and dtype of ``q``, and the
+        :class:`AttentionStats` of the class-token row (or None).
+
+    Inputs are assumed validated (``rollingq_attention`` validates them).
+    """
+    B, H, N, Dh = k.shape
+    nq = q.shape[2]
+    c = compute_dtype(q.dtype)
+    scale = Dh**-0.5 if scale is None else float(scale)
+
+    q0_rot = rotate_class_query(q[:, :, 0, :], rotation)
+    q_rot = torch.cat([q0_rot.unsqueeze(2), q[:, :, 1:, :]], dim=2) if nq > 1 else q0_rot.unsqueeze(2)
+
+    key_valid = key_valid_mask(lengths, segments, B, k.device)  # (B, N)
+    scores = scale * torch.matmul(q_rot.to(c), k.to(c).transpose(-1, -2))  # (B, H, Nq, N)
+    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs_d = probs
+    if dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("seed: required by the reference when dropout_p > 0")
+        keep = dropout_mask(seed, B, H, nq, N, dropout_p, device=k.device)
+        probs_d = probs * keep.to(c) / (1.0 - dropout_p)
+    out = torch.matmul(probs_d, v.to(c))
+    if nq > 1:
+        out = out * key_valid[:, None, :, None].to(c)  # padded query rows output 0
+    out = out.to(q.dtype)
+    if not compute_stats:
+        return out, None
+
+    with torch.no_grad():
+        mod = modality_index(segments, k.device)
+        M = len(segments)
+        onehot = torch.nn.functional.one_hot(mod, M + 1).to(c)  # (N, M+1)
+        mass = probs[:, :, 0, :].detach() @ onehot  # (B, H, M+1)
+        kv = k.detach().to(c) * key_valid[:, None, :, None].to(c)
+        key_sum = torch.einsum("bhnd,nm->bhmd", kv, onehot[:, 1:])  # (B, H, M, Dh)
+        counts = (key_valid.to(c) @ onehot[:, 1:]).clamp_min(1.0)  # (B, M)
+        key_mean = key_sum / counts[:, None, :, None]
+        stats = finish_stats(key_mean.float(), mass.float(), q0_rot.detach().float(), lengths, segments)
+    return out, stats

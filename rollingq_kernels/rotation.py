@@ -1,0 +1,188 @@
+"""RollingQ's math as plain functions (Ni et al., ICML 2025, Sec. 3.3).
+
+Conventions: vectors are columns and a rotation ``R`` maps ``x`` to ``R x``;
+a batch of row vectors is rotated as ``q @ R.T`` (the paper's official code).
+Every function accepts leading batch dimensions (e.g. one per head) and
+computes in float64 internally.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_EPS = 1e-12
+
+
+class Imbalance(NamedTuple):
+    """Attention imbalance of one batch or window.
+
+    Attributes:
+        air: scalar, mean over samples with modalities 0 and 1 both present of
+            ``cos_0 − cos_1`` (the paper's Eq. 9); NaN when no such sample.
+        spread: scalar, ``max − min`` of ``cos_mean`` (equals ``|air|`` for
+            M = 2 when every sample has both modalities).
+        cos_mean: ``(M,)`` mean cosine of each modality over the samples where
+            it is present (NaN where it never is).
+        count: number of samples that entered ``air``.
+    """
+
+    air: torch.Tensor
+    spread: torch.Tensor
+    cos_mean: torch.Tensor
+    count: int
+
+
+def attention_imbalance_rate(cos: torch.Tensor, valid: torch.Tensor | None = None) -> Imbalance:
+    """AIR = E[cos(q, k̄_a) − cos(q, k̄_v)] over samples with both modalities.
+
+    Args:
+        cos: ``(B, M)`` per-sample cosines (``stats.cos``).
+        valid: ``(B, M)`` bool (``stats.valid``); None means all present.
+    """
+    if cos.dim() != 2 or cos.shape[1] < 2:
+        raise ValueError(f"cos: expected shape (B, M) with M >= 2, got {tuple(cos.shape)}")
+    cos = cos.double()
+    if valid is None:
+        valid = torch.ones_like(cos, dtype=torch.bool)
+    if valid.shape != cos.shape:
+        raise ValueError(f"valid: expected shape {tuple(cos.shape)}, got {tuple(valid.shape)}")
+    both = valid[:, 0] & valid[:, 1]
+    count = int(both.sum())
+    diff = (cos[:, 0] - cos[:, 1]) * both
+    air = diff.sum() / count if count else torch.tensor(float("nan"), dtype=torch.float64)
+    n_m = valid.sum(0)
+    cos_mean = torch.where(n_m > 0, (cos * valid).sum(0) / n_m.clamp_min(1), torch.full_like(n_m, float("nan"), dtype=torch.float64))
+    present = cos_mean[~torch.isnan(cos_mean)]
+    spread = present.max() - present.min() if present.numel() >= 2 else torch.tensor(float("nan"), dtype=torch.float64)
+    return Imbalance(air=air, spread=spread, cos_mean=cos_mean, count=count)
+
+
+def balance_weights(cos_means: torch.Tensor, rho: float) -> torch.Tensor:
+    """α = softmax(−2ρ·cos_means) over modalities (last dim).
+
+    For M = 2 this is exactly the paper's α = ½(1 + tanh(−ρ·AIR)) with
+    AIR = cos_means[0] − cos_means[1].
+    """
+    if not rho > 0:
+        raise ValueError(f"rho: expected rho > 0, got {rho!r}")
+    return torch.softmax(-2.0 * float(rho) * cos_means.double(), dim=-1)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    n = x.norm(dim=-1, keepdim=True)
+    return torch.where(n > _EPS, x / n.clamp_min(_EPS), torch.zeros_like(x))
+
+
+def balanced_anchor(
+    mean_keys: torch.Tensor, mean_query: torch.Tensor, cos_means: torch.Tensor, rho: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rebalance anchor q_b of Eq. 10, generalised to M modalities.
+
+    Args:
+        mean_keys: ``(..., M, D)`` E[k̄_m] per modality.
+        mean_query: ``(..., D)`` E[q] (rotated class query).
+        cos_means: ``(..., M)`` mean cosine per modality (decides α).
+        rho: ρ > 0, the rotation intensity.
+
+    Returns:
+        ``(anchor (..., D), alpha (..., M))``: anchor = |E[q]| · Σ_m α_m · E[k̄_m]/|E[k̄_m]|.
+    """
+    alpha = balance_weights(cos_means, rho)
+    direction = (alpha.unsqueeze(-1) * _unit(mean_keys.double())).sum(-2)
+    anchor = direction * mean_query.double().norm(dim=-1, keepdim=True)
+    return anchor, alpha
+
+
+def _orthogonal_direction(u: torch.Tensor) -> torch.Tensor:
+    """A unit vector orthogonal to unit ``u`` (..., D) (Gram-Schmidt on the least aligned axis)."""
+    idx = u.abs().argmin(dim=-1, keepdim=True)
+    e = torch.zeros_like(u).scatter_(-1, idx, 1.0)
+    w = e - (e * u).sum(-1, keepdim=True) * u
+    return _unit(w)
+
+
+def plane_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The minimal rotation taking direction ``x`` to direction ``y``.
+
+    It rotates in the plane span(x, y) by the angle between them and is the
+    identity on the orthogonal complement. Antiparallel inputs rotate by π in a
+    plane through a fixed orthogonal axis; a zero vector gives the identity.
+
+    Args:
+        x, y: ``(..., D)``.
+
+    Returns:
+        ``(..., D, D)`` float64, orthogonal with determinant +1, ``R x̂ = ŷ``.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    x, y = x.double(), y.double()
+    D = x.shape[-1]
+    eye = torch.eye(D, dtype=torch.float64, device=x.device).expand(*x.shape[:-1], D, D)
+    u, yh = _unit(x), _unit(y)
+    degenerate = (x.norm(dim=-1) <= _EPS) | (y.norm(dim=-1) <= _EPS)
+    cos_t = (u * yh).sum(-1).clamp(-1.0, 1.0)
+    perp = yh - cos_t.unsqueeze(-1) * u
+    w = _unit(perp)
+    no_plane = perp.norm(dim=-1) <= 1e-9
+    w = torch.where(no_plane.unsqueeze(-1), _orthogonal_direction(u), w)
+    sin_t = torch.where(no_plane, torch.zeros_like(cos_t), (w * yh).sum(-1))
+    cos_t = torch.where(no_plane, torch.sign(cos_t) + (cos_t == 0).double(), cos_t)
+    uu = u.unsqueeze(-1) * u.unsqueeze(-2)
+    ww = w.unsqueeze(-1) * w.unsqueeze(-2)
+    wu = w.unsqueeze(-1) * u.unsqueeze(-2)
+    c, s = cos_t[..., None, None], sin_t[..., None, None]
+    rot = eye + (c - 1.0) * (uu + ww) + s * (wu - wu.transpose(-1, -2))
+    return torch.where(degenerate[..., None, None], eye, rot)
+
+
+def svd_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The paper's Eq. 12 construction, for exact reproduction of the official code.
+
+    ``U Σ Vᵀ = svd(ŷ x̂ᵀ)`` and ``R = U Vᵀ`` with the last column of ``U``
+    negated when ``det(U Vᵀ) < 0``. It maps ``x̂`` to ``ŷ``, but what it does on
+    the complement of span(x, y) is whatever the SVD returns.
+
+    Args:
+        x, y: ``(..., D)``.
+
+    Returns:
+        ``(..., D, D)`` float64 rotation (det +1) with ``R x̂ = ŷ``.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    u_, y_ = _unit(x.double()), _unit(y.double())
+    m = y_.unsqueeze(-1) * u_.unsqueeze(-2)
+    U, _, Vh = torch.linalg.svd(m)
+    # the SVD fixes the first singular pair only up to sign: make U[:,0] = ŷ, V[:,0] = x̂
+    sign = torch.sign((U[..., :, 0] * y_).sum(-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    U = U.clone()
+    U[..., :, 0] = U[..., :, 0] * sign.unsqueeze(-1)
+    Vh = Vh.clone()
+    Vh[..., 0, :] = Vh[..., 0, :] * sign.unsqueeze(-1)
+    R = U @ Vh
+    flip = torch.linalg.det(R) < 0
+    if bool(flip.any()):
+        U[..., :, -1] = torch.where(flip.unsqueeze(-1), -U[..., :, -1], U[..., :, -1])
+        R = U @ Vh
+    return R
+
+
+def rotation_angle_degrees(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Angle between ``x`` and ``y`` (..., D) in degrees."""
+    c = (_unit(x.double()) * _unit(y.double())).sum(-1).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(c))
+
+
+def compose_rotations(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Rotation applying ``old`` first, then ``new``: ``R ← R_new @ R_old``.
+
+    Works for global ``(D, D)`` and per-head ``(H, Dh, Dh)`` rotations alike;
+    the result has ``old``'s dtype.
+    """
+    if new.shape != old.shape:
+        raise ValueError(f"new: expected the shape of old {tuple(old.shape)}, got {tuple(new.shape)}")
+    return (new.double() @ old.double()).to(old.dtype)

@@ -1,0 +1,82 @@
+"""The op's statistics record and the cheap epilogue shared by all backends.
+
+Kernels produce ``key_mean``, ``mass`` and ``query`` while they read K;
+:func:`finish_stats` derives the cosines and the validity mask from those
+without touching K again (``O(B·H·M·Dh)`` work).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class AttentionStats(NamedTuple):
+    """Statistics of the class-token query row (float32 unless noted, no grad).
+
+    Attributes:
+        key_mean: ``(B, H, M, Dh)`` mean valid key per modality (0 if empty).
+        mass: ``(B, H, M+1)`` class-row attention on [class, modality 1…M].
+        cos: ``(B, M)`` cosine(rotated class query, mean key), heads concatenated.
+        cos_per_head: ``(B, H, M)`` the same cosine per head.
+        query: ``(B, H, Dh)`` the rotated class query.
+        valid: ``(B, M)`` bool, modality non-empty.
+    """
+
+    key_mean: torch.Tensor
+    mass: torch.Tensor
+    cos: torch.Tensor
+    cos_per_head: torch.Tensor
+    query: torch.Tensor
+    valid: torch.Tensor
+
+
+def safe_cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+    """``dot / (|a||b|)``, defined as 0 where either norm is 0."""
+    denom = norm_a * norm_b
+    return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), torch.zeros_like(dot))
+
+
+def valid_modalities(
+    lengths: torch.Tensor | None, batch: int, segments: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """``(B, M)`` bool: modality ``m`` of sample ``b`` has at least one valid token."""
+    if lengths is None:
+        return torch.ones(batch, len(segments), dtype=torch.bool, device=device)
+    return lengths > 0
+
+
+def finish_stats(
+    key_mean: torch.Tensor,
+    mass: torch.Tensor,
+    query: torch.Tensor,
+    lengths: torch.Tensor | None,
+    segments: Sequence[int],
+) -> AttentionStats:
+    """Derive ``cos``, ``cos_per_head`` and ``valid`` from the kernel outputs.
+
+    Args:
+        key_mean: ``(B, H, M, Dh)`` float32.
+        mass: ``(B, H, M+1)`` float32.
+        query: ``(B, H, Dh)`` float32, the rotated class query.
+        lengths: ``(B, M)`` integer tensor or None.
+        segments: the padded modality sizes.
+    """
+    key_mean = key_mean.float()
+    query = query.float()
+    B, H, M, Dh = key_mean.shape
+    dots = torch.einsum("bhmd,bhd->bhm", key_mean, query)  # (B, H, M)
+    q_sq = query.square().sum(-1)  # (B, H)
+    k_sq = key_mean.square().sum(-1)  # (B, H, M)
+    cos_per_head = safe_cosine(dots, q_sq.sqrt().unsqueeze(-1), k_sq.sqrt())
+    cos = safe_cosine(dots.sum(1), q_sq.sum(1).sqrt().unsqueeze(-1), k_sq.sum(1).sqrt())
+    valid = valid_modalities(lengths, B, segments, key_mean.device)
+    return AttentionStats(
+        key_mean=key_mean,
+        mass=mass.float(),
+        cos=cos,
+        cos_per_head=cos_per_head,
+        query=query,
+        valid=valid,
+    )
