@@ -15,9 +15,11 @@ every compiled backend; :func:`rollingq_attention` validates and dispatches.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -51,7 +53,10 @@ try:  # the compiled CPU kernels; importing registers the ops with the dispatche
     _CPP_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - exercised in the skip-extension install
     HAS_CPP = False
-    _CPP_IMPORT_ERROR = str(exc)
+    if importlib.util.find_spec("rollingq_kernels._C") is None:
+        _CPP_IMPORT_ERROR = "rollingq_kernels._C is not built"
+    else:  # built but not loadable, e.g. compiled against another torch
+        _CPP_IMPORT_ERROR = f"rollingq_kernels._C failed to load: {exc}"
     _fallback_lib = torch.library.Library("rollingq", "DEF")  # noqa: TOR901
     _fallback_lib.define(FWD_SCHEMA)
     _fallback_lib.define(BWD_SCHEMA)

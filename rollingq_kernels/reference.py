@@ -8,7 +8,7 @@ statistics. Run it in float64 for tests.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

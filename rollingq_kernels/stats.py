@@ -7,7 +7,8 @@ without touching K again (``O(B·H·M·Dh)`` work).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
