@@ -1,0 +1,152 @@
+"""Regression gates: same-run speed ratios checked against the kernel issues' thresholds.
+
+A gate compares ``fused`` on the shape tagged with a role (``_shapes.py``)
+against another provider measured in the same run: ``ratio = t_other / t_fused``
+must be ``>= threshold``. Ratios, not absolute times, so the gates survive
+machine and run-to-run drift.
+
+Outcomes: ``PASS``, ``FAIL``, ``INFO`` (no threshold: reported only),
+``SKIP`` (a row is missing, or fused ran the eager fallback because no compiled
+kernel exists). In ``--quick`` mode gates are reported but never fail the run
+(the shapes are too small to mean anything); in a full run ``test_gates.py``
+fails for every ``FAIL``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ._arith import speedup
+from ._results import Recorder, Row
+from ._shapes import ROLE_GATE_ALL_QUERY, ROLE_GATE_CLASS_ONLY
+
+CPP_ISSUE = "C++ kernel issue"
+TRITON_ISSUE = "Triton kernel issue"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One ratio check.
+
+    Attributes:
+        name: short id.
+        device_type: ``"cpu"`` or ``"cuda"``.
+        role: the shape role it reads.
+        pass_: ``fwd``, ``bwd`` or ``fwd_bwd``.
+        other: the provider compared with ``fused``.
+        fused_mode, other_mode: ``all-query`` / ``class-only`` of each side.
+        threshold: minimum ``t_other / t_fused``; None for a reported-only ratio.
+        source: where the threshold comes from.
+        fused_provider: the provider measured as "fused" (``fused-nostats`` for the overhead ratio).
+    """
+
+    name: str
+    device_type: str
+    role: str
+    pass_: str
+    other: str
+    fused_mode: str
+    other_mode: str
+    threshold: float | None
+    source: str
+    fused_provider: str = "fused"
+
+
+def _aq(name: str, dev: str, pass_: str, other: str, thr: float | None, src: str) -> Gate:
+    return Gate(name, dev, ROLE_GATE_ALL_QUERY, pass_, other, "all-query", "all-query", thr, src)
+
+
+GATES: tuple[Gate, ...] = (
+    _aq("cpu fwd vs sdpa", "cpu", "fwd", "sdpa", 1.0, CPP_ISSUE),
+    _aq("cpu fwd vs eager", "cpu", "fwd", "eager", 3.5, CPP_ISSUE),
+    _aq("cpu fwd+bwd vs sdpa", "cpu", "fwd_bwd", "sdpa", 1.0, CPP_ISSUE),
+    _aq("cpu fwd+bwd vs eager", "cpu", "fwd_bwd", "eager", 2.0, CPP_ISSUE),
+    Gate("cpu class-only vs eager all-query", "cpu", ROLE_GATE_CLASS_ONLY, "fwd", "eager",
+         "class-only", "all-query", 40.0, CPP_ISSUE),
+    Gate("cpu statistics overhead t(fused)/t(nostats)", "cpu", ROLE_GATE_ALL_QUERY, "fwd", "fused",
+         "all-query", "all-query", None, "reported only", fused_provider="fused-nostats"),
+    _aq("gpu fwd vs sdpa", "cuda", "fwd", "sdpa", 1.2, TRITON_ISSUE),
+    _aq("gpu fwd vs eager", "cuda", "fwd", "eager", None, "reported only"),
+    _aq("gpu fwd+bwd vs sdpa", "cuda", "fwd_bwd", "sdpa", None, "reported only"),
+    Gate("gpu class-only vs eager all-query", "cuda", ROLE_GATE_CLASS_ONLY, "fwd", "eager",
+         "class-only", "all-query", None, "reported only"),
+    Gate("gpu statistics overhead t(fused)/t(nostats)", "cuda", ROLE_GATE_ALL_QUERY, "fwd", "fused",
+         "all-query", "all-query", None, "reported only", fused_provider="fused-nostats"),
+)
+
+
+@dataclass
+class GateResult:
+    """The outcome of one gate for one dtype."""
+
+    gate: Gate
+    dtype: str
+    shape: str
+    ratio: float
+    status: str
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict."""
+        return {
+            "name": self.gate.name,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "pass": self.gate.pass_,
+            "threshold": self.gate.threshold,
+            "ratio": self.ratio if math.isfinite(self.ratio) else None,
+            "status": self.status,
+            "reason": self.reason,
+            "source": self.gate.source,
+        }
+
+
+def judge(ratio: float, threshold: float | None) -> str:
+    """``INFO`` without threshold, ``PASS`` when ``ratio >= threshold``, else ``FAIL`` (NaN fails)."""
+    if threshold is None:
+        return "INFO"
+    return "PASS" if math.isfinite(ratio) and ratio >= threshold else "FAIL"
+
+
+def _shapes_with_role(rows: list[Row], role: str) -> list[str]:
+    return sorted({r.shape for r in rows if role in r.roles})
+
+
+def evaluate_gates(recorder: Recorder, device_type: str) -> list[GateResult]:
+    """Evaluate every gate of ``device_type`` on the recorded rows (one result per shape and dtype)."""
+    results: list[GateResult] = []
+    rows = recorder.rows
+    dtypes = sorted({r.dtype for r in rows})
+    for gate in (g for g in GATES if g.device_type == device_type):
+        shapes = _shapes_with_role(rows, gate.role)
+        if not shapes:
+            results.append(GateResult(gate, "-", "-", math.nan, "SKIP", f"no measured shape has role {gate.role}"))
+            continue
+        for shape in shapes:
+            for dtype in dtypes:
+                results.append(_evaluate_one(recorder, gate, shape, dtype))
+    return results
+
+
+def _evaluate_one(recorder: Recorder, gate: Gate, shape: str, dtype: str) -> GateResult:
+    fused = recorder.find(gate.fused_provider, shape, gate.fused_mode, dtype, gate.pass_)
+    other = recorder.find(gate.other, shape, gate.other_mode, dtype, gate.pass_)
+    missing = [
+        f"{p} {m} {gate.pass_}"
+        for p, m, r in ((gate.fused_provider, gate.fused_mode, fused), (gate.other, gate.other_mode, other))
+        if r is None
+    ]
+    if missing:
+        return GateResult(gate, dtype, shape, math.nan, "SKIP", "not measured: " + ", ".join(missing))
+    assert fused is not None and other is not None
+    ratio = speedup(other.median_s, fused.median_s)
+    if fused.fallback or other.fallback:
+        return GateResult(gate, dtype, shape, ratio, "SKIP", "fused ran the eager fallback (no compiled kernel)")
+    return GateResult(gate, dtype, shape, ratio, judge(ratio, gate.threshold))
+
+
+def failing(results: list[GateResult]) -> list[GateResult]:
+    """The results whose status is ``FAIL``."""
+    return [r for r in results if r.status == "FAIL"]

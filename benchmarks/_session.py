@@ -1,0 +1,193 @@
+"""The state one benchmark session shares between tests: settings, machine rates, inputs, rows."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._arith import OpDims, attention_bytes, attention_flops, fraction, gbps, median_seconds, tflops
+from ._providers import DTYPES, MODES, PROVIDERS, OpInputs, fused_backend, make_inputs
+from ._results import Recorder, Row
+from ._shapes import BenchShape, dtypes_for, shapes_for
+from ._timing import MachineRates, measure_machine
+
+logger = logging.getLogger("benchmarks")
+
+PASSES = ("fwd", "bwd", "fwd_bwd")
+STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "compile-eager")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parametrized benchmark: provider × shape × mode × dtype × pass."""
+
+    provider: str
+    shape: BenchShape
+    mode: str
+    dtype: str
+    pass_: str
+
+    @property
+    def id(self) -> str:
+        """The pytest id."""
+        return f"{self.shape.name}-{self.mode}-{self.dtype}-{self.pass_}-{self.provider}"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of a run.
+
+    Attributes:
+        device: where the benchmarks run.
+        quick: small shapes, few rounds (the CI smoke test).
+        warmup, rounds: untimed and timed calls per case.
+        input_sets: distinct random input sets cycled through the rounds (so caches do not flatter).
+    """
+
+    device: torch.device
+    quick: bool
+    warmup: int
+    rounds: int
+    input_sets: int
+
+    @classmethod
+    def create(cls, device_opt: str, quick: bool) -> BenchConfig:
+        """From the command line: ``device_opt`` is ``auto``, ``cpu`` or ``cuda``."""
+        if device_opt not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--bench-device: expected auto, cpu or cuda, got {device_opt!r}")
+        if device_opt == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--bench-device: cuda requested but torch.cuda.is_available() is False")
+        use_cuda = device_opt == "cuda" or (device_opt == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        if quick:
+            return cls(device, True, warmup=1, rounds=7, input_sets=2)
+        if use_cuda:
+            return cls(device, False, warmup=3, rounds=20, input_sets=3)
+        return cls(device, False, warmup=1, rounds=5, input_sets=3)
+
+    def cases(self) -> list[Case]:
+        """Every case of this run; the provider varies fastest so consecutive tests share inputs."""
+        return [
+            Case(p, s, m, d, ps)
+            for s in shapes_for(self.device.type, self.quick)
+            for m in MODES
+            for d in dtypes_for(self.device.type, self.quick)
+            for ps in PASSES
+            for p in PROVIDERS
+        ]
+
+    def memory_budget(self) -> int:
+        """Bytes the materializing providers may spend on score matrices."""
+        if self.device.type == "cuda":
+            return int(0.5 * torch.cuda.get_device_properties(self.device).total_memory)
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = 8 << 30
+        return int(0.25 * total)  # the CPU is shared: stay well below the machine's memory
+
+
+class BenchSession:
+    """Shared state: settings, rows, lazily measured machine rates, the current input sets."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.recorder = Recorder()
+        self._machine: MachineRates | None = None
+        self._inputs_key: tuple | None = None
+        self._inputs: list[OpInputs] = []
+        self.end_to_end: list[dict] = []
+
+    @property
+    def machine(self) -> MachineRates:
+        """Copy bandwidth and matmul rates, measured on first use."""
+        if self._machine is None:
+            dtypes = {d: DTYPES[d] for d in dtypes_for(self.config.device.type, self.config.quick)}
+            self._machine = measure_machine(self.config.device, dtypes, self.config.quick)
+        return self._machine
+
+    def input_sets(self, shape: BenchShape, mode: str, dtype: str) -> list[OpInputs]:
+        """``config.input_sets`` random input sets (cached for the latest ``(shape, mode, dtype)`` only)."""
+        key = (shape, mode, dtype)
+        if key != self._inputs_key:
+            self._inputs = []  # free the previous sets first
+            self._inputs = [
+                make_inputs(shape, mode, DTYPES[dtype], self.config.device, seed=1009 * i + 17, requires_grad=True)
+                for i in range(self.config.input_sets)
+            ]
+            self._inputs_key = key
+        return self._inputs
+
+    def make_row(self, case: Case, samples: list[float], peak_mem: int) -> Row:
+        """A :class:`Row` with the derived columns of ``case`` measured as ``samples`` seconds."""
+        s = case.shape
+        dims = OpDims(
+            s.batch, s.heads, s.n_keys, s.head_dim, s.n_keys if case.mode == "all-query" else 1,
+            len(s.segments), DTYPES[case.dtype].itemsize,
+        )
+        med = median_seconds(samples)
+        flops = attention_flops(dims, case.pass_)
+        nbytes = attention_bytes(dims, case.pass_, stats=case.provider in STATS_PROVIDERS)
+        achieved_tflops, achieved_gbps = tflops(flops, med), gbps(nbytes, med)
+        backend = fused_backend(self.config.device) if case.provider.startswith("fused") else case.provider
+        return Row(
+            provider=case.provider, shape=s.name, label=s.label, segments=list(s.segments), mode=case.mode,
+            dtype=case.dtype, pass_=case.pass_, device=self.config.device.type, backend=backend,
+            median_s=med, min_s=min(samples), rounds=len(samples), flops=flops, bytes=nbytes,
+            tflops=achieved_tflops, gbps=achieved_gbps,
+            frac_copy_bw=fraction(achieved_gbps, self.machine.copy_gbps),
+            frac_matmul=fraction(achieved_tflops, self.machine.matmul_tflops.get(case.dtype)),
+            peak_mem_bytes=peak_mem, roles=list(s.roles),
+        )
+
+
+PassFns = tuple[Callable[[], tuple[tuple, dict]], Callable[..., None]]
+
+
+def pass_functions(case_pass: str, provider: Callable, sets: list[OpInputs]) -> PassFns:
+    """``(setup, target)`` for one pass; ``setup()`` is untimed, ``target(*args)`` is timed.
+
+    * ``fwd``: the forward under ``torch.no_grad()`` (inference);
+    * ``bwd``: ``setup`` runs the forward with autograd, ``target`` the backward only;
+    * ``fwd_bwd``: the forward with autograd and the backward.
+
+    Each call of ``setup`` takes the next input set (round robin).
+    """
+    counter = {"i": 0}
+
+    def next_set() -> OpInputs:
+        x = sets[counter["i"] % len(sets)]
+        counter["i"] += 1
+        x.zero_grads()
+        return x
+
+    if case_pass == "fwd":
+
+        def fwd(x: OpInputs) -> None:
+            with torch.no_grad():
+                provider(x)
+
+        return (lambda: ((next_set(),), {})), fwd
+    if case_pass == "bwd":
+
+        def setup_bwd() -> tuple[tuple, dict]:
+            x = next_set()
+            out, _ = provider(x)
+            return (out, x.grad_out), {}
+
+        def bwd(out: torch.Tensor, grad: torch.Tensor) -> None:
+            out.backward(grad)
+
+        return setup_bwd, bwd
+    if case_pass == "fwd_bwd":
+
+        def fwd_bwd(x: OpInputs) -> None:
+            out, _ = provider(x)
+            out.backward(x.grad_out)
+
+        return (lambda: ((next_set(),), {})), fwd_bwd
+    raise ValueError(f"case_pass: expected one of {PASSES}, got {case_pass!r}")
