@@ -1,0 +1,135 @@
+"""The benchmark suite's own arithmetic: FLOP and byte counts, rates, ratios, gate judgement.
+
+Hand-computed cases; runs in the normal ``pytest tests/`` (no benchmarking).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds the `benchmarks` package
+
+from benchmarks._arith import (  # noqa: E402
+    OpDims,
+    attention_bytes,
+    attention_flops,
+    copy_bandwidth_gbps,
+    fraction,
+    gbps,
+    matmul_tflops,
+    median_seconds,
+    speedup,
+    stats_output_bytes,
+    tflops,
+)
+from benchmarks._gates import judge  # noqa: E402
+from benchmarks._results import Recorder, Row, slugify  # noqa: E402
+
+# B=3, H=5, N=1+7+11=19, Dh=13, M=2, fp32
+ALLQ = OpDims(batch=3, heads=5, n_keys=19, head_dim=13, n_queries=19, num_modalities=2, itemsize=4)
+CLS = OpDims(batch=3, heads=5, n_keys=19, head_dim=13, n_queries=1, num_modalities=2, itemsize=2)
+
+
+def test_flops_all_query_and_class_only() -> None:
+    fwd = 4 * 3 * 5 * 19 * 19 * 13  # 281580
+    assert attention_flops(ALLQ, "fwd") == 281580 == fwd
+    assert attention_flops(ALLQ, "bwd") == 703950  # 2.5 x
+    assert attention_flops(ALLQ, "fwd_bwd") == 281580 + 703950
+    assert attention_flops(CLS, "fwd") == 4 * 3 * 5 * 1 * 19 * 13 == 14820
+    assert attention_flops(CLS, "fwd_bwd") == 14820 + 37050
+
+
+def test_stats_bytes() -> None:
+    # key_mean 3*5*2*13 + mass 3*5*3 + query 3*5*13 floats
+    assert stats_output_bytes(ALLQ) == 4 * (390 + 45 + 195) == 2520
+
+
+def test_bytes_forward_backward_by_hand() -> None:
+    q = kv = 3 * 5 * 19 * 13 * 4  # 14820 bytes each (all-query)
+    lse = 3 * 5 * 19 * 4  # 1140
+    rot = 4 * 65 * 65  # 16900
+    lengths = 8 * 3 * 2  # 48
+    fwd_nostats = q + 2 * kv + rot + lengths + q + lse
+    assert attention_bytes(ALLQ, "fwd", stats=False) == fwd_nostats == 77368
+    assert attention_bytes(ALLQ, "fwd", stats=True) == fwd_nostats + 2520
+    bwd = (q + q + 2 * kv + q + lse + rot + lengths) + (q + 2 * kv)  # reads, then dq dk dv
+    assert attention_bytes(ALLQ, "bwd", stats=True) == bwd == 121828
+    assert attention_bytes(ALLQ, "fwd_bwd", stats=False) == fwd_nostats + bwd
+    assert attention_bytes(ALLQ, "fwd", stats=False, rotation=False, lengths=False) == fwd_nostats - rot - lengths
+
+
+def test_bytes_class_only_half_precision() -> None:
+    q = 3 * 5 * 1 * 13 * 2  # 390
+    kv = 3 * 5 * 19 * 13 * 2  # 7410
+    lse = 3 * 5 * 1 * 4  # 60
+    assert attention_bytes(CLS, "fwd", stats=False, rotation=False, lengths=False) == q + 2 * kv + q + lse == 15660
+
+
+def test_rates_and_fractions() -> None:
+    assert tflops(3_000_000_000_000, 1.5) == pytest.approx(2.0)
+    assert gbps(7_000_000_000, 0.5) == pytest.approx(14.0)
+    assert copy_bandwidth_gbps(1_000_000_000, 0.25) == pytest.approx(8.0)  # read + write
+    assert matmul_tflops(1000, 2e-6) == pytest.approx(1000.0)  # 2e9 FLOP in 2 us
+    assert fraction(3.0, 12.0) == pytest.approx(0.25)
+    assert math.isnan(fraction(1.0, None)) and math.isnan(fraction(1.0, 0.0))
+    assert math.isnan(tflops(10, 0.0)) and math.isnan(gbps(10, float("inf")))
+
+
+def test_speedup_and_median() -> None:
+    assert speedup(t_other=0.9, t_fused=0.3) == pytest.approx(3.0)
+    assert speedup(0.2, 0.4) == pytest.approx(0.5)
+    assert math.isnan(speedup(0.2, 0.0))
+    assert median_seconds([0.5, 0.1, 0.3, 0.9, 0.2]) == pytest.approx(0.3)
+    assert median_seconds([0.4, 0.1]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="samples"):
+        median_seconds([])
+
+
+def test_bad_arguments_name_themselves() -> None:
+    with pytest.raises(ValueError, match="pass_"):
+        attention_flops(ALLQ, "forward")
+    with pytest.raises(ValueError, match="n_queries"):
+        OpDims(batch=1, heads=1, n_keys=7, head_dim=3, n_queries=3, num_modalities=2, itemsize=4)
+    with pytest.raises(ValueError, match="batch"):
+        OpDims(batch=0, heads=1, n_keys=7, head_dim=3, n_queries=7, num_modalities=2, itemsize=4)
+
+
+def _row(provider: str, median_s: float, pass_: str = "fwd", backend: str = "cpp") -> Row:
+    nan = float("nan")
+    return Row(provider, "s", "B1", [3, 5], "all-query", "fp32", pass_, "cpu", backend, median_s, median_s, 5,
+               1, 1, nan, nan, nan, nan, 0)
+
+
+def test_recorder_ratios_are_against_fused_of_the_same_group() -> None:
+    rec = Recorder()
+    rec.add(_row("fused", 0.02))
+    rec.add(_row("eager", 0.07))
+    rec.add(_row("sdpa", 0.01))
+    rec.add(_row("eager", 0.5, pass_="bwd"))  # no fused row in that group
+    rec.add(_row("eager", 0.08))  # replaces the first eager row
+    rec.fill_ratios()
+    by = {(r.provider, r.pass_): r.ratio_to_fused for r in rec.rows}
+    assert by[("fused", "fwd")] == pytest.approx(1.0)
+    assert by[("eager", "fwd")] == pytest.approx(4.0)
+    assert by[("sdpa", "fwd")] == pytest.approx(0.5)
+    assert by[("eager", "bwd")] is None
+    assert len(rec.rows) == 4
+
+
+def test_row_json_round_trip_turns_nan_into_none() -> None:
+    r = _row("fused", 0.02, backend="fallback")
+    d = r.to_dict()
+    assert d["pass"] == "fwd" and d["fallback"] is True and d["tflops"] is None
+    back = Row.from_dict(d)
+    assert back.pass_ == "fwd" and back.median_s == pytest.approx(0.02) and math.isnan(back.tflops)
+
+
+def test_gate_judgement_and_slug() -> None:
+    assert judge(1.2, 1.2) == "PASS" and judge(1.19, 1.2) == "FAIL"
+    assert judge(float("nan"), 1.0) == "FAIL" and judge(0.1, None) == "INFO"
+    assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert slugify("AMD EPYC 9R14 (2 cores)") == "amd-epyc-9r14-2-cores"
