@@ -1,0 +1,109 @@
+"""``write_report`` draws every figure from tiny run directories and tabulates groups of seeds."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from rollingq.analysis.report import FIGURES, fmt, write_report
+from rollingq.analysis.runs import load_run_record, read_metrics
+from rollingq.evaluate import evaluate_model
+from test_analysis_metrics import TinyFusion, _toy_loader
+
+
+@functools.cache
+def _tiny_eval(seed: int) -> dict:
+    """evaluate_model of a tiny random fusion model (cached: the report test reuses it per seed)."""
+    torch.manual_seed(seed)
+    return evaluate_model(TinyFusion(5, 8, 3), _toy_loader(seed=seed), ["audio", "visual"], seed=seed)
+
+
+def _fake_run(root: str, name: str, seed: int, rotations: list[int], epochs: int = 5, evaluate: bool = True) -> str:
+    """A run directory as ``rollingq train`` + ``rollingq eval`` write it, from a tiny real model."""
+    run_dir = os.path.join(root, f"{name}-s{seed}")
+    os.makedirs(run_dir)
+    cfg = {"name": name, "seed": seed, "data": {"name": "synthetic", "modalities": ["audio", "visual"]},
+           "model": {"fusion": "vanilla_mt"}, "rollingq": {"enabled": bool(rotations), "beta": 0.1}}
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    gen = torch.Generator().manual_seed(seed)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for epoch in range(1, epochs + 1):
+            mass = torch.rand(3, generator=gen)
+            mass = (mass / mass.sum()).tolist()
+            record = {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": 0.4 + 0.05 * epoch,
+                      "val_acc": 0.3 + 0.07 * epoch + 0.01 * seed, "val_macro_f1": 0.3, "lr": 0.01,
+                      "air": float(torch.rand(1, generator=gen)) - 0.3, "mass": mass, "cos": [0.4, 0.1],
+                      "rollingq": [], "rotated": epoch in rotations, "time_s": 0.1}
+            f.write(json.dumps(record) + "\n" + "\n" * (epoch == 2))  # a blank line is tolerated
+    if evaluate:
+        result = _tiny_eval(seed)
+        with open(os.path.join(run_dir, "eval.json"), "w") as f:
+            json.dump({"run_dir": run_dir, "name": name, "split": "test", **result}, f)
+    return run_dir
+
+
+def _check_png(path: str) -> None:
+    assert os.path.getsize(path) > 1000
+    with Image.open(path) as img:
+        img.load()
+        assert img.width > 100 and img.height > 100
+        colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is not None and len(colors) > 10, "the figure is blank"
+
+
+def test_report_draws_every_figure_and_tabulates_groups(tmp_path):
+    runs = [
+        _fake_run(str(tmp_path), "vanilla_mt", 0, []),
+        _fake_run(str(tmp_path), "vanilla_mt", 1, []),
+        _fake_run(str(tmp_path), "vanilla_mt+rollingq", 0, [2]),
+        _fake_run(str(tmp_path), "vanilla_mt+rollingq", 1, [2, 4]),
+    ]
+    out = tmp_path / "report"
+    path = write_report(runs, str(out))
+    assert path == str(out / "report.md")
+    for filename in FIGURES:
+        _check_png(str(out / filename))
+    text = (out / "report.md").read_text()
+    for filename in FIGURES:
+        assert f"]({filename})" in text
+    assert "| vanilla_mt | 2 |" in text and "| vanilla_mt+rollingq | 2 |" in text
+    assert "level 0.25" in text and "level 1" in text
+    # the summary's accuracy cell is the mean ± sample std of the two seeds' eval.json accuracies
+    accs = [json.load(open(os.path.join(r, "eval.json")))["accuracy"] for r in runs[:2]]
+    assert fmt(accs) in text.split("| vanilla_mt | 2 |")[1].splitlines()[0]
+    assert "2, 4" in text  # rotation epochs of the second rollingq seed
+
+
+def test_report_without_eval_keeps_the_training_figures(tmp_path):
+    run = _fake_run(str(tmp_path), "vanilla_mt", 3, [3], evaluate=False)
+    out = tmp_path / "out"
+    write_report([run], str(out))
+    _check_png(str(out / "training_dynamics.png"))
+    _check_png(str(out / "val_accuracy.png"))
+    for filename in ("attention_noise.png", "key_distribution.png", "noise_robustness.png"):
+        assert not (out / filename).exists()
+    assert "No run has a noise-robustness curve" in (out / "report.md").read_text()
+
+
+def test_fmt_and_run_reading(tmp_path):
+    assert fmt([0.5, 0.7]) == "0.600 ± 0.141"
+    assert fmt([0.25]) == "0.250"
+    assert fmt([None]) == "–"
+    run = _fake_run(str(tmp_path), "x", 2, [1, 4], evaluate=False)
+    record = load_run_record(run)
+    assert (record.name, record.seed, record.rotation_epochs, len(record.epochs)) == ("x", 2, [1, 4], 5)
+    assert record.modalities == ["audio", "visual"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"epoch": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_metrics(str(bad))
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        load_run_record(str(tmp_path))
+    with pytest.raises(ValueError, match="run_dirs is empty"):
+        write_report([], str(tmp_path / "r"))
