@@ -1,0 +1,142 @@
+// Backward kernel of rollingq::attention_bwd on CPU (docs/op.md).
+//
+// Deterministic by construction: one task per (batch, head), each owning its
+// slices of dq, dk, dv; inside a task the query and key tiles are visited in a
+// fixed order and every GEMM runs single-threaded, so the gradients are bitwise
+// identical whatever the thread count. Probabilities are recomputed from the
+// saved log-sum-exp (never stored): with D_i = rowsum(dO_i * O_i),
+//   P = exp(scale q k^T - lse), P_d = P * Z (dropout), dV += P_d^T dO,
+//   dS = P * (Z * dO V^T - D), dQ += scale dS K, dK += scale dS^T Q.
+#include <ATen/Parallel.h>
+
+#include "attention_kernels.h"
+#include "kernel_utils.h"
+
+namespace rollingq {
+namespace {
+
+// Turns one row of scores s (nk,) into P_d (in s) and dP (nk,) into dS.
+template <typename acc_t>
+inline void backward_row(acc_t* s, acc_t* dp, const uint8_t* valid, int64_t nk, acc_t lse, acc_t delta,
+                         bool dropout, uint32_t row_key, const uint32_t* col_hash, uint32_t threshold,
+                         acc_t inv_keep) {
+  if (!dropout) {
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) {
+      const acc_t pj = valid[j] ? exp_vec(s[j] - lse) : acc_t(0);
+      s[j] = pj;
+      dp[j] = pj * (dp[j] - delta);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < nk; ++j) {
+    const acc_t pj = valid[j] ? exp_vec(s[j] - lse) : acc_t(0);
+    const uint32_t x = mix32(row_key ^ col_hash[j]);
+    const acc_t z = (x >> 8) >= threshold ? inv_keep : acc_t(0);
+    s[j] = pj * z;
+    dp[j] = pj * (dp[j] * z - delta);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_rows(const acc_t* src, int64_t n, scalar_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+template <typename scalar_t>
+void backward_impl(const Problem& p, const BackwardBuffers& buf) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  const Layout layout(p);
+  const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
+  const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
+  const bool all_query = Nq > 1;
+  const bool dropout = p.dropout_p > 0.0;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  const auto* go = static_cast<const scalar_t*>(buf.grad_out);
+  const auto* q = static_cast<const scalar_t*>(buf.q);
+  const auto* k = static_cast<const scalar_t*>(buf.k);
+  const auto* v = static_cast<const scalar_t*>(buf.v);
+  const auto* o = static_cast<const scalar_t*>(buf.out);
+  const auto* q0rot = static_cast<const scalar_t*>(buf.q0rot);
+  auto* dq_out = static_cast<scalar_t*>(buf.dq);
+  auto* dk_out = static_cast<scalar_t*>(buf.dk);
+  auto* dv_out = static_cast<scalar_t*>(buf.dv);
+  auto* dq0rot = static_cast<acc_t*>(buf.dq0rot);
+
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    std::vector<acc_t> qbuf(qB * Dh), dobuf(qB * Dh), obuf(convert ? qB * Dh : 0);
+    std::vector<acc_t> kbuf(convert ? kvB * Dh : 0), vbuf(convert ? kvB * Dh : 0);
+    std::vector<acc_t> scores(qB * kvB), dp(qB * kvB), delta(qB), lse(qB);
+    std::vector<uint32_t> row_keys(qB);
+    std::vector<acc_t> dq_acc(convert ? Nq * Dh : 0), dk_acc(convert ? N * Dh : 0), dv_acc(convert ? N * Dh : 0);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const uint8_t* key_valid = layout.valid_row(b);
+      acc_t* dQ = convert ? dq_acc.data() : reinterpret_cast<acc_t*>(dq_out + bh * Nq * Dh);
+      acc_t* dK = convert ? dk_acc.data() : reinterpret_cast<acc_t*>(dk_out + bh * N * Dh);
+      acc_t* dV = convert ? dv_acc.data() : reinterpret_cast<acc_t*>(dv_out + bh * N * Dh);
+      std::fill(dQ, dQ + Nq * Dh, acc_t(0));
+      std::fill(dK, dK + N * Dh, acc_t(0));
+      std::fill(dV, dV + N * Dh, acc_t(0));
+
+      for (int64_t r0 = 0; r0 < Nq; r0 += qB) {
+        const int64_t nr = std::min(qB, Nq - r0);
+        if (all_query && !any_valid(key_valid + r0, nr)) continue;  // padded query rows pass no gradient
+        const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
+                                                           nr, Dh, qbuf.data());
+        const acc_t* dot = load_rows<scalar_t, acc_t>(go + bh * Nq * Dh, r0, nr, Dh, dobuf.data());
+        const acc_t* ot = load_rows<scalar_t, acc_t>(o + bh * Nq * Dh, r0, nr, Dh, obuf.data());
+        for (int64_t i = 0; i < nr; ++i) {
+          acc_t d = 0;
+          for (int64_t c = 0; c < Dh; ++c) d += dot[i * Dh + c] * ot[i * Dh + c];
+          delta[i] = d;
+          lse[i] = static_cast<acc_t>(buf.lse[bh * Nq + r0 + i]);
+          if (dropout) row_keys[i] = dropout_row_key(p.seed, b, h, r0 + i);
+        }
+        for (int64_t j0 = 0; j0 < N; j0 += kvB) {
+          const int64_t nk = std::min(kvB, N - j0);
+          const uint8_t* tile_valid = key_valid + j0;
+          if (!any_valid(tile_valid, nk)) continue;
+          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
+          const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
+          gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
+          gemm_abt<acc_t>(nr, nk, Dh, acc_t(1), dot, vt, dp.data(), kvB);
+          for (int64_t i = 0; i < nr; ++i) {
+            acc_t* s = scores.data() + i * kvB;
+            acc_t* dpi = dp.data() + i * kvB;
+            if (all_query && !key_valid[r0 + i]) {
+              std::fill(s, s + nk, acc_t(0));
+              std::fill(dpi, dpi + nk, acc_t(0));
+              continue;
+            }
+            backward_row(s, dpi, tile_valid, nk, lse[i], delta[i], dropout, row_keys[i],
+                         dropout ? layout.col_hash.data() + j0 : nullptr, threshold, inv_keep);
+          }
+          gemm_ptx<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, dot, dV + j0 * Dh);
+          gemm_pv<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, kt, acc_t(1), dQ + r0 * Dh);
+          gemm_ptx<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, qt, dK + j0 * Dh);
+        }
+      }
+      if (dq0rot != nullptr) std::copy_n(dQ, Dh, dq0rot + bh * Dh);
+      if constexpr (convert) {
+        store_rows(dQ, Nq * Dh, dq_out + bh * Nq * Dh);
+        store_rows(dK, N * Dh, dk_out + bh * N * Dh);
+        store_rows(dV, N * Dh, dv_out + bh * N * Dh);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void attention_backward(const Problem& p, const BackwardBuffers& buf) {
+  dispatch_dtype(p.dtype, [&](auto tag) { backward_impl<decltype(tag)>(p, buf); });
+}
+
+}  // namespace rollingq

@@ -1,0 +1,268 @@
+// Forward kernel of rollingq::attention_fwd on CPU (docs/op.md): flash-style
+// tiling with an online softmax, parallel over (batch, head, query block).
+// The task holding query row 0 (the class row) also accumulates the RollingQ
+// statistics while it reads K: per-modality sums of the valid keys and
+// per-segment exp-sums rescaled by the running max like the softmax denominator.
+// Also the rotation of the class query (a tiny GEMM before the main pass).
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include "attention_kernels.h"
+#include "kernel_utils.h"
+
+namespace rollingq {
+namespace {
+
+template <typename acc_t>
+struct RowState {
+  std::vector<acc_t> max, sum;
+  explicit RowState(int64_t n) : max(n), sum(n) {}
+  void reset(int64_t n) {
+    std::fill(max.begin(), max.begin() + n, -std::numeric_limits<acc_t>::infinity());
+    std::fill(sum.begin(), sum.begin() + n, acc_t(0));
+  }
+};
+
+// Statistics of the class row accumulated over the kv tiles of one (b, h).
+template <typename acc_t>
+struct ClassRowStats {
+  std::vector<acc_t> mass;     // (M + 1,) exp-sums relative to the running max
+  std::vector<acc_t> key_sum;  // (M, Dh) sums of valid keys
+
+  ClassRowStats(int64_t m, int64_t dh) : mass(m + 1), key_sum(m * dh) {}
+  void reset() {
+    std::fill(mass.begin(), mass.end(), acc_t(0));
+    std::fill(key_sum.begin(), key_sum.end(), acc_t(0));
+  }
+  // Adds one kv tile: p0 (nk,) are exp(s - running max) of the class row, alpha the rescale.
+  void add_tile(const acc_t* p0, acc_t alpha, const acc_t* keys, const uint8_t* valid, const int32_t* segment_of,
+                int64_t nk, int64_t dh) {
+    for (auto& x : mass) x *= alpha;
+    for (int64_t j = 0; j < nk; ++j) {
+      mass[segment_of[j]] += p0[j];
+      if (segment_of[j] == 0 || !valid[j]) continue;
+      acc_t* dst = key_sum.data() + (segment_of[j] - 1) * dh;
+      const acc_t* src = keys + j * dh;
+#pragma omp simd
+      for (int64_t d = 0; d < dh; ++d) dst[d] += src[d];
+    }
+  }
+  void write(const Problem& p, int64_t b, acc_t denom, float* mass_out, float* key_mean_out) const {
+    for (int64_t s = 0; s <= p.M; ++s) mass_out[s] = static_cast<float>(mass[s] / denom);
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int64_t count = p.lengths ? p.lengths[b * p.M + m] : p.offsets[m + 1] - p.offsets[m];
+      const acc_t inv = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+      for (int64_t d = 0; d < p.Dh; ++d) key_mean_out[m * p.Dh + d] = static_cast<float>(key_sum[m * p.Dh + d] * inv);
+    }
+  }
+};
+
+// Online-softmax update of one score row s (nk,) in place: s becomes exp(s - new max)
+// (then dropped out); returns the factor that rescales the row's previous accumulator.
+template <typename acc_t>
+inline acc_t softmax_row_update(acc_t* s, const uint8_t* valid, bool all_valid, int64_t nk, acc_t& row_max,
+                                acc_t& row_sum) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (!all_valid) {
+    for (int64_t j = 0; j < nk; ++j) s[j] = valid[j] ? s[j] : neg_inf;
+  }
+  acc_t mx = neg_inf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, s[j]);
+  const acc_t m_new = std::max(row_max, mx);  // finite: tile 0 holds the always-valid class key
+  const acc_t alpha = exp_vec(row_max - m_new);
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < nk; ++j) {
+    const acc_t e = exp_vec(s[j] - m_new);
+    s[j] = e;
+    sum += e;
+  }
+  row_sum = row_sum * alpha + sum;
+  row_max = m_new;
+  return alpha;
+}
+
+template <typename acc_t>
+inline void apply_dropout_row(acc_t* s, uint32_t row_key, const uint32_t* col_hash, int64_t nk, uint32_t threshold,
+                              acc_t inv_keep) {
+#pragma omp simd
+  for (int64_t j = 0; j < nk; ++j) {
+    const uint32_t x = mix32(row_key ^ col_hash[j]);
+    s[j] = (x >> 8) >= threshold ? s[j] * inv_keep : acc_t(0);
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const Problem& p, const ForwardBuffers& buf) {
+  using acc_t = acc_type<scalar_t>;
+  const Layout layout(p);
+  const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
+  const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
+  const int64_t n_qblocks = (Nq + qB - 1) / qB;
+  const bool all_query = Nq > 1;
+  const bool want_stats = buf.key_mean != nullptr;
+  const bool dropout = p.dropout_p > 0.0;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+
+  const auto* q = static_cast<const scalar_t*>(buf.q);
+  const auto* k = static_cast<const scalar_t*>(buf.k);
+  const auto* v = static_cast<const scalar_t*>(buf.v);
+  const auto* q0rot = static_cast<const scalar_t*>(buf.q0rot);
+  auto* out = static_cast<scalar_t*>(buf.out);
+
+  at::parallel_for(0, p.B * p.H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasGuard serial_blas;
+    std::vector<acc_t> qbuf(qB * Dh), kbuf(convert ? kvB * Dh : 0), vbuf(convert ? kvB * Dh : 0);
+    std::vector<acc_t> scores(qB * kvB), acc(qB * Dh);
+    RowState<acc_t> rows(qB);
+    std::vector<uint32_t> row_keys(qB);
+    ClassRowStats<acc_t> stats(p.M, Dh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_qblocks, r0 = (task % n_qblocks) * qB;
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const int64_t nr = std::min(qB, Nq - r0);
+      const uint8_t* key_valid = layout.valid_row(b);
+      scalar_t* out_rows = out + (bh * Nq + r0) * Dh;
+      float* lse_rows = buf.lse + bh * Nq + r0;
+      if (all_query && !any_valid(key_valid + r0, nr)) {  // every query row of the tile is padding
+        std::fill(out_rows, out_rows + nr * Dh, scalar_t(0));
+        std::fill(lse_rows, lse_rows + nr, 0.0f);
+        continue;
+      }
+      const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
+                                                         nr, Dh, qbuf.data());
+      const bool class_tile = want_stats && r0 == 0;
+      rows.reset(nr);
+      std::fill(acc.begin(), acc.begin() + nr * Dh, acc_t(0));
+      if (class_tile) stats.reset();
+      if (dropout)
+        for (int64_t i = 0; i < nr; ++i) row_keys[i] = dropout_row_key(p.seed, b, h, r0 + i);
+
+      for (int64_t j0 = 0; j0 < N; j0 += kvB) {
+        const int64_t nk = std::min(kvB, N - j0);
+        const uint8_t* tile_valid = key_valid + j0;
+        if (!any_valid(tile_valid, nk)) continue;
+        bool all_valid = true;
+        for (int64_t j = 0; j < nk; ++j) all_valid = all_valid && tile_valid[j];
+        const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
+        gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
+        for (int64_t i = 0; i < nr; ++i) {
+          acc_t* s = scores.data() + i * kvB;
+          const acc_t alpha = softmax_row_update(s, tile_valid, all_valid, nk, rows.max[i], rows.sum[i]);
+          if (class_tile && i == 0)
+            stats.add_tile(s, alpha, kt, tile_valid, layout.segment_of.data() + j0, nk, Dh);
+          if (dropout) apply_dropout_row(s, row_keys[i], layout.col_hash.data() + j0, nk, threshold, inv_keep);
+          if (alpha != acc_t(1)) {
+            acc_t* a = acc.data() + i * Dh;
+#pragma omp simd
+            for (int64_t d = 0; d < Dh; ++d) a[d] *= alpha;
+          }
+        }
+        const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
+        gemm_pv<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, vt, acc_t(1), acc.data());
+      }
+
+      for (int64_t i = 0; i < nr; ++i) {
+        const bool row_valid = !all_query || key_valid[r0 + i];
+        const acc_t inv = row_valid ? acc_t(1) / rows.sum[i] : acc_t(0);
+        for (int64_t d = 0; d < Dh; ++d) out_rows[i * Dh + d] = static_cast<scalar_t>(acc[i * Dh + d] * inv);
+        lse_rows[i] = row_valid ? static_cast<float>(rows.max[i] + std::log(rows.sum[i])) : 0.0f;
+      }
+      if (class_tile)
+        stats.write(p, b, rows.sum[0], buf.mass + bh * (p.M + 1), buf.key_mean + bh * p.M * Dh);
+    }
+  });
+}
+
+// Gathers q[:, :, 0, :] into a (B, H*Dh) matrix of the compute dtype.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> gather_class_rows(const Problem& p, const scalar_t* q) {
+  const int64_t HD = p.H * p.Dh;
+  std::vector<acc_t> rows(p.B * HD);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.H; ++h)
+      for (int64_t d = 0; d < p.Dh; ++d)
+        rows[b * HD + h * p.Dh + d] = static_cast<acc_t>(q[((b * p.H + h) * p.Nq) * p.Dh + d]);
+  return rows;
+}
+
+template <typename scalar_t>
+void rotate_impl(const Problem& p, const void* q_ptr, const void* rotation, bool global, void* q0rot_ptr,
+                 float* query_stat) {
+  using acc_t = acc_type<scalar_t>;
+  SerialBlasGuard serial_blas;
+  const int64_t HD = p.H * p.Dh, Dh = p.Dh;
+  const auto* R = static_cast<const acc_t*>(rotation);
+  const std::vector<acc_t> q0 = gather_class_rows<scalar_t, acc_t>(p, static_cast<const scalar_t*>(q_ptr));
+  std::vector<acc_t> rotated(p.B * HD);
+  if (global) {
+    gemm_abt<acc_t>(p.B, HD, HD, acc_t(1), q0.data(), R, rotated.data(), HD);  // rows @ R^T
+  } else {
+    std::vector<acc_t> qh(p.B * Dh), yh(p.B * Dh);
+    for (int64_t h = 0; h < p.H; ++h) {
+      for (int64_t b = 0; b < p.B; ++b) std::copy_n(q0.data() + b * HD + h * Dh, Dh, qh.data() + b * Dh);
+      gemm_abt<acc_t>(p.B, Dh, Dh, acc_t(1), qh.data(), R + h * Dh * Dh, yh.data(), Dh);
+      for (int64_t b = 0; b < p.B; ++b) std::copy_n(yh.data() + b * Dh, Dh, rotated.data() + b * HD + h * Dh);
+    }
+  }
+  auto* q0rot = static_cast<scalar_t*>(q0rot_ptr);  // (B, H, Dh) == (B, H*Dh)
+  for (int64_t i = 0; i < p.B * HD; ++i) {
+    q0rot[i] = static_cast<scalar_t>(rotated[i]);
+    if (query_stat) query_stat[i] = static_cast<float>(q0rot[i]);
+  }
+}
+
+template <typename scalar_t>
+void rotate_grad_impl(const Problem& p, const void* dq0rot, const void* rotation, bool global, void* dq_ptr) {
+  using acc_t = acc_type<scalar_t>;
+  SerialBlasGuard serial_blas;
+  const int64_t HD = p.H * p.Dh, Dh = p.Dh;
+  const auto* R = static_cast<const acc_t*>(rotation);
+  const auto* g = static_cast<const acc_t*>(dq0rot);  // (B, H*Dh)
+  std::vector<acc_t> grad(p.B * HD);
+  if (global) {
+    gemm_pv<acc_t>(p.B, HD, HD, acc_t(1), g, HD, R, acc_t(0), grad.data());  // rows @ R
+  } else {
+    std::vector<acc_t> gh(p.B * Dh), yh(p.B * Dh);
+    for (int64_t h = 0; h < p.H; ++h) {
+      for (int64_t b = 0; b < p.B; ++b) std::copy_n(g + b * HD + h * Dh, Dh, gh.data() + b * Dh);
+      gemm_pv<acc_t>(p.B, Dh, Dh, acc_t(1), gh.data(), Dh, R + h * Dh * Dh, acc_t(0), yh.data());
+      for (int64_t b = 0; b < p.B; ++b) std::copy_n(yh.data() + b * Dh, Dh, grad.data() + b * HD + h * Dh);
+    }
+  }
+  auto* dq = static_cast<scalar_t*>(dq_ptr);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.H; ++h)
+      for (int64_t d = 0; d < Dh; ++d)
+        dq[((b * p.H + h) * p.Nq) * Dh + d] = static_cast<scalar_t>(grad[b * HD + h * Dh + d]);
+}
+
+}  // namespace
+
+void attention_forward(const Problem& p, const ForwardBuffers& buf) {
+  dispatch_dtype(p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(p, buf); });
+}
+
+void rotate_class_query(const Problem& p, const void* q, const void* rotation, bool global, void* q0rot,
+                        float* query_stat) {
+  dispatch_dtype(p.dtype, [&](auto tag) { rotate_impl<decltype(tag)>(p, q, rotation, global, q0rot, query_stat); });
+}
+
+void class_query_stat(const Problem& p, const void* q, float* query_stat) {
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto* src = static_cast<const scalar_t*>(q);
+    for (int64_t bh = 0; bh < p.B * p.H; ++bh)
+      for (int64_t d = 0; d < p.Dh; ++d) query_stat[bh * p.Dh + d] = static_cast<float>(src[bh * p.Nq * p.Dh + d]);
+  });
+}
+
+void rotate_class_grad(const Problem& p, const void* dq0rot, const void* rotation, bool global, void* dq) {
+  dispatch_dtype(p.dtype, [&](auto tag) { rotate_grad_impl<decltype(tag)>(p, dq0rot, rotation, global, dq); });
+}
+
+}  // namespace rollingq

@@ -1,0 +1,200 @@
+// Building blocks of the kernels: BLAS on row-major tiles, a vectorizable exp,
+// the counter-based dropout hash of docs/op.md, key validity and tile loading.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention_kernels.h"
+
+// The BLAS that libtorch_cpu exports (MKL in the x86 wheels); LP64 Fortran ABI.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+// MKL only; weak so that a non-MKL BLAS still links (the guard is then a no-op).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+}
+
+namespace rollingq {
+
+// Compute dtype of the contract: double for double inputs, float otherwise.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Makes BLAS calls on this thread single-threaded for the guard's lifetime, so
+// results never depend on the thread count (the kernels parallelize themselves).
+class SerialBlasGuard {
+ public:
+  SerialBlasGuard() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SerialBlasGuard(const SerialBlasGuard&) = delete;
+  SerialBlasGuard& operator=(const SerialBlasGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Column-major C(m x n) = alpha * op(A) op(B) + beta * C (plain BLAS convention).
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ila = static_cast<int>(lda), ilb = static_cast<int>(ldb), ilc = static_cast<int>(ldc);
+  sgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ila = static_cast<int>(lda), ilb = static_cast<int>(ldb), ilc = static_cast<int>(ldc);
+  dgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+}
+
+// Row-major S(nr x nk, ld lds) = alpha * A(nr x d) B(nk x d)^T, A and B with leading dimension d.
+template <typename T>
+inline void gemm_abt(int64_t nr, int64_t nk, int64_t d, T alpha, const T* a, const T* b, T* s, int64_t lds) {
+  gemm(true, false, nk, nr, d, alpha, b, d, a, d, T(0), s, lds);
+}
+
+// Row-major C(nr x d) = alpha * P(nr x nk, ld ldp) V(nk x d) + beta * C.
+template <typename T>
+inline void gemm_pv(int64_t nr, int64_t nk, int64_t d, T alpha, const T* p, int64_t ldp, const T* v, T beta, T* c) {
+  gemm(false, false, d, nr, nk, alpha, v, d, p, ldp, beta, c, d);
+}
+
+// Row-major C(nk x d) += alpha * P(nr x nk, ld ldp)^T X(nr x d).
+template <typename T>
+inline void gemm_ptx(int64_t nr, int64_t nk, int64_t d, T alpha, const T* p, int64_t ldp, const T* x, T* c) {
+  gemm(false, true, d, nk, nr, alpha, x, d, p, ldp, T(1), c, d);
+}
+
+// exp(x) for float, branch-free so loops over it vectorize (Cephes expf
+// polynomial, relative error ~2e-7); exactly 0 for x < -87 (including -inf).
+inline float exp_vec(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  return x < -87.0f ? 0.0f : y * pow2;
+}
+
+inline double exp_vec(double x) { return std::exp(x); }
+
+// The 32-bit finalizer `mix` of docs/op.md (wrapping unsigned arithmetic).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t counter_hash(uint64_t i) { return mix32(static_cast<uint32_t>(i) + 0x9e3779b9u); }
+
+// Per-row dropout key r = mix(mix(mix(seed ^ c(b)) ^ c(h)) ^ c(row)).
+inline uint32_t dropout_row_key(uint32_t seed, int64_t b, int64_t h, int64_t row) {
+  return mix32(mix32(mix32(seed ^ counter_hash(b)) ^ counter_hash(h)) ^ counter_hash(row));
+}
+
+// Integer threshold: keep iff (x >> 8) >= threshold.
+inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(std::nearbyint(p * 16777216.0)); }
+
+// Per-call tables derived from segments and lengths.
+struct Layout {
+  std::vector<int32_t> segment_of;  // (N,): 0 for the class token, m + 1 for modality m
+  std::vector<uint8_t> valid;       // (B, N): key j of sample b is valid
+  std::vector<uint32_t> col_hash;   // (N,): c(col), only with dropout
+
+  explicit Layout(const Problem& p) : segment_of(p.N, 0), valid(p.B * p.N, 1) {
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t j = p.offsets[m]; j < p.offsets[m + 1]; ++j) segment_of[j] = static_cast<int32_t>(m + 1);
+    if (p.lengths != nullptr) {
+      for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t m = 0; m < p.M; ++m) {
+          const int64_t len = p.lengths[b * p.M + m];
+          for (int64_t j = p.offsets[m]; j < p.offsets[m + 1]; ++j)
+            valid[b * p.N + j] = static_cast<uint8_t>(j - p.offsets[m] < len);
+        }
+    }
+    if (p.dropout_p > 0.0) {
+      col_hash.resize(p.N);
+      for (int64_t j = 0; j < p.N; ++j) col_hash[j] = counter_hash(static_cast<uint64_t>(j));
+    }
+  }
+
+  const uint8_t* valid_row(int64_t b) const { return valid.data() + b * static_cast<int64_t>(segment_of.size()); }
+};
+
+inline bool any_valid(const uint8_t* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (v[i]) return true;
+  return false;
+}
+
+// Rows [r0, r0 + nr) of a (rows x d) scalar_t matrix as acc_t: a pointer into
+// src when no conversion is needed, else converted into scratch.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_rows(const scalar_t* src, int64_t r0, int64_t nr, int64_t d, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src + r0 * d;
+  } else {
+    const scalar_t* s = src + r0 * d;
+    for (int64_t i = 0; i < nr * d; ++i) scratch[i] = static_cast<acc_t>(s[i]);
+    return scratch;
+  }
+}
+
+// Query tile in the compute dtype, with row 0 replaced by the rotated class query.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_query_tile(const scalar_t* q, const scalar_t* q0rot, int64_t r0, int64_t nr, int64_t d,
+                                    acc_t* scratch) {
+  if (q0rot == nullptr || r0 != 0) return load_rows<scalar_t, acc_t>(q, r0, nr, d, scratch);
+  for (int64_t c = 0; c < d; ++c) scratch[c] = static_cast<acc_t>(q0rot[c]);
+  for (int64_t i = d; i < nr * d; ++i) scratch[i] = static_cast<acc_t>(q[i]);
+  return scratch;
+}
+
+// Tile sizes: kv tiles of about 64 KiB of keys, query tiles of up to 64 rows.
+inline int64_t kv_block_size(int64_t dh) { return std::max<int64_t>(32, std::min<int64_t>(512, 16384 / dh)); }
+inline int64_t q_block_size(int64_t nq) { return std::min<int64_t>(64, nq); }
+
+// Calls f(scalar_t{}) for the dtypes of the op.
+template <typename F>
+inline void dispatch_dtype(c10::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float: f(float{}); break;
+    case c10::ScalarType::Double: f(double{}); break;
+    case c10::ScalarType::BFloat16: f(c10::BFloat16{}); break;
+    case c10::ScalarType::Half: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "rollingq: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace rollingq

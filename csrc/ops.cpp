@@ -1,0 +1,219 @@
+// Registration of rollingq::attention_fwd / attention_bwd and their CPU
+// implementations: argument checks (every message names the argument),
+// contiguous copies, output allocation and the class-query rotation around the
+// raw-pointer kernels of forward.cpp / backward.cpp. Schemas are copied
+// verbatim from rollingq_kernels/ops.py (FWD_SCHEMA, BWD_SCHEMA).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "attention_kernels.h"
+
+namespace rollingq {
+namespace {
+
+using at::Tensor;
+
+bool supported_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_tensor(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  TORCH_CHECK(t.device().is_cpu(), name, ": the rollingq CPU kernels expect a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-d tensor (B, H, N, Dh), got shape ", t.sizes());
+  TORCH_CHECK(supported_dtype(t.scalar_type()), name,
+              ": expected dtype float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+// Checks every argument the two ops share and returns the call's sizes.
+Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c10::IntArrayRef segments,
+                     const std::optional<Tensor>& lengths, const std::optional<Tensor>& rotation, double scale,
+                     double dropout_p, int64_t seed) {
+  check_tensor(q, "q");
+  check_tensor(k, "k");
+  check_tensor(v, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v: expected one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ",
+              v.scalar_type());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
+  Problem p;
+  p.B = k.size(0);
+  p.H = k.size(1);
+  p.N = k.size(2);
+  p.Dh = k.size(3);
+  p.Nq = q.size(2);
+  p.M = static_cast<int64_t>(segments.size());
+  p.dtype = q.scalar_type();
+  TORCH_CHECK(p.B >= 1 && p.H >= 1 && p.Dh >= 1, "k: expected B, H, Dh >= 1, got shape ", k.sizes());
+  TORCH_CHECK(q.size(0) == p.B && q.size(1) == p.H && q.size(3) == p.Dh && (p.Nq == p.N || p.Nq == 1),
+              "q: expected shape (", p.B, ", ", p.H, ", ", p.N, ", ", p.Dh, ") (all-query) or (", p.B, ", ", p.H,
+              ", 1, ", p.Dh, ") (class-only), got ", q.sizes());
+  TORCH_CHECK(p.M >= 2, "segments: expected at least 2 modalities, got ", segments);
+  p.offsets.assign(1, 1);
+  for (int64_t m = 0; m < p.M; ++m) {
+    TORCH_CHECK(segments[m] >= 1 && segments[m] <= p.N, "segments: every padded size must be in [1, N = ", p.N,
+                "], got ", segments);
+    p.offsets.push_back(p.offsets.back() + segments[m]);
+  }
+  TORCH_CHECK(p.offsets.back() == p.N, "segments: N must equal 1 + sum(segments) = ", p.offsets.back(),
+              " for segments ", segments, ", but k has N = ", p.N);
+  TORCH_CHECK(p.N <= (int64_t{1} << 31) / std::max<int64_t>(p.Dh, 1), "k: N * Dh must be below 2**31, got shape ",
+              k.sizes());
+  if (lengths.has_value() && lengths->defined()) {
+    const Tensor& len = *lengths;
+    TORCH_CHECK(len.scalar_type() == at::kLong, "lengths: expected dtype int64, got ", len.scalar_type());
+    TORCH_CHECK(len.device().is_cpu(), "lengths: expected a CPU tensor, got device ", len.device());
+    TORCH_CHECK(len.dim() == 2 && len.size(0) == p.B && len.size(1) == p.M, "lengths: expected shape (", p.B, ", ",
+                p.M, "), got ", len.sizes());
+  }
+  if (rotation.has_value() && rotation->defined()) {
+    const Tensor& r = *rotation;
+    const int64_t hd = p.H * p.Dh;
+    TORCH_CHECK(r.scalar_type() == at::kFloat || r.scalar_type() == at::kDouble,
+                "rotation: expected float32 or float64, got ", r.scalar_type());
+    TORCH_CHECK(r.device().is_cpu(), "rotation: expected a CPU tensor, got device ", r.device());
+    const bool global = r.dim() == 2 && r.size(0) == hd && r.size(1) == hd;
+    const bool per_head = r.dim() == 3 && r.size(0) == p.H && r.size(1) == p.Dh && r.size(2) == p.Dh;
+    TORCH_CHECK(global || per_head, "rotation: expected shape (", hd, ", ", hd, ") (global) or (", p.H, ", ", p.Dh,
+                ", ", p.Dh, ") (per head), got ", r.sizes());
+  }
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite float, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a float in [0, 1), got ", dropout_p);
+  TORCH_CHECK(seed >= 0 && seed < (int64_t{1} << 31), "seed: expected an int in [0, 2**31), got ", seed);
+  p.scale = scale;
+  p.dropout_p = dropout_p;
+  p.seed = static_cast<uint32_t>(seed);
+  return p;
+}
+
+// Contiguous int64 lengths with every value range-checked; undefined if absent.
+Tensor checked_lengths(const std::optional<Tensor>& lengths, Problem& p) {
+  if (!lengths.has_value() || !lengths->defined()) return Tensor();
+  Tensor len = lengths->contiguous();
+  const int64_t* data = len.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int64_t cap = p.offsets[m + 1] - p.offsets[m];
+      TORCH_CHECK(data[b * p.M + m] >= 0 && data[b * p.M + m] <= cap,
+                  "lengths: expected 0 <= lengths[b, m] <= segments[m]; lengths[", b, ", ", m,
+                  "] = ", data[b * p.M + m], " with segments[", m, "] = ", cap);
+    }
+  p.lengths = data;
+  return len;
+}
+
+// The rotation in the compute dtype (float64 for float64 inputs, else float32).
+Tensor rotation_in_compute_dtype(const std::optional<Tensor>& rotation, const Problem& p) {
+  if (!rotation.has_value() || !rotation->defined()) return Tensor();
+  const auto c = p.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return rotation->to(c).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, c10::IntArrayRef segments,
+    const std::optional<Tensor>& lengths, const std::optional<Tensor>& rotation, double scale, double dropout_p,
+    int64_t seed, bool compute_stats) {
+  Problem p = make_problem(q, k, v, segments, lengths, rotation, scale, dropout_p, seed);
+  const Tensor len = checked_lengths(lengths, p);
+  const Tensor rot = rotation_in_compute_dtype(rotation, p);
+  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const auto f32 = qc.options().dtype(at::kFloat);
+  Tensor out = qc.new_empty(qc.sizes());
+  Tensor lse = qc.new_empty({p.B, p.H, p.Nq}, f32);
+  Tensor key_mean = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.M, p.Dh}) : c10::IntArrayRef({0}), f32);
+  Tensor mass = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.M + 1}) : c10::IntArrayRef({0}), f32);
+  Tensor query = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.Dh}) : c10::IntArrayRef({0}), f32);
+  float* query_stat = compute_stats ? query.mutable_data_ptr<float>() : nullptr;
+
+  Tensor q0rot;
+  if (rot.defined()) {
+    q0rot = qc.new_empty({p.B, p.H, p.Dh});
+    rotate_class_query(p, qc.const_data_ptr(), rot.const_data_ptr(), rot.dim() == 2, q0rot.mutable_data_ptr(),
+                       query_stat);
+  } else if (compute_stats) {
+    class_query_stat(p, qc.const_data_ptr(), query_stat);
+  }
+  ForwardBuffers buf;
+  buf.q = qc.const_data_ptr();
+  buf.k = kc.const_data_ptr();
+  buf.v = vc.const_data_ptr();
+  buf.q0rot = q0rot.defined() ? q0rot.const_data_ptr() : nullptr;
+  buf.out = out.mutable_data_ptr();
+  buf.lse = lse.mutable_data_ptr<float>();
+  buf.key_mean = compute_stats ? key_mean.mutable_data_ptr<float>() : nullptr;
+  buf.mass = compute_stats ? mass.mutable_data_ptr<float>() : nullptr;
+  attention_forward(p, buf);
+  return {out, lse, key_mean, mass, query};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                     const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                     c10::IntArrayRef segments, const std::optional<Tensor>& lengths,
+                                                     const std::optional<Tensor>& rotation, double scale,
+                                                     double dropout_p, int64_t seed) {
+  Problem p = make_problem(q, k, v, segments, lengths, rotation, scale, dropout_p, seed);
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
+    TORCH_CHECK(t.defined() && t.device().is_cpu(), name, ": expected a defined CPU tensor");
+    TORCH_CHECK(t.sizes() == q.sizes(), name, ": expected the shape of q ", q.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(), ", got ",
+                t.scalar_type());
+  }
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu(), "lse: expected a defined CPU tensor");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.Nq,
+              "lse: expected shape (", p.B, ", ", p.H, ", ", p.Nq, "), got ", lse.sizes());
+  const Tensor len = checked_lengths(lengths, p);
+  const Tensor rot = rotation_in_compute_dtype(rotation, p);
+  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const Tensor gc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
+  Tensor dq = qc.new_empty(qc.sizes()), dk = kc.new_empty(kc.sizes()), dv = vc.new_empty(vc.sizes());
+
+  Tensor q0rot, dq0rot;
+  if (rot.defined()) {
+    q0rot = qc.new_empty({p.B, p.H, p.Dh});
+    rotate_class_query(p, qc.const_data_ptr(), rot.const_data_ptr(), rot.dim() == 2, q0rot.mutable_data_ptr(),
+                       nullptr);
+    dq0rot = qc.new_empty({p.B, p.H, p.Dh}, qc.options().dtype(rot.scalar_type()));
+  }
+  BackwardBuffers buf;
+  buf.grad_out = gc.const_data_ptr();
+  buf.q = qc.const_data_ptr();
+  buf.k = kc.const_data_ptr();
+  buf.v = vc.const_data_ptr();
+  buf.out = oc.const_data_ptr();
+  buf.lse = lc.const_data_ptr<float>();
+  buf.q0rot = q0rot.defined() ? q0rot.const_data_ptr() : nullptr;
+  buf.dq = dq.mutable_data_ptr();
+  buf.dk = dk.mutable_data_ptr();
+  buf.dv = dv.mutable_data_ptr();
+  buf.dq0rot = dq0rot.defined() ? dq0rot.mutable_data_ptr() : nullptr;
+  attention_backward(p, buf);
+  if (rot.defined()) rotate_class_grad(p, dq0rot.const_data_ptr(), rot.const_data_ptr(), rot.dim() == 2, dq.mutable_data_ptr());
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace rollingq
+
+TORCH_LIBRARY(rollingq, m) {
+  m.set_python_module("rollingq_kernels.ops");
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, int[] segments, Tensor? lengths, "
+      "Tensor? rotation, float scale, float dropout_p, int seed, bool compute_stats) "
+      "-> (Tensor out, Tensor lse, Tensor key_mean, Tensor mass, Tensor query)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "int[] segments, Tensor? lengths, Tensor? rotation, float scale, float dropout_p, int seed) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(rollingq, CPU, m) {
+  m.impl("attention_fwd", &rollingq::attention_fwd_cpu);
+  m.impl("attention_bwd", &rollingq::attention_bwd_cpu);
+}
