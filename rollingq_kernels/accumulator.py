@@ -1,0 +1,270 @@
+"""Running RollingQ statistics gathered during training (no extra pass).
+
+Each training forward of a :class:`~rollingq_kernels.module.FusedRollingQAttention`
+turns the op's :class:`~rollingq_kernels.stats.AttentionStats` into a handful
+of float64 *sums* (:func:`batch_sums`) and adds them to a
+:class:`StatisticsAccumulator`. Sums are kept as tensors on the device of the
+statistics, so accumulating never waits for the device (no ``.item()``, no
+host sync). Because only sums are kept, the statistics of a window of batches
+equal the statistics of the concatenated batches, and sums from several
+processes can be all-reduced before a decision (:func:`all_reduce_sums`).
+
+A window is either ``"epoch"`` (everything since the last reset, constant
+memory) or an int ``K`` (the last ``K`` batches, one set of sums per batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .stats import AttentionStats
+
+Window = str | int
+Sums = dict[str, torch.Tensor]
+
+#: The fields of one set of sums (all float64). ``B`` samples, ``H`` heads,
+#: ``M`` modalities, ``Dh`` head size.
+SUM_FIELDS: tuple[str, ...] = (
+    "samples",  # ()          number of samples
+    "cos_sum",  # (M,)        Σ cos over samples where the modality is present
+    "cos_sq_sum",  # (M,)     Σ cos²
+    "present",  # (M,)        number of samples where the modality is present
+    "cos_head_sum",  # (H, M) Σ cos_per_head over samples where present
+    "diff_sum",  # ()         Σ (cos_0 − cos_1) over samples with modalities 0 and 1
+    "diff_count",  # ()       number of such samples
+    "key_sum",  # (H, M, Dh)  Σ per-sample mean key over samples where present
+    "query_sum",  # (H, Dh)   Σ rotated class query
+    "mass_sum",  # (H, M+1)   Σ class-row attention mass
+)
+
+
+def check_window(window: Window) -> Window:
+    """Validate a window: ``"epoch"`` or an int ``K ≥ 1``; return it."""
+    if window == "epoch":
+        return window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected 'epoch' or an int >= 1 (the last K batches), got {window!r}")
+    return window
+
+
+def batch_sums(stats: AttentionStats) -> Sums:
+    """The float64 sums of one batch's statistics (see :data:`SUM_FIELDS`).
+
+    Args:
+        stats: the op's statistics of a batch: ``cos (B, M)``, ``cos_per_head
+            (B, H, M)``, ``key_mean (B, H, M, Dh)``, ``query (B, H, Dh)``,
+            ``mass (B, H, M+1)``, ``valid (B, M)`` bool.
+
+    Returns:
+        A dict of float64 tensors on the statistics' device; no host sync.
+    """
+    valid = stats.valid.to(torch.float64)  # (B, M)
+    cos = stats.cos.detach().to(torch.float64) * valid
+    both = valid[:, 0] * valid[:, 1]
+    return {
+        "samples": torch.full((), float(valid.shape[0]), dtype=torch.float64, device=valid.device),
+        "cos_sum": cos.sum(0),
+        "cos_sq_sum": cos.square().sum(0),
+        "present": valid.sum(0),
+        "cos_head_sum": (stats.cos_per_head.detach().to(torch.float64) * valid[:, None, :]).sum(0),
+        "diff_sum": ((cos[:, 0] - cos[:, 1]) * both).sum(),
+        "diff_count": both.sum(),
+        "key_sum": (stats.key_mean.detach().to(torch.float64) * valid[:, None, :, None]).sum(0),
+        "query_sum": stats.query.detach().to(torch.float64).sum(0),
+        "mass_sum": stats.mass.detach().to(torch.float64).sum(0),
+    }
+
+
+def zero_sums(num_heads: int, num_modalities: int, head_dim: int, device: torch.device | str | None = None) -> Sums:
+    """Empty sums shaped like :func:`batch_sums` (a rank without batches still joins an all-reduce)."""
+    H, M, Dh = num_heads, num_modalities, head_dim
+    shapes = {
+        "samples": (), "cos_sum": (M,), "cos_sq_sum": (M,), "present": (M,), "cos_head_sum": (H, M),
+        "diff_sum": (), "diff_count": (), "key_sum": (H, M, Dh), "query_sum": (H, Dh), "mass_sum": (H, M + 1),
+    }
+    return {name: torch.zeros(shapes[name], dtype=torch.float64, device=device) for name in SUM_FIELDS}
+
+
+def add_sums(a: Sums, b: Sums) -> Sums:
+    """Field-wise ``a + b`` (new tensors)."""
+    if a.keys() != b.keys():
+        raise ValueError(f"b: expected the fields {sorted(a)}, got {sorted(b)}")
+    for name in a:
+        if a[name].shape != b[name].shape:
+            raise ValueError(
+                f"b: field {name!r} has shape {tuple(b[name].shape)}, expected {tuple(a[name].shape)} "
+                "(statistics of modules with different heads, head size or modalities?)"
+            )
+    return {name: a[name] + b[name] for name in a}
+
+
+def all_reduce_sums(sums: Sums) -> Sums:
+    """Sum ``sums`` over all processes of the default group (one collective).
+
+    Without an initialized ``torch.distributed`` group this returns ``sums``
+    unchanged. Every rank must call it (it is a collective).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sums
+    names = list(sums)
+    flat = torch.cat([sums[n].reshape(-1) for n in names])
+    torch.distributed.all_reduce(flat)
+    out, start = {}, 0
+    for n in names:
+        size = sums[n].numel()
+        out[n] = flat[start : start + size].reshape(sums[n].shape)
+        start += size
+    return out
+
+
+@dataclass
+class WindowStatistics:
+    """The reduced statistics of a window (float64 tensors on the sums' device).
+
+    Attributes:
+        samples: number of samples in the window.
+        air: ``E[cos_0 − cos_1]`` over samples with modalities 0 and 1 present
+            (the paper's Eq. 9); NaN when there is none.
+        air_count: number of samples that entered ``air``.
+        cos_mean: ``(M,)`` mean cosine per modality over the samples where it
+            is present; NaN where it never is.
+        cos_std: ``(M,)`` the population standard deviation of those cosines.
+        spread: ``max − min`` of the present ``cos_mean`` (NaN with < 2).
+        present: ``(M,)`` samples where each modality is present.
+        cos_head_mean: ``(H, M)`` mean per-head cosine (NaN where never present).
+        key_mean: ``(H, M, Dh)`` E[mean key] per head and modality (0 where
+            never present).
+        query_mean: ``(H, Dh)`` E[rotated class query] (0 for an empty window).
+        mass_mean: ``(H, M+1)`` mean class-row attention mass on
+            [class, modality 1, …, M].
+    """
+
+    samples: int
+    air: float
+    air_count: int
+    cos_mean: torch.Tensor
+    cos_std: torch.Tensor
+    spread: float
+    present: torch.Tensor
+    cos_head_mean: torch.Tensor
+    key_mean: torch.Tensor
+    query_mean: torch.Tensor
+    mass_mean: torch.Tensor
+
+    def global_key_mean(self) -> torch.Tensor:
+        """``(M, H·Dh)`` the mean keys with heads concatenated (a global rotation's space)."""
+        H, M, Dh = self.key_mean.shape
+        return self.key_mean.permute(1, 0, 2).reshape(M, H * Dh)
+
+    def global_query_mean(self) -> torch.Tensor:
+        """``(H·Dh,)`` the mean rotated class query with heads concatenated."""
+        return self.query_mean.reshape(-1)
+
+
+def reduce_sums(sums: Sums) -> WindowStatistics:
+    """Turn a window's sums into means (host sync: call once per decision)."""
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=sums["cos_sum"].device)
+    present = sums["present"]
+    has = present > 0
+    n = present.clamp_min(1.0)
+    cos_mean = torch.where(has, sums["cos_sum"] / n, nan)
+    var = (sums["cos_sq_sum"] / n - (sums["cos_sum"] / n).square()).clamp_min(0.0)
+    cos_std = torch.where(has, var.sqrt(), nan)
+    cos_head_mean = torch.where(has, sums["cos_head_sum"] / n, nan)
+    key_mean = sums["key_sum"] / n[None, :, None]
+    samples = int(sums["samples"].item())
+    query_mean = sums["query_sum"] / max(samples, 1)
+    mass_mean = sums["mass_sum"] / max(samples, 1)
+    air_count = int(sums["diff_count"].item())
+    air = float(sums["diff_sum"].item()) / air_count if air_count else math.nan
+    shown = cos_mean[has]
+    spread = float((shown.max() - shown.min()).item()) if shown.numel() >= 2 else math.nan
+    return WindowStatistics(
+        samples=samples,
+        air=air,
+        air_count=air_count,
+        cos_mean=cos_mean,
+        cos_std=cos_std,
+        spread=spread,
+        present=present,
+        cos_head_mean=cos_head_mean,
+        key_mean=key_mean,
+        query_mean=query_mean,
+        mass_mean=mass_mean,
+    )
+
+
+class StatisticsAccumulator:
+    """Float64 sums of the statistics of the batches in a window.
+
+    Args:
+        window: ``"epoch"`` (everything since the last :meth:`reset`) or an
+            int ``K ≥ 1`` (the last ``K`` batches).
+    """
+
+    def __init__(self, window: Window = "epoch") -> None:
+        self.window: Window = check_window(window)
+        self._total: Sums | None = None
+        self._batches: deque[Sums] = deque(maxlen=None if window == "epoch" else int(window))
+        self.num_batches = 0  # batches added since the last reset (all of them, not only the window)
+
+    def add(self, stats: AttentionStats) -> None:
+        """Add one batch's statistics (device-side adds only, no host sync)."""
+        self.add_sums(batch_sums(stats))
+
+    def add_sums(self, sums: Sums) -> None:
+        """Add one batch's precomputed sums (see :func:`batch_sums`)."""
+        if self.window == "epoch":
+            self._total = sums if self._total is None else add_sums(self._total, sums)
+        else:
+            self._batches.append(sums)
+        self.num_batches += 1
+
+    def reset(self) -> None:
+        """Forget every batch: the next window starts empty."""
+        self._total = None
+        self._batches.clear()
+        self.num_batches = 0
+
+    def sums(self) -> Sums | None:
+        """The window's sums, or None if no batch was added since the last reset."""
+        if self.window == "epoch":
+            return None if self._total is None else dict(self._total)
+        if not self._batches:
+            return None
+        out = self._batches[0]
+        for s in list(self._batches)[1:]:
+            out = add_sums(out, s)
+        return dict(out)
+
+    def reduce(self) -> WindowStatistics | None:
+        """The window's reduced statistics (see :class:`WindowStatistics`), or None if empty."""
+        sums = self.sums()
+        return None if sums is None else reduce_sums(sums)
+
+    def state_dict(self) -> dict:
+        """A picklable copy of the window (tensors moved to CPU)."""
+        cpu = lambda s: {k: v.detach().cpu().clone() for k, v in s.items()}  # noqa: E731
+        return {
+            "window": self.window,
+            "num_batches": self.num_batches,
+            "total": None if self._total is None else cpu(self._total),
+            "batches": [cpu(s) for s in self._batches],
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restore a window saved by :meth:`state_dict` (its window setting included)."""
+        for key in ("window", "num_batches", "total", "batches"):
+            if key not in state:
+                raise ValueError(f"state: missing key {key!r}; expected a StatisticsAccumulator.state_dict()")
+        move = lambda s: {k: v.to(device) if device is not None else v for k, v in s.items()}  # noqa: E731
+        self.window = check_window(state["window"])
+        self._total = None if state["total"] is None else move(state["total"])
+        self._batches = deque(
+            (move(s) for s in state["batches"]), maxlen=None if self.window == "epoch" else int(self.window)
+        )
+        self.num_batches = int(state["num_batches"])

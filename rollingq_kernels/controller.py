@@ -1,0 +1,377 @@
+"""The RollingQ controller: the paper's Algorithm 1 at the end of each epoch.
+
+:class:`RollingQ` reads the statistics that its
+:class:`~rollingq_kernels.module.FusedRollingQAttention` layers gathered during
+training and, when the attention imbalance is large, rotates their class
+query towards the balanced anchor (Ni et al., ICML 2025, Sec. 3.3, App. B):
+
+1. AIR = E[cos(q, k̄_0) − cos(q, k̄_1)] (Eq. 9); for ``M > 2`` modalities the
+   decision uses the spread ``max − min`` of the mean cosines instead.
+2. If the decision quantity is ``≥ beta`` and the layer has made fewer than
+   ``max_rotations`` rotations: α = softmax(−2ρ·E[cos]) (for ``M = 2`` exactly
+   ½(1 + tanh(−ρ·AIR)), Eq. 11), anchor q_b = |E[q]| Σ α_m E[k̄_m]/|E[k̄_m]|
+   (Eq. 10), R_b maps E[q] to q_b (``method="plane"``: the minimal rotation;
+   ``"svd"``: the paper's Eq. 12 construction), and ``R ← R_b @ R``.
+
+Defaults: the paper states no values for ρ and β (only ρ > 0) and caps the
+rotations at 1 (CREMA-D, MOSEI) or 3 (Kinetics-Sounds); we use ``rho=1.0``,
+``beta=0.1`` and ``max_rotations=1``.
+
+Estimates (``estimate=``):
+
+* ``"accumulate"`` (default): everything comes from the statistics gathered
+  during the epoch's training forwards (no extra pass). With ``window=1`` this
+  is Algorithm 1 literally (the last batch ``B_j``).
+* ``"pass"``: the official code's behaviour. AIR and the mean cosines (hence
+  α) come from the training window (``window=1``: the last training batch,
+  as in the official ``train_func.py``); only when a rotation is due, the mean
+  keys and the mean class query come from an explicit ``torch.no_grad()``
+  pass over ``loader`` (``forward_fn(batch)`` runs the model), as in the
+  official ``method.py``. The layers are left in the mode the caller set.
+
+Under ``torch.distributed`` the window sums are all-reduced before any
+decision, so every rank computes the identical rotation; every rank must call
+:meth:`RollingQ.step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .accumulator import (
+    StatisticsAccumulator,
+    Window,
+    WindowStatistics,
+    all_reduce_sums,
+    check_window,
+    reduce_sums,
+    zero_sums,
+)
+from .module import FusedRollingQAttention
+from .rotation import balanced_anchor, plane_rotation, rotation_angle_degrees, svd_rotation
+
+logger = logging.getLogger("rollingq_kernels")
+
+METHODS = ("plane", "svd")
+ESTIMATES = ("accumulate", "pass")
+_EPS = 1e-12
+
+
+@dataclass
+class RotationRecord:
+    """What :meth:`RollingQ.step` decided for one layer.
+
+    Attributes:
+        layer: the layer's name (or index) in the controller.
+        epoch: the epoch passed to ``step`` (None if not given).
+        air: the window's AIR (NaN when no sample had modalities 0 and 1).
+        spread: ``max − min`` of the mean cosines.
+        cos_mean: mean cosine per modality.
+        alpha: the anchor weights α per modality (per head: one list per head);
+            empty when no anchor was computed.
+        rotated: whether the layer's rotation was updated.
+        angle_deg: angle between E[q] and the anchor (per head: their mean).
+        cos_before_after: cosine between E[q] and R_b E[q] (1 when not rotated).
+        count: samples in the decision window (summed over ranks).
+        num_rotations: the layer's rotations after this step.
+        reason: ``"rotated"``, ``"below_threshold"``, ``"max_rotations"``,
+            ``"no_samples"`` or ``"degenerate"``.
+    """
+
+    layer: str
+    epoch: int | None
+    air: float
+    spread: float
+    cos_mean: list[float]
+    alpha: list = field(default_factory=list)
+    rotated: bool = False
+    angle_deg: float = 0.0
+    cos_before_after: float = 1.0
+    count: int = 0
+    num_rotations: int = 0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-friendly dict of the record."""
+        return asdict(self)
+
+
+def _check_settings(rho: float, beta: float, max_rotations: int, method: str, estimate: str) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"rho: expected a finite float > 0, got {rho!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta: expected a finite float >= 0, got {beta!r}")
+    if isinstance(max_rotations, bool) or not isinstance(max_rotations, int) or max_rotations < 0:
+        raise ValueError(f"max_rotations: expected an int >= 0, got {max_rotations!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate: expected one of {ESTIMATES}, got {estimate!r}")
+
+
+def _as_named_layers(
+    modules: FusedRollingQAttention | Iterable[FusedRollingQAttention] | Mapping[str, FusedRollingQAttention],
+) -> dict[str, FusedRollingQAttention]:
+    if isinstance(modules, FusedRollingQAttention):
+        named = {"0": modules}
+    elif isinstance(modules, Mapping):
+        named = {str(k): v for k, v in modules.items()}
+    else:
+        named = {str(i): m for i, m in enumerate(modules)}
+    if not named:
+        raise ValueError("modules: expected at least one FusedRollingQAttention, got none")
+    for name, m in named.items():
+        if not isinstance(m, FusedRollingQAttention):
+            raise TypeError(f"modules: expected FusedRollingQAttention layers, got {type(m).__name__} for {name!r}")
+    return named
+
+
+def _float_list(t: torch.Tensor) -> list:
+    return t.detach().cpu().double().tolist()
+
+
+@contextmanager
+def _collecting(layers: Iterable[FusedRollingQAttention], accumulators: Iterable[StatisticsAccumulator]):
+    """Route the layers' statistics into ``accumulators`` (any mode) for the duration."""
+    pairs = list(zip(layers, accumulators))
+    for layer, acc in pairs:
+        layer._extra_accumulator = acc
+    try:
+        yield
+    finally:
+        for layer, _ in pairs:
+            layer._extra_accumulator = None
+
+
+class RollingQ:
+    """The RollingQ controller of a set of :class:`FusedRollingQAttention` layers.
+
+    Args:
+        modules: a layer, a sequence of layers or a ``{name: layer}`` mapping.
+            With progressive multi-layer training (paper App. B) register the
+            current last fusion layer and :meth:`retarget` when the next one
+            is switched on.
+        rho: ρ > 0, the rotation intensity (Eq. 11).
+        beta: β ≥ 0, the AIR threshold: rotate when ``|AIR| ≥ beta``.
+        max_rotations: the most rotations per layer (paper: 1 or 3).
+        window: the statistics window, ``"epoch"`` or the last ``K`` batches;
+            it replaces the layers' own setting.
+        method: ``"plane"`` (minimal rotation) or ``"svd"`` (paper Eq. 12).
+        estimate: ``"accumulate"`` or ``"pass"`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        modules: FusedRollingQAttention | Iterable[FusedRollingQAttention] | Mapping[str, FusedRollingQAttention],
+        rho: float = 1.0,
+        beta: float = 0.1,
+        max_rotations: int = 1,
+        window: Window = "epoch",
+        method: str = "plane",
+        estimate: str = "accumulate",
+    ) -> None:
+        _check_settings(rho, beta, max_rotations, method, estimate)
+        self.rho = float(rho)
+        self.beta = float(beta)
+        self.max_rotations = max_rotations
+        self.window = check_window(window)
+        self.method = method
+        self.estimate = estimate
+        self.records: list[RotationRecord] = []
+        self.layers: dict[str, FusedRollingQAttention] = {}
+        self.retarget(modules)
+
+    # ------------------------------------------------------------------ registration
+    def retarget(
+        self,
+        modules: FusedRollingQAttention | Iterable[FusedRollingQAttention] | Mapping[str, FusedRollingQAttention],
+    ) -> None:
+        """Control ``modules`` from now on (e.g. the new last fusion layer).
+
+        Each layer gets the controller's window and a fresh statistics window;
+        its rotation and rotation count are kept (each layer has its own
+        budget of ``max_rotations``). Past records are kept.
+        """
+        self.layers = _as_named_layers(modules)
+        for layer in self.layers.values():
+            layer.set_window(self.window)
+
+    def reset_statistics(self) -> None:
+        """Start a fresh statistics window in every controlled layer."""
+        for layer in self.layers.values():
+            layer.reset_statistics()
+
+    # ------------------------------------------------------------------ the decision
+    def _window_statistics(self, layer: FusedRollingQAttention) -> WindowStatistics | None:
+        sums = layer.statistics.sums()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            if sums is None:  # every rank must join the collective with the same fields
+                sums = zero_sums(layer.num_heads, layer.num_modalities, layer.head_dim, layer.rotation.device)
+            sums = all_reduce_sums(sums)
+        if sums is None:
+            return None
+        return reduce_sums(sums)
+
+    def _decide(self, name: str, layer: FusedRollingQAttention, st: WindowStatistics | None,
+                epoch: int | None) -> RotationRecord:
+        M = layer.num_modalities
+        if st is None:
+            rec = RotationRecord(name, epoch, math.nan, math.nan, [math.nan] * M)
+        else:
+            rec = RotationRecord(name, epoch, st.air, st.spread, _float_list(st.cos_mean), count=st.samples)
+        rec.num_rotations = int(layer.num_rotations)
+        quantity = rec.air if M == 2 else rec.spread
+        if st is None or not math.isfinite(quantity) or any(math.isnan(c) for c in rec.cos_mean):
+            rec.reason = "no_samples"
+            logger.warning("RollingQ: layer %s: no usable statistics (AIR=%s, count=%d); not rotating",
+                           name, rec.air, rec.count)
+        elif abs(quantity) < self.beta:
+            rec.reason = "below_threshold"
+        elif rec.num_rotations >= self.max_rotations:
+            rec.reason = "max_rotations"
+        else:
+            rec.reason = "due"
+        return rec
+
+    def _rotation(self, layer: FusedRollingQAttention, st: WindowStatistics, rec: RotationRecord,
+                  keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
+        """R_b for one layer, or None (``rec`` explains why) when degenerate."""
+        if layer.rotation_mode == "global":
+            mean_keys, mean_query, cos_means = keys, query, st.cos_mean  # (M, C), (C,), (M,)
+        else:
+            mean_keys, mean_query, cos_means = keys, query, st.cos_head_mean  # (H, M, Dh), (H, Dh), (H, M)
+        q_norm = mean_query.norm(dim=-1)
+        k_norm = mean_keys.norm(dim=-1)
+        if bool((q_norm <= _EPS).any()) or bool((k_norm <= _EPS).any()) or not bool(torch.isfinite(cos_means).all()):
+            rec.reason = "degenerate"
+            logger.warning("RollingQ: layer %s: zero-norm mean query or mean key (|E[q]|=%s); not rotating",
+                           rec.layer, _float_list(q_norm))
+            return None
+        anchor, alpha = balanced_anchor(mean_keys, mean_query, cos_means, self.rho)
+        build = plane_rotation if self.method == "plane" else svd_rotation
+        r_b = build(mean_query.double(), anchor)
+        if not bool(torch.isfinite(r_b).all()):
+            rec.reason = "degenerate"
+            logger.warning("RollingQ: layer %s: the rotation is not finite; not rotating", rec.layer)
+            return None
+        moved = (r_b @ mean_query.double().unsqueeze(-1)).squeeze(-1)
+        cos_ba = (moved * mean_query.double()).sum(-1) / (moved.norm(dim=-1) * mean_query.double().norm(dim=-1))
+        rec.alpha = _float_list(alpha)
+        rec.angle_deg = float(rotation_angle_degrees(mean_query, anchor).mean())
+        rec.cos_before_after = float(cos_ba.mean())
+        return r_b
+
+    def _anchor_inputs(self, layer: FusedRollingQAttention, st: WindowStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.rotation_mode == "global":
+            return st.global_key_mean(), st.global_query_mean()
+        return st.key_mean, st.query_mean
+
+    def _estimation_pass(self, names: list[str], loader: Iterable, forward_fn: Callable[[Any], Any]
+                         ) -> dict[str, WindowStatistics | None]:
+        layers = [self.layers[n] for n in names]
+        accs = [StatisticsAccumulator("epoch") for _ in names]
+        with torch.no_grad(), _collecting(layers, accs):
+            for batch in loader:
+                forward_fn(batch)
+        out = {}
+        for name, layer, acc in zip(names, layers, accs):
+            sums = acc.sums()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                sums = all_reduce_sums(sums if sums is not None else zero_sums(layer.num_heads, layer.num_modalities, layer.head_dim, layer.rotation.device))
+            out[name] = None if sums is None else reduce_sums(sums)
+        return out
+
+    def step(self, epoch: int | None = None, loader: Iterable | None = None,
+             forward_fn: Callable[[Any], Any] | None = None) -> list[RotationRecord]:
+        """Decide and apply the rotations at the end of an epoch.
+
+        Args:
+            epoch: recorded in the records.
+            loader, forward_fn: required with ``estimate="pass"``: the batches
+                of the estimation pass and a callable running the model on one.
+
+        Returns:
+            One :class:`RotationRecord` per controlled layer (also appended to
+            :attr:`records`). Windows are reset after the step when
+            ``window="epoch"`` and after every rotation.
+        """
+        if self.estimate == "pass" and (loader is None or forward_fn is None):
+            raise ValueError(
+                f"loader, forward_fn: estimate='pass' needs both, got loader={type(loader).__name__}, "
+                f"forward_fn={type(forward_fn).__name__}"
+            )
+        stats = {name: self._window_statistics(layer) for name, layer in self.layers.items()}
+        records = {name: self._decide(name, layer, stats[name], epoch) for name, layer in self.layers.items()}
+        due = [name for name, rec in records.items() if rec.reason == "due"]
+        anchor_stats: dict[str, WindowStatistics | None] = {name: stats[name] for name in due}
+        if due and self.estimate == "pass":
+            anchor_stats = self._estimation_pass(due, loader, forward_fn)
+        for name in due:
+            layer, rec, st = self.layers[name], records[name], anchor_stats[name]
+            if st is None:
+                rec.reason = "no_samples"
+                logger.warning("RollingQ: layer %s: the estimation pass saw no sample; not rotating", name)
+                continue
+            keys, query = self._anchor_inputs(layer, st)
+            r_b = self._rotation(layer, stats[name], rec, keys, query)
+            if r_b is None:
+                continue
+            layer.apply_rotation(r_b)
+            rec.rotated, rec.reason, rec.num_rotations = True, "rotated", int(layer.num_rotations)
+            logger.info("RollingQ: layer %s rotated (epoch %s, AIR %.4f, angle %.2f deg, rotation %d)",
+                        name, epoch, rec.air, rec.angle_deg, rec.num_rotations)
+        for name, layer in self.layers.items():
+            if self.window == "epoch" or records[name].rotated:
+                layer.reset_statistics()
+        out = list(records.values())
+        self.records.extend(out)
+        return out
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state: settings, records and the layers' open windows.
+
+        The rotations and rotation counts live in the layers' buffers (the
+        model's ``state_dict``); both are needed to resume.
+        """
+        return {
+            "rho": self.rho,
+            "beta": self.beta,
+            "max_rotations": self.max_rotations,
+            "window": self.window,
+            "method": self.method,
+            "estimate": self.estimate,
+            "records": [r.to_dict() for r in self.records],
+            "layers": list(self.layers),
+            "num_rotations": {n: int(layer.num_rotations) for n, layer in self.layers.items()},
+            "statistics": {n: layer.statistics.state_dict() for n, layer in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (settings, records, open windows)."""
+        for key in ("rho", "beta", "max_rotations", "window", "method", "estimate", "records", "statistics"):
+            if key not in state:
+                raise ValueError(f"state: missing key {key!r}; expected a RollingQ.state_dict()")
+        if sorted(state["statistics"]) != sorted(self.layers):
+            raise ValueError(f"state: saved for layers {sorted(state['statistics'])}, "
+                             f"but this controller has {sorted(self.layers)}")
+        _check_settings(state["rho"], state["beta"], state["max_rotations"], state["method"], state["estimate"])
+        self.rho, self.beta = float(state["rho"]), float(state["beta"])
+        self.max_rotations = int(state["max_rotations"])
+        self.window, self.method, self.estimate = check_window(state["window"]), state["method"], state["estimate"]
+        self.records = [RotationRecord(**r) for r in state["records"]]
+        for name, layer in self.layers.items():
+            layer.statistics.load_state_dict(state["statistics"][name], device=layer.rotation.device)
+            saved = state.get("num_rotations", {}).get(name)
+            if saved is not None and saved != int(layer.num_rotations):
+                logger.warning("RollingQ: layer %s has %d rotations but the controller state says %d; "
+                               "load the model's state_dict saved with it", name, int(layer.num_rotations), saved)
+
