@@ -1,0 +1,219 @@
+"""The Triton kernels against the float64 eager reference, in Triton's interpreter (CPU).
+
+Run as its own process (the variable must be set before Triton is imported):
+
+    TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
+
+Shapes are tiny (N ~ 10-40) because the interpreter is slow; the interpreter uses a single
+16×16 tile config, so every case spans several K and Q tiles. With CUDA and no interpreter the
+same tests run on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not _INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 (Triton's CPU interpreter) or a CUDA GPU", allow_module_level=True)
+
+from rollingq_kernels import dropout_mask, rollingq_attention  # noqa: E402
+from rollingq_kernels import triton_attention as ta  # noqa: E402
+from rollingq_kernels._triton_utils import SPLITS_ENV  # noqa: E402
+
+pytestmark = pytest.mark.triton_interpret
+DEVICE = torch.device("cpu" if _INTERPRET else "cuda")
+
+# (atol = rtol) of the Triton result against the float64 reference computed from the same
+# (already rounded) inputs. float64 gradients are limited by the float32 log-sum-exp the
+# forward saves (the contract's lse dtype); float16/bfloat16 by the rounding of P and dS to
+# the input dtype before the tile matmuls, as in every flash-attention kernel.
+TOL = {
+    torch.float64: {"out": 1e-10, "grad": 1e-6},
+    torch.float32: {"out": 1e-5, "grad": 1e-5},
+    torch.float16: {"out": 2e-3, "grad": 4e-3},
+    torch.bfloat16: {"out": 2e-2, "grad": 3e-2},
+}
+STATS_TOL = 2e-5  # statistics are float32 and computed from exact products in every dtype
+
+
+def _inputs(B, H, N, Dh, class_only, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    nq = 1 if class_only else N
+    q = torch.randn(B, H, nq, Dh, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, H, N, Dh, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, H, N, Dh, generator=g, dtype=torch.float64).to(dtype)
+    grad = torch.randn(B, H, nq, Dh, generator=g, dtype=torch.float64)
+    return q, k, v, grad
+
+
+def _rotation(kind, H, Dh, seed):
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    if kind == "global":
+        return torch.linalg.qr(torch.randn(H * Dh, H * Dh, generator=g, dtype=torch.float64))[0]
+    return torch.linalg.qr(torch.randn(H, Dh, Dh, generator=g, dtype=torch.float64))[0].float()
+
+
+def _run(backend, q, k, v, grad, segments, dtype, device, **kw):
+    """Forward + backward with ``backend``; inputs cast to ``dtype`` on ``device``."""
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+    kw = dict(kw)
+    if kw.get("lengths") is not None:
+        kw["lengths"] = kw["lengths"].to(device)
+    if kw.get("rotation") is not None:
+        kw["rotation"] = kw["rotation"].to(device)
+    out, stats = rollingq_attention(*leaves, segments, backend=backend, **kw)
+    grads = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
+    return out.detach(), stats, grads
+
+
+def _compare(segments, *, B=2, H=2, Dh=24, class_only=False, dtype=torch.float32, lengths=None,
+             rotation_kind=None, dropout_p=0.0, seed=0, compute_stats=True):
+    N = 1 + sum(segments)
+    q, k, v, grad = _inputs(B, H, N, Dh, class_only, dtype, seed)
+    rot = _rotation(rotation_kind, H, Dh, seed + 1)
+    kw = dict(lengths=lengths, rotation=rot, dropout_p=dropout_p, seed=1234 + seed, compute_stats=compute_stats)
+    out, stats, grads = _run("triton", q, k, v, grad, segments, dtype, DEVICE, **kw)
+    ref_kw = dict(kw, rotation=None if rot is None else rot.double())
+    r_out, r_stats, r_grads = _run("reference", q, k, v, grad, segments, torch.float64, torch.device("cpu"), **ref_kw)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.cpu().double(), r_out, atol=tol["out"], rtol=tol["out"])
+    for name, g, r in zip(("dq", "dk", "dv"), grads, r_grads):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.cpu().double(), r, atol=tol["grad"], rtol=tol["grad"], msg=lambda m, name=name: f"{name}: {m}")
+    if not compute_stats:
+        assert stats is None
+        return out, grads, lengths
+    for field in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+        a, r = getattr(stats, field), getattr(r_stats, field)
+        assert a.dtype == torch.float32, field
+        torch.testing.assert_close(a.cpu().double(), r.double(), atol=STATS_TOL, rtol=STATS_TOL,
+                                   msg=lambda m, field=field: f"{field}: {m}")
+    assert torch.equal(stats.valid.cpu(), r_stats.valid)
+    return out, grads, lengths
+
+
+LENGTHS_2 = torch.tensor([[5, 11], [7, 3]])  # segments (7, 11): odd lengths, one full modality
+LENGTHS_3 = torch.tensor([[3, 0, 4], [5, 6, 1]])  # segments (5, 7, 4): an empty modality
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_dtypes_with_lengths(dtype, class_only):
+    out, grads, _ = _compare([7, 11], class_only=class_only, dtype=dtype, lengths=LENGTHS_2, seed=1)
+    if not class_only:  # padded query rows: exactly 0 output, no gradient
+        pad_rows = [1 + 7 + 3 + i for i in range(8)]  # sample 1, modality 1 beyond length 3
+        assert torch.count_nonzero(out[1, :, pad_rows]) == 0
+        assert torch.count_nonzero(grads[0][1, :, pad_rows]) == 0
+
+
+@pytest.mark.parametrize("rotation_kind", ["global", "per_head"])
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_rotation_three_modalities_empty_modality(rotation_kind, class_only):
+    _compare([5, 7, 4], class_only=class_only, lengths=LENGTHS_3, rotation_kind=rotation_kind, seed=2)
+
+
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_dropout_with_rotation_and_lengths(class_only):
+    _compare([5, 7, 4], class_only=class_only, lengths=LENGTHS_3, rotation_kind="per_head", dropout_p=0.3, seed=3)
+
+
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_dropout_kept_positions_match_the_mask(class_only):
+    """With one-hot values ``v[j] = e_j`` the output is ``P_d`` itself: non-zero exactly where kept."""
+    segments, B, H, seed, p = [9, 13], 2, 3, 77, 0.4
+    N = 1 + sum(segments)
+    g = torch.Generator().manual_seed(5)
+    nq = 1 if class_only else N
+    q = torch.randn(B, H, nq, N, generator=g).to(DEVICE)
+    k = torch.randn(B, H, N, N, generator=g).to(DEVICE)
+    v = torch.eye(N).expand(B, H, N, N).contiguous().to(DEVICE)
+    out, _ = rollingq_attention(q, k, v, segments, dropout_p=p, seed=seed, backend="triton", compute_stats=False)
+    keep = dropout_mask(seed, B, H, nq, N, p)
+    assert torch.equal(out.cpu() != 0, keep)
+
+
+@pytest.mark.parametrize("head_dim", [16, 80])
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_head_dims(head_dim, class_only):
+    _compare([6, 9], Dh=head_dim, H=1, class_only=class_only, lengths=torch.tensor([[6, 4], [1, 9]]), seed=4)
+
+
+@pytest.mark.parametrize("splits", [3, 4])
+def test_class_only_split_path(monkeypatch, splits):
+    """Forced split-N: chunks of 7 / 6 keys, one split lies wholly in an empty modality (no valid key)."""
+    monkeypatch.setenv(SPLITS_ENV, str(splits))
+    lengths = torch.tensor([[0, 4], [12, 9]])
+    _compare([12, 9], class_only=True, lengths=lengths, dropout_p=0.2, rotation_kind="global", seed=6)
+
+
+def test_split_heuristic_fills_the_gpu(monkeypatch):
+    monkeypatch.delenv(SPLITS_ENV, raising=False)
+    from rollingq_kernels._triton_utils import class_only_splits
+
+    cpu = torch.device("cpu")  # nominal 132 SMs off CUDA
+    assert class_only_splits(64, 373, cpu) == 5  # 373 keys allow at most ceil(373 / 64) splits
+    assert class_only_splits(64, 4097, cpu) == 5  # ceil(2 * 132 / 64) programs per row fill two waves
+    assert class_only_splits(1024, 4097, cpu) == 1  # B*H alone fills the GPU
+    monkeypatch.setenv(SPLITS_ENV, "0")
+    with pytest.raises(ValueError, match=SPLITS_ENV):
+        class_only_splits(64, 373, cpu)
+
+
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_without_stats(class_only):
+    segments = [7, 11]
+    N = 1 + sum(segments)
+    q, k, v, _ = (t.to(DEVICE) for t in _inputs(2, 2, N, 24, class_only, torch.float32, seed=8))
+    lengths = LENGTHS_2.to(DEVICE)
+    fwd = ta.attention_fwd(q, k, v, segments, lengths, None, 0.3, 0.0, 0, False)
+    assert all(t.shape == (0,) and t.dtype == torch.float32 for t in fwd[2:])
+    with_stats = ta.attention_fwd(q, k, v, segments, lengths, None, 0.3, 0.0, 0, True)
+    assert torch.equal(fwd[0], with_stats[0]) and torch.equal(fwd[1], with_stats[1])
+    _compare(segments, class_only=class_only, lengths=lengths, compute_stats=False, seed=8)
+
+
+def test_lse_is_the_natural_log_sum_exp():
+    segments = [7, 11]
+    N = 1 + sum(segments)
+    q, k, v, _ = _inputs(2, 2, N, 24, False, torch.float32, seed=9)
+    scale = 0.37
+    _, lse, *_ = ta.attention_fwd(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), segments, LENGTHS_2.to(DEVICE), None,
+                                  scale, 0.0, 0, True)
+    lse = lse.cpu()
+    from rollingq_kernels.reference import key_valid_mask
+
+    scores = scale * q.double() @ k.double().transpose(-1, -2)
+    scores = scores.masked_fill(~key_valid_mask(LENGTHS_2, segments, 2, q.device)[:, None, None, :], float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, N)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic():
+    segments = [5, 7, 4]
+    N = 1 + sum(segments)
+    q, k, v, grad = _inputs(2, 2, N, 24, False, torch.float32, seed=10)
+    runs = [_run("triton", q, k, v, grad, segments, torch.float32, DEVICE, lengths=LENGTHS_3, dropout_p=0.2, seed=5)
+            for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+
+
+@pytest.mark.parametrize(("nq", "head_dim", "mode"), [(1, 1032, "class-only"), (19, 264, "all-query")])
+def test_head_dim_limit_error(nq, head_dim, mode):
+    segments = [9, 9]
+    q = torch.randn(1, 1, nq, head_dim)
+    k = torch.randn(1, 1, 19, head_dim)
+    with pytest.raises(ValueError, match=f"{mode}.*backend='cpp' or backend='reference'"):
+        ta.attention_fwd(q, k, k, segments, None, None, 0.1, 0.0, 0, True)
+
+
+def test_cuda_kernels_are_registered():
+    for op in ("rollingq::attention_fwd", "rollingq::attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
