@@ -15,7 +15,7 @@ from rollingq.analysis.noise import (
     replace_with_noise,
     replaced_mask,
 )
-from rollingq.evaluate import collect_outputs, evaluate_model
+from rollingq.evaluate import collect_outputs, evaluate_model, summarize
 from torch import nn
 
 from rollingq_kernels import rollingq_attention
@@ -296,5 +296,8 @@ def test_evaluate_model_record_is_complete_and_seeded():
     )
     again = evaluate_model(model, loader, ["audio", "visual"], seed=7, max_key_points=20)
     assert again == result
+    short = summarize(result)
+    assert "clean" not in short["key_distribution"] and short["key_distribution"]["summary"] == keys["summary"]
+    assert short["pearson"] == pearson
     with pytest.raises(ValueError, match="noise_modality must be one of"):
         evaluate_model(model, loader, ["audio", "visual"], noise_modality="text")

@@ -343,3 +343,12 @@ def evaluate_run(
         json.dump(result, f, indent=1)
     logger.info("wrote %s (accuracy %.4f, noise modality %s)", path, result["accuracy"], result["noise_modality"])
     return result
+
+
+def summarize(result: dict) -> dict:
+    """The eval.json record without its per-sample key points (for printing on a terminal)."""
+    summary = {k: v for k, v in result.items() if k != "key_distribution"}
+    keys = result.get("key_distribution")
+    if keys is not None:
+        summary["key_distribution"] = {"noise_modality": keys["noise_modality"], "summary": keys["summary"]}
+    return summary
