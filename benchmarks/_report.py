@@ -80,3 +80,22 @@ def gates_table(gates: Sequence[GateResult | dict[str, Any]], markdown: bool = F
     """The gate table."""
     cells = [gate_cells(g) for g in gates]
     return markdown_table(GATE_HEADER, cells) if markdown else text_table(GATE_HEADER, cells)
+
+
+E2E_HEADER = ("variant", "attention", "estimate", "median s/epoch", "x fused", "rotations", "train size", "batch",
+              "segments", "dim")
+
+
+def e2e_cells(rec: dict[str, Any]) -> list[str]:
+    """The cells of one end-to-end record, in :data:`E2E_HEADER` order."""
+    return [
+        str(rec["variant"]), str(rec["attention"]), str(rec["estimate"]), _num(rec["median_epoch_s"], ".2f"),
+        _num(rec.get("x_fused"), ".2f"), str(rec["rotations"]), str(rec["train_size"]), str(rec["batch_size"]),
+        str(tuple(rec["segments"])), str(rec["dim"]),
+    ]
+
+
+def e2e_table(records: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """The end-to-end table."""
+    cells = [e2e_cells(r) for r in records]
+    return markdown_table(E2E_HEADER, cells) if markdown else text_table(E2E_HEADER, cells)

@@ -22,7 +22,7 @@ import pytest
 import rollingq_kernels
 
 from ._gates import evaluate_gates
-from ._report import gates_table, rows_table
+from ._report import e2e_table, gates_table, rows_table
 from ._results import RESULTS_DIR, run_metadata, write_results
 from ._session import BenchConfig, BenchSession
 
@@ -84,8 +84,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         tr.write_line(rows_table(session.recorder.rows))
     if session.end_to_end:
         tr.write_sep("=", "rollingq end-to-end: one epoch with RollingQ")
-        for rec in session.end_to_end:
-            tr.write_line(str(rec))
+        tr.write_line(e2e_table(session.end_to_end))
     tr.write_sep("=", "rollingq regression gates" + (" (--quick: reported, never failing)" if quick else ""))
     tr.write_line(gates_table(gates))
     metadata = run_metadata(session.config.device, quick, config.getoption("--bench-note"), rollingq_kernels.HAS_CPP)
