@@ -29,7 +29,7 @@ from rollingq_kernels.ops import resolve_backend
 from rollingq_kernels.reference import key_valid_mask, modality_index, rotate_class_query
 from rollingq_kernels.stats import AttentionStats, finish_stats
 
-from ._shapes import CPU_COMPILE_SHAPES, BenchShape
+from ._shapes import COMPILE_SHAPES, BenchShape
 
 PROVIDERS = ("fused", "fused-nostats", "eager", "sdpa", "sdpa+stats", "compile-eager")
 MODES = ("all-query", "class-only")
@@ -218,8 +218,9 @@ def skip_reason(
     if provider == "compile-eager":
         if quick:
             return "compile-eager: not in --quick mode (compilation takes minutes)"
-        if device.type == "cpu" and shape.name not in CPU_COMPILE_SHAPES:
-            return f"compile-eager: on CPU only for shapes {CPU_COMPILE_SHAPES} (compilation takes minutes on 2 cores)"
+        allowed = COMPILE_SHAPES.get(device.type, ())
+        if shape.name not in allowed:
+            return f"compile-eager: on {device.type} only for shapes {allowed} (each case compiles anew)"
     if provider in MATERIALIZING and 4 * materialized_bytes(shape, mode) > memory_budget:
         need = 4 * materialized_bytes(shape, mode) / 2**30
         return f"{provider}: needs about {need:.1f} GiB of score matrices, over the budget {memory_budget / 2**30:.1f} GiB"

@@ -70,8 +70,9 @@ QUICK_SHAPES = (
     BenchShape("quick-1head", 3, 1, 48, (11, 19), roles=(ROLE_GATE_CLASS_ONLY,)),
 )
 
-# torch.compile of the eager reference compiles for minutes on a 2-core CPU: only these shapes there.
-CPU_COMPILE_SHAPES = ("cremad-b8",)
+# torch.compile of the eager reference compiles once per case (minutes on a 2-core CPU, tens of
+# seconds on a GPU): only these shapes.
+COMPILE_SHAPES = {"cpu": ("cremad-b8",), "cuda": ("ks",)}
 
 
 def shapes_for(device_type: str, quick: bool) -> tuple[BenchShape, ...]:
