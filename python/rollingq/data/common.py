@@ -1,0 +1,103 @@
+"""Shared pieces of the datasets: the sample layout, batching, loaders, splits.
+
+Every dataset returns samples ``(modalities, label, index)``: ``modalities`` is
+a list of tensors (one per modality, in ``cfg["data"]["modalities"]`` order),
+``label`` an int class id and ``index`` the sample's position in its split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+logger = logging.getLogger("rollingq.data")
+
+SPLITS = ("train", "val", "test")
+
+Sample = tuple[list[torch.Tensor], int, int]
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing, corrupt or inconsistent (the message names the file)."""
+
+
+def check_split(split: str) -> None:
+    """Raise ``ValueError`` unless ``split`` is one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+
+
+def collate(batch: Sequence[Sample]) -> dict[str, Any]:
+    """Stack samples into ``{"modalities": [Tensor (B, ...)], "label": LongTensor (B,), "index": LongTensor (B,)}``."""
+    if not batch:
+        raise ValueError("collate: got an empty batch")
+    num_mod = len(batch[0][0])
+    modalities = [torch.stack([sample[0][m] for sample in batch]) for m in range(num_mod)]
+    labels = torch.tensor([int(sample[1]) for sample in batch], dtype=torch.long)
+    index = torch.tensor([int(sample[2]) for sample in batch], dtype=torch.long)
+    return {"modalities": modalities, "label": labels, "index": index}
+
+
+def seeded_holdout(num: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(num)`` into (keep, held_out) index arrays, deterministically from ``seed``.
+
+    The held-out part has ``max(1, round(fraction * num))`` samples (when ``num >= 2``);
+    both arrays are sorted so the dataset's order is preserved.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.val_fraction: expected a value in (0, 1), got {fraction!r}")
+    if num < 2:
+        raise DataError(f"cannot hold out a validation split from {num} training sample(s); need at least 2")
+    n_val = min(num - 1, max(1, int(round(fraction * num))))
+    perm = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED])).permutation(num)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """Per-sample augmentation RNG: a pure function of (seed, epoch, index), the same in any worker or rank."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(index)]))
+
+
+class EpochAware:
+    """Mixin for datasets whose training augmentation depends on the epoch (set by the trainer)."""
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used to seed per-sample augmentation."""
+        self.epoch = int(epoch)
+
+
+def make_loader(
+    dataset: Dataset, cfg: dict, train: bool, world_size: int = 1, rank: int = 0
+) -> DataLoader:
+    """A DataLoader whose order is a pure function of (``cfg["seed"]``, epoch).
+
+    Training: a :class:`~torch.utils.data.DistributedSampler` (also with one
+    process) shuffles with ``seed`` and the epoch set by ``loader.sampler.set_epoch``;
+    each of ``world_size`` ranks gets ``batch_size // world_size`` samples per step,
+    so the ranks' batches together are the single-process batch. Evaluation:
+    sequential, every rank sees the whole split.
+    """
+    batch = int(cfg["train"]["batch_size"] if train else cfg["train"].get("eval_batch_size", 128))
+    workers = int(cfg["data"].get("num_workers", 0))
+    if train:
+        if batch % world_size:
+            raise ValueError(f"train.batch_size: expected a multiple of the world size {world_size}, got {batch}")
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=int(cfg["seed"]), drop_last=False
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch // world_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            persistent_workers=False,
+        )
+    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate)

@@ -1,0 +1,137 @@
+"""Fusion heads on top of the per-modality token features.
+
+Static heads (pooled features, no attention statistics): ``unimodal``
+(one modality only), ``concat``, ``sum``, ``ogm_ge`` (concat whose training
+modulates the encoders' gradients, see :mod:`rollingq.ogm`). Dynamic heads:
+``vanilla_mt`` (one :class:`FusionBlock` with a class-only query) and
+``vanilla_mt_star`` (two blocks trained progressively, Appendix B of the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _attention_class():
+    try:
+        from rollingq_kernels.module import FusedRollingQAttention
+    except ImportError as exc:  # pragma: no cover - only while the kernels package is incomplete
+        raise ImportError(
+            f"rollingq_kernels.module.FusedRollingQAttention is not importable ({exc}); "
+            "the attention fusion heads need it"
+        ) from exc
+    return FusedRollingQAttention
+
+
+class FusionBlock(nn.Module):
+    """Pre-norm transformer block whose attention is :class:`FusedRollingQAttention`.
+
+    ``forward(x (B, N, D), segments)``: ``N = 1 + sum(segments)`` (class token first).
+    With ``class_query_only`` it returns the class token's output ``(B, 1, D)``,
+    otherwise every token ``(B, N, D)``.
+    """
+
+    def __init__(self, dim: int, heads: int, num_modalities: int, class_query_only: bool, cfg_model: dict) -> None:
+        super().__init__()
+        attention = _attention_class()
+        self.class_query_only = class_query_only
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = attention(
+            dim,
+            num_heads=heads,
+            qkv_bias=True,
+            attn_drop=float(cfg_model.get("attn_drop", 0.0)),
+            proj_drop=float(cfg_model.get("drop", 0.0)),
+            num_modalities=num_modalities,
+            rotation=cfg_model.get("rotation", "global"),
+            class_query_only=class_query_only,
+            backend=cfg_model.get("backend", "auto"),
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * float(cfg_model.get("mlp_ratio", 2.0)))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        residual = x[:, :1] if self.class_query_only else x
+        y = residual + self.attn(self.norm1(x), segments)
+        return y + self.mlp(self.norm2(y))
+
+
+class AttentionFusion(nn.Module):
+    """Class token + ``layers`` fusion blocks + linear classifier (``vanilla_mt`` / ``vanilla_mt_star``).
+
+    ``forward(tokens: list[(B, L_m, D)]) -> (logits (B, C), stats)``. ``stage``
+    (1 or 2) selects how many blocks are active during progressive training;
+    the last active block uses the class query only when it is the final block.
+    """
+
+    def __init__(self, dim: int, num_classes: int, num_modalities: int, layers: int, cfg_model: dict) -> None:
+        super().__init__()
+        if layers not in (1, 2):
+            raise ValueError(f"model.fusion_layers: expected 1 or 2, got {layers}")
+        heads = int(cfg_model.get("fusion_heads", 1))
+        if dim % heads:
+            raise ValueError(f"model.fusion_heads: {heads} does not divide model.dim {dim}")
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            [FusionBlock(dim, heads, num_modalities, class_query_only=(i == layers - 1), cfg_model=cfg_model)
+             for i in range(layers)]
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        self.stage = layers
+
+    def set_stage(self, stage: int) -> None:
+        """Use the first ``stage`` blocks (progressive training); ``stage`` in [1, len(blocks)]."""
+        if not 1 <= stage <= len(self.blocks):
+            raise ValueError(f"stage: expected 1..{len(self.blocks)}, got {stage}")
+        self.stage = stage
+
+    @property
+    def active_attention(self) -> nn.Module:
+        """The attention module of the last active block."""
+        return self.blocks[self.stage - 1].attn
+
+    def forward(self, tokens: list[torch.Tensor]):
+        segments = [t.shape[1] for t in tokens]
+        x = torch.cat([self.cls.expand(tokens[0].shape[0], -1, -1), *tokens], dim=1)
+        for block in self.blocks[: self.stage]:
+            x = block(x, segments)
+        logits = self.head(self.norm(x[:, 0]))
+        return logits, self.active_attention.last_stats
+
+
+class StaticFusion(nn.Module):
+    """Static heads on mean-pooled features ``(B, D)`` per modality.
+
+    ``kind``: ``concat`` / ``ogm_ge`` (one linear layer on the concatenation,
+    whose per-modality parts also give unimodal logits), ``sum`` (a sum of
+    per-modality linear layers) or ``unimodal`` (one modality, index ``only``).
+    ``forward(pooled) -> (logits (B, C), unimodal_logits list[(B, C)] | None)``.
+    """
+
+    def __init__(self, kind: str, dim: int, num_classes: int, num_modalities: int, only: int | None = None) -> None:
+        super().__init__()
+        self.kind, self.only, self.num_modalities = kind, only, num_modalities
+        if kind in ("concat", "ogm_ge"):
+            self.fc = nn.Linear(dim * num_modalities, num_classes)
+        elif kind == "sum":
+            self.fcs = nn.ModuleList([nn.Linear(dim, num_classes) for _ in range(num_modalities)])
+        elif kind == "unimodal":
+            if only is None or not 0 <= only < num_modalities:
+                raise ValueError(f"unimodal modality index: expected 0..{num_modalities - 1}, got {only!r}")
+            self.fc = nn.Linear(dim, num_classes)
+        else:
+            raise ValueError(f"static fusion kind: expected concat/ogm_ge/sum/unimodal, got {kind!r}")
+
+    def forward(self, pooled: list[torch.Tensor]):
+        if self.kind == "unimodal":
+            return self.fc(pooled[self.only]), None
+        if self.kind == "sum":
+            parts = [fc(p) for fc, p in zip(self.fcs, pooled)]
+            return torch.stack(parts).sum(0), parts
+        dim = pooled[0].shape[1]
+        weight = self.fc.weight
+        parts = [p @ weight[:, m * dim : (m + 1) * dim].T + self.fc.bias / self.num_modalities for m, p in enumerate(pooled)]
+        return self.fc(torch.cat(pooled, dim=1)), parts
