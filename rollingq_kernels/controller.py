@@ -195,8 +195,8 @@ class RollingQ:
     ) -> None:
         """Control ``modules`` from now on (e.g. the new last fusion layer).
 
-        Each layer gets the controller's window and a fresh statistics window;
-        its rotation and rotation count are kept (each layer has its own
+        Each layer gets the controller's window (its open window is kept when
+        the setting is unchanged); its rotation and rotation count are kept (each layer has its own
         budget of ``max_rotations``). Past records are kept.
         """
         self.layers = _as_named_layers(modules)

@@ -249,8 +249,9 @@ class FusedRollingQAttention(nn.Module):
         self.statistics.reset()
 
     def set_window(self, window: Window) -> None:
-        """Use a new statistics window (``"epoch"`` or the last ``K`` batches); resets it."""
-        self.statistics = StatisticsAccumulator(check_window(window))
+        """Use the statistics window ``"epoch"`` or the last ``K`` batches (a change starts it empty)."""
+        if check_window(window) != self.statistics.window:
+            self.statistics = StatisticsAccumulator(window)
 
     def window_statistics(self):
         """The window's reduced statistics (:class:`~rollingq_kernels.accumulator.WindowStatistics`), or None."""
