@@ -107,3 +107,29 @@ def test_fmt_and_run_reading(tmp_path):
         load_run_record(str(tmp_path))
     with pytest.raises(ValueError, match="run_dirs is empty"):
         write_report([], str(tmp_path / "r"))
+
+
+def test_eval_and_report_on_a_real_one_epoch_run(tmp_path):
+    """``rollingq train`` → ``evaluate_run`` → ``write_report`` on a tiny synthetic run (the real interfaces)."""
+    train_mod = pytest.importorskip("rollingq.train", reason="the training package is not installed")
+    from rollingq.config import load_config
+    from rollingq.evaluate import evaluate_run
+
+    overrides = ["train.epochs=1", "train.progress=false", "train.bf16=false", "model.dim=16", "model.encoder_depth=1",
+                 "data.synthetic.sizes={train: 97, val: 31, test: 53}", "train.batch_size=32"]
+    run_dirs = []
+    for name, enabled in (("vanilla_mt", "false"), ("vanilla_mt+rollingq", "true")):
+        cfg = load_config("synthetic", [*overrides, f"name={name}", f"rollingq.enabled={enabled}"])
+        run_dirs.append(train_mod.train(cfg, str(tmp_path / name.replace("+", "_"))))
+    for run_dir in run_dirs:
+        result = evaluate_run(run_dir, split="test", seed=1)
+        assert result["num_samples"] == 53
+        assert result["noise_modality"] in ("audio", "visual")
+        assert sum(result["attention"]["clean"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert len(result["noise_robustness"]["accuracy"]) == 5
+        with open(os.path.join(run_dir, "eval.json")) as f:
+            assert json.load(f)["accuracy"] == result["accuracy"]
+    out = tmp_path / "report"
+    write_report(run_dirs, str(out))
+    for filename in FIGURES:
+        _check_png(str(out / filename))
