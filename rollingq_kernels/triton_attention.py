@@ -62,32 +62,63 @@ _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100:
 # ----------------------------------------------------------------------------- autotune configs
 
 
-def _configs(block_m: Sequence[int], block_n: Sequence[int], warps: Sequence[int], stages: Sequence[int],
-             interpret_config: dict[str, int]) -> list[triton.Config]:
-    """Cartesian config space on GPU; one small config under the interpreter (autotuning is too slow there)."""
+def _configs(candidates: Sequence[tuple[int, int, int, int]], interpret_config: dict[str, int]) -> list[triton.Config]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates on GPU; one small config under the interpreter.
+
+    The candidate lists are short on purpose: every distinct combination of dtype and constexpr
+    flags compiles each candidate once, and autotuning in the interpreter would be far too slow.
+    """
     if triton_interpret():
         return [triton.Config(dict(interpret_config), num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in block_m for bn in block_n for w in warps for s in stages
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in candidates]
 
 
-def _prune_attention(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose blocks exceed the problem or whose tiles overflow registers / shared memory."""
+def _smallest(configs: list[triton.Config]) -> list[triton.Config]:
+    return [min(configs, key=lambda c: (c.kwargs.get("BLOCK_M", 1) * c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+def _fits_problem(cfg: triton.Config, n_q: int, n_k: int) -> bool:
+    return (cfg.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(n_q))
+            and cfg.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n_k)))
+
+
+def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop forward configs whose blocks exceed the problem or overflow registers / shared memory.
+
+    Per program: shared memory for the resident Q tile and ``num_stages`` pipelined K and V tiles;
+    registers for the accumulator tile and the score and probability tiles (compute dtype).
+    """
     n_q, n_k, block_d = named_args["Nq"], named_args["N"], kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     esize = named_args["Q"].element_size()
+    acc_words = 2 if esize == 8 else 1
     kept = []
     for cfg in configs:
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        if bm > max(16, triton.next_power_of_2(n_q)) or bn > max(16, triton.next_power_of_2(n_k)):
-            continue
-        smem = (cfg.num_stages * 2 * bn * block_d + bm * block_d) * esize
-        regs_per_thread = (bm * block_d + bm * bn) // (32 * cfg.num_warps)  # fp32 acc + score tile
-        if smem > _SMEM_BUDGET or regs_per_thread > 160:
-            continue
-        kept.append(cfg)
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        bm, bn, threads = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], 32 * cfg.num_warps
+        smem = (bm * block_d + cfg.num_stages * 2 * bn * block_d) * esize
+        regs = (bm * block_d + 2 * bm * bn) * acc_words // threads
+        if _fits_problem(cfg, n_q, n_k) and smem <= _SMEM_BUDGET and regs <= 192:
+            kept.append(cfg)
+    return kept or _smallest(configs)
+
+
+def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop backward configs that exceed the problem or overflow registers / shared memory.
+
+    One estimate covers both backward kernels (dK/dV: two accumulator tiles over the key block and
+    pipelined Q/dO tiles; dQ: one accumulator and pipelined K/V tiles): the worst of the two.
+    """
+    n_q, n_k, block_d = named_args["Nq"], named_args["N"], kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    esize = named_args["Q"].element_size()
+    acc_words = 2 if esize == 8 else 1
+    kept = []
+    for cfg in configs:
+        bm, bn, threads = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], 32 * cfg.num_warps
+        big = max(bm, bn)
+        smem = (2 * big * block_d + cfg.num_stages * 2 * big * block_d) * esize
+        regs = (2 * big * block_d + 2 * bm * bn) * acc_words // threads
+        if _fits_problem(cfg, n_q, n_k) and smem <= _SMEM_BUDGET and regs <= 192:
+            kept.append(cfg)
+    return kept or _smallest(configs)
 
 
 def _prune_decode(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -98,15 +129,21 @@ def _prune_decode(configs: list[triton.Config], named_args: dict, **kwargs) -> l
         if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(chunk))
         and c.kwargs["BLOCK_N"] * block_d <= 64 * 32 * c.num_warps
     ]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.num_warps))]
+    return kept or _smallest(configs)
 
 
-_FWD_CONFIGS = _configs((64, 128), (32, 64, 128), (4, 8), (2, 3, 4), {"BLOCK_M": 16, "BLOCK_N": 16})
-_BWD_CONFIGS = _configs((32, 64, 128), (32, 64, 128), (4, 8), (2, 3), {"BLOCK_M": 16, "BLOCK_N": 16})
+_FWD_CONFIGS = _configs(
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4),
+     (32, 32, 4, 2)],
+    {"BLOCK_M": 16, "BLOCK_N": 16},
+)
+_BWD_CONFIGS = _configs(
+    [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)],
+    {"BLOCK_M": 16, "BLOCK_N": 16},
+)
 _DECODE_CONFIGS = (
     [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)] if triton_interpret() else [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn in (16, 32, 64, 128) for w in (2, 4, 8) for s in (2, 3)
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=2) for bn in (16, 32, 64, 128) for w in (4, 8)
     ]
 )
 _AUTOTUNE_KEY = ["Nq", "N", "HEAD_DIM", "NUM_MOD"]
@@ -115,7 +152,7 @@ _AUTOTUNE_KEY = ["Nq", "N", "HEAD_DIM", "NUM_MOD"]
 # ----------------------------------------------------------------------------- forward, all-query
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_attention})
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, KeyMean, Mass, SegStart, SegEnd,
@@ -368,7 +405,7 @@ def _bwd_preprocess_kernel(Out, DO, Delta, Nq, HEAD_DIM, BLOCK_M: tl.constexpr, 
     tl.store(Delta + pid_bh * Nq + rows, tl.sum(o * do, axis=1), mask=rows < Nq)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_attention})
+@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, SegStart, SegEnd,
@@ -441,7 +478,7 @@ def _bwd_dkdv_kernel(
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_attention})
+@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, SegStart, SegEnd,
