@@ -28,8 +28,8 @@ SYNTHETIC_DEFAULTS: dict = {
     "sizes": {"train": 2048, "val": 512, "test": 1024},
     "tokens": [8, 8],
     "feature_dim": 16,
-    "strength": [1.2, 0.5],
-    "informative": [0.5, 0.5],
+    "strength": [1.0, 0.4],
+    "informative": [1.0, 1.0],
     "corrupt": {"train": 0.0, "val": 0.0, "test": 0.0},
 }
 
@@ -55,6 +55,10 @@ class SyntheticDataset(Dataset):
             raise ValueError(f"data.num_classes: expected >= 2, got {num_classes}")
         sizes = {**SYNTHETIC_DEFAULTS["sizes"], **(opts.get("sizes") or {})}
         corrupt = {**SYNTHETIC_DEFAULTS["corrupt"], **(opts.get("corrupt") or {})}
+        for key, table in (("sizes", sizes), ("corrupt", corrupt)):
+            unknown = sorted(set(table) - set(SYNTHETIC_DEFAULTS[key]))
+            if unknown:
+                raise ValueError(f"data.synthetic.{key}: expected keys train/val/test, got {unknown}")
         tokens = [int(t) for t in _per_modality(opts["tokens"], num_mod, "tokens")]
         strength = _per_modality(opts["strength"], num_mod, "strength")
         informative = _per_modality(opts["informative"], num_mod, "informative")

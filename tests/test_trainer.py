@@ -1,0 +1,150 @@
+"""Trainer: metrics and run layout, exact resume after SIGKILL, atomic/truncated checkpoints, load_run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from rollingq.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from rollingq.config import load_config
+from rollingq.records import read_metrics
+from rollingq.train import load_run, resume, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "data.synthetic.sizes.train=211",
+    "data.synthetic.sizes.val=67",
+    "data.synthetic.sizes.test=53",
+    "data.synthetic.tokens=[5,7]",
+    "data.synthetic.feature_dim=11",
+    "data.num_classes=3",
+    "model.dim=16",
+    "model.encoder_depth=1",
+    "model.encoder_heads=2",
+    "train.batch_size=16",
+    "train.num_threads=1",
+    "train.progress=false",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python"), REPO, env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+
+def test_train_writes_run_layout_and_metrics(tmp_path):
+    cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=2", "rollingq.beta=0.0", "seed=3"])
+    run = train(cfg, str(tmp_path / "run"))
+    for rel in ("config.yaml", "metrics.jsonl", "train.log", "checkpoints/last.pt", "checkpoints/best.pt", "tensorboard"):
+        assert os.path.exists(os.path.join(run, rel)), rel
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("train_loss", "train_acc", "val_acc", "val_macro_f1", "lr", "air", "mass", "cos", "rollingq",
+                    "rotated", "time_s"):
+            assert key in r, key
+        assert len(r["mass"]) == 3 and abs(sum(r["mass"]) - 1.0) < 1e-5
+        assert len(r["cos"]) == 2 and -2.0 <= r["air"] <= 2.0
+        assert 0.0 <= r["val_acc"] <= 1.0
+    # beta = 0 and one rotation allowed: the controller rotates at the end of epoch 1, then stops
+    assert rows[0]["rotated"] and not rows[1]["rotated"] and rows[1]["num_rotations"] == 1
+    model, cfg2 = load_run(run, "last")
+    assert not model.training and int(model.fusion_attention.num_rotations) == 1
+    assert not torch.equal(model.fusion_attention.rotation, torch.eye(16))
+    assert cfg2["name"] == "vanilla_mt+rollingq" and cfg2["seed"] == 3
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    cfg = load_config("synthetic", TINY + ["train.epochs=1"])
+    run = train(cfg, str(tmp_path / "run"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, run)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    overrides = TINY + [
+        "data.synthetic.sizes.train=1601", "train.epochs=3", "model.attn_drop=0.1", "model.drop=0.1",
+        "rollingq.enabled=true", "rollingq.beta=0.0", "rollingq.max_rotations=2", "seed=11",
+    ]
+    reference = train(load_config("synthetic", overrides), str(tmp_path / "reference"))
+    killed = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "rollingq", "train", "--config", "synthetic", "--out", killed, *overrides]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and len(read_metrics(metrics)) >= 1:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # into epoch 2
+        assert proc.poll() is None, "the training process ended before it could be killed: " + proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = len(read_metrics(metrics))
+    assert 1 <= done_before < 3
+    state = load_checkpoint(os.path.join(killed, "checkpoints", "last.pt"))
+    assert state["epoch"] == done_before
+    resume(killed)
+    assert _comparable(read_metrics(metrics)) == _comparable(read_metrics(os.path.join(reference, "metrics.jsonl")))
+    a = load_checkpoint(os.path.join(killed, "checkpoints", "last.pt"))["model"]
+    b = load_checkpoint(os.path.join(reference, "checkpoints", "last.pt"))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_checkpoint_gives_clear_error_and_previous_survives(tmp_path):
+    cfg = load_config("synthetic", TINY + ["train.epochs=3"])
+    run = train(cfg, str(tmp_path / "run"))
+    ckpt = os.path.join(run, "checkpoints")
+    last, previous = os.path.join(ckpt, "last.pt"), os.path.join(ckpt, "previous.pt")
+    assert load_checkpoint(previous)["epoch"] == 2
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) // 2)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
+        resume(run)
+    assert "last.pt" in str(err.value) and "previous.pt" in str(err.value)
+    assert load_checkpoint(previous)["epoch"] == 2
+
+
+def test_atomic_save_leaves_no_temporary_and_keeps_previous(tmp_path):
+    path = str(tmp_path / "c.pt")
+    first = {"epoch": 1, "model": {"w": torch.randn(5, 3)}}
+    second = {"epoch": 2, "model": {"w": torch.randn(5, 3)}}
+    atomic_save(first, path, keep_previous=str(tmp_path / "p.pt"))
+    atomic_save(second, path, keep_previous=str(tmp_path / "p.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["c.pt", "p.pt"]
+    assert torch.equal(load_checkpoint(path)["model"]["w"], second["model"]["w"])
+    assert torch.equal(load_checkpoint(str(tmp_path / "p.pt"))["model"]["w"], first["model"]["w"])
+
+
+def test_load_checkpoint_rejects_non_checkpoints(tmp_path):
+    path = str(tmp_path / "x.pt")
+    torch.save({"weights": torch.randn(3)}, path)
+    with pytest.raises(CheckpointError, match="'model' and 'epoch'"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_metrics_are_json_lines(tmp_path):
+    cfg = load_config("synthetic", TINY + ["train.epochs=1", "model.fusion=concat"])
+    run = train(cfg, str(tmp_path / "run"))
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    assert row["air"] is None and row["mass"] is None and row["rollingq"] == [] and row["rotated"] is False
