@@ -74,6 +74,8 @@ class RotationRecord:
         air: the window's AIR (NaN when no sample had modalities 0 and 1).
         spread: ``max − min`` of the mean cosines.
         cos_mean: mean cosine per modality.
+        mass: mean class-row attention mass on [class, modality 1, …, M]
+            (averaged over heads).
         alpha: the anchor weights α per modality (per head: one list per head);
             empty when no anchor was computed.
         rotated: whether the layer's rotation was updated.
@@ -90,6 +92,7 @@ class RotationRecord:
     air: float
     spread: float
     cos_mean: list[float]
+    mass: list[float] = field(default_factory=list)
     alpha: list = field(default_factory=list)
     rotated: bool = False
     angle_deg: float = 0.0
@@ -226,7 +229,8 @@ class RollingQ:
         if st is None:
             rec = RotationRecord(name, epoch, math.nan, math.nan, [math.nan] * M)
         else:
-            rec = RotationRecord(name, epoch, st.air, st.spread, _float_list(st.cos_mean), count=st.samples)
+            rec = RotationRecord(name, epoch, st.air, st.spread, _float_list(st.cos_mean),
+                                 mass=_float_list(st.mass_mean.mean(0)), count=st.samples)
         rec.num_rotations = int(layer.num_rotations)
         quantity = rec.air if M == 2 else rec.spread
         if st is None or not math.isfinite(quantity) or any(math.isnan(c) for c in rec.cos_mean):

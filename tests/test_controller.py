@@ -121,6 +121,7 @@ def test_step_moves_the_mean_query_onto_the_paper_anchor(mode, method):
         anchor, alpha = _paper_anchor(st.cos_head_mean, air_h, keys, query, 1.5)
     (rec,) = ctl.step(epoch=3)
     assert rec.rotated and rec.reason == "rotated" and rec.epoch == 3 and rec.count == 11
+    assert rec.mass == pytest.approx(st.mass_mean.mean(0).tolist(), abs=1e-12) and sum(rec.mass) == pytest.approx(1)
     assert int(layer.num_rotations) == 1 and layer.statistics.num_batches == 0
     alpha_rec = torch.tensor(rec.alpha, dtype=F64)
     torch.testing.assert_close(alpha_rec[..., 0], alpha, rtol=0, atol=1e-12)
