@@ -11,33 +11,10 @@
 
 #include "attention_kernels.h"
 #include "kernel_utils.h"
+#include "row_ops.h"
 
 namespace rollingq {
 namespace {
-
-// Turns one row of scores s (nk,) into P_d (in s) and dP (nk,) into dS.
-template <typename acc_t>
-inline void backward_row(acc_t* s, acc_t* dp, const uint8_t* valid, int64_t nk, acc_t lse, acc_t delta,
-                         bool dropout, uint32_t row_key, const uint32_t* col_hash, uint32_t threshold,
-                         acc_t inv_keep) {
-  if (!dropout) {
-#pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) {
-      const acc_t pj = valid[j] ? exp_vec(s[j] - lse) : acc_t(0);
-      s[j] = pj;
-      dp[j] = pj * (dp[j] - delta);
-    }
-    return;
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) {
-    const acc_t pj = valid[j] ? exp_vec(s[j] - lse) : acc_t(0);
-    const uint32_t x = mix32(row_key ^ col_hash[j]);
-    const acc_t z = (x >> 8) >= threshold ? inv_keep : acc_t(0);
-    s[j] = pj * z;
-    dp[j] = pj * (dp[j] * z - delta);
-  }
-}
 
 template <typename scalar_t, typename acc_t>
 inline void store_rows(const acc_t* src, int64_t n, scalar_t* dst) {
@@ -115,8 +92,8 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
               std::fill(dpi, dpi + nk, acc_t(0));
               continue;
             }
-            backward_row(s, dpi, tile_valid, nk, lse[i], delta[i], dropout, row_keys[i],
-                         dropout ? layout.col_hash.data() + j0 : nullptr, threshold, inv_keep);
+            backward_row(s, dpi, tile_valid, nk, lse[i], delta[i], dropout ? layout.col_hash.data() + j0 : nullptr,
+                         row_keys[i], threshold, inv_keep);
           }
           gemm_ptx<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, dot, dV + j0 * Dh);
           gemm_pv<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, kt, acc_t(1), dQ + r0 * Dh);

@@ -9,6 +9,7 @@
 
 #include "attention_kernels.h"
 #include "kernel_utils.h"
+#include "row_ops.h"
 
 namespace rollingq {
 namespace {
@@ -34,18 +35,14 @@ struct ClassRowStats {
     std::fill(mass.begin(), mass.end(), acc_t(0));
     std::fill(key_sum.begin(), key_sum.end(), acc_t(0));
   }
-  // Adds one kv tile: p0 (nk,) are exp(s - running max) of the class row, alpha the rescale.
-  void add_tile(const acc_t* p0, acc_t alpha, const acc_t* keys, const uint8_t* valid, const int32_t* segment_of,
-                int64_t nk, int64_t dh) {
+  // Adds one kv tile of the class row: p0 (nk,) = exp(s - running max), alpha the rescale.
+  void add_mass(const acc_t* p0, acc_t alpha, const int32_t* segment_of, int64_t nk) {
     for (auto& x : mass) x *= alpha;
-    for (int64_t j = 0; j < nk; ++j) {
-      mass[segment_of[j]] += p0[j];
-      if (segment_of[j] == 0 || !valid[j]) continue;
-      acc_t* dst = key_sum.data() + (segment_of[j] - 1) * dh;
-      const acc_t* src = keys + j * dh;
-#pragma omp simd
-      for (int64_t d = 0; d < dh; ++d) dst[d] += src[d];
-    }
+    for (int64_t j = 0; j < nk; ++j) mass[segment_of[j]] += p0[j];
+  }
+  // Adds key j (dh,) to its modality's sum if it is a valid modality key.
+  void add_key(const acc_t* key, bool valid, int32_t segment, int64_t dh) {
+    if (segment > 0 && valid) axpy(acc_t(1), key, key_sum.data() + (segment - 1) * dh, dh);
   }
   void write(const Problem& p, int64_t b, acc_t denom, float* mass_out, float* key_mean_out) const {
     for (int64_t s = 0; s <= p.M; ++s) mass_out[s] = static_cast<float>(mass[s] / denom);
@@ -57,40 +54,17 @@ struct ClassRowStats {
   }
 };
 
-// Online-softmax update of one score row s (nk,) in place: s becomes exp(s - new max)
-// (then dropped out); returns the factor that rescales the row's previous accumulator.
+// Online-softmax update of one score row s (nk,) in place: s becomes exp(s - new max);
+// returns the factor that rescales the row's previous accumulator and sum.
 template <typename acc_t>
 inline acc_t softmax_row_update(acc_t* s, const uint8_t* valid, bool all_valid, int64_t nk, acc_t& row_max,
                                 acc_t& row_sum) {
-  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  if (!all_valid) {
-    for (int64_t j = 0; j < nk; ++j) s[j] = valid[j] ? s[j] : neg_inf;
-  }
-  acc_t mx = neg_inf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, s[j]);
-  const acc_t m_new = std::max(row_max, mx);  // finite: tile 0 holds the always-valid class key
+  if (!all_valid) mask_invalid(s, valid, nk);
+  const acc_t m_new = std::max(row_max, rollingq::row_max(s, nk));  // finite: tile 0 holds the class key
   const acc_t alpha = exp_vec(row_max - m_new);
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < nk; ++j) {
-    const acc_t e = exp_vec(s[j] - m_new);
-    s[j] = e;
-    sum += e;
-  }
-  row_sum = row_sum * alpha + sum;
+  row_sum = row_sum * alpha + exp_shift_sum(s, nk, m_new);
   row_max = m_new;
   return alpha;
-}
-
-template <typename acc_t>
-inline void apply_dropout_row(acc_t* s, uint32_t row_key, const uint32_t* col_hash, int64_t nk, uint32_t threshold,
-                              acc_t inv_keep) {
-#pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) {
-    const uint32_t x = mix32(row_key ^ col_hash[j]);
-    s[j] = (x >> 8) >= threshold ? s[j] * inv_keep : acc_t(0);
-  }
 }
 
 template <typename scalar_t>
@@ -136,6 +110,7 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
                                                          nr, Dh, qbuf.data());
       const bool class_tile = want_stats && r0 == 0;
+      const bool single_row = nr == 1;
       rows.reset(nr);
       std::fill(acc.begin(), acc.begin() + nr * Dh, acc_t(0));
       if (class_tile) stats.reset();
@@ -149,13 +124,21 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
         bool all_valid = true;
         for (int64_t j = 0; j < nk; ++j) all_valid = all_valid && tile_valid[j];
         const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
-        gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
+        if (single_row) {  // one streaming pass over the keys: scores and key sums together
+          for (int64_t j = 0; j < nk; ++j) {
+            const acc_t* kj = kt + j * Dh;
+            scores[j] = tile_valid[j] ? scale * dot(qt, kj, Dh) : -std::numeric_limits<acc_t>::infinity();
+            if (class_tile) stats.add_key(kj, tile_valid[j], layout.segment_of[j0 + j], Dh);
+          }
+          all_valid = true;  // invalid keys are already -inf
+        } else {
+          gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
+        }
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* s = scores.data() + i * kvB;
           const acc_t alpha = softmax_row_update(s, tile_valid, all_valid, nk, rows.max[i], rows.sum[i]);
-          if (class_tile && i == 0)
-            stats.add_tile(s, alpha, kt, tile_valid, layout.segment_of.data() + j0, nk, Dh);
-          if (dropout) apply_dropout_row(s, row_keys[i], layout.col_hash.data() + j0, nk, threshold, inv_keep);
+          if (class_tile && i == 0) stats.add_mass(s, alpha, layout.segment_of.data() + j0, nk);
+          if (dropout) dropout_row(s, row_keys[i], layout.col_hash.data() + j0, nk, threshold, inv_keep);
           if (alpha != acc_t(1)) {
             acc_t* a = acc.data() + i * Dh;
 #pragma omp simd
@@ -163,7 +146,14 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
           }
         }
         const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
-        gemm_pv<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, vt, acc_t(1), acc.data());
+        if (single_row) {
+          for (int64_t j = 0; j < nk; ++j)
+            if (scores[j] != acc_t(0)) axpy(scores[j], vt + j * Dh, acc.data(), Dh);
+        } else {
+          gemm_pv<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, vt, acc_t(1), acc.data());
+        }
+        if (class_tile && !single_row)
+          for (int64_t j = 0; j < nk; ++j) stats.add_key(kt + j * Dh, tile_valid[j], layout.segment_of[j0 + j], Dh);
       }
 
       for (int64_t i = 0; i < nr; ++i) {

@@ -99,8 +99,7 @@ inline float exp_vec(float x) {
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
+  const float pow2 = __builtin_bit_cast(float, bits);
   return x < -87.0f ? 0.0f : y * pow2;
 }
 
@@ -181,9 +180,9 @@ inline const acc_t* load_query_tile(const scalar_t* q, const scalar_t* q0rot, in
   return scratch;
 }
 
-// Tile sizes: kv tiles of about 64 KiB of keys, query tiles of up to 64 rows.
-inline int64_t kv_block_size(int64_t dh) { return std::max<int64_t>(32, std::min<int64_t>(512, 16384 / dh)); }
-inline int64_t q_block_size(int64_t nq) { return std::min<int64_t>(64, nq); }
+// Tile sizes: up to 512 keys (at most 128 KiB of fp32 keys) by up to 128 query rows.
+inline int64_t kv_block_size(int64_t dh) { return std::max<int64_t>(32, std::min<int64_t>(512, 32768 / dh)); }
+inline int64_t q_block_size(int64_t nq) { return std::min<int64_t>(128, nq); }
 
 // Calls f(scalar_t{}) for the dtypes of the op.
 template <typename F>
