@@ -100,6 +100,11 @@ def segment_pad(num_modalities: int) -> int:
     return max(16, triton.next_power_of_2(num_modalities + 1))
 
 
+def valid_pad(num_modalities: int) -> int:
+    """``V_PAD``: the leading table rows that cover every segment (for validity tests; no ``tl.dot``)."""
+    return max(2, triton.next_power_of_2(num_modalities + 1))
+
+
 @functools.lru_cache(maxsize=64)
 def _segment_starts_cpu(segments: tuple[int, ...], s_pad: int) -> tuple[list[int], list[int]]:
     n = 1 + sum(segments)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +52,7 @@ from ._triton_utils import (
     segment_pad,
     segment_tables,
     triton_interpret,
+    valid_pad,
 )
 from .reference import compute_dtype, rotate_class_query
 
@@ -152,53 +154,21 @@ _AUTOTUNE_KEY = ["Nq", "N", "HEAD_DIM", "NUM_MOD"]
 # ----------------------------------------------------------------------------- forward, all-query
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
-@triton.jit(do_not_specialize=["seed"])
-def _fwd_kernel(
-    Q, K, V, Out, Lse, KeyMean, Mass, SegStart, SegEnd,
-    stride_seg_b, H, Nq, N, HEAD_DIM, qk_scale, dropout_scale, seed, threshold,
-    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, STATS: tl.constexpr, DROPOUT: tl.constexpr,
-    IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, seg_sum, key_sum, q, k_base, v_base, offs_d, d_ok, N, HEAD_DIM, qk_scale, dropout_scale,
+    threshold, row_keys, valid_start, valid_end, seg_start, seg_end,
+    HAS_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr, WITH_STATS: tl.constexpr, IS_FP64: tl.constexpr,
+    DOT_PREC: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Q ``(B·H, Nq, Dh)``; K, V ``(B·H, N, Dh)`` (contiguous, one dtype); Out like Q; Lse ``(B·H, Nq)`` f32.
+    """The loop over K/V tiles of one query block: online softmax in base 2.
 
-    KeyMean ``(B·H, M, Dh)`` f32 and Mass ``(B·H, M+1)`` f32 are written by the program owning row 0
-    when ``STATS``. ``qk_scale = scale·log2(e)``; Lse is stored in natural log.
+    ``WITH_STATS`` (only the program owning query row 0) also accumulates, for local row 0, the
+    per-segment probability sums ``seg_sum`` ``(S_PAD,)`` at the running max and the valid-key
+    sums ``key_sum`` ``(S_PAD, BLOCK_D)``. The plain variant keeps the hot loop free of it.
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    num_m = tl.cdiv(Nq, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = (pid // num_m).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-
-    q_base = Q + pid_bh * Nq * HEAD_DIM
-    k_base = K + pid_bh * N * HEAD_DIM
-    v_base = V + pid_bh * N * HEAD_DIM
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_in = rows < Nq
-    q = tl.load(q_base + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=row_in[:, None] & d_ok[None, :], other=0.0)
-
-    s_idx = tl.arange(0, S_PAD)
-    seg_start = tl.load(SegStart + s_idx)
-    seg_end = tl.load(SegEnd + b * stride_seg_b + s_idx)
-    if DROPOUT:
-        row_keys = dropout_row_keys(seed, b.to(tl.int32), h.to(tl.int32), rows)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_M], ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    seg_sum = tl.zeros([S_PAD], ACC)
-    key_sum = tl.zeros([S_PAD, BLOCK_D], ACC)
-    is_stats_prog = pid_m == 0
     local = tl.arange(0, BLOCK_M)
-
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_in = cols < N
@@ -206,13 +176,10 @@ def _fwd_kernel(
         kv_mask = col_in[:, None] & d_ok[None, :]
         k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
         s = mma(q, tl.trans(k), DOT_PREC, ACC, EMULATE_BF16) * qk_scale
-        if HAS_LENGTHS or STATS:
-            member = segment_membership(cols, seg_start, seg_end)
         if HAS_LENGTHS:
-            col_ok = tl.max(member.to(tl.int32), axis=0) > 0
+            s = tl.where(_is_valid(cols, valid_start, valid_end)[None, :], s, float("-inf"))
         else:
-            col_ok = col_in
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+            s = tl.where(col_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -224,26 +191,115 @@ def _fwd_kernel(
             p_d = p
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + mma(p_d.to(v.dtype), v, DOT_PREC, ACC, EMULATE_BF16)
-        if STATS:
-            if is_stats_prog:
-                alpha0 = tl.sum(tl.where(local == 0, alpha, 0.0), axis=0)
-                p0 = tl.sum(tl.where(local[:, None] == 0, p, 0.0), axis=0)
-                seg_sum = seg_sum * alpha0 + tl.sum(tl.where(member, p0[None, :], 0.0), axis=1)
-                key_sum += mma(member.to(tl.float32).to(k.dtype), k, "ieee", ACC, EMULATE_BF16)
+        if WITH_STATS:
+            member = segment_membership(cols, seg_start, seg_end)
+            alpha0 = tl.sum(tl.where(local == 0, alpha, 0.0), axis=0)
+            p0 = tl.sum(tl.where(local[:, None] == 0, p, 0.0), axis=0)
+            seg_sum = seg_sum * alpha0 + tl.sum(tl.where(member, p0[None, :], 0.0), axis=1)
+            key_sum += mma(member.to(tl.float32).to(k.dtype), k, "ieee", ACC, EMULATE_BF16)
         m_i = m_new
+    return acc, l_i, m_i, seg_sum, key_sum
+
+
+@triton.jit
+def _is_valid(idx, valid_start, valid_end):
+    """``(BLOCK,)`` bool: token ``idx`` is valid (inside the valid prefix of its segment)."""
+    return tl.max(segment_membership(idx, valid_start, valid_end).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _join(hi, lo, ACC: tl.constexpr):
+    """A host float passed as float32 ``hi + lo`` (exact enough for float64 kernels).
+
+    Both halves are float32-exact, so promoting them through ``one`` is exact whether they arrive
+    as float32 scalars (compiled) or Python floats (interpreter).
+    """
+    one = tl.full([], 1.0, ACC)
+    return one * hi + one * lo
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(
+    Q, K, V, Out, Lse, KeyMean, Mass, SegStart, SegEnd,
+    stride_seg_b, H, Nq, N, HEAD_DIM, qk_hi, qk_lo, drop_hi, drop_lo, seed, threshold,
+    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, V_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, STATS: tl.constexpr, DROPOUT: tl.constexpr,
+    IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Q ``(B·H, Nq, Dh)``; K, V ``(B·H, N, Dh)`` (contiguous, one dtype); Out like Q; Lse ``(B·H, Nq)`` f32.
+
+    KeyMean ``(B·H, M, Dh)`` f32 and Mass ``(B·H, M+1)`` f32 are written by the program owning row 0
+    when ``STATS``. ``qk = scale·log2(e)`` and ``drop = 1/(1-p)`` arrive as float32 hi/lo pairs;
+    Lse is stored in natural log. SegStart ``(S_PAD,)`` / SegEnd ``(B, S_PAD)`` int32: segment tables
+    (class, modalities, empty padding), their first ``V_PAD`` entries cover every segment.
+    """
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = (pid // num_m).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    qk_scale = _join(qk_hi, qk_lo, ACC)
+    dropout_scale = _join(drop_hi, drop_lo, ACC)
+
+    k_base = K + pid_bh * N * HEAD_DIM
+    v_base = V + pid_bh * N * HEAD_DIM
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_in = rows < Nq
+    q_off = pid_bh * Nq * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_in[:, None] & d_ok[None, :], other=0.0)
+
+    v_idx = tl.arange(0, V_PAD)
+    valid_start = tl.load(SegStart + v_idx)
+    valid_end = tl.load(SegEnd + b * stride_seg_b + v_idx)
+    if DROPOUT:
+        row_keys = dropout_row_keys(seed, b.to(tl.int32), h.to(tl.int32), rows)
+    else:
+        row_keys = rows.to(tl.uint32)  # unused
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    seg_sum = tl.zeros([S_PAD], ACC)
+    key_sum = tl.zeros([S_PAD, BLOCK_D], ACC)
+    s_idx = tl.arange(0, S_PAD)
+    seg_start = tl.load(SegStart + s_idx)
+    seg_end = tl.load(SegEnd + b * stride_seg_b + s_idx)
+    if STATS:
+        if pid_m == 0:
+            acc, l_i, m_i, seg_sum, key_sum = _fwd_inner(
+                acc, l_i, m_i, seg_sum, key_sum, q, k_base, v_base, offs_d, d_ok, N, HEAD_DIM, qk_scale,
+                dropout_scale, threshold, row_keys, valid_start, valid_end, seg_start, seg_end,
+                HAS_LENGTHS, DROPOUT, True, IS_FP64, DOT_PREC, EMULATE_BF16, BLOCK_M, BLOCK_N,
+            )
+        else:
+            acc, l_i, m_i, seg_sum, key_sum = _fwd_inner(
+                acc, l_i, m_i, seg_sum, key_sum, q, k_base, v_base, offs_d, d_ok, N, HEAD_DIM, qk_scale,
+                dropout_scale, threshold, row_keys, valid_start, valid_end, seg_start, seg_end,
+                HAS_LENGTHS, DROPOUT, False, IS_FP64, DOT_PREC, EMULATE_BF16, BLOCK_M, BLOCK_N,
+            )
+    else:
+        acc, l_i, m_i, seg_sum, key_sum = _fwd_inner(
+            acc, l_i, m_i, seg_sum, key_sum, q, k_base, v_base, offs_d, d_ok, N, HEAD_DIM, qk_scale,
+            dropout_scale, threshold, row_keys, valid_start, valid_end, seg_start, seg_end,
+            HAS_LENGTHS, DROPOUT, False, IS_FP64, DOT_PREC, EMULATE_BF16, BLOCK_M, BLOCK_N,
+        )
 
     out = acc / l_i[:, None]
     if HAS_LENGTHS:
-        row_ok = tl.max(segment_membership(rows, seg_start, seg_end).to(tl.int32), axis=0) > 0
-        out = tl.where(row_ok[:, None], out, 0.0)
-    tl.store(Out + pid_bh * Nq * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_in[:, None] & d_ok[None, :])
+        out = tl.where(_is_valid(rows, valid_start, valid_end)[:, None], out, 0.0)
+    tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=row_in[:, None] & d_ok[None, :])
     lse = (m_i + tl.log2(l_i)) * LN2_K
     tl.store(Lse + pid_bh * Nq + rows, lse.to(tl.float32), mask=row_in)
 
     if STATS:
-        if is_stats_prog:
-            l0 = tl.sum(tl.where(local == 0, l_i, 0.0), axis=0)
+        if pid_m == 0:
+            l0 = tl.sum(tl.where(tl.arange(0, BLOCK_M) == 0, l_i, 0.0), axis=0)
             _store_stats(KeyMean, Mass, pid_bh, seg_sum / l0, key_sum, seg_start, seg_end,
                          HEAD_DIM, NUM_MOD, S_PAD, BLOCK_D)
 
@@ -270,8 +326,8 @@ def _store_stats(KeyMean, Mass, pid_bh, mass, key_sum, seg_start, seg_end,
 @triton.jit(do_not_specialize=["seed"])
 def _decode_fwd_kernel(
     Q, K, V, PartML, PartAcc, PartSeg, PartKey, SegStart, SegEnd,
-    stride_seg_b, H, N, CHUNK, SPLITS, HEAD_DIM, qk_scale, dropout_scale, seed, threshold,
-    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_seg_b, H, N, CHUNK, SPLITS, HEAD_DIM, qk_hi, qk_lo, drop_hi, drop_lo, seed, threshold,
+    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, V_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, STATS: tl.constexpr, DROPOUT: tl.constexpr, IS_FP64: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -288,6 +344,8 @@ def _decode_fwd_kernel(
     pid_bh = (pid // SPLITS).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
+    qk_scale = _join(qk_hi, qk_lo, ACC)
+    dropout_scale = _join(drop_hi, drop_lo, ACC)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
@@ -296,6 +354,9 @@ def _decode_fwd_kernel(
     s_idx = tl.arange(0, S_PAD)
     seg_start = tl.load(SegStart + s_idx)
     seg_end = tl.load(SegEnd + b * stride_seg_b + s_idx)
+    v_idx = tl.arange(0, V_PAD)
+    valid_start = tl.load(SegStart + v_idx)
+    valid_end = tl.load(SegEnd + b * stride_seg_b + v_idx)
     if DROPOUT:
         row_key = dropout_row_keys(seed, b.to(tl.int32), h.to(tl.int32), tl.zeros([1], tl.int32))
 
@@ -313,9 +374,8 @@ def _decode_fwd_kernel(
         kv_mask = col_in[:, None] & d_ok[None, :]
         k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
         s = tl.sum(q[None, :] * k.to(ACC), axis=1) * qk_scale
-        member = segment_membership(cols, seg_start, seg_end) & col_in[None, :]
         if HAS_LENGTHS:
-            col_ok = tl.max(member.to(tl.int32), axis=0) > 0
+            col_ok = col_in & _is_valid(cols, valid_start, valid_end)  # col_in: the split's own keys only
         else:
             col_ok = col_in
         s = tl.where(col_ok, s, float("-inf"))
@@ -332,6 +392,7 @@ def _decode_fwd_kernel(
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
         acc = acc * alpha + tl.sum(p_d[:, None] * v.to(ACC), axis=0)
         if STATS:
+            member = segment_membership(cols, seg_start, seg_end) & col_in[None, :]
             seg_sum = seg_sum * alpha + tl.sum(tl.where(member, p[None, :], 0.0), axis=1)
             key_sum += mma(member.to(tl.float32).to(k.dtype), k, "ieee", ACC, EMULATE_BF16)
         m_i = m_new
@@ -409,8 +470,8 @@ def _bwd_preprocess_kernel(Out, DO, Delta, Nq, HEAD_DIM, BLOCK_M: tl.constexpr, 
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, SegStart, SegEnd,
-    stride_seg_b, H, Nq, N, HEAD_DIM, qk_scale, scale, dropout_scale, seed, threshold,
-    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_seg_b, H, Nq, N, HEAD_DIM, qk_hi, qk_lo, sc_hi, sc_lo, drop_hi, drop_lo, seed, threshold,
+    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, V_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -426,6 +487,9 @@ def _bwd_dkdv_kernel(
     pid_bh = (pid // num_n).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
+    qk_scale = _join(qk_hi, qk_lo, ACC)
+    scale = _join(sc_hi, sc_lo, ACC)
+    dropout_scale = _join(drop_hi, drop_lo, ACC)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -434,11 +498,11 @@ def _bwd_dkdv_kernel(
     kv_mask = col_in[:, None] & d_ok[None, :]
     k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    s_idx = tl.arange(0, S_PAD)
-    seg_start = tl.load(SegStart + s_idx)
-    seg_end = tl.load(SegEnd + b * stride_seg_b + s_idx)
+    v_idx = tl.arange(0, V_PAD)
+    valid_start = tl.load(SegStart + v_idx)
+    valid_end = tl.load(SegEnd + b * stride_seg_b + v_idx)
     if HAS_LENGTHS:
-        col_ok = tl.max(segment_membership(cols, seg_start, seg_end).to(tl.int32), axis=0) > 0
+        col_ok = _is_valid(cols, valid_start, valid_end)
     else:
         col_ok = col_in
     if DROPOUT:
@@ -452,7 +516,7 @@ def _bwd_dkdv_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)
         row_in = rows < Nq
         if HAS_LENGTHS:
-            row_ok = row_in & (tl.max(segment_membership(rows, seg_start, seg_end).to(tl.int32), axis=0) > 0)
+            row_ok = row_in & (_is_valid(rows, valid_start, valid_end))
         else:
             row_ok = row_in
         q_off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -482,8 +546,8 @@ def _bwd_dkdv_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, SegStart, SegEnd,
-    stride_seg_b, H, Nq, N, HEAD_DIM, qk_scale, scale, dropout_scale, seed, threshold,
-    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_seg_b, H, Nq, N, HEAD_DIM, qk_hi, qk_lo, sc_hi, sc_lo, drop_hi, drop_lo, seed, threshold,
+    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, V_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -496,15 +560,18 @@ def _bwd_dq_kernel(
     pid_bh = (pid // num_m).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
+    qk_scale = _join(qk_hi, qk_lo, ACC)
+    scale = _join(sc_hi, sc_lo, ACC)
+    dropout_scale = _join(drop_hi, drop_lo, ACC)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     row_in = rows < Nq
-    s_idx = tl.arange(0, S_PAD)
-    seg_start = tl.load(SegStart + s_idx)
-    seg_end = tl.load(SegEnd + b * stride_seg_b + s_idx)
+    v_idx = tl.arange(0, V_PAD)
+    valid_start = tl.load(SegStart + v_idx)
+    valid_end = tl.load(SegEnd + b * stride_seg_b + v_idx)
     if HAS_LENGTHS:
-        row_ok = row_in & (tl.max(segment_membership(rows, seg_start, seg_end).to(tl.int32), axis=0) > 0)
+        row_ok = row_in & (_is_valid(rows, valid_start, valid_end))
     else:
         row_ok = row_in
     q_off = pid_bh * Nq * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -526,7 +593,7 @@ def _bwd_dq_kernel(
         k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
         if HAS_LENGTHS:
-            col_ok = tl.max(segment_membership(cols, seg_start, seg_end).to(tl.int32), axis=0) > 0
+            col_ok = _is_valid(cols, valid_start, valid_end)
         else:
             col_ok = col_in
         s = mma(q, tl.trans(k), DOT_PREC, ACC, EMULATE_BF16) * qk_scale
@@ -549,8 +616,8 @@ def _bwd_dq_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _decode_bwd_kernel(
     Q, K, V, Out, DO, Lse, DK, DV, DQPart, SegStart, SegEnd,
-    stride_seg_b, H, N, CHUNK, HEAD_DIM, qk_scale, scale, dropout_scale, seed, threshold,
-    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_seg_b, H, N, CHUNK, HEAD_DIM, qk_hi, qk_lo, sc_hi, sc_lo, drop_hi, drop_lo, seed, threshold,
+    NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, V_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr, IS_FP64: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -566,6 +633,9 @@ def _decode_bwd_kernel(
     pid_bh = (pid // num_blk).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
+    qk_scale = _join(qk_hi, qk_lo, ACC)
+    scale = _join(sc_hi, sc_lo, ACC)
+    dropout_scale = _join(drop_hi, drop_lo, ACC)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
@@ -573,9 +643,9 @@ def _decode_bwd_kernel(
     do = tl.load(DO + pid_bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
     delta = tl.sum(o * do, axis=0)
     lse2 = tl.load(Lse + pid_bh).to(ACC) * LOG2E_K
-    s_idx = tl.arange(0, S_PAD)
-    seg_start = tl.load(SegStart + s_idx)
-    seg_end = tl.load(SegEnd + b * stride_seg_b + s_idx)
+    v_idx = tl.arange(0, V_PAD)
+    valid_start = tl.load(SegStart + v_idx)
+    valid_end = tl.load(SegEnd + b * stride_seg_b + v_idx)
     if DROPOUT:
         row_key = dropout_row_keys(seed, b.to(tl.int32), h.to(tl.int32), tl.zeros([1], tl.int32))
 
@@ -590,7 +660,7 @@ def _decode_bwd_kernel(
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(ACC)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(ACC)
         if HAS_LENGTHS:
-            col_ok = col_in & (tl.max(segment_membership(cols, seg_start, seg_end).to(tl.int32), axis=0) > 0)
+            col_ok = col_in & (_is_valid(cols, valid_start, valid_end))
         else:
             col_ok = col_in
         s = tl.sum(q[None, :] * k, axis=1) * qk_scale
@@ -657,10 +727,23 @@ def _empty_stats(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return tuple(q.new_empty((0,), dtype=torch.float32) for _ in range(3))  # type: ignore[return-value]
 
 
+def _split_float(x: float) -> tuple[float, float]:
+    """``x`` as float32 ``hi + lo``: Triton passes Python floats as float32, float64 kernels need more."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
+def _scalars(scale: float, dropout_p: float) -> dict[str, tuple[float, float]]:
+    """The kernels' float arguments as hi/lo pairs: ``scale·log2(e)``, ``scale`` and ``1/(1-p)``."""
+    return dict(qk=_split_float(float(scale) * LOG2E), scale=_split_float(float(scale)),
+                drop=_split_float(1.0 / (1.0 - float(dropout_p))))
+
+
 def _common_meta(q: torch.Tensor, segments: Sequence[int], lengths: torch.Tensor | None, dropout_p: float) -> dict:
     head_dim = q.shape[3]
     return dict(
-        NUM_MOD=len(segments), S_PAD=segment_pad(len(segments)), BLOCK_D=block_dim(head_dim),
+        NUM_MOD=len(segments), S_PAD=segment_pad(len(segments)), V_PAD=valid_pad(len(segments)),
+        BLOCK_D=block_dim(head_dim),
         HAS_LENGTHS=lengths is not None, DROPOUT=dropout_p > 0.0, IS_FP64=q.dtype == torch.float64,
         EMULATE_BF16=triton_interpret() and q.dtype == torch.bfloat16,
     )
@@ -699,10 +782,8 @@ def attention_fwd(
         query = q0_rot.float().contiguous()
     else:
         key_mean, mass, query = _empty_stats(q)
-    args = dict(
-        qk_scale=float(scale) * LOG2E, dropout_scale=1.0 / (1.0 - float(dropout_p)), seed=int(seed),
-        threshold=dropout_threshold(dropout_p),
-    )
+    sc = _scalars(scale, dropout_p)
+    args = (*sc["qk"], *sc["drop"], int(seed), dropout_threshold(dropout_p))
     if nq == 1:
         _class_only_fwd(q0_rot.contiguous(), k, v, out, lse, key_mean, mass, seg_start, seg_end, stride_seg_b,
                         compute_stats, meta, args)
@@ -710,8 +791,7 @@ def attention_fwd(
         q_rot = _with_class_row(q, q0_rot, rotation)
         grid = lambda cfg: (triton.cdiv(nq, cfg["BLOCK_M"]) * B * H,)  # noqa: E731
         _fwd_kernel[grid](
-            q_rot, k, v, out, lse, key_mean, mass, seg_start, seg_end, stride_seg_b, H, nq, N, Dh,
-            args["qk_scale"], args["dropout_scale"], args["seed"], args["threshold"],
+            q_rot, k, v, out, lse, key_mean, mass, seg_start, seg_end, stride_seg_b, H, nq, N, Dh, *args,
             STATS=compute_stats, DOT_PREC=dot_precision(q.dtype), **meta,
         )
     return out, lse, key_mean, mass, query
@@ -719,8 +799,11 @@ def attention_fwd(
 
 def _class_only_fwd(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                     key_mean: torch.Tensor, mass: torch.Tensor, seg_start: torch.Tensor, seg_end: torch.Tensor,
-                    stride_seg_b: int, compute_stats: bool, meta: dict, args: dict) -> None:
-    """Split-N decode forward + deterministic combine; q0 ``(B, H, Dh)`` rotated class rows."""
+                    stride_seg_b: int, compute_stats: bool, meta: dict, args: tuple) -> None:
+    """Split-N decode forward + deterministic combine; q0 ``(B, H, Dh)`` rotated class rows.
+
+    ``args``: the kernel's ``(qk_hi, qk_lo, drop_hi, drop_lo, seed, threshold)``.
+    """
     B, H, N, Dh = k.shape
     bh = B * H
     splits = class_only_splits(bh, N, k.device)
@@ -738,7 +821,7 @@ def _class_only_fwd(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     logger.debug("rollingq triton class-only forward: B*H=%d N=%d splits=%d", bh, N, splits)
     _decode_fwd_kernel[(bh * splits,)](
         q0, k, v, part_ml, part_acc, part_seg, part_key, seg_start, seg_end, stride_seg_b, H, N, chunk, splits, Dh,
-        args["qk_scale"], args["dropout_scale"], args["seed"], args["threshold"], STATS=compute_stats, **meta,
+        *args, STATS=compute_stats, **meta,
     )
     _decode_combine_kernel[(bh,)](
         part_ml, part_acc, part_seg, part_key, out, lse, key_mean, mass, seg_start, seg_end, stride_seg_b, H,
@@ -785,8 +868,8 @@ def attention_bwd(
     q0_rot = _rotated_class_query(q, rotation)
     seg_start, seg_end, stride_seg_b = segment_tables(segments, lengths, B, q.device)
     meta = _common_meta(q, segments, lengths, dropout_p)
-    qk_scale, dscale = float(scale) * LOG2E, 1.0 / (1.0 - float(dropout_p))
-    thr = dropout_threshold(dropout_p)
+    sc = _scalars(scale, dropout_p)
+    scalars = (*sc["qk"], *sc["scale"], *sc["drop"], int(seed), dropout_threshold(dropout_p))
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if nq == 1:
@@ -798,7 +881,7 @@ def attention_bwd(
         dq_part = torch.empty((bh, blocks, Dh), dtype=acc_dtype, device=k.device)
         _decode_bwd_kernel[(bh * blocks,)](
             q0_rot.contiguous(), k, v, out, grad_out, lse, dk, dv, dq_part, seg_start, seg_end, stride_seg_b,
-            H, N, chunk, Dh, qk_scale, float(scale), dscale, int(seed), thr, **meta,
+            H, N, chunk, Dh, *scalars, **meta,
         )
         dq0 = (dq_part.sum(dim=1) * float(scale)).reshape(B, H, Dh)  # fixed-order sum: deterministic
         if rotation is not None:
@@ -812,7 +895,7 @@ def attention_bwd(
         _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block) * B * H,)](
             out, grad_out, delta, nq, Dh, BLOCK_M=pre_block, BLOCK_D=meta["BLOCK_D"], IS_FP64=meta["IS_FP64"],
         )
-        common = (stride_seg_b, H, nq, N, Dh, qk_scale, float(scale), dscale, int(seed), thr)
+        common = (stride_seg_b, H, nq, N, Dh, *scalars)
         prec = dot_precision(q.dtype)
         _bwd_dkdv_kernel[lambda cfg: (triton.cdiv(N, cfg["BLOCK_N"]) * B * H,)](
             q_rot, k, v, grad_out, lse, delta, dk, dv, seg_start, seg_end, *common, DOT_PREC=prec, **meta,
