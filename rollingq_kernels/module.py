@@ -39,6 +39,10 @@ class FusedRollingQAttention(nn.Module):
         num_heads: ``H``; the head size is ``Dh = C / H``.
         qkv_bias: bias of the ``qkv`` projection (timm's ``qkv_bias``).
         attn_drop: attention-probability dropout, applied in training only.
+            Each call draws its mask seed from Python's ``random`` (seed it
+            with ``random.seed`` for reproducible masks): ``torch.compile``
+            traces that call, where ``torch.randint(...).item()`` would break
+            the graph.
         proj_drop: dropout after ``proj``.
         num_modalities: ``M ≥ 2``, the number of modality segments after the
             class token.
@@ -55,7 +59,10 @@ class FusedRollingQAttention(nn.Module):
             (the controller sets it when it registers the layer).
 
     Buffers (saved in ``state_dict``):
-        rotation: float32, identity at start; ``(C, C)`` or ``(H, Dh, Dh)``.
+        rotation: float32 (float64 if the layer is cast to float64; casts to
+            16-bit types leave it float32), identity at start; ``(C, C)`` or
+            ``(H, Dh, Dh)``. While it is the identity the op gets
+            ``rotation=None`` (exactly the unrotated attention).
         num_rotations: int64 scalar, rotations applied so far.
 
     Attributes:
