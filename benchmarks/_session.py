@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,10 @@ class BenchConfig:
     Attributes:
         device: where the benchmarks run.
         quick: small shapes, few rounds (the CI smoke test).
-        warmup, rounds: untimed and timed calls per case.
+        warmup: untimed calls per case (their times size the rounds).
+        rounds: the fewest timed calls per case.
+        max_rounds, target_s: fast cases get more rounds, up to ``max_rounds`` or about
+            ``target_s`` seconds of timed calls, so the median resists scheduler noise.
         input_sets: distinct random input sets cycled through the rounds (so caches do not flatter).
     """
 
@@ -52,6 +56,8 @@ class BenchConfig:
     quick: bool
     warmup: int
     rounds: int
+    max_rounds: int
+    target_s: float
     input_sets: int
 
     @classmethod
@@ -64,10 +70,16 @@ class BenchConfig:
         use_cuda = device_opt == "cuda" or (device_opt == "auto" and torch.cuda.is_available())
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         if quick:
-            return cls(device, True, warmup=1, rounds=7, input_sets=2)
+            return cls(device, True, warmup=1, rounds=7, max_rounds=15, target_s=0.1, input_sets=2)
         if use_cuda:
-            return cls(device, False, warmup=3, rounds=20, input_sets=3)
-        return cls(device, False, warmup=1, rounds=5, input_sets=3)
+            return cls(device, False, warmup=3, rounds=20, max_rounds=200, target_s=0.5, input_sets=3)
+        return cls(device, False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3)
+
+    def rounds_for(self, seconds_per_call: float) -> int:
+        """Timed rounds for a case whose warm-up call took ``seconds_per_call``."""
+        if not seconds_per_call > 0:
+            return self.max_rounds
+        return max(self.rounds, min(self.max_rounds, math.ceil(self.target_s / seconds_per_call)))
 
     def cases(self) -> list[Case]:
         """Every case of this run; the provider varies fastest so consecutive tests share inputs."""
@@ -91,6 +103,14 @@ class BenchConfig:
         return int(0.25 * total)  # the CPU is shared: stay well below the machine's memory
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): how shared the machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 class BenchSession:
     """Shared state: settings, rows, lazily measured machine rates, the current input sets."""
 
@@ -101,6 +121,7 @@ class BenchSession:
         self._inputs_key: tuple | None = None
         self._inputs: list[OpInputs] = []
         self.end_to_end: list[dict] = []
+        self.loadavg_start = load_average()
 
     @property
     def machine(self) -> MachineRates:

@@ -8,7 +8,8 @@
   allocations and frees the torch profiler records (``profile_memory=True``)
   during one extra call: bytes the call allocated on top of its inputs.
 * Machine rates (once per session): copy bandwidth of a large ``copy_`` and the
-  rate of a large square matmul, so rows can report fractions of them.
+  rate of a large square matmul (the fastest of a few calls: the best the
+  machine does), so rows can report fractions of them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ._arith import copy_bandwidth_gbps, matmul_tflops, median_seconds
+from ._arith import copy_bandwidth_gbps, matmul_tflops
 
 logger = logging.getLogger("benchmarks")
 
@@ -134,9 +135,9 @@ class MachineRates:
         return {"copy_gbps": self.copy_gbps, "matmul_tflops": dict(self.matmul_tflops)}
 
 
-def _median_time(fn: Callable[[], Any], device: torch.device, rounds: int) -> float:
-    """Median seconds of ``fn`` over ``rounds`` calls after one warm-up call."""
-    return median_seconds(time_rounds(fn, lambda: ((), {}), device, warmup=1, rounds=rounds))
+def _best_time(fn: Callable[[], Any], device: torch.device, rounds: int) -> float:
+    """Fastest seconds of ``fn`` over ``rounds`` calls after one warm-up call (the machine's best rate)."""
+    return min(time_rounds(fn, lambda: ((), {}), device, warmup=1, rounds=rounds))
 
 
 def measure_machine(device: torch.device, dtypes: dict[str, torch.dtype], quick: bool) -> MachineRates:
@@ -148,11 +149,11 @@ def measure_machine(device: torch.device, dtypes: dict[str, torch.dtype], quick:
     rounds = 3 if quick else 5
     src = torch.rand(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    copy = copy_bandwidth_gbps(copy_bytes, _median_time(lambda: dst.copy_(src), device, rounds))
+    copy = copy_bandwidth_gbps(copy_bytes, _best_time(lambda: dst.copy_(src), device, rounds))
     rates: dict[str, float] = {}
     for name, dt in dtypes.items():
         a = torch.rand(n, n, device=device).to(dt)
         b = torch.rand(n, n, device=device).to(dt)
-        rates[name] = matmul_tflops(n, _median_time(lambda a=a, b=b: torch.mm(a, b), device, rounds))
+        rates[name] = matmul_tflops(n, _best_time(lambda a=a, b=b: torch.mm(a, b), device, rounds))
     logger.info("machine: copy %.1f GB/s, matmul %s TFLOP/s", copy, rates)
     return MachineRates(copy, rates)

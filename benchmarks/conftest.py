@@ -24,7 +24,7 @@ import rollingq_kernels
 from ._gates import evaluate_gates
 from ._report import e2e_table, gates_table, rows_table
 from ._results import RESULTS_DIR, run_metadata, write_results
-from ._session import BenchConfig, BenchSession
+from ._session import BenchConfig, BenchSession, load_average
 
 logger = logging.getLogger("benchmarks")
 
@@ -90,6 +90,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     metadata = run_metadata(session.config.device, quick, config.getoption("--bench-note"), rollingq_kernels.HAS_CPP)
     metadata["rounds"], metadata["warmup"] = session.config.rounds, session.config.warmup
     metadata["input_sets"] = session.config.input_sets
+    metadata["min_rounds"], metadata["max_rounds"] = session.config.rounds, session.config.max_rounds
+    metadata["loadavg_start"], metadata["loadavg_end"] = session.loadavg_start, load_average()
     path = write_results(
         _results_dir(config, quick), metadata, session.machine.to_dict(), session.recorder.rows,
         [g.to_dict() for g in gates], session.end_to_end,

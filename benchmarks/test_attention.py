@@ -1,7 +1,8 @@
 """The kernel benchmarks: provider × shape × mode × dtype × pass (parametrized in ``conftest.py``).
 
 Each test times one case with pytest-benchmark's ``pedantic`` driving the
-rounds (``setup`` untimed: next input set, and for ``bwd`` the forward) while
+rounds (``setup`` untimed: next input set, and for ``bwd`` the forward; the
+warm-up calls run first and their time sizes the number of rounds) while
 :class:`~benchmarks._timing.CallTimer` records the suite's own per-call times
 (CUDA events on GPU, ``perf_counter`` on CPU) from which the rows' medians and
 the same-run ratios are computed. Then one extra call measures peak memory.
@@ -26,9 +27,11 @@ def test_attention(case: Case, bench: BenchSession, benchmark) -> None:
     sets = bench.input_sets(case.shape, case.mode, case.dtype)
     setup, target = pass_functions(case.pass_, provider, sets)
     try:
+        warm = time_rounds(target, setup, cfg.device, warmup=0, rounds=cfg.warmup)
+        rounds = cfg.rounds_for(min(warm))
         if benchmark.disabled:  # --benchmark-disable: pedantic calls once; the rounds happen inside that call
             samples = benchmark.pedantic(
-                time_rounds, args=(target, setup, cfg.device, cfg.warmup, cfg.rounds), rounds=1, iterations=1
+                time_rounds, args=(target, setup, cfg.device, 0, rounds), rounds=1, iterations=1
             )
         else:
             timer = CallTimer(target, cfg.device)
@@ -38,8 +41,8 @@ def test_attention(case: Case, bench: BenchSession, benchmark) -> None:
                 synchronize(cfg.device)
                 return args
 
-            benchmark.pedantic(timer, setup=synced_setup, rounds=cfg.rounds, warmup_rounds=cfg.warmup, iterations=1)
-            samples = timer.samples(skip=cfg.warmup)
+            benchmark.pedantic(timer, setup=synced_setup, rounds=rounds, warmup_rounds=0, iterations=1)
+            samples = timer.samples()
 
         def one_call() -> None:
             args, kwargs = setup()
@@ -58,4 +61,4 @@ def test_attention(case: Case, bench: BenchSession, benchmark) -> None:
         {"backend": row.backend, "median_ms": row.median_s * 1e3, "tflops": row.tflops, "gbps": row.gbps,
          "peak_mem_mib": peak / 2**20}
     )
-    assert len(samples) == cfg.rounds and all(t > 0 for t in samples), f"bad timing samples {samples}"
+    assert len(samples) == rounds and all(t > 0 for t in samples), f"bad timing samples {samples}"
