@@ -1,0 +1,46 @@
+"""The results file and README generation round-trip (no timing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._gates import GATES, GateResult
+from ._results import Recorder, Row, load_results, write_results
+from ._session import BenchSession
+from .update_readme import BEGIN, END, latest_per_machine, update_readme
+
+
+def _row(provider: str, pass_: str, median_s: float) -> Row:
+    return Row(provider, "ks-b8", "B8 H12 N1101 Dh64", [512, 588], "all-query", "fp32", pass_, "cpu", "cpp",
+               median_s, 0.9 * median_s, 5, 10**9, 10**8, 0.5, 12.5, 0.25, 0.5, 3 << 20, ["gate-all-query"])
+
+
+def test_results_file_and_readme_round_trip(tmp_path: Path, bench: BenchSession) -> None:
+    rec = Recorder()
+    rec.add(_row("fused", "fwd", 0.25))
+    rec.add(_row("eager", "fwd", 1.5))
+    rec.fill_ratios()
+    gates = [GateResult(GATES[1], "fp32", "ks-b8", 6.0, "PASS").to_dict()]
+    e2e = [{"variant": "fused", "attention": "fused class-only", "estimate": "accumulate", "median_epoch_s": 2.5,
+            "x_fused": 1.0, "rotations": 2, "train_size": 512, "batch_size": 64, "segments": [176, 196], "dim": 128}]
+    older = {"device_name": "Test CPU (2 cores)", "date": "2026-01-01T00:00:00Z", "torch": "x", "has_cpp": True,
+             "quick": False}
+    newer = {**older, "date": "2026-02-03T10:00:00Z", "note": "shared cores"}
+    machine = {"copy_gbps": 10.0, "matmul_tflops": {"fp32": 0.1}}
+    write_results(tmp_path, older, machine, rec.rows[:1], [], [])
+    path = write_results(tmp_path, newer, machine, rec.rows, gates, e2e)
+    assert path.name == "test-cpu-2-cores-2026-02-03.json"
+    assert latest_per_machine(tmp_path) == [path]
+
+    back = load_results(path)
+    assert [r.provider for r in back["rows"]] == ["fused", "eager"]
+    assert back["rows"][1].ratio_to_fused == 6.0
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nSTALE-TABLE\n{END}\noutro\n")
+    update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "STALE-TABLE" not in text
+    assert "| ks-b8 | all-query | fp32 | fwd | eager | 1500.000 | 6.00 |" in text
+    assert "| cpu fwd vs eager | ks-b8 | fp32 | 6.00 | >= 3.5 | PASS |" in text
+    assert "shared cores" in text and "fused class-only" in text and "2026-02-03" in text
