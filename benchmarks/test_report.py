@@ -6,7 +6,6 @@ from pathlib import Path
 
 from ._gates import GATES, GateResult
 from ._results import Recorder, Row, load_results, write_results
-from ._session import BenchSession
 from .update_readme import BEGIN, END, latest_per_machine, update_readme
 
 
@@ -15,7 +14,7 @@ def _row(provider: str, pass_: str, median_s: float) -> Row:
                median_s, 0.9 * median_s, 5, 10**9, 10**8, 0.5, 12.5, 0.25, 0.5, 3 << 20, ["gate-all-query"])
 
 
-def test_results_file_and_readme_round_trip(tmp_path: Path, bench: BenchSession) -> None:
+def test_results_file_and_readme_round_trip(tmp_path: Path) -> None:
     rec = Recorder()
     rec.add(_row("fused", "fwd", 0.25))
     rec.add(_row("eager", "fwd", 1.5))
