@@ -171,7 +171,7 @@ def sdpa_stats(x: OpInputs) -> tuple[torch.Tensor, AttentionStats]:
 
 
 def compiled_eager() -> ProviderFn:
-    """A fresh ``torch.compile`` of the eager reference (one per test: no recompile-limit surprises)."""
+    """A fresh ``torch.compile`` of the eager reference (the session keeps one per shape, mode and dtype)."""
     compiled = torch.compile(rollingq_kernels.rollingq_attention_reference, dynamic=False)
 
     def run(x: OpInputs) -> tuple[torch.Tensor, AttentionStats | None]:

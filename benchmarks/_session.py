@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ._arith import OpDims, attention_bytes, attention_flops, fraction, gbps, median_seconds, tflops
-from ._providers import DTYPES, MODES, PROVIDERS, OpInputs, fused_backend, make_inputs
+from ._providers import DTYPES, MODES, PROVIDERS, OpInputs, build_provider, fused_backend, make_inputs
 from ._results import Recorder, Row
 from ._shapes import BenchShape, dtypes_for, shapes_for
 from ._timing import MachineRates, measure_machine
@@ -122,6 +122,7 @@ class BenchSession:
         self._inputs: list[OpInputs] = []
         self.end_to_end: list[dict] = []
         self.loadavg_start = load_average()
+        self._compiled: dict[tuple[str, str, str], Callable] = {}
 
     @property
     def machine(self) -> MachineRates:
@@ -142,6 +143,16 @@ class BenchSession:
             ]
             self._inputs_key = key
         return self._inputs
+
+    def provider(self, case: Case) -> Callable:
+        """The provider's callable; ``compile-eager`` is compiled once per (shape, mode, dtype), so the
+        ``bwd`` and ``fwd_bwd`` cases share one compilation (``fwd`` under no_grad adds a second graph)."""
+        if case.provider != "compile-eager":
+            return build_provider(case.provider)
+        key = (case.shape.name, case.mode, case.dtype)
+        if key not in self._compiled:
+            self._compiled[key] = build_provider("compile-eager")
+        return self._compiled[key]
 
     def make_row(self, case: Case, samples: list[float], peak_mem: int) -> Row:
         """A :class:`Row` with the derived columns of ``case`` measured as ``samples`` seconds."""

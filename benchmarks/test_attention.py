@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ._providers import build_provider, skip_reason
+from ._providers import skip_reason
 from ._session import BenchSession, Case, pass_functions
 from ._timing import CallTimer, peak_memory_bytes, synchronize, time_rounds
 
@@ -23,7 +23,7 @@ def test_attention(case: Case, bench: BenchSession, benchmark) -> None:
     reason = skip_reason(case.provider, case.shape, case.mode, cfg.device, cfg.quick, cfg.memory_budget())
     if reason:
         pytest.skip(reason)
-    provider = build_provider(case.provider)
+    provider = bench.provider(case)
     sets = bench.input_sets(case.shape, case.mode, case.dtype)
     setup, target = pass_functions(case.pass_, provider, sets)
     try:
