@@ -138,16 +138,29 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         resolved = resolve_config_path(path)
-        with open(resolved, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {resolved}: expected a mapping at the top level, got {type(loaded).__name__}")
-        cfg = deep_merge(cfg, loaded)
+        cfg = deep_merge(cfg, _read_with_bases(resolved, []))
     for text in overrides or []:
         key, value = parse_override(text)
         set_dotted(cfg, key, value)
     validate_config(cfg)
     return cfg
+
+
+def _read_with_bases(path: str, chain: list[str]) -> dict:
+    """A config file merged over its ``base:`` file (a path relative to it), recursively."""
+    if path in chain:
+        raise ConfigError(f"config {path}: circular 'base:' chain {chain + [path]}")
+    with open(path, encoding="utf-8") as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"config {path}: base file {base!r} not found (looked at {base_path})")
+    return deep_merge(_read_with_bases(base_path, chain + [path]), loaded)
 
 
 def validate_config(cfg: dict) -> None:

@@ -24,7 +24,10 @@ def input_specs(cfg: dict) -> list[dict]:
     if name in ("cremad", "kinetics_sounds"):
         frames = int(data.get("num_frames", 1 if name == "cremad" else 3))
         size = int(data.get("image_size", 224))
-        audio_shape = list(CREMAD_SPECTROGRAM if name == "cremad" else KINETICS_FBANK)
+        if name == "cremad":
+            audio_shape = list(CREMAD_SPECTROGRAM)
+        else:
+            audio_shape = [int(data.get("fbank_frames", KINETICS_FBANK[0])), int(data.get("fbank_bins", KINETICS_FBANK[1]))]
         specs = []
         for m in mods:
             if m == "audio":

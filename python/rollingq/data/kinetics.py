@@ -1,0 +1,106 @@
+"""Kinetics-Sounds (31 classes): fbank ``.npy`` spectrograms ``(1024, 128)`` and 1-fps frames.
+
+Layout under ``data.root``: ``<audio_dir>/<name>.npy`` (default ``audio``),
+``<frame_dir>/<name>/*.jpg`` (default ``visual``), list files ``train.txt`` /
+``test.txt`` (optional ``data.val_list``, else a seeded hold-out of train).
+Both list formats of this field are read: space-separated ``name … label`` and
+comma-separated ``name,…,label``; the label is the last field, an integer id or
+a class name. Names map to ids through ``data.classes`` when given, else the
+sorted class names of the training list; a name that the mapping lacks is an
+error, never a guess.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .common import DataError
+from .listed import AudioVisualDataset, split_rows
+
+
+def read_list(path: str) -> list[tuple[str, str]]:
+    """``(name, raw label)`` rows of a space- or comma-separated list file."""
+    if not os.path.isfile(path):
+        raise DataError(f"Kinetics-Sounds list file {path!r} does not exist")
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            fields = [x.strip() for x in line.split(",")] if "," in line else line.split()
+            if len(fields) < 2 or not fields[0] or not fields[-1]:
+                raise DataError(f"{path}:{lineno}: expected 'name ... label' or 'name,...,label', got {line!r}")
+            rows.append((fields[0], fields[-1]))
+    return rows
+
+
+def label_ids(rows: list[tuple[str, str]], classes: list[str], path: str) -> list[tuple[str, int]]:
+    """Map raw labels to ids: integers stay, names go through ``classes``."""
+    out = []
+    for name, raw in rows:
+        if raw.lstrip("-").isdigit():
+            out.append((name, int(raw)))
+        elif raw in classes:
+            out.append((name, classes.index(raw)))
+        else:
+            raise DataError(f"{path}: sample {name!r} has class {raw!r}, which is not among the {len(classes)} known "
+                            "classes (data.classes or the training list)")
+    return out
+
+
+class KineticsSoundsDataset(AudioVisualDataset):
+    """Kinetics-Sounds; samples ``([fbank (frames, bins), frames (T, 3, S, S)], label, index)``."""
+
+    def __init__(self, cfg: dict, split: str) -> None:
+        super().__init__(cfg, split)
+        data = cfg["data"]
+        self.fbank_shape = (int(data.get("fbank_frames", 1024)), int(data.get("fbank_bins", 128)))
+        self.audio_dir = os.path.join(self.root, data.get("audio_dir", "audio"))
+        self.frames_root = os.path.join(self.root, data.get("frame_dir", "visual"))
+        train_path = os.path.join(self.root, data.get("train_list", "train.txt"))
+        test_path = os.path.join(self.root, data.get("test_list", "test.txt"))
+        raw_train, raw_test = read_list(train_path), read_list(test_path)
+        classes = list(data.get("classes") or sorted({r for _, r in raw_train if not r.lstrip("-").isdigit()}))
+        train_rows = label_ids(raw_train, classes, train_path)
+        test_rows = label_ids(raw_test, classes, test_path)
+        val_rows = None
+        if data.get("val_list"):
+            val_path = os.path.join(self.root, data["val_list"])
+            val_rows = label_ids(read_list(val_path), classes, val_path)
+        rows = split_rows(split, train_rows, test_rows, val_rows, float(data.get("val_fraction", 0.1)), self.seed)
+        self.classes = classes
+        self.finish(rows, bool(data.get("skip_bad", False)))
+
+    def audio_path(self, name: str) -> str:
+        return os.path.join(self.audio_dir, name + ".npy")
+
+    def frame_dir(self, name: str) -> str:
+        return os.path.join(self.frames_root, name)
+
+    def check_audio(self, path: str) -> str | None:
+        if not os.path.isfile(path):
+            return "missing"
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            return f"unreadable ({type(exc).__name__}: {exc})"
+        if arr.ndim != 2 or arr.shape[1] != self.fbank_shape[1] or arr.shape[0] < 1:
+            return f"expected an fbank array (frames, {self.fbank_shape[1]}), got shape {arr.shape}"
+        return None
+
+    def load_audio(self, path: str) -> torch.Tensor:
+        """The fbank, cropped or zero-padded to ``fbank_frames``: float32 ``(fbank_frames, fbank_bins)``."""
+        try:
+            arr = np.load(path, allow_pickle=False).astype(np.float32)
+        except Exception as exc:
+            raise DataError(f"cannot read fbank file {path!r}: {type(exc).__name__}: {exc}") from exc
+        frames = self.fbank_shape[0]
+        if arr.shape[0] >= frames:
+            arr = arr[:frames]
+        else:
+            arr = np.concatenate([arr, np.zeros((frames - arr.shape[0], arr.shape[1]), np.float32)])
+        return torch.from_numpy(np.ascontiguousarray(arr))

@@ -1,0 +1,132 @@
+"""Decoding audio and frames the way the paper's pipelines do (numpy + librosa + Pillow, no torchvision).
+
+* :func:`cremad_spectrogram` — audio at 22,050 Hz (librosa resampling when needed), tiled x3 and cut to 3 s, clipped to [-1, 1],
+  STFT n_fft 512 hop 353, ``log(|S| + 1e-7)``: float32 ``(257, 188)``.
+* :func:`load_frames` — ``num_frames`` JPEG frames of a clip folder (random in training, centred in
+  evaluation), resized to ``size`` with ImageNet normalization: float32 ``(T, 3, size, size)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .common import DataError
+
+SAMPLE_RATE = 22050
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def check_audio_file(path: str) -> str | None:
+    """None if ``path`` is a readable sound file, else the reason it is not."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        import soundfile
+
+        info = soundfile.info(path)
+    except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError for garbage
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    if info.frames <= 0:
+        return "empty (0 frames)"
+    return None
+
+
+def stft_magnitude(signal: np.ndarray, n_fft: int = 512, hop: int = 353) -> np.ndarray:
+    """``|librosa.stft(signal, n_fft, hop_length=hop)|`` with librosa's defaults, in plain numpy.
+
+    Periodic Hann window, centred frames with ``n_fft // 2`` zeros of padding on
+    each side (librosa's ``pad_mode="constant"``): float32 ``(n_fft // 2 + 1, 1 + len // hop)``.
+    """
+    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
+    padded = np.pad(signal.astype(np.float32), n_fft // 2)
+    count = 1 + (padded.size - n_fft) // hop
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop][:count]
+    return np.abs(np.fft.rfft(frames * window, axis=1)).T.astype(np.float32)
+
+
+def cremad_spectrogram(path: str) -> torch.Tensor:
+    """The paper's CREMA-D log-magnitude spectrogram of the wav at ``path``: float32 ``(257, 188)``."""
+    import soundfile
+
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        samples = data.mean(axis=1)  # mono, as librosa.load(mono=True)
+        if rate != SAMPLE_RATE:  # librosa.load's resampling (slow to import; only when needed)
+            import librosa
+
+            samples, _ = librosa.load(path, sr=SAMPLE_RATE)
+    except Exception as exc:
+        raise DataError(f"cannot decode audio file {path!r}: {type(exc).__name__}: {exc}") from exc
+    if samples.size == 0:
+        raise DataError(f"audio file {path!r} holds no samples")
+    reps = max(3, int(np.ceil(3 * SAMPLE_RATE / samples.size)))  # x3 as the paper; more only for clips < 1 s
+    clip = np.clip(np.tile(samples, reps)[: SAMPLE_RATE * 3], -1.0, 1.0)
+    return torch.from_numpy(np.log(stft_magnitude(clip) + 1e-7))
+
+
+def list_frames(folder: str) -> list[str]:
+    """Sorted image files of a clip's frame folder (empty list if the folder is missing)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTENSIONS))
+
+
+def pick_frames(count: int, num: int, rng: np.random.Generator | None) -> list[int]:
+    """Indices of ``num`` frames out of ``count``: sorted random ones with ``rng``, else the centred run."""
+    if count < 1:
+        raise ValueError(f"count: expected >= 1 frame, got {count}")
+    if rng is not None:
+        if count >= num:
+            return sorted(rng.choice(count, size=num, replace=False).tolist())
+        return sorted(rng.integers(0, count, size=num).tolist())
+    if count >= num:
+        start = (count - num) // 2
+        return list(range(start, start + num))
+    return [min(count - 1, int(i * count / num)) for i in range(num)]
+
+
+def _random_resized_crop(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        w = int(round(np.sqrt(target * ratio)))
+        h = int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    return 0, 0, width, height
+
+
+def load_image(path: str, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """One frame as float32 ``(3, size, size)``: training (``rng``): random resized crop + flip; else a resize."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if rng is not None:
+                im = im.crop(_random_resized_crop(im.width, im.height, rng))
+            im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except Exception as exc:
+        raise DataError(f"cannot decode image file {path!r}: {type(exc).__name__}: {exc}") from exc
+    if rng is not None and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_frames(folder: str, num: int, size: int, rng: np.random.Generator | None) -> torch.Tensor:
+    """``num`` frames of ``folder`` as float32 ``(num, 3, size, size)``."""
+    files = list_frames(folder)
+    if not files:
+        raise DataError(f"frame folder {folder!r} is missing or holds no image")
+    picked = pick_frames(len(files), num, rng)
+    return torch.from_numpy(np.stack([load_image(files[i], size, rng) for i in picked]))
