@@ -84,11 +84,11 @@ def time_rounds(
     return timer.samples(skip=warmup)
 
 
-def _cpu_profiled_peak(fn: Callable[[], Any]) -> int:
+def _cpu_profiled_peak(fn: Callable[..., Any], args: tuple, kwargs: dict) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+        fn(*args, **kwargs)
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -106,16 +106,22 @@ def _cpu_profiled_peak(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes allocated by one call of ``fn`` on top of what existed before it."""
+def peak_memory_bytes(
+    fn: Callable[..., Any], setup: Callable[[], tuple[tuple, dict]], device: torch.device
+) -> int:
+    """Peak bytes allocated by one call ``fn(*args, **kwargs)`` on top of what existed before it.
+
+    ``setup()`` (e.g. the forward before a timed backward) runs first and is not counted.
+    """
+    args, kwargs = setup()
+    synchronize(device)
     if device.type == "cuda":
-        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn()
+        fn(*args, **kwargs)
         synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    return _cpu_profiled_peak(fn)
+    return _cpu_profiled_peak(fn, args, kwargs)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ Options:
 * ``--save-results``: write the results file into ``benchmarks/results/`` even in quick mode.
 * ``--results-dir DIR``: write the results file there instead.
 * ``--bench-note TEXT``: stored in the results' metadata (e.g. "cores shared with other jobs").
+* ``--bench-threads N``: ``torch.set_num_threads(N)`` for the run (default: torch's default). On an
+  oversubscribed CPU every multi-threaded op waits for a descheduled thread (tens of ms per
+  parallel region), which penalizes many-op providers; ``1`` measures them fairly there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import rollingq_kernels
 
@@ -38,11 +42,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--save-results", action="store_true", help="write results into benchmarks/results/ in --quick")
     group.addoption("--results-dir", default=None, help="directory for the results JSON file")
     group.addoption("--bench-note", default="", help="free text stored in the results' metadata")
+    group.addoption("--bench-threads", type=int, default=None, help="torch.set_num_threads for the run")
 
 
 def bench_session(config: pytest.Config) -> BenchSession:
     """The run's :class:`BenchSession`, created on first use."""
     if _SESSION_KEY not in config.stash:
+        threads = config.getoption("--bench-threads")
+        if threads is not None:
+            if threads < 1:
+                raise pytest.UsageError(f"--bench-threads: expected a positive int, got {threads}")
+            torch.set_num_threads(threads)
         cfg = BenchConfig.create(config.getoption("--bench-device"), bool(config.getoption("--quick")))
         config.stash[_SESSION_KEY] = BenchSession(cfg)
     return config.stash[_SESSION_KEY]
@@ -88,7 +98,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     tr.write_sep("=", "rollingq regression gates" + (" (--quick: reported, never failing)" if quick else ""))
     tr.write_line(gates_table(gates))
     metadata = run_metadata(session.config.device, quick, config.getoption("--bench-note"), rollingq_kernels.HAS_CPP)
-    metadata["rounds"], metadata["warmup"] = session.config.rounds, session.config.warmup
+    metadata["warmup"] = session.config.warmup
     metadata["input_sets"] = session.config.input_sets
     metadata["min_rounds"], metadata["max_rounds"] = session.config.rounds, session.config.max_rounds
     metadata["loadavg_start"], metadata["loadavg_end"] = session.loadavg_start, load_average()

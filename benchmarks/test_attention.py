@@ -43,14 +43,10 @@ def test_attention(case: Case, bench: BenchSession, benchmark) -> None:
 
             benchmark.pedantic(timer, setup=synced_setup, rounds=rounds, warmup_rounds=0, iterations=1)
             samples = timer.samples()
-
-        def one_call() -> None:
-            args, kwargs = setup()
-            synchronize(cfg.device)
-            target(*args, **kwargs)
-
-        peak = peak_memory_bytes(one_call, cfg.device)
+        peak = peak_memory_bytes(target, setup, cfg.device)
     except torch.OutOfMemoryError as exc:
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
         pytest.skip(f"{case.provider}: out of memory ({exc})")
     finally:
         for x in sets:

@@ -48,7 +48,8 @@ def section(path: Path) -> str:
         "",
         f"`{path.name}`: torch {meta['torch']}, triton {meta.get('triton')}, C++ kernels built: {meta['has_cpp']}, "
         f"{meta.get('cpu_count')} CPU cores, {meta.get('torch_threads')} torch threads, "
-        f"rounds {meta.get('rounds')} (warm-up {meta.get('warmup')}, {meta.get('input_sets')} input sets), "
+        f"{meta.get('min_rounds')}–{meta.get('max_rounds')} rounds after {meta.get('warmup')} warm-up "
+        f"({meta.get('input_sets')} input sets), load average {meta.get('loadavg_start')} → {meta.get('loadavg_end')}, "
         f"quick: {meta['quick']}, commit {meta.get('git_commit')}."
         + (f" Note: {meta['note']}" if meta.get("note") else ""),
         "",
