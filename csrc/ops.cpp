@@ -5,6 +5,7 @@
 // verbatim from rollingq_kernels/ops.py (FWD_SCHEMA, BWD_SCHEMA).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -108,6 +109,15 @@ Tensor checked_lengths(const std::optional<Tensor>& lengths, Problem& p) {
   return len;
 }
 
+// The kernels write contiguous results; the registered fakes promise
+// empty_like(like) strides, so a non-contiguous `like` gets a strided copy.
+Tensor with_strides_of(const Tensor& result, const Tensor& like) {
+  if (like.is_contiguous()) return result;
+  Tensor strided = at::empty_like(like);
+  strided.copy_(result);
+  return strided;
+}
+
 // The rotation in the compute dtype (float64 for float64 inputs, else float32).
 Tensor rotation_in_compute_dtype(const std::optional<Tensor>& rotation, const Problem& p) {
   if (!rotation.has_value() || !rotation->defined()) return Tensor();
@@ -149,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   buf.key_mean = compute_stats ? key_mean.mutable_data_ptr<float>() : nullptr;
   buf.mass = compute_stats ? mass.mutable_data_ptr<float>() : nullptr;
   attention_forward(p, buf);
-  return {out, lse, key_mean, mass, query};
+  return {with_strides_of(out, q), lse, key_mean, mass, query};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
@@ -195,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, con
   buf.dq0rot = dq0rot.defined() ? dq0rot.mutable_data_ptr() : nullptr;
   attention_backward(p, buf);
   if (rot.defined()) rotate_class_grad(p, dq0rot.const_data_ptr(), rot.const_data_ptr(), rot.dim() == 2, dq.mutable_data_ptr());
-  return {dq, dk, dv};
+  return {with_strides_of(dq, q), with_strides_of(dk, k), with_strides_of(dv, v)};
 }
 
 }  // namespace
