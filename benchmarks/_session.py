@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._arith import OpDims, attention_bytes, attention_flops, fraction, gbps, median_seconds, tflops
+from ._arith import PASSES, OpDims, attention_bytes, attention_flops, fraction, gbps, median_seconds, tflops
 from ._providers import DTYPES, MODES, PROVIDERS, OpInputs, build_provider, fused_backend, make_inputs
 from ._results import Recorder, Row
 from ._shapes import BenchShape, dtypes_for, shapes_for
@@ -18,7 +18,6 @@ from ._timing import MachineRates, measure_machine
 
 logger = logging.getLogger("benchmarks")
 
-PASSES = ("fwd", "bwd", "fwd_bwd")
 STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "compile-eager")
 
 

@@ -133,3 +133,15 @@ def test_gate_judgement_and_slug() -> None:
     assert judge(float("nan"), 1.0) == "FAIL" and judge(0.1, None) == "INFO"
     assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert slugify("AMD EPYC 9R14 (2 cores)") == "amd-epyc-9r14-2-cores"
+
+
+def test_rounds_grow_for_fast_cases_within_bounds() -> None:
+    import torch
+
+    from benchmarks._session import BenchConfig
+
+    cfg = BenchConfig(torch.device("cpu"), quick=False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3)
+    assert cfg.rounds_for(1.3) == 4  # ceil(5 / 1.3)
+    assert cfg.rounds_for(10.0) == 3  # never below the minimum
+    assert cfg.rounds_for(0.01) == 30  # never above the maximum
+    assert cfg.rounds_for(0.0) == 30
