@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from importlib import resources
 from typing import Any
 
@@ -76,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
 class ConfigError(ValueError):
     """A config file or override is malformed."""
 
@@ -114,6 +118,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
     return key.strip(), value
 
 

@@ -1,0 +1,111 @@
+"""CLI: config resolution and overrides, a 1-epoch `rollingq train` per dataset config on tiny files, eval/report, demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from rollingq.cli import main
+from rollingq.config import ConfigError, load_config, packaged_config_dir, parse_override
+from rollingq.data.fake import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
+from rollingq.demo import run_demo
+from rollingq.records import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "train.num_threads=1",
+              "train.progress=false"]
+TINY_SYN = TINY_MODEL + ["data.synthetic.sizes.train=67", "data.synthetic.sizes.val=23",
+                         "data.synthetic.sizes.test=19", "train.batch_size=16"]
+
+
+def test_override_parsing():
+    assert parse_override("optim.lr=1e-3") == ("optim.lr", 1e-3)
+    assert parse_override("data.modalities=[audio, visual]") == ("data.modalities", ["audio", "visual"])
+    assert parse_override("rollingq.enabled=true") == ("rollingq.enabled", True)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("optim.lr")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config("synthetic", ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="no file"):
+        load_config("no_such_config")
+
+
+def test_every_packaged_config_loads():
+    names = sorted(f[:-5] for f in os.listdir(packaged_config_dir()) if f.endswith(".yaml") and not f.startswith("_"))
+    assert len(names) == 29
+    for dataset in ("cremad", "kinetics_sounds", "mosei"):
+        for method in ("concat", "sum", "ogm_ge", "vanilla_mt", "vanilla_mt_rollingq", "vanilla_mt_star",
+                       "vanilla_mt_star_rollingq"):
+            assert f"{dataset}_{method}" in names
+    cfg = load_config(os.path.join(REPO, "configs", "kinetics_sounds_vanilla_mt_rollingq.yaml"))
+    assert cfg["rollingq"]["enabled"] and cfg["rollingq"]["max_rotations"] == 3 and cfg["data"]["num_classes"] == 31
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["batch_size"] == 64 and cfg["train"]["epochs"] == 30
+
+
+def _train_one_epoch(config: str, out: str, *extra: str) -> list[dict]:
+    assert main(["train", "--config", config, "--out", out, "train.epochs=1", *TINY_MODEL, *extra]) == 0
+    with open(os.path.join(out, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    assert saved["train"]["epochs"] == 1 and saved["model"]["dim"] == 16
+    return read_metrics(os.path.join(out, "metrics.jsonl"))
+
+
+def test_train_cremad_config_on_tiny_files(tmp_path):
+    root = write_tiny_cremad(str(tmp_path / "cremad"), n_train=11, n_test=5)
+    rows = _train_one_epoch("cremad_vanilla_mt_rollingq", str(tmp_path / "run"), f"data.root={root}",
+                            "data.image_size=32", "train.batch_size=4", "data.num_workers=0")
+    assert len(rows) == 1 and rows[0]["air"] is not None
+
+
+def test_train_kinetics_config_on_tiny_files(tmp_path):
+    root = write_tiny_kinetics(str(tmp_path / "ks"), n_train=9, n_test=4, comma=True)
+    rows = _train_one_epoch("kinetics_sounds_ogm_ge", str(tmp_path / "run"), f"data.root={root}",
+                            "data.image_size=32", "data.num_frames=2", "train.batch_size=4", "data.num_workers=0",
+                            "data.val_fraction=0.3")
+    assert len(rows) == 1 and rows[0]["air"] is None
+
+
+def test_train_mosei_config_on_tiny_files(tmp_path):
+    root = write_tiny_mosei(str(tmp_path / "mosei"), sizes=(13, 7, 5))
+    rows = _train_one_epoch("mosei_vanilla_mt_star_rollingq", str(tmp_path / "run"), f"data.root={root}",
+                            "train.batch_size=4", "model.progressive_epochs=0")
+    assert rows[0]["stage"] == 2 and rows[0]["mass"] is not None
+
+
+def test_eval_and_report_delegate_to_the_analyses(tmp_path, capsys):
+    pytest.importorskip("rollingq.evaluate")
+    run = str(tmp_path / "run")
+    _train_one_epoch("synthetic", run, *TINY_SYN)
+    assert main(["eval", "--run", run, "--split", "test"]) == 0
+    assert os.path.isfile(os.path.join(run, "eval.json"))
+    pytest.importorskip("rollingq.analysis.report")
+    assert main(["report", run, "--out", str(tmp_path / "report")]) == 0
+    assert os.path.isfile(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_without_the_analyses_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "rollingq.evaluate", None)
+    with pytest.raises(SystemExit, match="rollingq.evaluate.evaluate_run is not available"):
+        main(["eval", "--run", str(tmp_path)])
+
+
+def test_resume_refuses_extra_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="--resume takes the saved config"):
+        main(["train", "--resume", str(tmp_path), "--config", "synthetic"])
+
+
+def test_demo_prints_a_side_by_side_table(tmp_path):
+    table, _ = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN)
+    assert "vanilla_mt+rollingq" in table and "test accuracy (audio = noise)" in table and "AIR epoch 1" in table
+    assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == ["vanilla_mt",
+                                                                                           "vanilla_mt_rollingq"]
+
+
+def test_python_dash_m_entry_point():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO]))
+    out = subprocess.run([sys.executable, "-m", "rollingq", "demo", "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--epochs" in out.stdout
