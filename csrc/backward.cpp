@@ -21,6 +21,25 @@ inline void store_rows(const acc_t* src, int64_t n, scalar_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
+// lse[i] = log sum_j exp(scale q_i k_j) over the valid keys, in double.
+inline void exact_lse(const double* qt, const double* k, const uint8_t* key_valid, int64_t nr, int64_t N, int64_t Dh,
+                      int64_t kvB, double scale, double* scores, double* lse) {
+  std::vector<double> mx(nr, -std::numeric_limits<double>::infinity()), sum(nr, 0.0);
+  for (int64_t j0 = 0; j0 < N; j0 += kvB) {
+    const int64_t nk = std::min(kvB, N - j0);
+    if (!any_valid(key_valid + j0, nk)) continue;
+    gemm_abt<double>(nr, nk, Dh, scale, qt, k + j0 * Dh, scores, kvB);
+    for (int64_t i = 0; i < nr; ++i) {
+      double* s = scores + i * kvB;
+      mask_invalid(s, key_valid + j0, nk);
+      const double m_new = std::max(mx[i], row_max(s, nk));
+      sum[i] = sum[i] * std::exp(mx[i] - m_new) + exp_shift_sum(s, nk, m_new);
+      mx[i] = m_new;
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) lse[i] = mx[i] + std::log(sum[i]);
+}
+
 template <typename scalar_t>
 void backward_impl(const Problem& p, const BackwardBuffers& buf) {
   using acc_t = acc_type<scalar_t>;
@@ -76,6 +95,10 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
           lse[i] = static_cast<acc_t>(buf.lse[bh * Nq + r0 + i]);
           if (dropout) row_keys[i] = dropout_row_key(p.seed, b, h, r0 + i);
         }
+        // float64: the saved float32 lse would cap the gradients' precision near 1e-7,
+        // so recompute the log-sum-exp in double (one extra q k^T pass, float64 only).
+        if constexpr (std::is_same_v<acc_t, double>)
+          exact_lse(qt, k + bh * N * Dh, key_valid, nr, N, Dh, kvB, scale, scores.data(), lse.data());
         for (int64_t j0 = 0; j0 < N; j0 += kvB) {
           const int64_t nk = std::min(kvB, N - j0);
           const uint8_t* tile_valid = key_valid + j0;
