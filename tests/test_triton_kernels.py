@@ -265,3 +265,24 @@ def test_bf16_error_within_twice_eager(monkeypatch, class_only):
 
     for name, a, e, r in zip(("out", "dq", "dk", "dv"), (tri[0], *tri[2]), (eager[0], *eager[2]), (ref[0], *ref[2])):
         assert rel(a, r) <= 2.0 * rel(e, r), (name, rel(a, r), rel(e, r))
+
+
+def test_autotune_pruning_drops_oversized_configs():
+    import triton
+
+    def cfg(bm, bn, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+    space = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(64, 64, 4, 3), cfg(32, 32, 4, 2)]
+    half = {"Nq": 1101, "N": 1101, "Q": torch.empty(1, dtype=torch.float16)}
+    kept = ta._prune_fwd(space, half, BLOCK_D=64)
+    assert [c.kwargs["BLOCK_M"] for c in kept] == [128, 128, 64, 32]  # Dh = 64 in fp16: everything fits
+    small = dict(half, Nq=20, N=20)  # blocks beyond next_pow2(20) = 32 are pure padding
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in ta._prune_fwd(space, small, BLOCK_D=64)] == [(32, 32)]
+    single = dict(half, Q=torch.empty(1, dtype=torch.float32))  # Dh = 256 in fp32: only the smallest tile fits
+    for prune in (ta._prune_fwd, ta._prune_bwd):
+        assert [(c.kwargs["BLOCK_M"], c.num_stages) for c in prune(space, single, BLOCK_D=256)] == [(32, 2)]
+        assert prune(space[:1], single, BLOCK_D=256) == space[:1]  # never empty: the smallest config is kept
+    decode = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 64) for w in (4, 8)]
+    kept = ta._prune_decode(decode, {"CHUNK": 75}, BLOCK_D=1024)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(16, 8)]  # a 16x1024 key tile needs 8 warps
