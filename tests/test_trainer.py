@@ -148,3 +148,9 @@ def test_metrics_are_json_lines(tmp_path):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert row["air"] is None and row["mass"] is None and row["rollingq"] == [] and row["rotated"] is False
+
+
+def test_estimation_pass_before_a_rotation(tmp_path):
+    cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=1", "rollingq.beta=0.0", "rollingq.estimate=pass"])
+    rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
+    assert rows[0]["rotated"] and rows[0]["rollingq"][0]["reason"] == "rotated"

@@ -256,6 +256,23 @@ class Trainer:
             result["cos"] = window.cos_mean.tolist()
         return result
 
+    def _estimation_forward(self, batch: dict) -> None:
+        mods = [x.to(self.device, non_blocking=True) for x in batch["modalities"]]
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_enabled else nullcontext()
+        with ctx:
+            self.model(mods)
+
+    def _controller_step(self, epoch: int) -> list:
+        """Step the controller; with ``rollingq.estimate=pass`` it re-reads this rank's training shard
+        (eval mode, no grad) to estimate the anchor, as the official code does before a rotation."""
+        if self.cfg["rollingq"].get("estimate", "accumulate") != "pass":
+            return self.controller.step(epoch=epoch)
+        self.model.eval()
+        try:
+            return self.controller.step(epoch=epoch, loader=self.train_loader, forward_fn=self._estimation_forward)
+        finally:
+            self.model.train()
+
     # ----------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         """Train from ``start_epoch`` to ``epochs``; returns the metric history."""
@@ -271,7 +288,7 @@ class Trainer:
             records, rotated = [], False
             if self.controller is not None:
                 before = int(self.model.fusion_attention.num_rotations)
-                records = [jsonable(r) for r in self.controller.step(epoch=epoch)]
+                records = [jsonable(r) for r in self._controller_step(epoch)]
                 rotated = int(self.model.fusion_attention.num_rotations) > before
             row["rollingq"], row["rotated"] = records, rotated
             row["num_rotations"] = (None if self.model.fusion_attention is None
