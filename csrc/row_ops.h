@@ -205,10 +205,17 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  simd::vf acc = simd::splat(0.0f);
+  simd::vf acc0 = simd::splat(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;  // four chains hide FMA latency
+  constexpr int64_t L = simd::kLanes;
   int64_t i = 0;
-  for (; i + simd::kLanes <= n; i += simd::kLanes) acc += simd::load(a + i) * simd::load(b + i);
-  float s = simd::hsum(acc);
+  for (; i + 4 * L <= n; i += 4 * L) {
+    acc0 += simd::load(a + i) * simd::load(b + i);
+    acc1 += simd::load(a + i + L) * simd::load(b + i + L);
+    acc2 += simd::load(a + i + 2 * L) * simd::load(b + i + 2 * L);
+    acc3 += simd::load(a + i + 3 * L) * simd::load(b + i + 3 * L);
+  }
+  for (; i + L <= n; i += L) acc0 += simd::load(a + i) * simd::load(b + i);
+  float s = simd::hsum((acc0 + acc1) + (acc2 + acc3));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
