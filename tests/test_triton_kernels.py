@@ -286,3 +286,23 @@ def test_autotune_pruning_drops_oversized_configs():
     decode = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 64) for w in (4, 8)]
     kept = ta._prune_decode(decode, {"CHUNK": 75}, BLOCK_D=1024)
     assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(16, 8)]  # a 16x1024 key tile needs 8 warps
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="the GPU version is in tests/test_triton_cuda.py")
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_agrees_with_cpp_kernels(class_only):
+    from rollingq_kernels import HAS_CPP
+
+    if not HAS_CPP:
+        pytest.skip("the C++ CPU kernels are not built")
+    segments = [5, 7, 4]
+    N = 1 + sum(segments)
+    q, k, v, grad = _inputs(2, 2, N, 24, class_only, torch.float32, seed=13)
+    kw = dict(lengths=LENGTHS_3, rotation=_rotation("global", 2, 24, 14).float(), dropout_p=0.25, seed=21)
+    out, stats, grads = _run("triton", q, k, v, grad, segments, torch.float32, DEVICE, **kw)
+    c_out, c_stats, c_grads = _run("cpp", q, k, v, grad, segments, torch.float32, torch.device("cpu"), **kw)
+    torch.testing.assert_close(out, c_out, atol=1e-5, rtol=1e-5)
+    for name, a, c in zip(("dq", "dk", "dv"), grads, c_grads):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    for field in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+        torch.testing.assert_close(getattr(stats, field), getattr(c_stats, field), atol=1e-5, rtol=1e-5)
