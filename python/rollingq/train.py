@@ -48,7 +48,8 @@ def make_run_dir(cfg: dict, run_dir: str | None) -> str:
     """``run_dir`` if given, else ``<out_dir>/<name>_<timestamp>``; refuses a folder that already holds a run."""
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = os.path.join(cfg.get("out_dir", "runs"), f"{cfg['name'].replace('+', '_')}_{stamp}")
+        label = f"{cfg['data']['name']}_{cfg['name']}".replace("+", "_")
+        run_dir = os.path.join(cfg.get("out_dir", "runs"), f"{label}_{stamp}")
     if os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt")):
         raise FileExistsError(
             f"--out: {run_dir!r} already holds a run (checkpoints/last.pt); continue it with "
