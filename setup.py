@@ -51,7 +51,7 @@ def _extension_setup() -> dict:
             "to install without the CPU kernels."
         )
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]  # torch adds its own -std (C++20 for torch 2.14)
     if _flag("ROLLINGQ_NATIVE", "1"):
         cxx_flags.append("-march=native")
     ext = CppExtension(
