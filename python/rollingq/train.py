@@ -205,7 +205,8 @@ class Trainer:
             self.train_set.set_epoch(epoch)
         self.ddp.train()
         num_mod = len(cfg["data"]["modalities"])
-        totals = torch.zeros(3 + num_mod, dtype=torch.float64)  # loss sum, correct, count, probe correct
+        # loss sum, correct, count, probe correct: kept on the device (no host sync per step)
+        totals = torch.zeros(3 + num_mod, dtype=torch.float64, device=self.device)
         stat_sums = None
         probe_w = float(cfg["train"].get("probe_loss_weight", 1.0))
         clip = cfg["train"].get("grad_clip")
@@ -232,17 +233,17 @@ class Trainer:
             self.scheduler.step()
             with torch.no_grad():
                 n = labels.shape[0]
-                totals[0] += float(loss_main) * n
-                totals[1] += float((out.logits.argmax(1) == labels).sum())
+                totals[0] += loss_main.detach().double() * n
+                totals[1] += (out.logits.argmax(1) == labels).sum()
                 totals[2] += n
                 for m, p in enumerate(out.probe_logits):
-                    totals[3 + m] += float((p.argmax(1) == labels).sum())
+                    totals[3 + m] += (p.argmax(1) == labels).sum()
                 if out.stats is not None:
                     sums = batch_sums(out.stats)
                     stat_sums = sums if stat_sums is None else add_sums(stat_sums, sums)
             if self.progress:
                 bar.set_postfix(loss=f"{float(loss_main):.3f}")
-        totals = distributed.all_reduce_sum(totals.to(self.device)).cpu()
+        totals = distributed.all_reduce_sum(totals).cpu()
         result = {
             "train_loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),

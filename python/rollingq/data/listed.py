@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .common import DataError, EpochAware, Sample, check_split, sample_rng, seeded_holdout
 
@@ -38,7 +40,8 @@ def split_rows(
 def scan_rows(rows: list, check: Callable[[object], list[str]], skip_bad: bool, what: str) -> list:
     """Keep the rows whose files pass ``check`` (which returns problems as 'path: reason' strings)."""
     good, problems, bad_rows = [], [], 0
-    for row in rows:
+    show = len(rows) >= 1000 and sys.stderr.isatty()
+    for row in tqdm(rows, desc=f"scanning {what}", leave=False, disable=not show):
         issues = check(row)
         if issues:
             bad_rows += 1
