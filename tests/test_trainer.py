@@ -52,6 +52,9 @@ def test_train_writes_run_layout_and_metrics(tmp_path):
         assert os.path.exists(os.path.join(run, rel)), rel
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
+    with open(os.path.join(run, "train.log")) as f:
+        log = f.read()
+    assert "epoch 2:" in log and "RollingQ: layer 0 rotated" in log
     for r in rows:
         for key in ("train_loss", "train_acc", "val_acc", "val_macro_f1", "lr", "air", "mass", "cos", "rollingq",
                     "rotated", "time_s"):

@@ -42,6 +42,14 @@ from .seeding import rng_state, seed_everything, set_rng_state
 logger = logging.getLogger("rollingq.train")
 
 CHECKPOINT_VERSION = 1
+LOGGERS = ("rollingq", "rollingq_kernels")
+
+
+def remove_file_logging(handler: logging.Handler) -> None:
+    """Detach and close a handler made by :func:`add_file_logging`."""
+    for name in LOGGERS:
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
 
 
 def make_run_dir(cfg: dict, run_dir: str | None) -> str:
@@ -59,13 +67,15 @@ def make_run_dir(cfg: dict, run_dir: str | None) -> str:
 
 
 def add_file_logging(run_dir: str) -> logging.Handler:
-    """Also log the ``rollingq`` loggers to ``run_dir/train.log``; returns the handler (remove it when done)."""
+    """Also log the ``rollingq`` and ``rollingq_kernels`` loggers (the controller's rotations) to
+    ``run_dir/train.log``; returns the handler (remove it with :func:`remove_file_logging`)."""
     handler = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("rollingq")
-    root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
+    for name in LOGGERS:
+        log = logging.getLogger(name)
+        log.addHandler(handler)
+        if log.level == logging.NOTSET or log.level > logging.INFO:
+            log.setLevel(logging.INFO)
     return handler
 
 
@@ -362,8 +372,7 @@ def _run(cfg: dict, run_dir: str, state: dict | None) -> str:
         Trainer(cfg, run_dir, info, state).fit()
     finally:
         if handler is not None:
-            logging.getLogger("rollingq").removeHandler(handler)
-            handler.close()
+            remove_file_logging(handler)
         distributed.cleanup()
     return run_dir
 
