@@ -182,7 +182,7 @@ inline const acc_t* load_query_tile(const scalar_t* q, const scalar_t* q0rot, in
 
 // Tile sizes: up to 512 keys (at most 128 KiB of fp32 keys) by up to 128 query rows.
 inline int64_t kv_block_size(int64_t dh) { return std::max<int64_t>(32, std::min<int64_t>(512, 32768 / dh)); }
-inline int64_t q_block_size(int64_t nq) { return std::min<int64_t>(128, nq); }
+inline int64_t q_block_size(int64_t nq) { return std::min<int64_t>(256, nq); }
 
 // Calls f(scalar_t{}) for the dtypes of the op.
 template <typename F>
