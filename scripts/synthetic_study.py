@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """The synthetic study: vanilla MT vs vanilla MT + RollingQ over several seeds, evaluated and reported.
 
-Trains both variants on the packaged synthetic default (``rollingq/configs/synthetic.yaml``) for
-each seed — the seed changes the generated data and the initialisation; nothing else changes per
-seed — then runs ``evaluate_run`` on every run and ``write_report`` over all of them.
+Trains both variants on the packaged synthetic default (``rollingq/configs/synthetic.yaml`` and
+``synthetic_rollingq.yaml``, the configs ``rollingq demo`` trains) for each seed — the seed changes
+the generated data and the initialisation; nothing else changes per seed — then runs
+``evaluate_run`` on every run and ``write_report`` over all of them. Every config is resolved
+before the first run starts, so the study is one consistent setting.
 
     PYTHONPATH=python:. python scripts/synthetic_study.py \
         --runs runs/synthetic_study --out docs/figures/synthetic_study --seeds 0 1 2
@@ -29,10 +31,8 @@ from rollingq.train import resume, train
 
 logger = logging.getLogger("synthetic_study")
 
-VARIANTS: dict[str, list[str]] = {
-    "vanilla_mt": ["name=vanilla_mt", "rollingq.enabled=false"],
-    "vanilla_mt+rollingq": ["name=vanilla_mt+rollingq", "rollingq.enabled=true"],
-}
+VARIANTS: dict[str, str] = {"vanilla_mt": "synthetic", "vanilla_mt+rollingq": "synthetic_rollingq"}
+"""Run label -> packaged config."""
 
 
 def _finished(run_dir: str, epochs: int) -> bool:
@@ -41,27 +41,37 @@ def _finished(run_dir: str, epochs: int) -> bool:
     return os.path.isfile(best) and os.path.isfile(metrics) and len(read_metrics(metrics)) >= epochs
 
 
-def run_study(runs_root: str, out_dir: str, seeds: list[int], overrides: list[str], config: str) -> str:
-    """Train, evaluate and report every (variant, seed); returns the report path."""
-    run_dirs = []
-    for variant, variant_overrides in VARIANTS.items():
+def run_study(
+    runs_root: str, out_dir: str | None, seeds: list[int], overrides: list[str], variants: list[str]
+) -> str | None:
+    """Train and evaluate every (variant, seed), then report (unless ``out_dir`` is None).
+
+    Returns:
+        The report path, or None without a report.
+    """
+    plan = []
+    for variant in variants:
         for seed in seeds:
-            cfg = load_config(config, [*overrides, *variant_overrides, f"seed={seed}", "train.progress=false"])
-            run_dir = os.path.join(runs_root, f"{variant}_seed{seed}")
-            epochs = int(cfg["train"]["epochs"])
-            if _finished(run_dir, epochs):
-                logger.info("%s already trained; reusing it", run_dir)
+            cfg = load_config(VARIANTS[variant], [*overrides, f"seed={seed}", "train.progress=false"])
+            if cfg["name"] != variant:
+                raise ValueError(f"config {VARIANTS[variant]!r} is named {cfg['name']!r}, expected {variant!r}")
+            plan.append((cfg, os.path.join(runs_root, f"{variant}_seed{seed}")))
+    run_dirs = []
+    for cfg, run_dir in plan:
+        epochs = int(cfg["train"]["epochs"])
+        if _finished(run_dir, epochs):
+            logger.info("%s already trained; reusing it", run_dir)
+        else:
+            start = time.time()
+            if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
+                resume(run_dir)
             else:
-                start = time.time()
-                if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
-                    resume(run_dir)
-                else:
-                    train(cfg, run_dir)
-                logger.info("trained %s in %.0f s", run_dir, time.time() - start)
-            result = evaluate_run(run_dir, split="test", seed=0)
-            logger.info("%s: %s", run_dir, json.dumps(summarize(result)))
-            run_dirs.append(run_dir)
-    return write_report(run_dirs, out_dir)
+                train(cfg, run_dir)
+            logger.info("trained %s in %.0f s", run_dir, time.time() - start)
+        result = evaluate_run(run_dir, split="test", seed=0)
+        logger.info("%s: %s", run_dir, json.dumps(summarize(result)))
+        run_dirs.append(run_dir)
+    return write_report(run_dirs, out_dir) if out_dir is not None else None
 
 
 def main() -> None:
@@ -69,13 +79,16 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/synthetic_study", help="where the run directories go")
     parser.add_argument("--out", default="docs/figures/synthetic_study", help="where report.md and the figures go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--config", default="synthetic", help="base config (packaged name or YAML path)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="which variants to run (e.g. one per process)")
+    parser.add_argument("--no-report", action="store_true", help="train and evaluate only")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                         help="dotted override applied to every run (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    path = run_study(args.runs, args.out, args.seeds, args.overrides, args.config)
-    logger.info("report: %s", path)
+    path = run_study(args.runs, None if args.no_report else args.out, args.seeds, args.overrides, args.variants)
+    if path is not None:
+        logger.info("report: %s", path)
 
 
 if __name__ == "__main__":

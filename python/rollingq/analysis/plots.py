@@ -32,53 +32,66 @@ def _save(fig: Figure, path: str) -> str:
     return path
 
 
-def _mark_rotations(ax: Axes, run: RunRecord) -> None:
-    for i, epoch in enumerate(run.rotation_epochs):
-        ax.axvline(epoch, color="red", linestyle="--", linewidth=1.0, label="rotation" if i == 0 else None)
+SEED_STYLES = ("-", "--", ":", "-.")
+
+
+def _mark_rotations(ax: Axes, run: RunRecord, color: str, labelled: bool) -> bool:
+    """Dashed lines half an epoch after each rotation epoch (the rotation acts from the next epoch on)."""
+    for epoch in run.rotation_epochs:
+        ax.axvline(epoch + 0.5, color=color, linestyle="--", linewidth=1.0, alpha=0.6,
+                   label=None if labelled else "rotation")
+        labelled = True
+    return labelled
 
 
 def plot_training_dynamics(runs: Sequence[RunRecord], path: str) -> str | None:
-    """AIR (left) and class-row attention mass per modality (right) per epoch, one row per run.
+    """AIR (left) and class-row attention mass per modality (right) per epoch, one row per run group.
 
-    Rotation epochs (``rotated`` in metrics.jsonl) are dashed red lines, as the paper's Figure 4c.
+    The seeds of a group share a panel (line style per seed). AIR and mass are the epoch's
+    training-batch statistics from metrics.jsonl; a rotation made at the end of epoch e is a dashed
+    red line at e + 0.5, as in the paper's Figure 4c.
     """
     runs = [r for r in runs if any(e.get("air") is not None or e.get("mass") for e in r.epochs)]
     if not runs:
         return None
-    fig = Figure(figsize=(11, 2.6 * len(runs)), layout="constrained")
-    axes = fig.subplots(len(runs), 2, squeeze=False)
-    for row, run in enumerate(runs):
+    groups = group_runs(runs)
+    fig = Figure(figsize=(11, 3.0 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    for row, (group, members) in enumerate(groups.items()):
         ax_air, ax_mass = axes[row]
-        epochs = [int(e["epoch"]) for e in run.epochs]
-        air = [np.nan if e.get("air") is None else float(e["air"]) for e in run.epochs]
-        ax_air.plot(epochs, air, marker="o", markersize=3, color="black", label="AIR")
+        rotation_labelled = [False, False]
+        for i, run in enumerate(members):
+            style = SEED_STYLES[i % len(SEED_STYLES)]
+            seed = f"seed {run.seed}" if run.seed is not None else run.label
+            epochs = [int(e["epoch"]) for e in run.epochs]
+            air = [np.nan if e.get("air") is None else float(e["air"]) for e in run.epochs]
+            ax_air.plot(epochs, air, linestyle=style, marker="o", markersize=3, color="black", label=seed)
+            rotation_labelled[0] = _mark_rotations(ax_air, run, "red", rotation_labelled[0])
+            names = ["class", *run.modalities]
+            masses = [e.get("mass") for e in run.epochs]
+            width = max((len(m) for m in masses if m), default=0)
+            for j in range(width):
+                series = [np.nan if not m or j >= len(m) else float(m[j]) for m in masses]
+                color = "gray" if j == 0 else MODALITY_COLORS[(j - 1) % len(MODALITY_COLORS)]
+                label = (names[j] if j < len(names) else f"modality {j}") if i == 0 else None
+                ax_mass.plot(epochs, series, linestyle=style, marker="o", markersize=2.5, color=color, label=label)
+            rotation_labelled[1] = _mark_rotations(ax_mass, run, "red", rotation_labelled[1])
+        first = members[0]
         ax_air.axhline(0.0, color="gray", linewidth=0.6)
-        beta = (run.cfg.get("rollingq") or {}).get("beta")
-        if beta is not None and (run.cfg.get("rollingq") or {}).get("enabled"):
-            ax_air.axhspan(-float(beta), float(beta), color="gray", alpha=0.12, label=f"|AIR| < β = {beta}")
-        _mark_rotations(ax_air, run)
-        ax_air.set_title(f"{run.label}: AIR over training", fontsize=9)
-        ax_air.set_xlabel("epoch")
-        mods = run.modalities
+        rq = first.cfg.get("rollingq") or {}
+        if rq.get("enabled") and rq.get("beta") is not None:
+            beta = float(rq["beta"])
+            ax_air.axhspan(-beta, beta, color="gray", alpha=0.12, label=f"|AIR| < β = {beta:g}")
+        mods = first.modalities
         ax_air.set_ylabel(f"AIR = E[cos {mods[0]} − cos {mods[1]}]" if len(mods) >= 2 else "AIR")
-        ax_air.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_air.legend(fontsize=7, loc="best")
-
-        names = ["class", *run.modalities]
-        masses = [e.get("mass") for e in run.epochs]
-        width = max((len(m) for m in masses if m), default=0)
-        for j in range(width):
-            series = [np.nan if not m or j >= len(m) else float(m[j]) for m in masses]
-            color = "gray" if j == 0 else MODALITY_COLORS[(j - 1) % len(MODALITY_COLORS)]
-            label = names[j] if j < len(names) else f"modality {j}"
-            ax_mass.plot(epochs, series, marker="o", markersize=3, color=color, label=label)
-        _mark_rotations(ax_mass, run)
+        ax_air.set_title(f"{group}: AIR over training (training batches)", fontsize=9)
+        ax_mass.set_title(f"{group}: class-row attention mass (training batches)", fontsize=9)
         ax_mass.set_ylim(0.0, 1.0)
-        ax_mass.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_mass.set_title(f"{run.label}: class-row attention mass (training batches)", fontsize=9)
-        ax_mass.set_xlabel("epoch")
         ax_mass.set_ylabel("attention mass")
-        ax_mass.legend(fontsize=7, loc="best")
+        for ax in (ax_air, ax_mass):
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 
@@ -195,7 +208,7 @@ def plot_accuracy_over_training(runs: Sequence[RunRecord], path: str) -> str | N
         first = run is next(r for r in runs if r.name == run.name)
         ax.plot(epochs, acc, color=color, alpha=0.8, label=run.name if first else None)
         rot = [(ep, a) for ep, a in zip(epochs, acc, strict=True) if ep in run.rotation_epochs and not math.isnan(a)]
-        if rot:
+        if rot:  # the validation accuracy of the epoch at whose end the query was rotated
             ax.scatter(*zip(*rot, strict=True), color="red", s=18, zorder=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
