@@ -157,3 +157,10 @@ def test_estimation_pass_before_a_rotation(tmp_path):
     cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=1", "rollingq.beta=0.0", "rollingq.estimate=pass"])
     rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
     assert rows[0]["rotated"] and rows[0]["rollingq"][0]["reason"] == "rotated"
+
+
+def test_controller_waits_for_its_start_epoch(tmp_path):
+    cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=2", "rollingq.beta=0.0", "rollingq.start_epoch=2"])
+    rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
+    assert rows[0]["rollingq"] == [] and not rows[0]["rotated"]
+    assert rows[1]["rotated"] and rows[1]["rollingq"][0]["count"] == 211  # epoch 2's window only

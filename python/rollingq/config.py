@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "window": "epoch",
         "method": "plane",
         "estimate": "accumulate",
+        "start_epoch": 1,
     },
     "ogm": {"alpha": 0.1, "start_epoch": 1, "end_epoch": 1000},
     "optim": {

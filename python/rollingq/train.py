@@ -275,8 +275,12 @@ class Trainer:
             self.model(mods)
 
     def _controller_step(self, epoch: int) -> list:
-        """Step the controller; with ``rollingq.estimate=pass`` it re-reads this rank's training shard
-        (eval mode, no grad) to estimate the anchor, as the official code does before a rotation."""
+        """Step the controller from epoch ``rollingq.start_epoch`` on (earlier windows are discarded);
+        with ``rollingq.estimate=pass`` it re-reads this rank's training shard (eval mode, no grad) to
+        estimate the anchor, as the official code does before a rotation."""
+        if epoch < int(self.cfg["rollingq"].get("start_epoch", 1)):
+            self.controller.reset_statistics()  # too early to rotate: start the next window afresh
+            return []
         if self.cfg["rollingq"].get("estimate", "accumulate") != "pass":
             return self.controller.step(epoch=epoch)
         self.model.eval()
