@@ -57,7 +57,9 @@ inline vf exp(vf x) {
   p = p * r + 5.0000001201e-1f;
   const vf y = p * r * r + r + 1.0f;
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  const vf result = y * reinterpret_cast<const vf&>(bits);
+  vf pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  const vf result = y * pow2;
   return x < lo ? splat(0.0f) : result;
 }
 
