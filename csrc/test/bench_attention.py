@@ -1,8 +1,8 @@
 """Paired CPU timing of the C++ kernels against SDPA and the eager reference.
 
-Runs the providers interleaved (one call of each per round) so that load from
-other processes hits them alike, and reports per-provider medians plus the
-median of the per-round ratios. Shapes are the issue's targets:
+Runs each provider in blocks of back-to-back calls, in two alternating passes
+so that slow phases of the shared machine hit every provider, and reports
+per-provider medians and their ratios. Shapes are the issue's targets:
 
 * all-query fp32 B=8, H=12, Dh=64, segments (512, 588): forward (with
   statistics) and forward+backward, vs SDPA and the eager reference;
@@ -28,27 +28,26 @@ import rollingq_kernels as rk
 logger = logging.getLogger("bench_attention")
 
 
-def paired(providers: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Times each provider once per round (ms), after one warm-up call each."""
-    for f in providers.values():
-        f()
+def paired(providers: dict[str, Callable[[], object]], rounds: int, passes: int = 2) -> dict[str, list[float]]:
+    """Times each provider ``rounds`` times in a row (ms) after a warm-up call, in
+    ``passes`` alternating passes over the providers. Calls of one provider run
+    back to back: switching right after another multithreaded op lets that op's
+    spinning OpenMP/MKL workers steal the cores from the next call's first ms."""
     times: dict[str, list[float]] = {name: [] for name in providers}
-    for _ in range(rounds):
+    for _ in range(passes):
         for name, f in providers.items():
-            t0 = time.perf_counter()
             f()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                f()
+                times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
 def summarize(title: str, times: dict[str, list[float]], ours: str) -> None:
     meds = {k: statistics.median(v) for k, v in times.items()}
     parts = [f"{k} {m:.1f} ms" for k, m in meds.items()]
-    ratios = [
-        f"{k}/{ours} x{statistics.median(a / b for a, b in zip(times[k], times[ours])):.2f}"
-        for k in times
-        if k != ours
-    ]
+    ratios = [f"{k}/{ours} x{meds[k] / meds[ours]:.2f}" for k in times if k != ours]
     logger.info("%s: %s | %s", title, ", ".join(parts), ", ".join(ratios))
 
 
