@@ -117,7 +117,7 @@ def dynamics_table(groups: dict[str, list[RunRecord]]) -> list[str]:
             fmt([mass_on_noise(r, "clean") for r in evaluated]),
             fmt([mass_on_noise(r, "noise_replaced") for r in evaluated]),
             fmt([_eval_get(r, "pearson", "r_quality") for r in evaluated]),
-            f"{max(p_values):.1e}" if p_values else "–",
+            _p_value(max(p_values) if p_values else None),
         ])
     return _table(header, rows)
 
@@ -159,9 +159,15 @@ def runs_table(runs: Sequence[RunRecord]) -> list[str]:
             fmt([_final(run, "val_acc")]),
             fmt([_eval_get(run, "accuracy")]),
             fmt([_eval_get(run, "pearson", "r_quality")]),
+            _p_value(_eval_get(run, "pearson", "p_value")),
             ", ".join(str(e) for e in run.rotation_epochs) or "–",
         ])
-    return _table(["run", "seed", "directory", "epochs", "final val acc", "test acc", "Pearson r", "rotation epochs"], rows)
+    header = ["run", "seed", "directory", "epochs", "final val acc", "test acc", "Pearson r", "p", "rotation epochs"]
+    return _table(header, rows)
+
+
+def _p_value(p: float | None) -> str:
+    return "–" if p is None else f"{p:.1e}"
 
 
 def write_report(run_dirs: list[str], out_dir: str) -> str:
