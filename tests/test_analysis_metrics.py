@@ -301,3 +301,28 @@ def test_evaluate_model_record_is_complete_and_seeded():
     assert short["pearson"] == pearson
     with pytest.raises(ValueError, match="noise_modality must be one of"):
         evaluate_model(model, loader, ["audio", "visual"], noise_modality="text")
+
+
+class StaticFusion(TinyFusion):
+    """TinyFusion reporting no attention statistics (as the static fusion heads do)."""
+
+    def forward(self, modalities: list[torch.Tensor]) -> SimpleNamespace:
+        out = super().forward(modalities)
+        return SimpleNamespace(logits=out.logits, probe_logits=out.probe_logits, stats=None)
+
+
+def test_static_fusion_picks_the_noise_modality_by_probe_and_skips_attention_analyses():
+    torch.manual_seed(4)
+    loader = _toy_loader()
+    model = StaticFusion(5, 8, 3, head_uses=0)
+    _fit_head_on_audio(model, loader)
+    with torch.no_grad():  # make the audio probe the better one
+        model.probes[0].weight.copy_(model.head.weight)
+        model.probes[0].bias.copy_(model.head.bias)
+    result = evaluate_model(model, loader, ["audio", "visual"], seed=1)
+    assert result["probe_accuracy"]["audio"] > result["probe_accuracy"]["visual"]
+    assert result["noise_modality"] == "audio"
+    assert result["noise_modality_reason"].startswith("best probe accuracy")
+    assert result["attention"] is None and result["pearson"] is None and result["key_distribution"] is None
+    assert result["air"] is None
+    assert len(result["noise_robustness"]["accuracy"]) == 5

@@ -133,3 +133,24 @@ def test_eval_and_report_on_a_real_one_epoch_run(tmp_path):
     write_report(run_dirs, str(out))
     for filename in FIGURES:
         _check_png(str(out / filename))
+
+
+def test_report_with_a_static_fusion_run(tmp_path):
+    """A run without attention statistics keeps its accuracy rows and noise curve; attention cells stay empty."""
+    from test_analysis_metrics import StaticFusion
+
+    attn_run = _fake_run(str(tmp_path), "vanilla_mt", 0, [])
+    static_run = _fake_run(str(tmp_path), "concat", 0, [], evaluate=False)
+    torch.manual_seed(0)
+    result = evaluate_model(StaticFusion(5, 8, 3), _toy_loader(), ["audio", "visual"], seed=0)
+    with open(os.path.join(static_run, "eval.json"), "w") as f:
+        json.dump({"name": "concat", "split": "test", **result}, f)
+    out = tmp_path / "out"
+    write_report([attn_run, static_run], str(out))
+    text = (out / "report.md").read_text()
+    concat_rows = [line for line in text.splitlines() if line.startswith("| concat | 1 |")]
+    assert len(concat_rows) == 2  # accuracy and attention-dynamics tables
+    assert fmt([result["accuracy"]]) in concat_rows[0]
+    assert concat_rows[1].count("| – |") >= 3
+    for filename in FIGURES:
+        _check_png(str(out / filename))

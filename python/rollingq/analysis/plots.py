@@ -183,7 +183,8 @@ def plot_noise_robustness(runs: Sequence[RunRecord], path: str) -> str | None:
         mean = curves.mean(axis=0)
         std = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
         modality = members[0].eval["noise_robustness"]["modality"]
-        ax.plot(levels, mean, color=color, marker="o", linewidth=2.0, label=f"{group} (n={len(members)}, noise on {modality})")
+        label = f"{group} (n={len(members)}, noise on {modality})"
+        ax.plot(levels, mean, color=color, marker="o", linewidth=2.0, label=label)
         ax.fill_between(levels, mean - std, mean + std, color=color, alpha=0.15)
     ax.set_xlabel("noise level (noise std / modality std over the split)")
     ax.set_ylabel("accuracy")

@@ -35,7 +35,9 @@ class RunRecord:
     @property
     def label(self) -> str:
         """``name (seed s)``, or ``name (dir)`` when the seed is unknown."""
-        return f"{self.name} (seed {self.seed})" if self.seed is not None else f"{self.name} ({os.path.basename(self.run_dir)})"
+        if self.seed is not None:
+            return f"{self.name} (seed {self.seed})"
+        return f"{self.name} ({os.path.basename(os.path.normpath(self.run_dir))})"
 
     @property
     def modalities(self) -> list[str]:
@@ -72,7 +74,9 @@ def load_run_record(run_dir: str) -> RunRecord:
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{run_dir!r} is not a run directory: no config.yaml (expected one written by rollingq train)")
+        raise FileNotFoundError(
+            f"{run_dir!r} is not a run directory: no config.yaml (expected one written by rollingq train)"
+        )
     with open(cfg_path, encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -85,7 +89,9 @@ def load_run_record(run_dir: str) -> RunRecord:
         with open(eval_path, encoding="utf-8") as f:
             evaluation = json.load(f)
     else:
-        logger.warning("%s has no eval.json (run `rollingq eval --run %s`); its evaluation is left out", run_dir, run_dir)
+        logger.warning(
+            "%s has no eval.json (run `rollingq eval --run %s`); its evaluation is left out", run_dir, run_dir
+        )
     seed = cfg.get("seed")
     return RunRecord(
         run_dir=run_dir,
