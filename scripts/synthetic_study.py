@@ -42,9 +42,17 @@ def _finished(run_dir: str, epochs: int) -> bool:
 
 
 def run_study(
-    runs_root: str, out_dir: str | None, seeds: list[int], overrides: list[str], variants: list[str]
+    runs_root: str,
+    out_dir: str | None,
+    seeds: list[int],
+    overrides: list[str],
+    variants: list[str],
+    noise_modality: str | None = "audio",
 ) -> str | None:
     """Train and evaluate every (variant, seed), then report (unless ``out_dir`` is None).
+
+    ``noise_modality`` is the modality every run's evaluation corrupts (None: each run's own
+    biased modality, which can differ between runs and makes their noise numbers incomparable).
 
     Returns:
         The report path, or None without a report.
@@ -68,7 +76,7 @@ def run_study(
             else:
                 train(cfg, run_dir)
             logger.info("trained %s in %.0f s", run_dir, time.time() - start)
-        result = evaluate_run(run_dir, split="test", seed=0)
+        result = evaluate_run(run_dir, split="test", noise_modality=noise_modality, seed=0)
         logger.info("%s: %s", run_dir, json.dumps(summarize(result)))
         run_dirs.append(run_dir)
     return write_report(run_dirs, out_dir) if out_dir is not None else None
@@ -82,11 +90,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="which variants to run (e.g. one per process)")
     parser.add_argument("--no-report", action="store_true", help="train and evaluate only")
+    parser.add_argument("--noise-modality", default="audio",
+                        help="modality corrupted in every evaluation (default audio, the synthetic task's strong "
+                        "modality); 'auto' lets each run pick its own biased modality")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                         help="dotted override applied to every run (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    path = run_study(args.runs, None if args.no_report else args.out, args.seeds, args.overrides, args.variants)
+    noise_modality = None if args.noise_modality == "auto" else args.noise_modality
+    out = None if args.no_report else args.out
+    path = run_study(args.runs, out, args.seeds, args.overrides, args.variants, noise_modality)
     if path is not None:
         logger.info("report: %s", path)
 
