@@ -33,6 +33,7 @@ def _save(fig: Figure, path: str) -> str:
 
 
 SEED_STYLES = ("-", "--", ":", "-.")
+SEED_MARKERS = ("o", "s", "^", "D", "v", "x")
 
 
 def _mark_rotations(ax: Axes, run: RunRecord, color: str, labelled: bool) -> bool:
@@ -62,10 +63,11 @@ def plot_training_dynamics(runs: Sequence[RunRecord], path: str) -> str | None:
         rotation_labelled = [False, False]
         for i, run in enumerate(members):
             style = SEED_STYLES[i % len(SEED_STYLES)]
+            marker = SEED_MARKERS[i % len(SEED_MARKERS)]
             seed = f"seed {run.seed}" if run.seed is not None else run.label
             epochs = [int(e["epoch"]) for e in run.epochs]
             air = [np.nan if e.get("air") is None else float(e["air"]) for e in run.epochs]
-            ax_air.plot(epochs, air, linestyle=style, marker="o", markersize=3, color="black", label=seed)
+            ax_air.plot(epochs, air, linestyle=style, marker=marker, markersize=3, color="black", label=seed)
             rotation_labelled[0] = _mark_rotations(ax_air, run, "red", rotation_labelled[0])
             names = ["class", *run.modalities]
             masses = [e.get("mass") for e in run.epochs]
@@ -74,7 +76,7 @@ def plot_training_dynamics(runs: Sequence[RunRecord], path: str) -> str | None:
                 series = [np.nan if not m or j >= len(m) else float(m[j]) for m in masses]
                 color = "gray" if j == 0 else MODALITY_COLORS[(j - 1) % len(MODALITY_COLORS)]
                 label = (names[j] if j < len(names) else f"modality {j}") if i == 0 else None
-                ax_mass.plot(epochs, series, linestyle=style, marker="o", markersize=2.5, color=color, label=label)
+                ax_mass.plot(epochs, series, linestyle=style, marker=marker, markersize=2.5, color=color, label=label)
             rotation_labelled[1] = _mark_rotations(ax_mass, run, "red", rotation_labelled[1])
         first = members[0]
         ax_air.axhline(0.0, color="gray", linewidth=0.6)
