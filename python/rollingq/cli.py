@@ -72,8 +72,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     evaluate_run = _analysis("evaluate", "evaluate_run")
+    summarize = _analysis("evaluate", "summarize")
     result = evaluate_run(args.run, split=args.split, noise_modality=args.noise_modality, seed=args.seed)
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(summarize(result), indent=2, default=str))
     return 0
 
 
@@ -88,8 +89,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     table, report = run_demo(args.out, epochs=args.epochs)
     print(table)
-    if report:
-        print(f"\nreport: {report}")
+    print(f"\nreport: {report}")
     return 0
 
 

@@ -3,9 +3,9 @@
 Trains both runs (configs ``synthetic`` and ``synthetic_rollingq``), evaluates
 each best-on-validation checkpoint on the clean test split and with the easier
 modality's input replaced by Gaussian noise (the paper's Table 3 protocol), and
-returns a side-by-side table. When the analyses are installed
+returns a side-by-side table; then it runs the analyses
 (:func:`rollingq.evaluate.evaluate_run`, :func:`rollingq.analysis.report.write_report`)
-it also runs them and returns the report's path.
+on both runs and returns the report's path.
 """
 
 from __future__ import annotations
@@ -91,25 +91,18 @@ def format_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _optional_analyses(run_dirs: list[str], out: str, noise_modality: str) -> str | None:
-    try:
-        from .evaluate import evaluate_run
-    except ImportError:
-        logger.info("rollingq.evaluate is not installed; skipping evaluate_run")
-        return None
+def _analyses(run_dirs: list[str], out: str, noise_modality: str) -> str:
+    """Evaluate both runs (clean and with ``noise_modality`` corrupted) and write the report; return its path."""
+    from .analysis.report import write_report
+    from .evaluate import evaluate_run
+
     for run_dir in run_dirs:
-        evaluate_run(run_dir, split="test")
         evaluate_run(run_dir, split="test", noise_modality=noise_modality)
-    try:
-        from .analysis.report import write_report
-    except ImportError:
-        logger.info("rollingq.analysis.report is not installed; skipping the report")
-        return None
     return write_report(run_dirs, os.path.join(out, "report"))
 
 
-def run_demo(out: str = "runs/demo", epochs: int | None = None, overrides: list[str] | None = None) -> tuple[str, str | None]:
-    """Train both demo runs under ``out``; return (the side-by-side table, the report path or None)."""
+def run_demo(out: str = "runs/demo", epochs: int | None = None, overrides: list[str] | None = None) -> tuple[str, str]:
+    """Train both demo runs under ``out``, evaluate them; return (the side-by-side table, the report path)."""
     os.makedirs(out, exist_ok=True)
     run_dirs = []
     extra = list(overrides or []) + ([f"train.epochs={int(epochs)}"] if epochs is not None else [])
@@ -123,5 +116,5 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overrides: list[
         torch.set_num_threads(int(threads))
     summaries = [summarize_run(r) for r in run_dirs]
     table = format_table(summaries)
-    report = _optional_analyses(run_dirs, out, summaries[0]["strongest"])
+    report = _analyses(run_dirs, out, summaries[0]["strongest"])
     return table, report
