@@ -151,7 +151,7 @@ def measure_machine(device: torch.device, dtypes: dict[str, torch.dtype], quick:
     if device.type == "cuda":
         copy_bytes, n = (256 << 20, 4096) if quick else (1 << 30, 8192)
     else:
-        copy_bytes, n = (32 << 20, 512) if quick else (256 << 20, 2048)
+        copy_bytes, n = (32 << 20, 512) if quick else (256 << 20, 3072)
     rounds = 3 if quick else 5
     src = torch.rand(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
