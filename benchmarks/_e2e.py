@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._arith import median_seconds
+
 logger = logging.getLogger("benchmarks")
 
 SEGMENTS = (176, 196)
@@ -139,10 +141,9 @@ def run_epochs(variant: str, cfg: E2EConfig, mods: list[torch.Tensor], labels: t
         if epoch > 0:
             times.append(elapsed)
             rotations += sum(bool(r.rotated) for r in records)
-    times.sort()
     return {
         "variant": variant,
-        "median_epoch_s": times[len(times) // 2],
+        "median_epoch_s": median_seconds(times),
         "epochs_timed": len(times),
         "rotations": rotations,
         "train_size": cfg.train_size,

@@ -176,8 +176,24 @@ def run_metadata(device: torch.device, quick: bool, note: str, has_cpp: bool) ->
 
 
 def results_path(directory: Path, metadata: dict[str, Any]) -> Path:
-    """``<directory>/<device-slug>-<YYYY-MM-DD>.json``."""
-    return directory / f"{slugify(metadata['device_name'])}-{metadata['date'][:10]}.json"
+    """``<directory>/<device-slug>-<YYYY-MM-DD>[-quick][-partial].json``.
+
+    A quick or partial (``-k``/``-m`` selected) run gets its own suffix, so it never
+    replaces the day's full run of the same machine.
+    """
+    suffix = ("-quick" if metadata.get("quick") else "") + ("-partial" if metadata.get("partial") else "")
+    return directory / f"{slugify(metadata['device_name'])}-{metadata['date'][:10]}{suffix}.json"
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/inf: replace them (recursively) by None rather than fail at the end of a run."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def write_results(
@@ -188,7 +204,7 @@ def write_results(
     gates: list[dict[str, Any]],
     end_to_end: list[dict[str, Any]],
 ) -> Path:
-    """Write one results file and return its path (overwrites a file of the same machine and date)."""
+    """Write one results file atomically and return its path (replaces a file of the same machine, date and kind)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = results_path(directory, metadata)
     payload = {
@@ -198,7 +214,9 @@ def write_results(
         "gates": gates,
         "end_to_end": end_to_end,
     }
-    path.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite_or_none(payload), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written results file
     return path
 
 

@@ -98,6 +98,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     tr.write_sep("=", "rollingq regression gates" + (" (--quick: reported, never failing)" if quick else ""))
     tr.write_line(gates_table(gates))
     metadata = run_metadata(session.config.device, quick, config.getoption("--bench-note"), rollingq_kernels.HAS_CPP)
+    metadata["partial"] = bool(config.getoption("keyword") or config.getoption("markexpr"))
     metadata["warmup"] = session.config.warmup
     metadata["input_sets"] = session.config.input_sets
     metadata["min_rounds"], metadata["max_rounds"] = session.config.rounds, session.config.max_rounds
