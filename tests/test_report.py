@@ -154,3 +154,32 @@ def test_report_with_a_static_fusion_run(tmp_path):
     assert concat_rows[1].count("| – |") >= 3
     for filename in FIGURES:
         _check_png(str(out / filename))
+
+
+def _retag(run_dir: str, dataset: str) -> None:
+    """Rewrite a fake run's config.yaml with another ``data.name``."""
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["data"]["name"] = dataset
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+
+
+def test_groups_are_per_dataset_and_a_repeated_seed_is_warned(tmp_path, caplog):
+    """Two datasets' ``vanilla_mt`` runs form two groups; one seed twice in a group is logged."""
+    from rollingq.analysis.runs import group_runs
+
+    synth = _fake_run(str(tmp_path / "a"), "vanilla_mt", 0, [], evaluate=False)
+    cremad = _fake_run(str(tmp_path / "b"), "vanilla_mt", 0, [], evaluate=False)
+    _retag(cremad, "cremad")
+    groups = group_runs([load_run_record(synth), load_run_record(cremad)])
+    assert {k: [r.run_dir for r in v] for k, v in groups.items()} == {
+        "synthetic/vanilla_mt": [synth], "cremad/vanilla_mt": [cremad]}
+    assert not [r for r in caplog.records if "more than once" in r.getMessage()]
+
+    twin = _fake_run(str(tmp_path / "c"), "vanilla_mt", 0, [], evaluate=False)
+    with caplog.at_level("WARNING", logger="rollingq.analysis.runs"):
+        groups = group_runs([load_run_record(synth), load_run_record(twin)])
+    assert list(groups) == ["vanilla_mt"] and len(groups["vanilla_mt"]) == 2
+    assert any("seed 0 more than once" in r.getMessage() for r in caplog.records)

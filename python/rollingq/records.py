@@ -43,6 +43,14 @@ def write_metrics(path: str, history: list[dict]) -> None:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` file."""
+    """The rows of a ``metrics.jsonl`` file (blank lines skipped); raises ``ValueError`` naming a bad line."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({exc})") from exc
+    return records

@@ -1,6 +1,7 @@
 """``rollingq report``: figures and a ``report.md`` comparing runs (groups of seeds side by side).
 
-Runs are grouped by ``cfg["name"]`` (e.g. ``vanilla_mt`` and ``vanilla_mt+rollingq``); every
+Runs are grouped by ``(cfg["data"]["name"], cfg["name"])`` (e.g. ``vanilla_mt`` and ``vanilla_mt+rollingq``
+of one dataset; labelled ``dataset/name`` when the runs span several datasets); every
 table cell of a group is ``mean ± std`` over its seeds (sample std, ``n`` given).
 """
 
@@ -198,7 +199,7 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
     lines = [
         "# RollingQ report",
         "",
-        f"{len(runs)} run(s) in {len(groups)} group(s) (grouped by `name`; cells are mean ± std over seeds, "
+        f"{len(runs)} run(s) in {len(groups)} group(s) (grouped by dataset and `name`; cells are mean ± std over seeds, "
         f"sample std). Evaluated split: {', '.join(splits) or 'none'}. "
         "Protocols: `docs/evaluation.md`.",
         "",

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..records import read_metrics
+
+__all__ = ["RunRecord", "group_runs", "load_run_record", "read_metrics"]
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,7 +22,7 @@ class RunRecord:
 
     Attributes:
         run_dir: the directory.
-        name: the run label ``cfg["name"]`` (runs with one name form a group, e.g. several seeds).
+        name: the run label ``cfg["name"]`` (runs with one dataset and one name form a group, e.g. several seeds).
         seed: ``cfg["seed"]`` (None if absent).
         cfg: the resolved config.
         epochs: the ``metrics.jsonl`` records, one dict per epoch, in order.
@@ -40,6 +44,11 @@ class RunRecord:
         return f"{self.name} ({os.path.basename(os.path.normpath(self.run_dir))})"
 
     @property
+    def dataset(self) -> str:
+        """``cfg["data"]["name"]`` (empty when the config has none)."""
+        return str((self.cfg.get("data") or {}).get("name") or "")
+
+    @property
     def modalities(self) -> list[str]:
         mods = (self.cfg.get("data") or {}).get("modalities")
         if mods:
@@ -52,20 +61,6 @@ class RunRecord:
     def rotation_epochs(self) -> list[int]:
         """Epochs (1-based) at whose end the query was rotated."""
         return [int(e["epoch"]) for e in self.epochs if e.get("rotated")]
-
-
-def read_metrics(path: str) -> list[dict]:
-    """Parse a ``metrics.jsonl`` file (blank lines skipped); raises ``ValueError`` naming the bad line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({exc})") from exc
-    return records
 
 
 def load_run_record(run_dir: str) -> RunRecord:
@@ -104,10 +99,25 @@ def load_run_record(run_dir: str) -> RunRecord:
 
 
 def group_runs(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Runs grouped by name, groups in order of first appearance, runs within a group by seed."""
-    groups: dict[str, list[RunRecord]] = {}
+    """Runs grouped by (dataset, name): every dataset's vanilla MT config is named ``vanilla_mt``.
+
+    A group's key is its ``name`` when all runs share one dataset, else ``dataset/name``. Groups come in
+    order of first appearance, runs within a group sorted by seed; a seed that occurs twice in one group
+    is logged as a warning (its mean ± std would count one seed twice).
+    """
+    by_key: dict[tuple[str, str], list[RunRecord]] = {}
     for run in runs:
-        groups.setdefault(run.name, []).append(run)
-    for members in groups.values():
+        by_key.setdefault((run.dataset, run.name), []).append(run)
+    several_datasets = len({dataset for dataset, _ in by_key}) > 1
+    groups: dict[str, list[RunRecord]] = {}
+    for (dataset, name), members in by_key.items():
         members.sort(key=lambda r: (r.seed is None, r.seed or 0))
+        label = f"{dataset}/{name}" if several_datasets else name
+        seeds = [r.seed for r in members if r.seed is not None]
+        for seed in sorted({s for s in seeds if seeds.count(s) > 1}):
+            logger.warning(
+                "group %s has seed %d more than once (%s); its cells count that seed twice", label, seed,
+                ", ".join(r.run_dir for r in members if r.seed == seed),
+            )
+        groups[label] = members
     return groups
