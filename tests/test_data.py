@@ -177,7 +177,8 @@ def test_cremad_corrupt_wav_and_missing_frames(tmp_path, caplog):
 def test_kinetics_list_formats(tmp_path, comma, class_names):
     root = write_tiny_kinetics(str(tmp_path / "ks"), n_train=9, n_test=4, fbank_frames=1000, comma=comma,
                                class_names=class_names)
-    cfg = _av_cfg("kinetics_sounds", root, "data.num_frames=2")
+    # 9 training lines name 9 classes; ids need no count (the model's head has data.num_classes outputs)
+    cfg = _av_cfg("kinetics_sounds", root, "data.num_frames=2", *(["data.num_classes=9"] if class_names else []))
     train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
     assert len(train) + len(build_dataset(cfg, "val")) == 9 and len(test) == 4
     (fbank, frames), label, _ = test[3]
@@ -186,12 +187,32 @@ def test_kinetics_list_formats(tmp_path, comma, class_names):
     assert label == 3
 
 
+def test_kinetics_class_names_with_spaces(tmp_path):
+    """Space-separated lines keep only the last word: the merged class count is an error naming the list;
+    the comma format keeps the whole name."""
+    root = write_tiny_kinetics(str(tmp_path / "ks"), n_train=4, n_test=2)
+    names = ["playing guitar", "tuning guitar", "dog barking", "cat meowing"]
+    for split, n in (("train", 4), ("test", 2)):
+        with open(os.path.join(root, f"{split}.txt"), "w") as f:
+            f.writelines(f"{split}_{i:03d} {i} {names[i]}\n" for i in range(n))
+    train_list = os.path.join(root, "train.txt")
+    with pytest.raises(DataError, match=f"{train_list}: its labels name 3 distinct classes.*comma-separated"):
+        build_dataset(_av_cfg("kinetics_sounds", root, "data.num_classes=4"), "test")
+    with pytest.raises(ValueError, match="data.classes: expected data.num_classes=4 names, got 3"):
+        build_dataset(_av_cfg("kinetics_sounds", root, "data.num_classes=4", "data.classes=[a, b, c]"), "test")
+    for split, n in (("train", 4), ("test", 2)):
+        with open(os.path.join(root, f"{split}.txt"), "w") as f:
+            f.writelines(f"{split}_{i:03d},{i},{names[i]}\n" for i in range(n))
+    test = build_dataset(_av_cfg("kinetics_sounds", root, "data.num_classes=4"), "test")
+    assert [label for _, label, _ in test] == [sorted(names).index(names[0]), sorted(names).index(names[1])]
+
+
 def test_kinetics_unknown_class_name_and_bad_fbank(tmp_path):
     root = write_tiny_kinetics(str(tmp_path / "ks"), n_train=5, n_test=3, class_names=True)
     with open(os.path.join(root, "test.txt"), "a") as f:
         f.write("test_000 9 class_29\n")
     with pytest.raises(DataError, match="class_29"):
-        build_dataset(_av_cfg("kinetics_sounds", root), "test")
+        build_dataset(_av_cfg("kinetics_sounds", root, "data.num_classes=5"), "test")
     root2 = write_tiny_kinetics(str(tmp_path / "ks2"), n_train=5, n_test=3)
     bad = os.path.join(root2, "audio", "test_001.npy")
     np.save(bad, np.random.default_rng(0).standard_normal((17, 40)).astype(np.float32))

@@ -7,7 +7,10 @@ Both list formats of this field are read: space-separated ``name … label`` and
 comma-separated ``name,…,label``; the label is the last field, an integer id or
 a class name. Names map to ids through ``data.classes`` when given, else the
 sorted class names of the training list; a name that the mapping lacks is an
-error, never a guess.
+error, never a guess. In the space-separated format the label is the last
+whitespace-separated field, so a class name with spaces (``playing guitar``)
+needs the comma format or ``data.classes``: a class count derived from the
+training list that differs from ``data.num_classes`` is an error naming the list.
 """
 
 from __future__ import annotations
@@ -52,6 +55,30 @@ def label_ids(rows: list[tuple[str, str]], classes: list[str], path: str) -> lis
     return out
 
 
+def class_names(data: dict, raw_train: list[tuple[str, str]], train_path: str) -> list[str]:
+    """``data.classes``, else the sorted class names of the training list (empty when its labels are ids).
+
+    Raises:
+        ValueError: ``data.classes`` does not have ``data.num_classes`` entries.
+        DataError: the training list's names are not ``data.num_classes`` distinct classes (a name with
+            spaces in a space-separated list keeps only its last word, merging classes).
+    """
+    num_classes = int(data["num_classes"])
+    if data.get("classes"):
+        classes = [str(c) for c in data["classes"]]
+        if len(classes) != num_classes:
+            raise ValueError(f"data.classes: expected data.num_classes={num_classes} names, got {len(classes)}")
+        return classes
+    classes = sorted({r for _, r in raw_train if not r.lstrip("-").isdigit()})
+    if classes and len(classes) != num_classes:
+        raise DataError(
+            f"{train_path}: its labels name {len(classes)} distinct classes, but data.num_classes is {num_classes}; "
+            "in a space-separated list only the last word is the label, so class names with spaces "
+            "('playing guitar') need the comma-separated format or data.classes"
+        )
+    return classes
+
+
 class KineticsSoundsDataset(AudioVisualDataset):
     """Kinetics-Sounds; samples ``([fbank (frames, bins), frames (T, 3, S, S)], label, index)``."""
 
@@ -64,7 +91,7 @@ class KineticsSoundsDataset(AudioVisualDataset):
         train_path = os.path.join(self.root, data.get("train_list", "train.txt"))
         test_path = os.path.join(self.root, data.get("test_list", "test.txt"))
         raw_train, raw_test = read_list(train_path), read_list(test_path)
-        classes = list(data.get("classes") or sorted({r for _, r in raw_train if not r.lstrip("-").isdigit()}))
+        classes = class_names(data, raw_train, train_path)
         train_rows = label_ids(raw_train, classes, train_path)
         test_rows = label_ids(raw_test, classes, test_path)
         val_rows = None
