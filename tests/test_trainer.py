@@ -137,6 +137,44 @@ def test_atomic_save_leaves_no_temporary_and_keeps_previous(tmp_path):
     assert torch.equal(load_checkpoint(str(tmp_path / "p.pt"))["model"]["w"], first["model"]["w"])
 
 
+def test_rotation_keeps_the_target_present_if_interrupted(tmp_path, monkeypatch):
+    """A crash right after previous.pt is rotated (before the new file lands) leaves c.pt in place."""
+    import rollingq.checkpoint as checkpoint_mod
+
+    path, prev = str(tmp_path / "c.pt"), str(tmp_path / "p.pt")
+    first = {"epoch": 1, "model": {"w": torch.randn(5, 3)}}
+    atomic_save(first, path, keep_previous=prev)
+    real_replace = os.replace
+
+    def crash_on_final_rename(src, dst):
+        if dst == path:
+            raise KeyboardInterrupt("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_mod.os, "replace", crash_on_final_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2, "model": {"w": torch.randn(5, 3)}}, path, keep_previous=prev)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], first["model"]["w"])
+    assert torch.equal(load_checkpoint(prev)["model"]["w"], first["model"]["w"])
+
+
+def test_best_is_written_before_last(tmp_path, monkeypatch):
+    """An improved epoch writes best.pt first, so a crash between the two writes keeps a best checkpoint."""
+    import rollingq.train as train_mod
+
+    written = []
+    real_save = train_mod.atomic_save
+
+    def recording_save(obj, path, keep_previous=None):
+        written.append((obj["epoch"], os.path.basename(path)))
+        real_save(obj, path, keep_previous=keep_previous)
+
+    monkeypatch.setattr(train_mod, "atomic_save", recording_save)
+    train(load_config("synthetic", TINY + ["train.epochs=1"]), str(tmp_path / "run"))
+    assert written == [(1, "best.pt"), (1, "last.pt")]
+
+
 def test_load_checkpoint_rejects_non_checkpoints(tmp_path):
     path = str(tmp_path / "x.pt")
     torch.save({"weights": torch.randn(3)}, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -39,8 +40,8 @@ def atomic_save(obj: Any, path: str, keep_previous: str | None = None) -> None:
     Args:
         obj: a picklable object of tensors, dicts, lists and primitives (loadable with ``weights_only=True``).
         path: the target file.
-        keep_previous: if given and ``path`` exists, it is first renamed to this path,
-            so the previous checkpoint survives next to the new one.
+        keep_previous: if given and ``path`` exists, it becomes this path (hard link, then rename),
+            so the previous checkpoint survives next to the new one and ``path`` is never absent.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -52,7 +53,16 @@ def atomic_save(obj: Any, path: str, keep_previous: str | None = None) -> None:
         f.flush()
         os.fsync(f.fileno())
     if keep_previous is not None and os.path.exists(path):
-        os.replace(path, keep_previous)
+        # hard-link the current file to a temporary name and rename that over keep_previous, so
+        # ``path`` exists at every moment of the rotation (a crash in between leaves the old one)
+        prev_tmp = f"{keep_previous}.tmp.{os.getpid()}"
+        if os.path.lexists(prev_tmp):
+            os.remove(prev_tmp)
+        try:
+            os.link(path, prev_tmp)
+        except OSError:  # pragma: no cover - file systems without hard links
+            shutil.copyfile(path, prev_tmp)
+        os.replace(prev_tmp, keep_previous)
     os.replace(tmp, path)
     _fsync_dir(folder)
 

@@ -321,9 +321,9 @@ class Trainer:
                 self.best_val = val["acc"]
             if self.info.is_main:
                 state = self.state_dict(epoch)
-                atomic_save(state, os.path.join(ckpt_dir, "last.pt"), keep_previous=os.path.join(ckpt_dir, "previous.pt"))
-                if improved:
+                if improved:  # best first: a crash before last.pt is written loses no best checkpoint
                     atomic_save(state, os.path.join(ckpt_dir, "best.pt"))
+                atomic_save(state, os.path.join(ckpt_dir, "last.pt"), keep_previous=os.path.join(ckpt_dir, "previous.pt"))
                 write_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
                 self._log_epoch(row)
             distributed.barrier()
