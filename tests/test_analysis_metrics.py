@@ -326,3 +326,13 @@ def test_static_fusion_picks_the_noise_modality_by_probe_and_skips_attention_ana
     assert result["attention"] is None and result["pearson"] is None and result["key_distribution"] is None
     assert result["air"] is None
     assert len(result["noise_robustness"]["accuracy"]) == 5
+
+
+def test_evaluate_model_on_a_two_sample_split_stores_a_null_pearson():
+    """Two samples cannot give a correlation: ``pearson`` is null and the other analyses still run."""
+    from rollingq.evaluate import evaluate_model
+
+    torch.manual_seed(5)
+    result = evaluate_model(TinyFusion(5, 8, 3), _toy_loader(n=2, seed=5), ["audio", "visual"], seed=5)
+    assert result["pearson"] is None and result["num_samples"] == 2
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["attention"] is not None

@@ -129,6 +129,14 @@ def test_eval_and_report_on_a_real_one_epoch_run(tmp_path):
         assert len(result["noise_robustness"]["accuracy"]) == 5
         with open(os.path.join(run_dir, "eval.json")) as f:
             assert json.load(f)["accuracy"] == result["accuracy"]
+    # another split goes to its own file: eval.json (the test split, read by the report) is untouched
+    val = evaluate_run(run_dirs[0], split="val", seed=1)
+    assert val["split"] == "val" and val["num_samples"] == 31
+    with open(os.path.join(run_dirs[0], "eval_val.json")) as f:
+        assert json.load(f)["num_samples"] == 31
+    with open(os.path.join(run_dirs[0], "eval.json")) as f:
+        assert json.load(f)["split"] == "test"
+    assert not [n for n in os.listdir(run_dirs[0]) if ".tmp." in n]
     out = tmp_path / "report"
     write_report(run_dirs, str(out))
     for filename in FIGURES:

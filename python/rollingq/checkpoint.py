@@ -1,6 +1,6 @@
 """Atomic checkpoint files and safe loading.
 
-:func:`atomic_save` writes to a temporary file in the same folder, flushes and
+:func:`atomic_save` (and :func:`atomic_write_bytes` for any file) writes to a temporary file in the same folder, flushes and
 fsyncs it, then renames it over the target (and fsyncs the folder), so a crash
 leaves either the old file or the new one, never a torn one.
 :func:`load_checkpoint` uses ``torch.load(weights_only=True)`` and turns any
@@ -43,13 +43,24 @@ def atomic_save(obj: Any, path: str, keep_previous: str | None = None) -> None:
         keep_previous: if given and ``path`` exists, it becomes this path (hard link, then rename),
             so the previous checkpoint survives next to the new one and ``path`` is never absent.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getbuffer(), path, keep_previous=keep_previous)
+
+
+def atomic_write_bytes(data: bytes | memoryview, path: str, keep_previous: str | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename, folder fsync).
+
+    Args:
+        data: the file's full content.
+        path: the target file (its folder is created).
+        keep_previous: as in :func:`atomic_save`.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(buffer.getbuffer())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     if keep_previous is not None and os.path.exists(path):

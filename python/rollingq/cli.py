@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="RUN_DIR", help="the run directory (default: <out_dir>/<name>_<time>)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01")
 
-    e = sub.add_parser("eval", help="evaluate a finished run (writes RUN_DIR/eval.json)")
+    e = sub.add_parser(
+        "eval", help="evaluate a finished run (writes RUN_DIR/eval.json; eval_<split>.json for another split)"
+    )
     e.add_argument("--run", required=True, metavar="RUN_DIR")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--noise-modality", default=None, metavar="NAME", help="replace this modality's input by noise")

@@ -32,15 +32,22 @@ from tqdm import tqdm
 
 from .analysis import metrics
 from .analysis.noise import NOISE_LEVELS, RunningMoments, add_gaussian_noise, replace_with_noise, replaced_mask
+from .checkpoint import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 EVAL_FILENAME = "eval.json"
+"""The test split's evaluation; any other split ``s`` goes to ``eval_<s>.json`` (:func:`eval_filename`)."""
 MAX_KEY_POINTS = 2000
 """Samples kept per condition for the key-distribution scatter in eval.json."""
 
 Transform = Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
 """Maps a batch's inputs (one ``(B, ...)`` tensor per modality) and its ``(B,)`` sample indices to new inputs."""
+
+
+def eval_filename(split: str) -> str:
+    """``eval.json`` for the test split (the one the report reads), ``eval_<split>.json`` otherwise."""
+    return EVAL_FILENAME if split == "test" else f"eval_{split}.json"
 
 
 @dataclass
@@ -237,8 +244,12 @@ def evaluate_model(
     half = collect_outputs(model, loader, _replace_transform(m, seed + 3, mask), desc="half replaced")
     pearson = None
     if half.mass is not None:
-        corr = metrics.quality_attention_correlation(mask[half.index], half.mass[:, 1 + m])
-        pearson = {"modality": noise_modality, **corr.to_dict()}
+        try:
+            corr = metrics.quality_attention_correlation(mask[half.index], half.mass[:, 1 + m])
+        except ValueError as exc:  # too few samples, or none replaced / all replaced on a tiny split
+            logger.warning("no quality-attention correlation on %d samples (%s); pearson is null", num_samples, exc)
+        else:
+            pearson = {"modality": noise_modality, **corr.to_dict()}
 
     moments = modality_moments(loader, m)
     curve = []
@@ -303,7 +314,8 @@ def _cfg_get(cfg, *keys, default=None):
 def evaluate_run(
     run_dir: str, split: str = "test", noise_modality: str | None = None, seed: int = 0, checkpoint: str = "best"
 ) -> dict:
-    """Evaluate a run directory written by ``rollingq train`` and write ``RUN_DIR/eval.json``.
+    """Evaluate a run directory written by ``rollingq train`` and write ``RUN_DIR/eval.json`` (test split)
+    or ``RUN_DIR/eval_<split>.json`` (any other split), atomically.
 
     Args:
         run_dir: the run directory (``config.yaml``, ``checkpoints/``).
@@ -313,7 +325,7 @@ def evaluate_run(
         checkpoint: ``"best"`` or ``"last"``.
 
     Returns:
-        The dict written to eval.json.
+        The dict written to the file.
     """
     from .data import build_dataset, make_loader
     from .train import load_run
@@ -338,9 +350,8 @@ def evaluate_run(
         "checkpoint": checkpoint,
         **evaluate_model(model, loader, modalities, noise_modality=noise_modality, seed=seed),
     }
-    path = os.path.join(run_dir, EVAL_FILENAME)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = os.path.join(run_dir, eval_filename(split))
+    atomic_write_bytes(json.dumps(result, indent=1).encode("utf-8"), path)
     logger.info("wrote %s (accuracy %.4f, noise modality %s)", path, result["accuracy"], result["noise_modality"])
     return result
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import torch
+
+from .checkpoint import atomic_write_bytes
 
 
 def jsonable(value: Any) -> Any:
@@ -33,13 +34,8 @@ def jsonable(value: Any) -> Any:
 
 def write_metrics(path: str, history: list[dict]) -> None:
     """Rewrite ``metrics.jsonl`` (one JSON object per epoch) atomically from ``history``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in history:
-            f.write(json.dumps(jsonable(row)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = "".join(json.dumps(jsonable(row)) + "\n" for row in history)
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..evaluate import EVAL_FILENAME
 from ..records import read_metrics
 
 __all__ = ["RunRecord", "group_runs", "load_run_record", "read_metrics"]
@@ -64,7 +65,7 @@ class RunRecord:
 
 
 def load_run_record(run_dir: str) -> RunRecord:
-    """Read ``config.yaml``, ``metrics.jsonl`` and (if present) ``eval.json`` of a run directory."""
+    """Read ``config.yaml``, ``metrics.jsonl`` and (if present) ``eval.json`` (the test split) of a run directory."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     cfg_path = os.path.join(run_dir, "config.yaml")
@@ -78,7 +79,7 @@ def load_run_record(run_dir: str) -> RunRecord:
     epochs = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
     if not epochs:
         logger.warning("%s has no metrics.jsonl records; its training curves are left out", run_dir)
-    eval_path = os.path.join(run_dir, "eval.json")
+    eval_path = os.path.join(run_dir, EVAL_FILENAME)  # the test split's evaluation
     evaluation = None
     if os.path.isfile(eval_path):
         with open(eval_path, encoding="utf-8") as f:
