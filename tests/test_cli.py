@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,12 @@ def test_demo_prints_a_side_by_side_table(tmp_path):
     assert "vanilla_mt+rollingq" in table and "test accuracy (audio = noise)" in table and "AIR epoch 1" in table
     assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == ["vanilla_mt",
                                                                                            "vanilla_mt_rollingq"]
+    # the table's numbers are the eval.json ones (one definition of "accuracy with audio replaced by noise")
+    noisy_row = next(line for line in table.splitlines() if line.startswith("test accuracy (audio = noise)"))
+    for run in ("vanilla_mt", "vanilla_mt_rollingq"):
+        with open(tmp_path / "demo" / run / "eval.json") as f:
+            result = json.load(f)
+        assert result["noise_modality"] == "audio" and f"{result['accuracy_noise_replaced']:.4f}" in noisy_row
 
 
 def test_python_dash_m_entry_point():

@@ -1,36 +1,16 @@
-"""Classification metrics and a model evaluation pass (accuracy, macro-F1, attention statistics)."""
+"""The trainer's validation pass: accuracy, macro-F1, probe accuracy and attention statistics on clean inputs.
+
+The metric definitions are :mod:`rollingq.analysis.metrics` (one definition per quantity); noise
+protocols live in :mod:`rollingq.analysis.noise` and :mod:`rollingq.evaluate`.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(C, C)`` int64 counts, rows = true class, columns = prediction."""
-    idx = target.long() * num_classes + pred.long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def macro_f1(conf: torch.Tensor) -> float:
-    """Mean over classes present in targets or predictions of F1 = 2TP / (2TP + FP + FN)."""
-    tp = conf.diag().double()
-    fp = conf.sum(0).double() - tp
-    fn = conf.sum(1).double() - tp
-    denom = 2 * tp + fp + fn
-    seen = denom > 0
-    if not bool(seen.any()):
-        return math.nan
-    return float((2 * tp[seen] / denom[seen]).mean())
-
-
-def noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise with the batch's mean and standard deviation (shape and dtype of ``x``)."""
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
-    return noise * x.float().std().to(x.dtype) + x.float().mean().to(x.dtype)
+from .analysis.metrics import macro_f1
 
 
 @torch.no_grad()
@@ -39,16 +19,13 @@ def evaluate_model(
     loader: DataLoader,
     device: torch.device,
     num_classes: int,
-    noise_modality: int | None = None,
-    seed: int = 0,
     progress: bool = False,
     desc: str = "eval",
 ) -> dict:
-    """Evaluate ``model`` (in eval mode) on every batch of ``loader``.
+    """Evaluate ``model`` (in eval mode) on every batch of ``loader`` (clean inputs).
 
     Args:
-        noise_modality: replace this modality's input by Gaussian noise (the paper's Table 3 protocol).
-        seed: seed of that noise.
+        num_classes: C, the number of classes (checked against the logits).
 
     Returns:
         ``{"acc", "macro_f1", "probe_acc": [per modality], "mass": [class, mod1, ...] | None,
@@ -56,17 +33,18 @@ def evaluate_model(
     """
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    preds: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
     probe_correct: torch.Tensor | None = None
     mass_sum, diff_sum, count = None, 0.0, 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         mods = [x.to(device) for x in batch["modalities"]]
-        if noise_modality is not None:
-            mods[noise_modality] = noise_like(mods[noise_modality], gen)
         labels = batch["label"].to(device)
         out = model(mods)
-        conf += confusion_matrix(out.logits.argmax(1).cpu(), labels.cpu(), num_classes)
+        if out.logits.shape[-1] != num_classes:
+            raise ValueError(f"num_classes: the model returned {out.logits.shape[-1]} logits, expected {num_classes}")
+        preds.append(out.logits.argmax(1).cpu())
+        targets.append(labels.cpu())
         correct = torch.stack([(p.argmax(1) == labels).sum() for p in out.probe_logits]).cpu()
         probe_correct = correct if probe_correct is None else probe_correct + correct
         if out.stats is not None:
@@ -76,10 +54,10 @@ def evaluate_model(
             diff_sum += float((cos[:, 0] - cos[:, 1]).sum())
         count += labels.shape[0]
     model.train(was_training)
-    total = int(conf.sum())
+    pred, target = torch.cat(preds), torch.cat(targets)
     return {
-        "acc": float(conf.diag().sum()) / max(total, 1),
-        "macro_f1": macro_f1(conf),
+        "acc": float((pred == target).double().mean()),
+        "macro_f1": macro_f1(pred, target),
         "probe_acc": [float(c) / max(count, 1) for c in (probe_correct if probe_correct is not None else [])],
         "mass": None if mass_sum is None else [float(v) / count for v in mass_sum],
         "air": None if mass_sum is None else diff_sum / count,
