@@ -175,6 +175,20 @@ def test_best_is_written_before_last(tmp_path, monkeypatch):
     assert written == [(1, "best.pt"), (1, "last.pt")]
 
 
+def test_resume_leaves_config_yaml_alone(tmp_path):
+    """Resuming reads config.yaml and does not rewrite it (same inode and bytes)."""
+    import shutil
+
+    run = train(load_config("synthetic", TINY + ["train.epochs=2"]), str(tmp_path / "run"))
+    ckpt = os.path.join(run, "checkpoints")
+    shutil.copyfile(os.path.join(ckpt, "previous.pt"), os.path.join(ckpt, "last.pt"))  # back to epoch 1
+    cfg_path = os.path.join(run, "config.yaml")
+    before = (os.stat(cfg_path).st_ino, os.stat(cfg_path).st_mtime_ns, open(cfg_path, "rb").read())
+    resume(run)
+    assert [r["epoch"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+    assert (os.stat(cfg_path).st_ino, os.stat(cfg_path).st_mtime_ns, open(cfg_path, "rb").read()) == before
+
+
 def test_load_checkpoint_rejects_non_checkpoints(tmp_path):
     path = str(tmp_path / "x.pt")
     torch.save({"weights": torch.randn(3)}, path)

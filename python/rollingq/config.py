@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import atomic_write_bytes
+
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "seed": 0,
@@ -186,9 +188,8 @@ def validate_config(cfg: dict) -> None:
 
 
 def save_config(cfg: dict, path: str) -> None:
-    """Write the resolved config as YAML."""
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    """Write the resolved config as YAML, atomically (temporary file, fsync, rename)."""
+    atomic_write_bytes(yaml.safe_dump(cfg, sort_keys=False).encode("utf-8"), path)
 
 
 def read_config(path: str) -> dict:

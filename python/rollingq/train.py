@@ -364,7 +364,8 @@ def _run(cfg: dict, run_dir: str, state: dict | None) -> str:
     try:
         if info.is_main:
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+            if state is None:  # a resumed run keeps the config.yaml it was read from
+                save_config(cfg, os.path.join(run_dir, "config.yaml"))
             handler = add_file_logging(run_dir)
             if state is not None:  # drop rows of an epoch that was cut short
                 write_metrics(os.path.join(run_dir, "metrics.jsonl"), state["history"])
