@@ -210,7 +210,14 @@ class StatisticsAccumulator:
         self.window: Window = check_window(window)
         self._total: Sums | None = None
         self._batches: deque[Sums] = deque(maxlen=None if window == "epoch" else int(window))
-        self.num_batches = 0  # batches added since the last reset (all of them, not only the window)
+        # batches added since the last reset (all of them, not only the window); a tensor updated in place,
+        # so that a compiled training step does not guard on (and recompile for) every new count
+        self._count = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches added since the last reset (all of them, not only the window)."""
+        return int(self._count)
 
     def add(self, stats: AttentionStats) -> None:
         """Add one batch's statistics (device-side adds only, no host sync)."""
@@ -222,13 +229,13 @@ class StatisticsAccumulator:
             self._total = sums if self._total is None else add_sums(self._total, sums)
         else:
             self._batches.append(sums)
-        self.num_batches += 1
+        self._count += 1
 
     def reset(self) -> None:
         """Forget every batch: the next window starts empty."""
         self._total = None
         self._batches.clear()
-        self.num_batches = 0
+        self._count.zero_()
 
     def sums(self) -> Sums | None:
         """The window's sums, or None if no batch was added since the last reset."""
@@ -267,4 +274,4 @@ class StatisticsAccumulator:
         self._batches = deque(
             (move(s) for s in state["batches"]), maxlen=None if self.window == "epoch" else int(self.window)
         )
-        self.num_batches = int(state["num_batches"])
+        self._count.fill_(int(state["num_batches"]))

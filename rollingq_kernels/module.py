@@ -31,6 +31,29 @@ logger = logging.getLogger("rollingq_kernels")
 ROTATION_MODES = ("global", "per_head")
 
 
+@torch.compiler.disable
+def _attend_with_dropout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: tuple[int, ...],
+    lengths: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    backend: str,
+):
+    """The op with attention dropout and a fresh seed from Python's ``random``.
+
+    Kept out of ``torch.compile`` graphs: a traced call would bake the seed into the
+    graph (the same mask every step, or a recompile per seed).
+    """
+    return rollingq_attention(
+        q, k, v, segments, lengths=lengths, rotation=rotation, scale=scale,
+        dropout_p=dropout_p, seed=random.randrange(SEED_LIMIT), backend=backend,
+    )
+
+
 class FusedRollingQAttention(nn.Module):
     """Multi-head self-attention whose class query is rotated (RollingQ).
 
@@ -40,9 +63,11 @@ class FusedRollingQAttention(nn.Module):
         qkv_bias: bias of the ``qkv`` projection (timm's ``qkv_bias``).
         attn_drop: attention-probability dropout, applied in training only.
             Each call draws its mask seed from Python's ``random`` (seed it
-            with ``random.seed`` for reproducible masks): ``torch.compile``
-            traces that call, where ``torch.randint(...).item()`` would break
-            the graph.
+            with ``random.seed`` for reproducible masks). The op takes the
+            seed as a Python int, which a compiled graph would bake in, so
+            under ``torch.compile`` a training call with dropout runs the
+            attention eagerly (one graph break; ``fullgraph=True`` needs
+            ``attn_drop=0``).
         proj_drop: dropout after ``proj``.
         num_modalities: ``M ≥ 2``, the number of modality segments after the
             class token.
@@ -240,10 +265,15 @@ class FusedRollingQAttention(nn.Module):
         if key in state_dict:
             got = tuple(state_dict[key].shape)
             if got != self.rotation_shape():
-                raise ValueError(
+                message = (
                     f"state_dict[{key!r}]: expected a rotation of shape {self.rotation_shape()} "
                     f"(rotation={self.rotation_mode!r}, dim={self.dim}, num_heads={self.num_heads}), got {got}"
                 )
+                if strict:
+                    raise ValueError(message)
+                # strict=False: load everything else; load_state_dict reports the mismatch (a RuntimeError)
+                error_msgs.append(message)
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in state_dict:
@@ -272,12 +302,6 @@ class FusedRollingQAttention(nn.Module):
             self.statistics.add(stats)
 
     # ------------------------------------------------------------------ forward
-    def _draw_seed(self) -> int | None:
-        if not (self.training and self.attn_drop_p > 0.0):
-            return None
-        # Python's `random` is traced by torch.compile without a graph break (torch.randint(...).item() is not).
-        return random.randrange(SEED_LIMIT)
-
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         H, Dh = self.num_heads, self.head_dim
@@ -314,11 +338,14 @@ class FusedRollingQAttention(nn.Module):
             )
         q, k, v = self._project(x)
         rotation = self.rotation if self._rotation_active else None
-        out, stats = rollingq_attention(
-            q, k, v, segments, lengths=lengths, rotation=rotation, scale=self.scale,
-            dropout_p=self.attn_drop_p if self.training else 0.0, seed=self._draw_seed(),
-            backend=self.backend, compute_stats=True,
-        )
+        if self.training and self.attn_drop_p > 0.0:
+            out, stats = _attend_with_dropout(
+                q, k, v, tuple(segments), lengths, rotation, self.scale, self.attn_drop_p, self.backend
+            )
+        else:
+            out, stats = rollingq_attention(
+                q, k, v, segments, lengths=lengths, rotation=rotation, scale=self.scale, backend=self.backend
+            )
         if stats is not None:
             self._record(stats)
         B, H, nq, Dh = out.shape

@@ -200,6 +200,29 @@ class _Tiny(torch.nn.Module):
         return self.head(self.attn(self.embed(x), [5, 4])[:, 0])
 
 
+@pytest.mark.parametrize("attn_drop, fullgraph", [(0.0, True), (0.3, False)])
+def test_compiled_training_steps_do_not_recompile(attn_drop, fullgraph):
+    """Step after step, a compiled training step reuses its graphs (the statistics window and the
+    dropout seed must not be baked into the graph); with dropout the attention runs eagerly."""
+    import torch._dynamo.testing as dynamo_testing
+
+    torch._dynamo.reset()
+    layer = FusedRollingQAttention(24, num_heads=2, attn_drop=attn_drop, class_query_only=True).train()
+    counter = dynamo_testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(layer, backend=counter, fullgraph=fullgraph)
+    x = torch.randn(3, 12, 24, generator=_gen(40), requires_grad=True)
+    frames, outs = [], []
+    for _ in range(10):
+        out = step(x, (5, 6))
+        out.square().sum().backward()
+        frames.append(counter.frame_count)
+        outs.append(out.detach())
+    assert frames[3:] == [frames[3]] * 7, frames
+    assert layer.statistics.num_batches == 10
+    if attn_drop > 0:
+        assert not torch.equal(outs[0], outs[1])  # a fresh dropout mask each step
+
+
 def test_torch_compile_forward_backward_matches_eager():
     torch.manual_seed(14)
     model = _Tiny()
