@@ -28,9 +28,6 @@ MAX_HEAD_DIM_CLASS_ONLY = 1024
 SPLITS_ENV = "ROLLINGQ_TRITON_SPLITS"
 
 
-def triton_interpret() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -140,14 +137,13 @@ def segment_tables(
     m = len(segments)
     valid = torch.zeros(batch, s_pad, dtype=torch.int32, device=device)
     valid[:, 0] = 1
-    valid[:, 1 : m + 1] = lengths.to(torch.int32)
+    # clamp to [0, L_m]: out-of-range lengths (unchecked under torch.compile) never read another segment's keys
+    caps = torch.tensor(sizes[1 : m + 1], dtype=torch.int32, device=device)
+    valid[:, 1 : m + 1] = torch.minimum(lengths.to(torch.int32).clamp_min(0), caps)
     seg_end = (seg_start.unsqueeze(0) + valid).contiguous()
     return seg_start, seg_end, s_pad
 
 
-def dropout_threshold(dropout_p: float) -> int:
-    """Integer threshold of the keep test (``round(p * 2**24)``)."""
-    return int(round(float(dropout_p) * 2**24))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -46,14 +46,14 @@ from ._triton_utils import (
     dot_precision,
     dropout_keep,
     dropout_row_keys,
-    dropout_threshold,
     mma,
     segment_membership,
     segment_pad,
     segment_tables,
-    triton_interpret,
     valid_pad,
 )
+from .dropout import dropout_threshold
+from .ops import triton_interpret
 from .reference import compute_dtype, rotate_class_query
 
 logger = logging.getLogger("rollingq_kernels")
@@ -532,7 +532,7 @@ def _bwd_dkdv_kernel(
         delta = tl.load(Delta + pid_bh * Nq + rows, mask=row_ok, other=0.0)
         s_t = mma(k, tl.trans(q), DOT_PREC, ACC, EMULATE_BF16) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse2[None, :])
-        p_t = tl.where(col_ok[:, None] & row_in[None, :], p_t, 0.0)
+        p_t = tl.where(col_ok[:, None] & row_ok[None, :], p_t, 0.0)
         dp_t = mma(v, tl.trans(do), DOT_PREC, ACC, EMULATE_BF16)
         if DROPOUT:
             row_keys = dropout_row_keys(seed, b.to(tl.int32), h.to(tl.int32), rows)
@@ -604,7 +604,7 @@ def _bwd_dq_kernel(
             col_ok = col_in
         s = mma(q, tl.trans(k), DOT_PREC, ACC, EMULATE_BF16) * qk_scale
         p = tl.exp2(s - lse2[:, None])
-        p = tl.where(col_ok[None, :] & row_in[:, None], p, 0.0)
+        p = tl.where(col_ok[None, :] & row_ok[:, None], p, 0.0)
         dp = mma(do, tl.trans(v), DOT_PREC, ACC, EMULATE_BF16)
         if DROPOUT:
             keep = dropout_keep(row_keys[:, None], counter_hash(cols)[None, :], threshold)

@@ -306,3 +306,31 @@ def test_agrees_with_cpp_kernels(class_only):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     for field in ("key_mean", "mass", "cos", "cos_per_head", "query"):
         torch.testing.assert_close(getattr(stats, field), getattr(c_stats, field), atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_lengths_are_clamped_in_the_kernels():
+    """Under torch.compile the Python range check is skipped; the kernels clamp lengths to [0, L_m]."""
+    segs = (5, 6)
+    q, k, v = (t.to(DEVICE) for t in _inputs(2, 2, 12, 16, False, torch.float32, seed=31)[:3])
+    wild = torch.tensor([[9, -3], [5, 40]], device=DEVICE)
+    clamped = torch.tensor([[5, 0], [5, 6]], device=DEVICE)
+    got = ta.attention_fwd(q, k, v, list(segs), wild, None, 16**-0.5, 0.0, 0, True)
+    want = ta.attention_fwd(q, k, v, list(segs), clamped, None, 16**-0.5, 0.0, 0, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_backward_ignores_the_lse_of_padded_query_rows():
+    """The contract lets padded rows carry any finite lse: the backward must not turn it into NaN."""
+    segs = (5, 6)
+    q, k, v = (t.to(DEVICE) for t in _inputs(2, 2, 12, 16, False, torch.float32, seed=32)[:3])
+    lengths = torch.tensor([[2, 6], [5, 1]], device=DEVICE)
+    out, lse, *_ = ta.attention_fwd(q, k, v, list(segs), lengths, None, 16**-0.5, 0.0, 0, False)
+    padded = torch.tensor([[i >= 1 + 2 and i < 6 for i in range(12)], [i >= 7 for i in range(12)]], device=DEVICE)
+    lse_wild = torch.where(padded[:, None, :], torch.full_like(lse, -1e30), lse)
+    grad = torch.randn_like(out)
+    ref = ta.attention_bwd(grad, q, k, v, out, lse, list(segs), lengths, None, 16**-0.5, 0.0, 0)
+    got = ta.attention_bwd(grad, q, k, v, out, lse_wild, list(segs), lengths, None, 16**-0.5, 0.0, 0)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
