@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     lengths[0, -1] = args.segments[-1] // 2
 
     backend = resolve_backend("auto", device)
+    rollingq_attention(q, k, v, args.segments, lengths=lengths)  # warm-up (Triton compiles and autotunes here)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out, stats = rollingq_attention(q, k, v, args.segments, lengths=lengths)
     if device.type == "cuda":

@@ -140,12 +140,19 @@ def check_inputs(
         if not _tracing() and not bool(torch.isfinite(rotation).all()):
             raise ValueError("rotation: expected finite values, got NaN or inf")
     if scale is not None:
-        if not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
             raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and not _tracing() and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"seed: expected None or an int in [0, 2**31), got {seed!r}")
+    if seed is not None and not _tracing():
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed: expected None or an int in [0, 2**31), got {type(seed).__name__}")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed: expected None or an int in [0, 2**31), got {seed!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     return OpShape(B, H, q.shape[2], N, Dh, segs)

@@ -40,17 +40,6 @@ def counter_hash(i: torch.Tensor) -> torch.Tensor:
     return mix32((i + GOLDEN) & MASK32)
 
 
-def mix32_int(x: int) -> int:
-    """``mix`` on a Python int (used for per-row keys on the host)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * MIX_C1) & MASK32
-    x ^= x >> 15
-    x = (x * MIX_C2) & MASK32
-    x ^= x >> 16
-    return x
-
-
 def dropout_threshold(dropout_p: float) -> int:
     """Integer threshold: an element is kept iff ``(x >> 8) >= threshold``."""
     return int(round(float(dropout_p) * 2**24))

@@ -134,7 +134,8 @@ class RollingQAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _triton_interpret() -> bool:
+def triton_interpret() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` set before Triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -154,7 +155,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='cpp': runs on CPU tensors only, got tensors on {device}; use backend='triton'")
     if backend == "triton":
-        if device.type == "cpu" and not _triton_interpret():
+        if device.type == "cpu" and not triton_interpret():
             raise ValueError(
                 "backend='triton': CPU tensors need TRITON_INTERPRET=1 set before Triton is imported "
                 "(Triton's interpreter); on CPU use backend='cpp' or 'reference'"
@@ -214,6 +215,8 @@ def rollingq_attention(
         ``stats`` is an :class:`AttentionStats` of the class-token row.
     """
     shape = check_inputs(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, backend)
+    if not isinstance(compute_stats, bool):
+        raise TypeError(f"compute_stats: expected a bool, got {type(compute_stats).__name__}")
     segs = list(shape.segments)
     scale = shape.head_dim**-0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)

@@ -21,15 +21,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def segment_offsets(segments: Sequence[int]) -> list[int]:
-    """Start index of each modality along N (the class token is index 0)."""
-    offsets, o = [], 1
-    for s in segments:
-        offsets.append(o)
-        o += s
-    return offsets
-
-
 def key_valid_mask(
     lengths: torch.Tensor | None, segments: Sequence[int], batch: int, device: torch.device
 ) -> torch.Tensor:

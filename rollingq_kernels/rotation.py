@@ -48,12 +48,15 @@ def attention_imbalance_rate(cos: torch.Tensor, valid: torch.Tensor | None = Non
         valid = torch.ones_like(cos, dtype=torch.bool)
     if valid.shape != cos.shape:
         raise ValueError(f"valid: expected shape {tuple(cos.shape)}, got {tuple(valid.shape)}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid: expected a bool tensor, got {valid.dtype}")
     both = valid[:, 0] & valid[:, 1]
     count = int(both.sum())
+    cos = torch.where(valid, cos, torch.zeros_like(cos))  # entries of absent modalities never leak (even NaN)
     diff = (cos[:, 0] - cos[:, 1]) * both
     air = diff.sum() / count if count else torch.tensor(float("nan"), dtype=torch.float64)
     n_m = valid.sum(0)
-    cos_mean = torch.where(n_m > 0, (cos * valid).sum(0) / n_m.clamp_min(1), torch.full_like(n_m, float("nan"), dtype=torch.float64))
+    cos_mean = torch.where(n_m > 0, cos.sum(0) / n_m.clamp_min(1), torch.full_like(n_m, float("nan"), dtype=torch.float64))
     present = cos_mean[~torch.isnan(cos_mean)]
     spread = present.max() - present.min() if present.numel() >= 2 else torch.tensor(float("nan"), dtype=torch.float64)
     return Imbalance(air=air, spread=spread, cos_mean=cos_mean, count=count)

@@ -46,6 +46,10 @@ def _call(q=None, k=None, v=None, segments=SEGS, **kw):
         (dict(dropout_p=1.0), ValueError, r"dropout_p: expected a float in \[0, 1\), got 1.0"),
         (dict(dropout_p=0.1, seed=-1), ValueError, r"seed: expected None or an int in \[0, 2\*\*31\)"),
         (dict(scale=float("inf")), ValueError, r"scale: expected a finite float"),
+        (dict(scale="0.5"), TypeError, r"scale: expected a float or None, got str"),
+        (dict(dropout_p="0.1"), TypeError, r"dropout_p: expected a float in \[0, 1\), got str"),
+        (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed: expected None or an int"),
+        (dict(compute_stats=1), TypeError, r"compute_stats: expected a bool, got int"),
         (dict(backend="cuda"), ValueError, r"backend: expected one of"),
     ],
 )

@@ -50,6 +50,16 @@ def test_air_without_complete_samples_is_nan_not_error():
     assert imb.count == 0 and math.isnan(float(imb.air))
 
 
+def test_air_ignores_absent_modalities_even_when_nan():
+    cos = torch.tensor([[0.5, float("nan")], [0.3, 0.1]])
+    valid = torch.tensor([[True, False], [True, True]])
+    imb = attention_imbalance_rate(cos, valid)
+    assert float(imb.air) == pytest.approx(0.2)
+    assert imb.cos_mean.tolist() == pytest.approx([0.4, 0.1])
+    with pytest.raises(TypeError, match="valid: expected a bool tensor"):
+        attention_imbalance_rate(cos, valid.float())
+
+
 def test_air_three_modalities_spread():
     cos = torch.tensor([[0.1, 0.5, -0.2], [0.3, 0.1, 0.0]])
     imb = attention_imbalance_rate(cos)
