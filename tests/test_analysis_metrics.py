@@ -336,3 +336,14 @@ def test_evaluate_model_on_a_two_sample_split_stores_a_null_pearson():
     result = evaluate_model(TinyFusion(5, 8, 3), _toy_loader(n=2, seed=5), ["audio", "visual"], seed=5)
     assert result["pearson"] is None and result["num_samples"] == 2
     assert 0.0 <= result["accuracy"] <= 1.0 and result["attention"] is not None
+
+
+def test_air_of_three_modalities_is_the_spread_of_the_mean_cosines():
+    """M = 3: AIR is max − min of the per-modality mean cosines, so modality 3 counts."""
+    gen = torch.Generator().manual_seed(11)
+    cos = torch.rand(13, 3, generator=gen, dtype=torch.float64) * 0.2
+    cos[:, 2] += 0.7  # the third modality draws the query
+    means = cos.mean(0)
+    assert metrics.air(cos) == pytest.approx(float(means.max() - means.min()), abs=1e-12)
+    assert metrics.air(cos) > 0.5
+    assert metrics.air(cos[:, :2]) == pytest.approx(float((cos[:, 0] - cos[:, 1]).mean()), abs=1e-12)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .analysis.metrics import macro_f1
+from .analysis.metrics import air, macro_f1
 
 
 @torch.no_grad()
@@ -29,14 +29,15 @@ def evaluate_model(
 
     Returns:
         ``{"acc", "macro_f1", "probe_acc": [per modality], "mass": [class, mod1, ...] | None,
-        "air": float | None, "count"}`` (mass and AIR from the fusion layer's class-row statistics).
+        "air": float | None, "count"}`` (mass and AIR from the fusion layer's class-row statistics;
+        AIR as :func:`rollingq.analysis.metrics.air`, the spread of the mean cosines for M > 2).
     """
     was_training = model.training
     model.eval()
     preds: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     probe_correct: torch.Tensor | None = None
-    mass_sum, diff_sum, count = None, 0.0, 0
+    mass_sum, cos_rows, count = None, [], 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         mods = [x.to(device) for x in batch["modalities"]]
         labels = batch["label"].to(device)
@@ -50,8 +51,7 @@ def evaluate_model(
         if out.stats is not None:
             batch_mass = out.stats.mass.double().mean(1).sum(0).cpu()  # heads averaged, summed over samples
             mass_sum = batch_mass if mass_sum is None else mass_sum + batch_mass
-            cos = out.stats.cos.double().cpu()
-            diff_sum += float((cos[:, 0] - cos[:, 1]).sum())
+            cos_rows.append(out.stats.cos.double().cpu())
         count += labels.shape[0]
     model.train(was_training)
     pred, target = torch.cat(preds), torch.cat(targets)
@@ -60,6 +60,6 @@ def evaluate_model(
         "macro_f1": macro_f1(pred, target),
         "probe_acc": [float(c) / max(count, 1) for c in (probe_correct if probe_correct is not None else [])],
         "mass": None if mass_sum is None else [float(v) / count for v in mass_sum],
-        "air": None if mass_sum is None else diff_sum / count,
+        "air": air(torch.cat(cos_rows)) if cos_rows else None,
         "count": count,
     }

@@ -263,7 +263,7 @@ class Trainer:
         has_stats = self.model.fusion_attention is not None
         if has_stats and stat_sums is not None:
             window = reduce_sums(all_reduce_sums(stat_sums))
-            result["air"] = window.air
+            result["air"] = window.air if num_mod == 2 else window.spread  # M > 2: the controller's spread
             result["mass"] = window.mass_mean.mean(0).tolist()
             result["cos"] = window.cos_mean.tolist()
         return result

@@ -133,7 +133,9 @@ def mean_mass_by_modality(mass: torch.Tensor, modalities: Sequence[str]) -> dict
 
 
 def air(cos: torch.Tensor) -> float:
-    """AIR = mean over samples of ``cos_0 − cos_1`` (the paper's Eq. 9).
+    """The attention imbalance: AIR = mean over samples of ``cos_0 − cos_1`` (the paper's Eq. 9) for two
+    modalities; for ``M > 2`` the spread ``max_m E[cos_m] − min_m E[cos_m]`` of the mean cosines (the
+    quantity the RollingQ controller decides on; it equals ``|AIR|`` when ``M = 2``).
 
     Args:
         cos: ``(B, M)`` per-sample cosines between the class query and each modality's mean key.
@@ -141,7 +143,10 @@ def air(cos: torch.Tensor) -> float:
     if cos.dim() != 2 or cos.shape[1] < 2 or cos.shape[0] == 0:
         raise ValueError(f"cos must have shape (B, M) with B >= 1 and M >= 2, got {tuple(cos.shape)}")
     cos = cos.double()
-    return float((cos[:, 0] - cos[:, 1]).mean())
+    if cos.shape[1] == 2:
+        return float((cos[:, 0] - cos[:, 1]).mean())
+    means = cos.mean(0)
+    return float(means.max() - means.min())
 
 
 @dataclass(frozen=True)
