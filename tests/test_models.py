@@ -108,6 +108,20 @@ def test_audio_visual_backbones(backbone, tmp_path):
     assert model([spec, frames]).logits.shape == (2, 6)
 
 
+@pytest.mark.parametrize("kind,shape", [("spectrogram", (37, 29)), ("frames", (2, 3, 41, 41))])
+def test_resnet_shape_probe_leaves_batchnorm_statistics_alone(kind, shape):
+    """Building ResNetEmbed probes the token count without touching BatchNorm's running statistics."""
+    from rollingq.models.embeddings import ResNetEmbed
+
+    embed = ResNetEmbed(kind, 16, shape)
+    norms = [m for m in embed.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and embed.backbone.training
+    for bn in norms:
+        assert int(bn.num_batches_tracked) == 0
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+
+
 def test_pretrained_vit_weights_from_a_local_file(tmp_path):
     vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
     path = str(tmp_path / "vit.pt")

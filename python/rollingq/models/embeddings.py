@@ -99,9 +99,12 @@ class ResNetEmbed(nn.Module):
         in_chans = 1 if kind == "spectrogram" else 3
         self.backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
         self.proj = nn.Linear(self.backbone.num_features, dim)
+        # shape probe in eval mode: a forward in training mode would move BatchNorm's running statistics
+        self.backbone.eval()
         with torch.no_grad():
             probe = torch.zeros(1, *shape) if kind == "spectrogram" else torch.zeros(1, *shape[1:])
             cells = self.backbone(probe.unsqueeze(1) if kind == "spectrogram" else probe).flatten(2).shape[-1]
+        self.backbone.train()
         self.num_tokens = cells * (1 if kind == "spectrogram" else shape[0])
         self.pos = nn.Parameter(torch.randn(1, self.num_tokens, dim) * 0.02)
 
