@@ -116,3 +116,19 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "rollingq", "demo", "--help"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--epochs" in out.stdout
+
+
+def test_train_help_names_a_real_config_and_checkpoint_has_choices(capsys):
+    """The --config example in the help is a packaged config; --checkpoint accepts only best/last/previous."""
+    import re
+
+    from rollingq.cli import _parser
+    from rollingq.config import load_config
+
+    train_parser = _parser()._subparsers._group_actions[0].choices["train"]
+    help_text = train_parser.format_help()
+    example = re.search(r"\(e\.g\.\s+(\w+)\)", help_text).group(1)
+    assert load_config(example, [])["name"]
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", "somewhere", "--checkpoint", "lastt"])
+    assert "invalid choice: 'lastt'" in capsys.readouterr().err

@@ -22,9 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a run (or continue one with --resume)")
-    t.add_argument("--config", help="a YAML file, or the name of a packaged config (e.g. synthetic_vanilla_mt)")
+    t.add_argument("--config", help="a YAML file, or the name of a packaged config (e.g. synthetic)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    t.add_argument("--checkpoint", default="last", help="with --resume: last (default) or previous")
+    t.add_argument("--checkpoint", default="last", choices=["best", "last", "previous"],
+                   help="with --resume: the checkpoint to continue from (default: last)")
     t.add_argument("--out", metavar="RUN_DIR", help="the run directory (default: <out_dir>/<name>_<time>)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01")
 
