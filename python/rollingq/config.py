@@ -45,7 +45,6 @@ DEFAULTS: dict[str, Any] = {
         "pretrained": None,
         "rotation": "global",
         "backend": "auto",
-        "fusion_layers": 1,
         "progressive_epochs": 0,
     },
     "rollingq": {

@@ -69,7 +69,7 @@ class AttentionFusion(nn.Module):
     def __init__(self, dim: int, num_classes: int, num_modalities: int, layers: int, cfg_model: dict) -> None:
         super().__init__()
         if layers not in (1, 2):
-            raise ValueError(f"model.fusion_layers: expected 1 or 2, got {layers}")
+            raise ValueError(f"layers: expected 1 (vanilla_mt) or 2 (vanilla_mt_star, set by model.fusion), got {layers}")
         heads = int(cfg_model.get("fusion_heads", 1))
         if dim % heads:
             raise ValueError(f"model.fusion_heads: {heads} does not divide model.dim {dim}")
