@@ -22,16 +22,16 @@ inline void store_rows(const acc_t* src, int64_t n, scalar_t* dst) {
 }
 
 // lse[i] = log sum_j exp(scale q_i k_j) over the valid keys, in double.
-inline void exact_lse(const double* qt, const double* k, const uint8_t* key_valid, int64_t nr, int64_t N, int64_t Dh,
-                      int64_t kvB, double scale, double* scores, double* lse) {
+inline void exact_lse(const double* qt, const double* k, const uint8_t* key_valid, const std::vector<Tile>& key_tiles,
+                      int64_t nr, int64_t Dh, int64_t kvB, double scale, double* scores, double* lse) {
   std::vector<double> mx(nr, -std::numeric_limits<double>::infinity()), sum(nr, 0.0);
-  for (int64_t j0 = 0; j0 < N; j0 += kvB) {
-    const int64_t nk = std::min(kvB, N - j0);
-    if (!any_valid(key_valid + j0, nk)) continue;
+  for (const Tile& ktile : key_tiles) {
+    const int64_t j0 = ktile.start, nk = ktile.size;
+    if (!ktile.all_valid && !any_valid(key_valid + j0, nk)) continue;
     gemm_abt<double>(nr, nk, Dh, scale, qt, k + j0 * Dh, scores, kvB);
     for (int64_t i = 0; i < nr; ++i) {
       double* s = scores + i * kvB;
-      mask_invalid(s, key_valid + j0, nk);
+      if (!ktile.all_valid) mask_invalid(s, key_valid + j0, nk);
       const double m_new = std::max(mx[i], row_max(s, nk));
       sum[i] = sum[i] * std::exp(mx[i] - m_new) + exp_shift_sum(s, nk, m_new);
       mx[i] = m_new;
@@ -44,9 +44,10 @@ template <typename scalar_t>
 void backward_impl(const Problem& p, const BackwardBuffers& buf) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-  const Layout layout(p);
   const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
   const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
+  // Varlen: only the valid query rows and keys are visited; padded rows and keys keep a zero gradient.
+  const Layout layout(p, kvB, qB);
   const bool all_query = Nq > 1;
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
@@ -64,14 +65,24 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
   auto* dv_out = static_cast<scalar_t*>(buf.dv);
   auto* dq0rot = static_cast<acc_t*>(buf.dq0rot);
 
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> cost(p.B * p.H);  // query rows x keys visited per (batch, head)
+  for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
+    int64_t rows = 0, keys = 0;
+    for (const Tile& t : layout.queries_of(bh / p.H)) rows += t.size;
+    for (const Tile& t : layout.keys_of(bh / p.H)) keys += t.size;
+    cost[bh] = rows * keys;
+  }
+  const std::vector<int64_t> bounds = balance_tasks(cost, at::get_num_threads());
+
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), dobuf(qB * Dh), obuf(convert ? qB * Dh : 0);
     std::vector<acc_t> kbuf(convert ? kvB * Dh : 0), vbuf(convert ? kvB * Dh : 0);
     std::vector<acc_t> scores(qB * kvB), dp(qB * kvB), delta(qB), lse(qB);
     std::vector<uint32_t> row_keys(qB);
     std::vector<acc_t> dq_acc(convert ? Nq * Dh : 0), dk_acc(convert ? N * Dh : 0), dv_acc(convert ? N * Dh : 0);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t w = wbegin; w < wend; ++w)
+    for (int64_t bh = bounds[w]; bh < bounds[w + 1]; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const uint8_t* key_valid = layout.valid_row(b);
       acc_t* dQ = convert ? dq_acc.data() : reinterpret_cast<acc_t*>(dq_out + bh * Nq * Dh);
@@ -81,9 +92,9 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
       std::fill(dK, dK + N * Dh, acc_t(0));
       std::fill(dV, dV + N * Dh, acc_t(0));
 
-      for (int64_t r0 = 0; r0 < Nq; r0 += qB) {
-        const int64_t nr = std::min(qB, Nq - r0);
-        if (all_query && !any_valid(key_valid + r0, nr)) continue;  // padded query rows pass no gradient
+      const std::vector<Tile>& key_tiles = layout.keys_of(b);
+      for (const Tile& qtile : layout.queries_of(b)) {
+        const int64_t r0 = qtile.start, nr = qtile.size;
         const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
                                                            nr, Dh, qbuf.data());
         const acc_t* dot = load_rows<scalar_t, acc_t>(go + bh * Nq * Dh, r0, nr, Dh, dobuf.data());
@@ -98,11 +109,11 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         // float64: the saved float32 lse would cap the gradients' precision near 1e-7,
         // so recompute the log-sum-exp in double (one extra q k^T pass, float64 only).
         if constexpr (std::is_same_v<acc_t, double>)
-          exact_lse(qt, k + bh * N * Dh, key_valid, nr, N, Dh, kvB, scale, scores.data(), lse.data());
-        for (int64_t j0 = 0; j0 < N; j0 += kvB) {
-          const int64_t nk = std::min(kvB, N - j0);
+          exact_lse(qt, k + bh * N * Dh, key_valid, key_tiles, nr, Dh, kvB, scale, scores.data(), lse.data());
+        for (const Tile& ktile : key_tiles) {
+          const int64_t j0 = ktile.start, nk = ktile.size;
           const uint8_t* tile_valid = key_valid + j0;
-          if (!any_valid(tile_valid, nk)) continue;
+          if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
           const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
           const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
           gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
@@ -110,7 +121,7 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
           for (int64_t i = 0; i < nr; ++i) {
             acc_t* s = scores.data() + i * kvB;
             acc_t* dpi = dp.data() + i * kvB;
-            if (all_query && !key_valid[r0 + i]) {
+            if (!qtile.all_valid && all_query && !key_valid[r0 + i]) {
               std::fill(s, s + nk, acc_t(0));
               std::fill(dpi, dpi + nk, acc_t(0));
               continue;

@@ -1,5 +1,7 @@
 // Forward kernel of rollingq::attention_fwd on CPU (docs/op.md): flash-style
 // tiling with an online softmax, parallel over (batch, head, query block).
+// Varlen: with lengths, only the valid query rows and keys are visited (tiles
+// of the original positions, see plan_tiles), padded rows are written as 0.
 // The task holding query row 0 (the class row) also accumulates the RollingQ
 // statistics while it reads K: per-modality sums of the valid keys and
 // per-segment exp-sums rescaled by the running max like the softmax denominator.
@@ -67,13 +69,28 @@ inline acc_t softmax_row_update(acc_t* s, const uint8_t* valid, bool all_valid, 
   return alpha;
 }
 
+// Zeroes out and lse on the query rows of [0, nq) that no tile covers (padding).
+template <typename scalar_t>
+void zero_uncovered_rows(const std::vector<Tile>& tiles, int64_t nq, int64_t dh, scalar_t* out, float* lse) {
+  int64_t next = 0;
+  auto zero = [&](int64_t r0, int64_t r1) {
+    std::fill(out + r0 * dh, out + r1 * dh, scalar_t(0));
+    std::fill(lse + r0, lse + r1, 0.0f);
+  };
+  for (const Tile& t : tiles) {
+    zero(next, t.start);
+    next = t.start + t.size;
+  }
+  zero(next, nq);
+}
+
 template <typename scalar_t>
 void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   using acc_t = acc_type<scalar_t>;
-  const Layout layout(p);
   const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
   const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
-  const int64_t n_qblocks = (Nq + qB - 1) / qB;
+  // Varlen: only the valid query rows and keys are visited, in tiles of the original positions.
+  const Layout layout(p, kvB, qB);
   const bool all_query = Nq > 1;
   const bool want_stats = buf.key_mean != nullptr;
   const bool dropout = p.dropout_p > 0.0;
@@ -88,25 +105,36 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   const auto* q0rot = static_cast<const scalar_t*>(buf.q0rot);
   auto* out = static_cast<scalar_t*>(buf.out);
 
-  at::parallel_for(0, p.B * p.H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (b * H + h, query tile index)
+  std::vector<int64_t> cost;                       // query rows x keys visited
+  for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
+    const std::vector<Tile>& query_tiles = layout.queries_of(bh / p.H);
+    int64_t keys = 0;
+    for (const Tile& t : layout.keys_of(bh / p.H)) keys += t.size;
+    for (size_t t = 0; t < query_tiles.size(); ++t) {
+      tasks.emplace_back(bh, static_cast<int64_t>(t));
+      cost.push_back(query_tiles[t].size * keys);
+    }
+  }
+  const std::vector<int64_t> bounds = balance_tasks(cost, at::get_num_threads());
+
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), kbuf(convert ? kvB * Dh : 0), vbuf(convert ? kvB * Dh : 0);
     std::vector<acc_t> scores(qB * kvB), acc(qB * Dh);
     RowState<acc_t> rows(qB);
     std::vector<uint32_t> row_keys(qB);
     ClassRowStats<acc_t> stats(p.M, Dh);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / n_qblocks, r0 = (task % n_qblocks) * qB;
-      const int64_t b = bh / p.H, h = bh % p.H;
-      const int64_t nr = std::min(qB, Nq - r0);
+    for (int64_t w = wbegin; w < wend; ++w)
+    for (int64_t task = bounds[w]; task < bounds[w + 1]; ++task) {
+      const int64_t bh = tasks[task].first, b = bh / p.H, h = bh % p.H;
+      const std::vector<Tile>& query_tiles = layout.queries_of(b);
+      const Tile& qtile = query_tiles[tasks[task].second];
+      const int64_t r0 = qtile.start, nr = qtile.size;
       const uint8_t* key_valid = layout.valid_row(b);
+      if (tasks[task].second == 0) zero_uncovered_rows(query_tiles, Nq, Dh, out + bh * Nq * Dh, buf.lse + bh * Nq);
       scalar_t* out_rows = out + (bh * Nq + r0) * Dh;
       float* lse_rows = buf.lse + bh * Nq + r0;
-      if (all_query && !any_valid(key_valid + r0, nr)) {  // every query row of the tile is padding
-        std::fill(out_rows, out_rows + nr * Dh, scalar_t(0));
-        std::fill(lse_rows, lse_rows + nr, 0.0f);
-        continue;
-      }
       const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
                                                          nr, Dh, qbuf.data());
       const bool class_tile = want_stats && r0 == 0;
@@ -117,12 +145,11 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       if (dropout)
         for (int64_t i = 0; i < nr; ++i) row_keys[i] = dropout_row_key(p.seed, b, h, r0 + i);
 
-      for (int64_t j0 = 0; j0 < N; j0 += kvB) {
-        const int64_t nk = std::min(kvB, N - j0);
+      for (const Tile& ktile : layout.keys_of(b)) {  // the first tile holds the class key: running max finite
+        const int64_t j0 = ktile.start, nk = ktile.size;
         const uint8_t* tile_valid = key_valid + j0;
-        if (!any_valid(tile_valid, nk)) continue;
-        bool all_valid = true;
-        for (int64_t j = 0; j < nk; ++j) all_valid = all_valid && tile_valid[j];
+        if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
+        bool all_valid = ktile.all_valid;
         const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
         if (single_row) {  // one streaming pass over the keys: scores and key sums together
           for (int64_t j = 0; j < nk; ++j) {

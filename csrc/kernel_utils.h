@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention_kernels.h"
@@ -125,13 +126,89 @@ inline uint32_t dropout_row_key(uint32_t seed, int64_t b, int64_t h, int64_t row
 // Integer threshold: keep iff (x >> 8) >= threshold.
 inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(std::nearbyint(p * 16777216.0)); }
 
+// A contiguous window [start, start + size) of keys or query rows, in the
+// original token positions (so dropout hashes and segment ids are unchanged).
+struct Tile {
+  int64_t start = 0, size = 0;
+  bool all_valid = true;  // no padded position inside the window
+};
+
+// Runs shorter than this many padded positions between two valid runs are
+// computed (and masked) rather than splitting the tile there.
+constexpr int64_t kMinSkippedGap = 32;
+
+// Tiles of at most max_tile positions covering every valid position of
+// valid (n,), in increasing order; the first tile starts at the first valid
+// position. Padding is skipped (varlen): a gap is kept inside a tile only when
+// it is short (<= max(kMinSkippedGap, the shorter neighbouring valid run)), so
+// heavily fragmented layouts still get large tiles. Every span of valid runs
+// is cut into tiles of max_tile positions and a remainder (with every token
+// valid: the same fixed tiling as a dense kernel).
+inline std::vector<Tile> plan_tiles(const uint8_t* valid, int64_t n, int64_t max_tile) {
+  std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) of maximal valid runs
+  for (int64_t i = 0; i < n;) {
+    if (!valid[i]) {
+      ++i;
+      continue;
+    }
+    const int64_t begin = i;
+    while (i < n && valid[i]) ++i;
+    runs.emplace_back(begin, i);
+  }
+  std::vector<std::pair<int64_t, int64_t>> spans;  // runs merged across short gaps
+  for (size_t r = 0; r < runs.size(); ++r) {
+    if (!spans.empty()) {
+      const int64_t gap = runs[r].first - spans.back().second;
+      const int64_t shorter = std::min(runs[r].second - runs[r].first, runs[r - 1].second - runs[r - 1].first);
+      if (gap <= std::max(kMinSkippedGap, shorter)) {
+        spans.back().second = runs[r].second;
+        continue;
+      }
+    }
+    spans.push_back(runs[r]);
+  }
+  std::vector<Tile> tiles;
+  for (const auto& [begin, end] : spans) {
+    for (int64_t t0 = begin; t0 < end; t0 += max_tile) {
+      Tile t{t0, std::min(max_tile, end - t0), true};
+      for (int64_t i = t.start; i < t.start + t.size; ++i) t.all_valid = t.all_valid && valid[i];
+      tiles.push_back(t);
+    }
+  }
+  return tiles;
+}
+
+// Deterministic load balancing of independent tasks with unequal costs: the
+// task list cut into `workers` contiguous runs of about equal total cost
+// (contiguous, so a thread's consecutive tasks share the same K and V). The
+// cut depends only on the costs, and each task computes exactly the same values
+// whichever thread runs it. Returns workers + 1 boundaries.
+inline std::vector<int64_t> balance_tasks(const std::vector<int64_t>& cost, int64_t workers) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  workers = std::max<int64_t>(1, std::min<int64_t>(workers, n));
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  std::vector<int64_t> bounds(1, 0);
+  int64_t acc = 0, i = 0;
+  for (int64_t w = 1; w < workers; ++w) {
+    const double target = static_cast<double>(total) * static_cast<double>(w) / static_cast<double>(workers);
+    while (i < n && static_cast<double>(acc) + 0.5 * static_cast<double>(cost[i]) < target) acc += cost[i++];
+    bounds.push_back(std::max(i, bounds.back()));
+  }
+  bounds.push_back(n);
+  return bounds;
+}
+
 // Per-call tables derived from segments and lengths.
 struct Layout {
   std::vector<int32_t> segment_of;  // (N,): 0 for the class token, m + 1 for modality m
   std::vector<uint8_t> valid;       // (B, N): key j of sample b is valid
   std::vector<uint32_t> col_hash;   // (N,): c(col), only with dropout
+  // Key tiles (at most kv_tile keys) and query tiles (at most q_tile rows) per
+  // sample; one shared plan when every token is valid (lengths == nullptr).
+  std::vector<std::vector<Tile>> key_tiles, query_tiles;
 
-  explicit Layout(const Problem& p) : segment_of(p.N, 0), valid(p.B * p.N, 1) {
+  Layout(const Problem& p, int64_t kv_tile, int64_t q_tile) : segment_of(p.N, 0), valid(p.B * p.N, 1) {
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t j = p.offsets[m]; j < p.offsets[m + 1]; ++j) segment_of[j] = static_cast<int32_t>(m + 1);
     if (p.lengths != nullptr) {
@@ -146,9 +223,18 @@ struct Layout {
       col_hash.resize(p.N);
       for (int64_t j = 0; j < p.N; ++j) col_hash[j] = counter_hash(static_cast<uint64_t>(j));
     }
+    const int64_t plans = p.lengths != nullptr ? p.B : 1;
+    const uint8_t class_row = 1;
+    for (int64_t b = 0; b < plans; ++b) {
+      key_tiles.push_back(plan_tiles(valid_row(b), p.N, kv_tile));
+      // A query token is valid iff its key is; class-only mode has the class row alone.
+      query_tiles.push_back(p.Nq == p.N ? plan_tiles(valid_row(b), p.N, q_tile) : plan_tiles(&class_row, 1, 1));
+    }
   }
 
   const uint8_t* valid_row(int64_t b) const { return valid.data() + b * static_cast<int64_t>(segment_of.size()); }
+  const std::vector<Tile>& keys_of(int64_t b) const { return key_tiles[key_tiles.size() == 1 ? 0 : b]; }
+  const std::vector<Tile>& queries_of(int64_t b) const { return query_tiles[query_tiles.size() == 1 ? 0 : b]; }
 };
 
 inline bool any_valid(const uint8_t* v, int64_t n) {

@@ -65,6 +65,9 @@ CASES = {
     "aq-M3-odd": (2, 1, 80, (5, 9, 3), [[3, 9, 1], [5, 0, 2]], False, "global"),
     "aq-dh128-bh1": (1, 1, 128, (29, 31), [[17, 23]], False, None),
     "aq-multi-tile": (2, 1, 16, (300, 333), [[211, 333], [300, 97]], False, "per_head"),
+    # varlen tiling: sample 0 has a 107-key gap (tiles split), sample 1 a 1-key gap (kept inside a tile)
+    "aq-varlen-gaps": (2, 2, 24, (90, 37, 120), [[20, 0, 100], [90, 36, 3]], False, "global"),
+    "aq-varlen-dh768": (2, 1, 768, (61, 70), [[5, 70], [61, 2]], False, None),  # many small key tiles
     "co-plain": (3, 2, 32, (11, 13), None, True, "global"),
     "co-lengths-M3": (4, 2, 16, (6, 1, 9), [[6, 1, 0], [0, 0, 9], [2, 1, 3], [5, 0, 7]], True, "per_head"),
     "co-dh768-bh1": (1, 1, 768, (3, 4), [[2, 4]], True, None),
@@ -97,16 +100,19 @@ def test_forward_stats_and_grads_match_float64_reference(name, dtype):
         assert_close(a, e, tol[1], rtol=tol[1], what=f"d{name_g}")
 
 
-def test_padded_query_rows_output_zero_and_get_no_gradient():
-    q, k, v, segs, lengths, rotation = case_inputs("aq-lengths-empty-modality", torch.float32)
+@pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "aq-varlen-gaps"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_padded_query_rows_output_zero_and_get_no_gradient(name, dropout_p):
+    q, k, v, segs, lengths, rotation = case_inputs(name, torch.float32)
     g = torch.randn(q.shape)
-    out, _, (dq, dk, dv) = run("cpp", q, k, v, segs, grad_out=g, lengths=lengths, rotation=rotation)
+    out, _, (dq, dk, dv) = run("cpp", q, k, v, segs, grad_out=g, lengths=lengths, rotation=rotation,
+                               dropout_p=dropout_p, seed=3)
     valid = rollingq_kernels.reference.key_valid_mask(lengths, segs, q.shape[0], q.device)  # (B, N)
     pad = ~valid[:, None, :, None].expand_as(out)
     assert (out[pad] == 0).all() and (dq[pad] == 0).all() and (dk[pad] == 0).all() and (dv[pad] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "co-lengths-M3", "aq-multi-tile"])
+@pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "co-lengths-M3", "aq-multi-tile", "aq-varlen-gaps"])
 @pytest.mark.parametrize("dropout_p", [0.17, 0.5])
 def test_dropout_matches_reference_with_same_seed(name, dropout_p):
     q, k, v, segs, lengths, rotation = case_inputs(name, torch.float64)
@@ -187,7 +193,7 @@ def _fwd_bwd(name, dtype, dropout_p=0.3):
     return [out, stats.key_mean, stats.mass, *grads]
 
 
-@pytest.mark.parametrize("name", ["aq-multi-tile", "co-multi-tile"])
+@pytest.mark.parametrize("name", ["aq-multi-tile", "co-multi-tile", "aq-varlen-gaps"])
 def test_bitwise_deterministic_across_runs_and_thread_counts(name):
     threads = torch.get_num_threads()
     try:
