@@ -68,6 +68,18 @@ def check_segments(segments: Sequence[int], n_keys: int | None = None) -> tuple[
     return segs
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """True if ``t`` holds no NaN or inf.
+
+    One reduction (``aminmax`` propagates NaN, and an inf is the min or the max)
+    instead of an element-wise ``isfinite`` mask: ~20x faster on a 768x768 matrix.
+    """
+    if not t.is_contiguous() and t.mT.is_contiguous():
+        t = t.mT  # same elements; reductions over a transposed layout are ~20x slower
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -137,7 +149,7 @@ def check_inputs(
                 f"rotation: expected shape {glob} (global) or {per_head} (per head), "
                 f"got {_shape(rotation)}"
             )
-        if not _tracing() and not bool(torch.isfinite(rotation).all()):
+        if not _tracing() and not _all_finite(rotation):
             raise ValueError("rotation: expected finite values, got NaN or inf")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):

@@ -36,7 +36,7 @@ class AttentionStats(NamedTuple):
 def safe_cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
     """``dot / (|a||b|)``, defined as 0 where either norm is 0."""
     denom = norm_a * norm_b
-    return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), torch.zeros_like(dot))
+    return (dot / denom.clamp_min(torch.finfo(dot.dtype).tiny)).masked_fill_(denom == 0, 0.0)
 
 
 def valid_modalities(
@@ -67,11 +67,18 @@ def finish_stats(
     key_mean = key_mean.float()
     query = query.float()
     B, H, M, Dh = key_mean.shape
-    dots = torch.einsum("bhmd,bhd->bhm", key_mean, query)  # (B, H, M)
-    q_sq = query.square().sum(-1)  # (B, H)
-    k_sq = key_mean.square().sum(-1)  # (B, H, M)
-    cos_per_head = safe_cosine(dots, q_sq.sqrt().unsqueeze(-1), k_sq.sqrt())
-    cos = safe_cosine(dots.sum(1), q_sq.sum(1).sqrt().unsqueeze(-1), k_sq.sum(1).sqrt())
+    # Few, fused reductions: this epilogue runs on every call, next to a memory-bound kernel.
+    dots = (key_mean * query.unsqueeze(2)).sum(-1)  # (B, H, M)
+    cos_per_head = safe_cosine(
+        dots,
+        torch.linalg.vector_norm(query, dim=-1).unsqueeze(-1),
+        torch.linalg.vector_norm(key_mean, dim=-1),
+    )
+    cos = safe_cosine(  # heads concatenated: sums over h of the dots and squared norms
+        dots.sum(1),
+        torch.linalg.vector_norm(query, dim=(1, 2)).unsqueeze(-1),
+        torch.linalg.vector_norm(key_mean, dim=(1, 3)),
+    )
     valid = valid_modalities(lengths, B, segments, key_mean.device)
     return AttentionStats(
         key_mean=key_mean,

@@ -58,6 +58,21 @@ def test_bad_input_names_the_argument(kwargs, exc, pattern):
         _call(**kwargs)
 
 
+def _with_one(value: float, transposed: bool, per_head: bool) -> torch.Tensor:
+    r = torch.eye(Dh).repeat(H, 1, 1) if per_head else torch.eye(H * Dh)
+    r[..., 1, 2] = value
+    return r.mT.contiguous().mT if transposed else r
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_rotation_entry_is_found_in_any_layout(value, transposed, per_head):
+    with pytest.raises(ValueError, match=r"rotation: expected finite values"):
+        _call(rotation=_with_one(value, transposed, per_head))
+    _call(rotation=_with_one(3.0e38, transposed, per_head))  # huge but finite: accepted
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
