@@ -65,16 +65,24 @@ void attention_forward(const Problem& p, const ForwardBuffers& buf);
 // Backward pass, deterministic: parallel over (batch, head) only.
 void attention_backward(const Problem& p, const BackwardBuffers& buf);
 
-// q0rot[b] = round_to_dtype(q0[b] @ R^T) with R in the compute dtype.
-// global: R is (H*Dh, H*Dh); per head: R is (H, Dh, Dh). q0 is row 0 of q.
+// The class-query rotation R in the compute dtype (double for float64 inputs,
+// else float). global: R is (H*Dh, H*Dh); per head: R is (H, Dh, Dh).
+// transposed: the memory holds R^T row-major (each matrix), as for a
+// transposed view of a contiguous matrix; read as is, never copied.
+struct Rotation {
+  const void* data = nullptr;
+  bool global = true;
+  bool transposed = false;
+};
+
+// q0rot[b] = round_to_dtype(q0[b] @ R^T), q0 being row 0 of q.
 // query_stat (B, H, Dh) float32, optional: receives float(q0rot).
-void rotate_class_query(const Problem& p, const void* q, const void* rotation, bool global, void* q0rot,
-                        float* query_stat);
+void rotate_class_query(const Problem& p, const void* q, const Rotation& rotation, void* q0rot, float* query_stat);
 
 // Copies row 0 of q (unrotated) into query_stat (B, H, Dh) float32.
 void class_query_stat(const Problem& p, const void* q, float* query_stat);
 
 // dq[b, h, 0, :] = round_to_dtype(dq0rot[b] @ R), the rotation's chain rule.
-void rotate_class_grad(const Problem& p, const void* dq0rot, const void* rotation, bool global, void* dq);
+void rotate_class_grad(const Problem& p, const void* dq0rot, const Rotation& rotation, void* dq);
 
 }  // namespace rollingq

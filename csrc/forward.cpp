@@ -195,6 +195,39 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   });
 }
 
+// Y = X @ A for B rows, A an n x n block of the rotation read in place: the
+// rows of X and Y are n-element slices with leading dimension ld. A is mem^T
+// when a_is_mem_transposed, else mem (mem row-major, n x n).
+// Column blocks of Y are fixed (kColumnBlock) and run in parallel, one serial
+// BLAS call each: the result is bitwise the same for any thread count.
+constexpr int64_t kColumnBlock = 64;
+template <typename T>
+void rows_times(const T* x, const T* mem, bool a_is_mem_transposed, int64_t rows, int64_t n, int64_t ld, T* y) {
+  const int64_t blocks = (n + kColumnBlock - 1) / kColumnBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    SerialBlasGuard serial_blas;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c0 = i * kColumnBlock, nc = std::min(kColumnBlock, n - c0);
+      if (a_is_mem_transposed)  // Y[:, c0:] = X @ mem[c0:, :]^T
+        gemm(true, false, nc, rows, n, T(1), mem + c0 * n, n, x, ld, T(0), y + c0, ld);
+      else  // Y[:, c0:] = X @ mem[:, c0:]
+        gemm(false, false, nc, rows, n, T(1), mem + c0, n, x, ld, T(0), y + c0, ld);
+    }
+  });
+}
+
+// Y (B, H*Dh) = X @ A for the global rotation, or X[:, h] @ A_h per head.
+template <typename T>
+void apply_rotation(const Problem& p, const T* x, const T* mem, bool a_is_mem_transposed, bool global, T* y) {
+  const int64_t HD = p.H * p.Dh, Dh = p.Dh;
+  if (global) {
+    rows_times(x, mem, a_is_mem_transposed, p.B, HD, HD, y);
+  } else {
+    for (int64_t h = 0; h < p.H; ++h)
+      rows_times(x + h * Dh, mem + h * Dh * Dh, a_is_mem_transposed, p.B, Dh, HD, y + h * Dh);
+  }
+}
+
 // Gathers q[:, :, 0, :] into a (B, H*Dh) matrix of the compute dtype.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> gather_class_rows(const Problem& p, const scalar_t* q) {
@@ -208,24 +241,14 @@ std::vector<acc_t> gather_class_rows(const Problem& p, const scalar_t* q) {
 }
 
 template <typename scalar_t>
-void rotate_impl(const Problem& p, const void* q_ptr, const void* rotation, bool global, void* q0rot_ptr,
-                 float* query_stat) {
+void rotate_impl(const Problem& p, const void* q_ptr, const Rotation& rotation, void* q0rot_ptr, float* query_stat) {
   using acc_t = acc_type<scalar_t>;
-  SerialBlasGuard serial_blas;
-  const int64_t HD = p.H * p.Dh, Dh = p.Dh;
-  const auto* R = static_cast<const acc_t*>(rotation);
+  const int64_t HD = p.H * p.Dh;
   const std::vector<acc_t> q0 = gather_class_rows<scalar_t, acc_t>(p, static_cast<const scalar_t*>(q_ptr));
   std::vector<acc_t> rotated(p.B * HD);
-  if (global) {
-    gemm_abt<acc_t>(p.B, HD, HD, acc_t(1), q0.data(), R, rotated.data(), HD);  // rows @ R^T
-  } else {
-    std::vector<acc_t> qh(p.B * Dh), yh(p.B * Dh);
-    for (int64_t h = 0; h < p.H; ++h) {
-      for (int64_t b = 0; b < p.B; ++b) std::copy_n(q0.data() + b * HD + h * Dh, Dh, qh.data() + b * Dh);
-      gemm_abt<acc_t>(p.B, Dh, Dh, acc_t(1), qh.data(), R + h * Dh * Dh, yh.data(), Dh);
-      for (int64_t b = 0; b < p.B; ++b) std::copy_n(yh.data() + b * Dh, Dh, rotated.data() + b * HD + h * Dh);
-    }
-  }
+  // rows @ R^T: A = R^T is mem^T when the memory holds R, mem when it holds R^T
+  apply_rotation(p, q0.data(), static_cast<const acc_t*>(rotation.data), !rotation.transposed, rotation.global,
+                 rotated.data());
   auto* q0rot = static_cast<scalar_t*>(q0rot_ptr);  // (B, H, Dh) == (B, H*Dh)
   for (int64_t i = 0; i < p.B * HD; ++i) {
     q0rot[i] = static_cast<scalar_t>(rotated[i]);
@@ -234,23 +257,13 @@ void rotate_impl(const Problem& p, const void* q_ptr, const void* rotation, bool
 }
 
 template <typename scalar_t>
-void rotate_grad_impl(const Problem& p, const void* dq0rot, const void* rotation, bool global, void* dq_ptr) {
+void rotate_grad_impl(const Problem& p, const void* dq0rot, const Rotation& rotation, void* dq_ptr) {
   using acc_t = acc_type<scalar_t>;
-  SerialBlasGuard serial_blas;
   const int64_t HD = p.H * p.Dh, Dh = p.Dh;
-  const auto* R = static_cast<const acc_t*>(rotation);
-  const auto* g = static_cast<const acc_t*>(dq0rot);  // (B, H*Dh)
   std::vector<acc_t> grad(p.B * HD);
-  if (global) {
-    gemm_pv<acc_t>(p.B, HD, HD, acc_t(1), g, HD, R, acc_t(0), grad.data());  // rows @ R
-  } else {
-    std::vector<acc_t> gh(p.B * Dh), yh(p.B * Dh);
-    for (int64_t h = 0; h < p.H; ++h) {
-      for (int64_t b = 0; b < p.B; ++b) std::copy_n(g + b * HD + h * Dh, Dh, gh.data() + b * Dh);
-      gemm_pv<acc_t>(p.B, Dh, Dh, acc_t(1), gh.data(), Dh, R + h * Dh * Dh, acc_t(0), yh.data());
-      for (int64_t b = 0; b < p.B; ++b) std::copy_n(yh.data() + b * Dh, Dh, grad.data() + b * HD + h * Dh);
-    }
-  }
+  // rows @ R: A = R is mem when the memory holds R, mem^T when it holds R^T
+  apply_rotation(p, static_cast<const acc_t*>(dq0rot), static_cast<const acc_t*>(rotation.data),
+                 rotation.transposed, rotation.global, grad.data());
   auto* dq = static_cast<scalar_t*>(dq_ptr);
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t h = 0; h < p.H; ++h)
@@ -264,9 +277,8 @@ void attention_forward(const Problem& p, const ForwardBuffers& buf) {
   dispatch_dtype(p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(p, buf); });
 }
 
-void rotate_class_query(const Problem& p, const void* q, const void* rotation, bool global, void* q0rot,
-                        float* query_stat) {
-  dispatch_dtype(p.dtype, [&](auto tag) { rotate_impl<decltype(tag)>(p, q, rotation, global, q0rot, query_stat); });
+void rotate_class_query(const Problem& p, const void* q, const Rotation& rotation, void* q0rot, float* query_stat) {
+  dispatch_dtype(p.dtype, [&](auto tag) { rotate_impl<decltype(tag)>(p, q, rotation, q0rot, query_stat); });
 }
 
 void class_query_stat(const Problem& p, const void* q, float* query_stat) {
@@ -278,8 +290,8 @@ void class_query_stat(const Problem& p, const void* q, float* query_stat) {
   });
 }
 
-void rotate_class_grad(const Problem& p, const void* dq0rot, const void* rotation, bool global, void* dq) {
-  dispatch_dtype(p.dtype, [&](auto tag) { rotate_grad_impl<decltype(tag)>(p, dq0rot, rotation, global, dq); });
+void rotate_class_grad(const Problem& p, const void* dq0rot, const Rotation& rotation, void* dq) {
+  dispatch_dtype(p.dtype, [&](auto tag) { rotate_grad_impl<decltype(tag)>(p, dq0rot, rotation, dq); });
 }
 
 }  // namespace rollingq

@@ -118,11 +118,28 @@ Tensor with_strides_of(const Tensor& result, const Tensor& like) {
   return strided;
 }
 
-// The rotation in the compute dtype (float64 for float64 inputs, else float32).
-Tensor rotation_in_compute_dtype(const std::optional<Tensor>& rotation, const Problem& p) {
-  if (!rotation.has_value() || !rotation->defined()) return Tensor();
+// The rotation in the compute dtype (float64 for float64 inputs, else float32),
+// with the pointer the kernels read. A transposed view of a contiguous matrix
+// (per head: of contiguous (Dh, Dh) blocks) is read in place, not copied.
+struct RotationInput {
+  Tensor storage;  // keeps the converted copy alive; undefined when there is no rotation
+  Rotation view;
+};
+
+RotationInput rotation_in_compute_dtype(const std::optional<Tensor>& rotation, const Problem& p) {
+  RotationInput r;
+  if (!rotation.has_value() || !rotation->defined()) return r;
   const auto c = p.dtype == at::kDouble ? at::kDouble : at::kFloat;
-  return rotation->to(c).contiguous();
+  Tensor t = rotation->to(c);  // keeps the layout of a dense tensor
+  if (!t.is_contiguous() && t.transpose(-2, -1).is_contiguous()) {
+    r.storage = t.transpose(-2, -1);
+    r.view.transposed = true;
+  } else {
+    r.storage = t.contiguous();
+  }
+  r.view.data = r.storage.const_data_ptr();
+  r.view.global = r.storage.dim() == 2;
+  return r;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
@@ -131,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
     int64_t seed, bool compute_stats) {
   Problem p = make_problem(q, k, v, segments, lengths, rotation, scale, dropout_p, seed);
   const Tensor len = checked_lengths(lengths, p);
-  const Tensor rot = rotation_in_compute_dtype(rotation, p);
+  const RotationInput rot = rotation_in_compute_dtype(rotation, p);
   const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const auto f32 = qc.options().dtype(at::kFloat);
   Tensor out = qc.new_empty(qc.sizes());
@@ -142,10 +159,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   float* query_stat = compute_stats ? query.mutable_data_ptr<float>() : nullptr;
 
   Tensor q0rot;
-  if (rot.defined()) {
+  if (rot.storage.defined()) {
     q0rot = qc.new_empty({p.B, p.H, p.Dh});
-    rotate_class_query(p, qc.const_data_ptr(), rot.const_data_ptr(), rot.dim() == 2, q0rot.mutable_data_ptr(),
-                       query_stat);
+    rotate_class_query(p, qc.const_data_ptr(), rot.view, q0rot.mutable_data_ptr(), query_stat);
   } else if (compute_stats) {
     class_query_stat(p, qc.const_data_ptr(), query_stat);
   }
@@ -179,17 +195,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, con
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.Nq,
               "lse: expected shape (", p.B, ", ", p.H, ", ", p.Nq, "), got ", lse.sizes());
   const Tensor len = checked_lengths(lengths, p);
-  const Tensor rot = rotation_in_compute_dtype(rotation, p);
+  const RotationInput rot = rotation_in_compute_dtype(rotation, p);
   const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const Tensor gc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
   Tensor dq = qc.new_empty(qc.sizes()), dk = kc.new_empty(kc.sizes()), dv = vc.new_empty(vc.sizes());
 
   Tensor q0rot, dq0rot;
-  if (rot.defined()) {
+  if (rot.storage.defined()) {
     q0rot = qc.new_empty({p.B, p.H, p.Dh});
-    rotate_class_query(p, qc.const_data_ptr(), rot.const_data_ptr(), rot.dim() == 2, q0rot.mutable_data_ptr(),
-                       nullptr);
-    dq0rot = qc.new_empty({p.B, p.H, p.Dh}, qc.options().dtype(rot.scalar_type()));
+    rotate_class_query(p, qc.const_data_ptr(), rot.view, q0rot.mutable_data_ptr(), nullptr);
+    dq0rot = qc.new_empty({p.B, p.H, p.Dh}, qc.options().dtype(rot.storage.scalar_type()));
   }
   BackwardBuffers buf;
   buf.grad_out = gc.const_data_ptr();
@@ -204,7 +219,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, con
   buf.dv = dv.mutable_data_ptr();
   buf.dq0rot = dq0rot.defined() ? dq0rot.mutable_data_ptr() : nullptr;
   attention_backward(p, buf);
-  if (rot.defined()) rotate_class_grad(p, dq0rot.const_data_ptr(), rot.const_data_ptr(), rot.dim() == 2, dq.mutable_data_ptr());
+  if (rot.storage.defined()) rotate_class_grad(p, dq0rot.const_data_ptr(), rot.view, dq.mutable_data_ptr());
   return {with_strides_of(dq, q), with_strides_of(dk, k), with_strides_of(dv, v)};
 }
 

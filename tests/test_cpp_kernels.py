@@ -207,6 +207,37 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(name):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("kind", ["global", "per_head"])
+def test_rotation_layouts_match_reference_and_are_thread_count_independent(kind, layout):
+    # H * Dh = 144: the global rotation runs as three 64-column blocks (csrc/forward.cpp rows_times),
+    # read in place whether the matrix is stored as is or as a transposed view.
+    B, H, Dh, segs = 3, 3, 48, [5, 8]
+    q, k, v = make_inputs(B, H, 1 + sum(segs), Dh, torch.float32, class_only=True, gen_seed=3)
+    rotation = random_rotation(kind, H, Dh).float()
+    rotation = rotation.contiguous() if layout == "contiguous" else rotation.mT.contiguous().mT
+    assert rotation.is_contiguous() == (layout == "contiguous")
+    lengths = torch.tensor([[5, 2], [0, 8], [3, 0]])
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kw = dict(lengths=lengths, rotation=rotation)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, stats, grads = run("cpp", q, k, v, segs, grad_out=g, **kw)
+            results.append([out, stats.query, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref_out, ref_stats, ref_grads = run("reference", q.double(), k.double(), v.double(), segs, grad_out=g, **kw)
+    assert_close(results[0][0], ref_out, 2e-5, what="out")
+    assert_close(results[0][1], ref_stats.query, 2e-5, what="stats.query")
+    for name_g, a, e in zip("qkv", results[0][2:], ref_grads):
+        assert_close(a, e, 1e-4, rtol=1e-4, what=f"d{name_g}")
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     q, k, v, segs, lengths, rotation = case_inputs("aq-lengths-empty-modality", torch.float32)
     g = torch.randn(q.shape)
