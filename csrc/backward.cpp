@@ -40,6 +40,18 @@ inline void exact_lse(const double* qt, const double* k, const uint8_t* key_vali
   for (int64_t i = 0; i < nr; ++i) lse[i] = mx[i] + std::log(sum[i]);
 }
 
+// dst[i] = round(alpha * x[i]) for i < n.
+template <typename scalar_t, typename acc_t>
+inline void write_scaled_row(scalar_t* dst, acc_t alpha, const acc_t* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(alpha * x[i]);
+}
+
+template <typename scalar_t>
+inline void zero_rows(scalar_t* m, int64_t r0, int64_t r1, int64_t d) {
+  if (r1 > r0) std::fill(m + r0 * d, m + r1 * d, scalar_t(0));
+}
+
 template <typename scalar_t>
 void backward_impl(const Problem& p, const BackwardBuffers& buf) {
   using acc_t = acc_type<scalar_t>;
@@ -80,11 +92,64 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     std::vector<acc_t> kbuf(convert ? kvB * Dh : 0), vbuf(convert ? kvB * Dh : 0);
     std::vector<acc_t> scores(qB * kvB), dp(qB * kvB), delta(qB), lse(qB);
     std::vector<uint32_t> row_keys(qB);
-    std::vector<acc_t> dq_acc(convert ? Nq * Dh : 0), dk_acc(convert ? N * Dh : 0), dv_acc(convert ? N * Dh : 0);
+    const bool full_buffers = convert && all_query;
+    std::vector<acc_t> dq_acc(full_buffers ? Nq * Dh : 0), dk_acc(full_buffers ? N * Dh : 0);
+    std::vector<acc_t> dv_acc(full_buffers ? N * Dh : 0), dq_row(all_query ? 0 : Dh);
+
+    // Class-only (one query row): a streaming pass per key tile. The dots with
+    // q and dO are taken row by row (valid keys only), and every dK and dV row is
+    // written exactly once (padded rows as zeros): no zero fill of the outputs,
+    // no accumulation into them, no BLAS call with a single row.
+    auto class_row_backward = [&](int64_t b, int64_t h, int64_t bh) {
+      const uint8_t* key_valid = layout.valid_row(b);
+      const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Dh, q0rot ? q0rot + bh * Dh : nullptr, 0, 1, Dh,
+                                                         qbuf.data());
+      const acc_t* dot = load_rows<scalar_t, acc_t>(go + bh * Dh, 0, 1, Dh, dobuf.data());
+      const acc_t* ot = load_rows<scalar_t, acc_t>(o + bh * Dh, 0, 1, Dh, obuf.data());
+      const acc_t delta0 = rollingq::dot(dot, ot, Dh);
+      const std::vector<Tile>& key_tiles = layout.keys_of(b);
+      acc_t lse0 = static_cast<acc_t>(buf.lse[bh]);
+      if constexpr (std::is_same_v<acc_t, double>)  // see the all-query path
+        exact_lse(qt, k + bh * N * Dh, key_valid, key_tiles, 1, Dh, kvB, scale, scores.data(), &lse0);
+      const uint32_t row_key = dropout ? dropout_row_key(p.seed, b, h, 0) : 0;
+      scalar_t* dK = dk_out + bh * N * Dh;
+      scalar_t* dV = dv_out + bh * N * Dh;
+      std::fill(dq_row.begin(), dq_row.end(), acc_t(0));
+      int64_t written = 0;  // dK, dV rows [0, written) are final
+      for (const Tile& ktile : key_tiles) {
+        const int64_t j0 = ktile.start, nk = ktile.size;
+        const uint8_t* tile_valid = key_valid + j0;
+        if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;  // zeroed with the gap below
+        zero_rows(dK, written, j0, Dh);
+        zero_rows(dV, written, j0, Dh);
+        written = j0 + nk;
+        const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
+        const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
+        for (int64_t j = 0; j < nk; ++j) {  // padded keys: P = 0 below, their values never read
+          scores[j] = tile_valid[j] ? scale * rollingq::dot(qt, kt + j * Dh, Dh) : acc_t(0);
+          dp[j] = tile_valid[j] ? rollingq::dot(dot, vt + j * Dh, Dh) : acc_t(0);
+        }
+        backward_row(scores.data(), dp.data(), tile_valid, nk, lse0, delta0,
+                     dropout ? layout.col_hash.data() + j0 : nullptr, row_key, threshold, inv_keep);
+        for (int64_t j = 0; j < nk; ++j) {  // scores = P_d, dp = dS
+          write_scaled_row(dV + (j0 + j) * Dh, scores[j], dot, Dh);
+          write_scaled_row(dK + (j0 + j) * Dh, scale * dp[j], qt, Dh);
+          if (dp[j] != acc_t(0)) axpy(scale * dp[j], kt + j * Dh, dq_row.data(), Dh);
+        }
+      }
+      zero_rows(dK, written, N, Dh);
+      zero_rows(dV, written, N, Dh);
+      if (dq0rot != nullptr) std::copy_n(dq_row.data(), Dh, dq0rot + bh * Dh);
+      store_rows(dq_row.data(), Dh, dq_out + bh * Dh);
+    };
     for (int64_t w = wbegin; w < wend; ++w)
     for (int64_t bh = bounds[w]; bh < bounds[w + 1]; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const uint8_t* key_valid = layout.valid_row(b);
+      if (!all_query) {  // class-only: one query row, see class_row_backward
+        class_row_backward(b, h, bh);
+        continue;
+      }
       acc_t* dQ = convert ? dq_acc.data() : reinterpret_cast<acc_t*>(dq_out + bh * Nq * Dh);
       acc_t* dK = convert ? dk_acc.data() : reinterpret_cast<acc_t*>(dk_out + bh * N * Dh);
       acc_t* dV = convert ? dv_acc.data() : reinterpret_cast<acc_t*>(dv_out + bh * N * Dh);
