@@ -42,9 +42,13 @@ struct ClassRowStats {
     for (auto& x : mass) x *= alpha;
     for (int64_t j = 0; j < nk; ++j) mass[segment_of[j]] += p0[j];
   }
+  // The sum a key (dh,) adds to: its modality's, or nullptr (invalid key, class key).
+  acc_t* key_sum_of(bool valid, int32_t segment, int64_t dh) {
+    return segment > 0 && valid ? key_sum.data() + (segment - 1) * dh : nullptr;
+  }
   // Adds key j (dh,) to its modality's sum if it is a valid modality key.
   void add_key(const acc_t* key, bool valid, int32_t segment, int64_t dh) {
-    if (segment > 0 && valid) axpy(acc_t(1), key, key_sum.data() + (segment - 1) * dh, dh);
+    if (acc_t* sum = key_sum_of(valid, segment, dh)) axpy(acc_t(1), key, sum, dh);
   }
   void write(const Problem& p, int64_t b, acc_t denom, float* mass_out, float* key_mean_out) const {
     for (int64_t s = 0; s <= p.M; ++s) mass_out[s] = static_cast<float>(mass[s] / denom);
@@ -154,8 +158,10 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
         if (single_row) {  // one streaming pass over the keys: scores and key sums together
           for (int64_t j = 0; j < nk; ++j) {
             const acc_t* kj = kt + j * Dh;
-            scores[j] = tile_valid[j] ? scale * dot(qt, kj, Dh) : -std::numeric_limits<acc_t>::infinity();
-            if (class_tile) stats.add_key(kj, tile_valid[j], layout.segment_of[j0 + j], Dh);
+            acc_t* key_sum = class_tile ? stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh) : nullptr;
+            scores[j] = !tile_valid[j] ? -std::numeric_limits<acc_t>::infinity()
+                        : key_sum    ? scale * dot_and_add(qt, kj, key_sum, Dh)
+                                     : scale * dot(qt, kj, Dh);
           }
           all_valid = true;  // invalid keys are already -inf
         } else {

@@ -222,6 +222,47 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Returns a . b and adds b into sum (sum += b): the class row's score and its
+// modality's key sum from one read of the key row.
+template <typename acc_t>
+inline acc_t dot_and_add(const acc_t* a, const acc_t* b, acc_t* sum, int64_t n) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    s += a[i] * b[i];
+    sum[i] += b[i];
+  }
+  return s;
+}
+
+inline float dot_and_add(const float* a, const float* b, float* sum, int64_t n) {
+  simd::vf acc0 = simd::splat(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  constexpr int64_t L = simd::kLanes;
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    const simd::vf b0 = simd::load(b + i), b1 = simd::load(b + i + L);
+    const simd::vf b2 = simd::load(b + i + 2 * L), b3 = simd::load(b + i + 3 * L);
+    acc0 += simd::load(a + i) * b0;
+    acc1 += simd::load(a + i + L) * b1;
+    acc2 += simd::load(a + i + 2 * L) * b2;
+    acc3 += simd::load(a + i + 3 * L) * b3;
+    simd::store(sum + i, simd::load(sum + i) + b0);
+    simd::store(sum + i + L, simd::load(sum + i + L) + b1);
+    simd::store(sum + i + 2 * L, simd::load(sum + i + 2 * L) + b2);
+    simd::store(sum + i + 3 * L, simd::load(sum + i + 3 * L) + b3);
+  }
+  for (; i + L <= n; i += L) {
+    const simd::vf bv = simd::load(b + i);
+    acc0 += simd::load(a + i) * bv;
+    simd::store(sum + i, simd::load(sum + i) + bv);
+  }
+  float s = simd::hsum((acc0 + acc1) + (acc2 + acc3));
+  for (; i < n; ++i) {
+    s += a[i] * b[i];
+    sum[i] += b[i];
+  }
+  return s;
+}
+
 // y += alpha * x
 template <typename acc_t>
 inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
