@@ -9,6 +9,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <limits>
+
 #include "attention_kernels.h"
 #include "kernel_utils.h"
 #include "row_ops.h"
@@ -246,6 +249,14 @@ std::vector<acc_t> gather_class_rows(const Problem& p, const scalar_t* q) {
   return rows;
 }
 
+// True if no element of x (n,) is NaN or inf; a reduction the compiler vectorizes.
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::abs(x[i]) <= std::numeric_limits<T>::max());
+  return bad == 0;
+}
+
 template <typename scalar_t>
 void rotate_impl(const Problem& p, const void* q_ptr, const Rotation& rotation, void* q0rot_ptr, float* query_stat) {
   using acc_t = acc_type<scalar_t>;
@@ -255,6 +266,13 @@ void rotate_impl(const Problem& p, const void* q_ptr, const Rotation& rotation, 
   // rows @ R^T: A = R^T is mem^T when the memory holds R, mem when it holds R^T
   apply_rotation(p, q0.data(), static_cast<const acc_t*>(rotation.data), !rotation.transposed, rotation.global,
                  rotated.data());
+  // A NaN or inf in R reaches every rotated row, so checking the small result is
+  // enough to know R is finite; R itself (up to H*Dh x H*Dh) is scanned only then.
+  if (!all_finite(rotated.data(), p.B * HD)) {
+    const int64_t r_size = rotation.global ? HD * HD : p.H * p.Dh * p.Dh;
+    TORCH_CHECK_VALUE(all_finite(static_cast<const acc_t*>(rotation.data), r_size),
+                      "rotation: expected finite values, got NaN or inf");
+  }
   auto* q0rot = static_cast<scalar_t*>(q0rot_ptr);  // (B, H, Dh) == (B, H*Dh)
   for (int64_t i = 0; i < p.B * HD; ++i) {
     q0rot[i] = static_cast<scalar_t>(rotated[i]);

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import check_inputs
+from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats, finish_stats
@@ -224,6 +224,8 @@ def rollingq_attention(
         seed = draw_seed()
     seed = 0 if seed is None else int(seed)
     chosen = resolve_backend(backend, q.device)
+    if chosen != "cpp":  # the C++ kernels check the rotation's values themselves
+        check_rotation_values(rotation)
     if chosen == "reference":
         return rollingq_attention_reference(
             q, k, v, segs, lengths=lengths, rotation=rotation, scale=scale,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rollingq_kernels
 from rollingq_kernels import dropout_mask, rollingq_attention
 from rollingq_kernels.dropout import MASK32, dropout_threshold
 
@@ -64,13 +65,17 @@ def _with_one(value: float, transposed: bool, per_head: bool) -> torch.Tensor:
     return r.mT.contiguous().mT if transposed else r
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_one_non_finite_rotation_entry_is_found_in_any_layout(value, transposed, per_head):
+def test_one_non_finite_rotation_entry_is_found_in_any_layout(value, transposed, per_head, backend):
+    # backend="cpp": the check is the C++ kernels' own (on the rotated query, then R)
+    if backend == "cpp" and not rollingq_kernels.HAS_CPP:
+        pytest.skip("C++ kernels not built")
     with pytest.raises(ValueError, match=r"rotation: expected finite values"):
-        _call(rotation=_with_one(value, transposed, per_head))
-    _call(rotation=_with_one(3.0e38, transposed, per_head))  # huge but finite: accepted
+        _call(rotation=_with_one(value, transposed, per_head), backend=backend)
+    _call(rotation=_with_one(3.0e38, transposed, per_head), backend=backend)  # huge but finite: accepted
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

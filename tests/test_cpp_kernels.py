@@ -327,6 +327,24 @@ def test_forward_op_rejects_bad_input_naming_the_argument(case):
         torch.ops.rollingq.attention_fwd(*args.values())
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_ops_reject_a_non_finite_rotation_with_a_value_error(per_head):
+    args = _good_args()
+    rotation = torch.eye(4).repeat(3, 1, 1) if per_head else torch.eye(12)
+    rotation[..., 2, 1] = float("inf")
+    args["rotation"] = rotation.mT  # a transposed view: read in place by the kernels
+    with pytest.raises(ValueError, match=r"rotation: expected finite values, got NaN or inf"):
+        torch.ops.rollingq.attention_fwd(*args.values())
+    good = {**args, "rotation": torch.eye(12)}
+    out, lse, *_ = torch.ops.rollingq.attention_fwd(*good.values())
+    bwd = (torch.randn_like(out), args["q"], args["k"], args["v"], out, lse, args["segments"], args["lengths"],
+           args["rotation"], args["scale"], 0.0, 0)
+    with pytest.raises(ValueError, match=r"rotation: expected finite values"):
+        torch.ops.rollingq.attention_bwd(*bwd)
+    nan_q = {**good, "q": torch.full_like(args["q"], float("nan"))}  # NaN from q, R finite: no error
+    assert torch.isnan(torch.ops.rollingq.attention_fwd(*nan_q.values())[0][:, :, 0]).all()
+
+
 @pytest.mark.parametrize(
     "override,name",
     [
