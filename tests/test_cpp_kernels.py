@@ -112,6 +112,25 @@ def test_padded_query_rows_output_zero_and_get_no_gradient(name, dropout_p):
     assert (out[pad] == 0).all() and (dq[pad] == 0).all() and (dk[pad] == 0).all() and (dv[pad] == 0).all()
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_class_only_never_reads_padded_keys(dropout_p):
+    # The class-row paths skip padded keys (scores, key sums and V rows) instead of masking them
+    # after the fact, so garbage there (NaN, inf) cannot reach any output or gradient.
+    q, k, v, segs, lengths, rotation = case_inputs("co-lengths-M3", torch.float32)
+    valid = rollingq_kernels.reference.key_valid_mask(lengths, segs, q.shape[0], q.device)  # (B, N)
+    pad = ~valid[:, None, :, None].expand_as(k)
+    k_bad, v_bad = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf"))
+    g = torch.randn(q.shape)
+    kw = dict(lengths=lengths, rotation=rotation, dropout_p=dropout_p, seed=5)
+    clean = run("cpp", q, k, v, segs, grad_out=g, **kw)
+    dirty = run("cpp", q, k_bad, v_bad, segs, grad_out=g, **kw)
+    assert torch.equal(clean[0], dirty[0])
+    for field in STAT_FIELDS:
+        assert torch.equal(getattr(clean[1], field), getattr(dirty[1], field)), field
+    for a, b in zip(clean[2], dirty[2]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "co-lengths-M3", "aq-multi-tile", "aq-varlen-gaps"])
 @pytest.mark.parametrize("dropout_p", [0.17, 0.5])
 def test_dropout_matches_reference_with_same_seed(name, dropout_p):
