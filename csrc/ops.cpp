@@ -11,6 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <optional>
 #include <tuple>
 
@@ -104,9 +106,20 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c10::Int
 // took longer than the backward itself. So ask Linux for transparent huge pages
 // on the still untouched allocation, as torch's own allocator does under
 // THP_MEM_ALLOC_ENABLE=1. Advice only: nothing changes where THP is disabled.
+// ROLLINGQ_HUGE_PAGES=0 (read once per process) turns the advice off, e.g. where
+// the kernel's compaction for huge pages would cost latency on a fragmented host.
+bool huge_page_advice_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("ROLLINGQ_HUGE_PAGES");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 Tensor new_output(const Tensor& like, c10::IntArrayRef sizes) {
   Tensor t = like.new_empty(sizes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_page_advice_enabled()) return t;
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t lo = (begin + kHugePage - 1) & ~(kHugePage - 1);

@@ -9,6 +9,11 @@ precision, the registered schemas and the kernels' own argument checks.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -110,6 +115,34 @@ def test_padded_query_rows_output_zero_and_get_no_gradient(name, dropout_p):
     valid = rollingq_kernels.reference.key_valid_mask(lengths, segs, q.shape[0], q.device)  # (B, N)
     pad = ~valid[:, None, :, None].expand_as(out)
     assert (out[pad] == 0).all() and (dq[pad] == 0).all() and (dk[pad] == 0).all() and (dv[pad] == 0).all()
+
+
+def _large_fwd_bwd():
+    """Class-only fwd+bwd whose dk and dv (8.7 MiB each) get the huge-page advice."""
+    q, k, v = make_inputs(8, 1, 373, 768, torch.float32, class_only=True, gen_seed=11)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
+    lengths = torch.tensor([[176, 196], [100, 37]] * 4)
+    out, stats, grads = run("cpp", q, k, v, [176, 196], grad_out=g, lengths=lengths,
+                            rotation=random_rotation("global", 1, 768), dropout_p=0.2, seed=9)
+    return [out, stats.key_mean, *grads]
+
+
+def test_huge_page_advice_off_gives_bitwise_the_same_results(tmp_path):
+    # ROLLINGQ_HUGE_PAGES=0 only drops the madvise on the large outputs; a subprocess (the flag
+    # is read once per process) must reproduce this process's forward and gradients exactly.
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "import test_cpp_kernels as t\n"
+        "torch.save(t._large_fwd_bwd(), sys.argv[1])\n"
+    )
+    out_file = tmp_path / "result.pt"
+    env = {**os.environ, "ROLLINGQ_HUGE_PAGES": "0"}
+    subprocess.run([sys.executable, str(script), str(out_file), str(Path(__file__).parent)], env=env, check=True,
+                   timeout=300)
+    for a, b in zip(torch.load(out_file), _large_fwd_bwd()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
