@@ -85,20 +85,28 @@ inline void gemm_ptx(int64_t nr, int64_t nk, int64_t d, T alpha, const T* p, int
   gemm(false, true, d, nk, nr, alpha, x, d, p, ldp, T(1), c, d);
 }
 
-// exp(x) for float, branch-free so loops over it vectorize (Cephes expf
-// polynomial, relative error ~2e-7); exactly 0 for x < -87 (including -inf).
-inline float exp_vec(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
+// The Cephes expf kernel: exp(xc) / 2**n for xc clamped to [-87, 88] and
+// n = round(xc / ln 2), i.e. exp of the reduced argument r = xc - n ln 2 by a
+// degree-5 polynomial. T is float or a GCC float vector (row_ops.h simd::vf).
+template <typename T>
+inline T cephes_exp_reduced(T xc, T n) {
+  T r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp(x) for float, branch-free so loops over it vectorize (Cephes expf
+// polynomial, relative error ~2e-7); exactly 0 for x < -87 (including -inf).
+inline float exp_vec(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float y = cephes_exp_reduced(xc, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   const float pow2 = __builtin_bit_cast(float, bits);
   return x < -87.0f ? 0.0f : y * pow2;
@@ -107,7 +115,9 @@ inline float exp_vec(float x) {
 inline double exp_vec(double x) { return std::exp(x); }
 
 // The 32-bit finalizer `mix` of docs/op.md (wrapping unsigned arithmetic).
-inline uint32_t mix32(uint32_t x) {
+// U is uint32_t or a GCC vector of uint32_t (row_ops.h simd::vu), lane-wise.
+template <typename U>
+inline U mix32(U x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;

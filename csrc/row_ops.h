@@ -40,36 +40,19 @@ inline vi load_mask(const uint8_t* valid) {
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) { return vf{} + x; }
 
-// The same Cephes polynomial as exp_vec(float), on 16 lanes; 0 below -87.
+// exp_vec(float) on 16 lanes (cephes_exp_reduced); 0 below -87.
 inline vf exp(vf x) {
   const vf lo = splat(-87.0f), hi = splat(88.0f);
   vf xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
   const vf magic = splat(12582912.0f);  // 1.5 * 2**23: round to nearest
   const vf n = (xc * 1.44269504088896341f + magic) - magic;
-  vf r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf y = p * r * r + r + 1.0f;
+  const vf y = cephes_exp_reduced(xc, n);
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   vf pow2;
   std::memcpy(&pow2, &bits, sizeof(pow2));
   const vf result = y * pow2;
   return x < lo ? splat(0.0f) : result;
-}
-
-inline vu mix32(vu x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
 }
 
 inline float hsum(vf v) {
@@ -152,7 +135,7 @@ inline void dropout_row(float* s, uint32_t row_key, const uint32_t* col_hash, in
                         float inv_keep) {
   int64_t j = 0;
   for (; j + simd::kLanes <= n; j += simd::kLanes) {
-    const simd::vu x = simd::mix32(simd::load(col_hash + j) ^ row_key);
+    const simd::vu x = mix32(simd::load(col_hash + j) ^ row_key);
     const simd::vf v = simd::load(s + j) * inv_keep;
     simd::store(s + j, (x >> 8) >= threshold ? v : simd::splat(0.0f));
   }
@@ -183,7 +166,7 @@ inline void backward_row(float* s, float* dp, const uint8_t* valid, int64_t n, f
     const simd::vf pj = simd::load_mask(valid + j) ? e : zero;
     simd::vf z = simd::splat(1.0f);
     if (col_hash != nullptr) {
-      const simd::vu x = simd::mix32(simd::load(col_hash + j) ^ row_key);
+      const simd::vu x = mix32(simd::load(col_hash + j) ^ row_key);
       z = (x >> 8) >= threshold ? simd::splat(inv_keep) : zero;
     }
     simd::store(s + j, pj * z);
