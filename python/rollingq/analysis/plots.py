@@ -107,17 +107,30 @@ def _attention_by_condition(members: Sequence[RunRecord], key: str, names: Seque
     return means, stds
 
 
+def _group_panels(
+    runs: Sequence[RunRecord], eval_key: str, height: float
+) -> tuple[Figure, Sequence[Axes], dict[str, list[RunRecord]]] | None:
+    """A figure with one panel per run group among the runs whose ``eval.json`` has ``eval_key``.
+
+    Returns ``(figure, axes, groups)``, or None when no run has that evaluation.
+    """
+    evaluated = [r for r in runs if r.eval and r.eval.get(eval_key)]
+    if not evaluated:
+        return None
+    groups = group_runs(evaluated)
+    fig = Figure(figsize=(4.6 * len(groups), height), layout="constrained")
+    return fig, fig.subplots(1, len(groups), squeeze=False)[0], groups
+
+
 def plot_attention_noise(runs: Sequence[RunRecord], path: str) -> str | None:
     """Mean class-row attention mass per modality, clean vs noise-replaced (the paper's Figures 1c / 4d).
 
     One panel per run group (mean over seeds, error bars: std over seeds).
     """
-    evaluated = [r for r in runs if r.eval and r.eval.get("attention")]
-    if not evaluated:
+    panels = _group_panels(runs, "attention", height=3.6)
+    if panels is None:
         return None
-    groups = group_runs(evaluated)
-    fig = Figure(figsize=(4.6 * len(groups), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    fig, axes, groups = panels
     for ax, (group, members) in zip(axes, groups.items(), strict=True):
         modalities = members[0].eval["modalities"]
         names = ["class", *modalities]
@@ -141,12 +154,10 @@ def plot_key_distribution(runs: Sequence[RunRecord], path: str) -> str | None:
     One panel per run group, drawn from the group's first evaluated run (lowest seed); the noise
     modality's keys with its input replaced by noise are red crosses.
     """
-    evaluated = [r for r in runs if r.eval and r.eval.get("key_distribution")]
-    if not evaluated:
+    panels = _group_panels(runs, "key_distribution", height=4.0)
+    if panels is None:
         return None
-    groups = group_runs(evaluated)
-    fig = Figure(figsize=(4.6 * len(groups), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    fig, axes, groups = panels
     for ax, members in zip(axes, groups.values(), strict=True):
         run = members[0]
         keys = run.eval["key_distribution"]
