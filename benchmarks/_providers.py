@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import rollingq_kernels
+from rollingq_kernels.class_query import rotate_class_query
 from rollingq_kernels.ops import resolve_backend
-from rollingq_kernels.reference import key_valid_mask, modality_index, rotate_class_query
+from rollingq_kernels.reference import key_valid_mask, modality_index
 from rollingq_kernels.stats import AttentionStats, finish_stats
 
 from ._shapes import COMPILE_SHAPES, BenchShape

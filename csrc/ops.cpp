@@ -263,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, con
 }  // namespace rollingq
 
 TORCH_LIBRARY(rollingq, m) {
-  m.set_python_module("rollingq_kernels.ops");
+  m.set_python_module("rollingq_kernels._library");
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, int[] segments, Tensor? lengths, "
       "Tensor? rotation, float scale, float dropout_p, int seed, bool compute_stats) "

@@ -1,65 +1,31 @@
 """The op: registration glue, the shared autograd Function and backend dispatch.
 
-Two ops live in the ``rollingq`` namespace (schemas below, identical to the
-ones ``csrc/`` registers with ``TORCH_LIBRARY``):
+Two ops live in the ``rollingq`` namespace (schemas, loading of the compiled
+extension and fake kernels: :mod:`rollingq_kernels._library`):
 
 * ``rollingq::attention_fwd`` -> ``(out, lse, key_mean, mass, query)``
 * ``rollingq::attention_bwd`` -> ``(dq, dk, dv)``
 
-The C++ extension implements them for CPU, the Triton module for CUDA. When
-the extension was not built (``ROLLINGQ_SKIP_EXTENSION=1``) the schemas are
-defined here instead, so the Triton path and ``torch.compile`` still work.
+The C++ extension implements them for CPU, the Triton module for CUDA.
 :class:`RollingQAttentionFunction` is the one autograd Function that drives
 every compiled backend; :func:`rollingq_attention` validates and dispatches.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
+from ._library import BUILD_HINT, CPP_IMPORT_ERROR, HAS_CPP, triton_interpret
 from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats, finish_stats
 
 logger = logging.getLogger("rollingq_kernels")
-
-FWD_SCHEMA = (
-    "attention_fwd(Tensor q, Tensor k, Tensor v, int[] segments, Tensor? lengths, "
-    "Tensor? rotation, float scale, float dropout_p, int seed, bool compute_stats) "
-    "-> (Tensor out, Tensor lse, Tensor key_mean, Tensor mass, Tensor query)"
-)
-BWD_SCHEMA = (
-    "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "int[] segments, Tensor? lengths, Tensor? rotation, float scale, float dropout_p, int seed) "
-    "-> (Tensor dq, Tensor dk, Tensor dv)"
-)
-
-BUILD_HINT = (
-    "build them with `pip install --no-build-isolation -e .` "
-    "(unset ROLLINGQ_SKIP_EXTENSION; needs a C++ compiler)"
-)
-
-try:  # the compiled CPU kernels; importing registers the ops with the dispatcher
-    from . import _C  # type: ignore[attr-defined]  # noqa: F401
-
-    HAS_CPP = True
-    _CPP_IMPORT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - exercised in the skip-extension install
-    HAS_CPP = False
-    if importlib.util.find_spec("rollingq_kernels._C") is None:
-        _CPP_IMPORT_ERROR = "rollingq_kernels._C is not built"
-    else:  # built but not loadable, e.g. compiled against another torch
-        _CPP_IMPORT_ERROR = f"rollingq_kernels._C failed to load: {exc}"
-    _fallback_lib = torch.library.Library("rollingq", "DEF")  # noqa: TOR901
-    _fallback_lib.define(FWD_SCHEMA)
-    _fallback_lib.define(BWD_SCHEMA)
 
 _warned_missing_cpp = False
 
@@ -71,29 +37,9 @@ def _warn_missing_cpp_once() -> None:
         logger.warning(
             "rollingq_kernels: the C++ CPU kernels are missing (%s); CPU calls run the eager "
             "reference instead; %s.",
-            _CPP_IMPORT_ERROR,
+            CPP_IMPORT_ERROR,
             BUILD_HINT,
         )
-
-
-@torch.library.register_fake("rollingq::attention_fwd")
-def _attention_fwd_fake(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
-    B, H, nq, Dh = q.shape
-    M = len(segments)
-    out = torch.empty_like(q)
-    lse = q.new_empty((B, H, nq), dtype=torch.float32)
-    if compute_stats:
-        key_mean = q.new_empty((B, H, M, Dh), dtype=torch.float32)
-        mass = q.new_empty((B, H, M + 1), dtype=torch.float32)
-        query = q.new_empty((B, H, Dh), dtype=torch.float32)
-    else:
-        key_mean, mass, query = (q.new_empty((0,), dtype=torch.float32) for _ in range(3))
-    return out, lse, key_mean, mass, query
-
-
-@torch.library.register_fake("rollingq::attention_bwd")
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, segments, lengths, rotation, scale, dropout_p, seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class KernelPair(NamedTuple):
@@ -134,11 +80,6 @@ class RollingQAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def triton_interpret() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` set before Triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``backend`` (possibly ``"auto"``) to ``"cpp"``, ``"triton"`` or ``"reference"``."""
     if backend == "auto":
@@ -151,7 +92,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "reference"
     if backend == "cpp":
         if not HAS_CPP:
-            raise RuntimeError(f"backend='cpp': the C++ kernels are not built ({_CPP_IMPORT_ERROR}); {BUILD_HINT}")
+            raise RuntimeError(f"backend='cpp': the C++ kernels are not built ({CPP_IMPORT_ERROR}); {BUILD_HINT}")
         if device.type != "cpu":
             raise ValueError(f"backend='cpp': runs on CPU tensors only, got tensors on {device}; use backend='triton'")
     if backend == "triton":

@@ -12,13 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .class_query import compute_dtype, rotate_class_query
 from .dropout import dropout_mask
 from .stats import AttentionStats, finish_stats
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (the contract's ``c``)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def key_valid_mask(
@@ -41,24 +37,6 @@ def modality_index(segments: Sequence[int], device: torch.device) -> torch.Tenso
     for m, size in enumerate(segments):
         ids.append(torch.full((size,), m + 1, dtype=torch.int64, device=device))
     return torch.cat(ids)
-
-
-def rotate_class_query(q0: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
-    """Rotate the class query ``(B, H, Dh)``: global ``(H·Dh, H·Dh)`` or per head.
-
-    Computed in the compute dtype and rounded back to ``q0.dtype``; the column
-    convention ``y = R x`` means rows are multiplied by ``Rᵀ``.
-    """
-    if rotation is None:
-        return q0
-    c = compute_dtype(q0.dtype)
-    B, H, Dh = q0.shape
-    r = rotation.to(c)
-    if rotation.dim() == 2:
-        out = (q0.reshape(B, H * Dh).to(c) @ r.T).reshape(B, H, Dh)
-    else:
-        out = torch.einsum("bhd,hed->bhe", q0.to(c), r)
-    return out.to(q0.dtype)
 
 
 def rollingq_attention_reference(

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ops  # noqa: F401  (defines the op schemas when the C++ extension is absent)
+from . import _library  # noqa: F401  (defines the op schemas when the C++ extension is absent)
+from ._library import triton_interpret
 from ._triton_utils import (
     LN2_K,
     LOG2E,
@@ -52,9 +53,8 @@ from ._triton_utils import (
     segment_tables,
     valid_pad,
 )
+from .class_query import rotate_class_query, rotation_chain_rule
 from .dropout import dropout_threshold
-from .ops import triton_interpret
-from .reference import compute_dtype, rotate_class_query
 
 logger = logging.getLogger("rollingq_kernels")
 
@@ -836,21 +836,6 @@ def _class_only_fwd(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     )
 
 
-def _rotation_chain_rule(dq0_rot: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dq0 = dq0_rot @ R`` (global on ``H·Dh`` vectors, or per head) in the compute dtype, rounded to ``dtype``.
-
-    ``dq0_rot`` is ``(B, H, Dh)``; the result has the same shape.
-    """
-    c = compute_dtype(dtype)
-    B, H, Dh = dq0_rot.shape
-    r = rotation.to(c)
-    if rotation.dim() == 2:
-        out = (dq0_rot.reshape(B, H * Dh).to(c) @ r).reshape(B, H, Dh)
-    else:
-        out = torch.einsum("bhe,hed->bhd", dq0_rot.to(c), r)
-    return out.to(dtype)
-
-
 def attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, segments: Sequence[int], lengths: torch.Tensor | None, rotation: torch.Tensor | None,
@@ -891,7 +876,7 @@ def attention_bwd(
         )
         dq0 = (dq_part.sum(dim=1) * float(scale)).reshape(B, H, Dh)  # fixed-order sum: deterministic
         if rotation is not None:
-            return _rotation_chain_rule(dq0, rotation, q.dtype).unsqueeze(2), dk, dv
+            return rotation_chain_rule(dq0, rotation, q.dtype).unsqueeze(2), dk, dv
         return dq0.to(q.dtype).unsqueeze(2), dk, dv
     else:
         q_rot = _with_class_row(q, q0_rot, rotation)
@@ -911,7 +896,7 @@ def attention_bwd(
             q_rot, k, v, grad_out, lse, delta, dq_rot, seg_start, seg_end, *common, DOT_PREC=prec, **meta,
         )
     if rotation is not None:
-        dq_rot[:, :, 0, :] = _rotation_chain_rule(dq_rot[:, :, 0, :], rotation, q.dtype)
+        dq_rot[:, :, 0, :] = rotation_chain_rule(dq_rot[:, :, 0, :], rotation, q.dtype)
     return dq_rot, dk, dv
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import rollingq_kernels
-from rollingq_kernels import ops, rollingq_attention
+from rollingq_kernels import _library, rollingq_attention
 
 pytestmark = pytest.mark.skipif(not rollingq_kernels.HAS_CPP, reason="rollingq_kernels._C (C++ kernels) not built")
 
@@ -337,8 +337,8 @@ def test_reduced_precision_within_tolerance_table(name, dtype):
 
 
 def test_registered_schemas_equal_ops_module():
-    assert str(torch.ops.rollingq.attention_fwd.default._schema) == "rollingq::" + ops.FWD_SCHEMA
-    assert str(torch.ops.rollingq.attention_bwd.default._schema) == "rollingq::" + ops.BWD_SCHEMA
+    assert str(torch.ops.rollingq.attention_fwd.default._schema) == "rollingq::" + _library.FWD_SCHEMA
+    assert str(torch.ops.rollingq.attention_bwd.default._schema) == "rollingq::" + _library.BWD_SCHEMA
 
 
 def _good_args():

@@ -36,7 +36,7 @@ import builtins, logging
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 real_import = builtins.__import__
 def no_extension(name, globals=None, locals=None, fromlist=(), level=0):
-    if level == 1 and fromlist and "_C" in fromlist and (globals or {}).get("__name__") == "rollingq_kernels.ops":
+    if level == 1 and fromlist and "_C" in fromlist and (globals or {}).get("__name__") == "rollingq_kernels._library":
         raise ImportError("simulated: not built")
     return real_import(name, globals, locals, fromlist, level)
 builtins.__import__ = no_extension

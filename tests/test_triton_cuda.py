@@ -18,7 +18,7 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not 
 import rollingq_kernels  # noqa: E402
 from rollingq_kernels import rollingq_attention  # noqa: E402
 from rollingq_kernels import triton_attention as ta  # noqa: E402
-from rollingq_kernels.reference import rotate_class_query  # noqa: E402
+from rollingq_kernels.class_query import rotate_class_query  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
