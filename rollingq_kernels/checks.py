@@ -31,11 +31,8 @@ class OpShape:
     segments: tuple[int, ...]
 
     @property
-    def num_modalities(self) -> int:
-        return len(self.segments)
-
-    @property
-    def class_only(self) -> bool:
+    def class_query_only(self) -> bool:
+        """Only the class token queries (``Nq == 1``)."""
         return self.n_query == 1
 
 
@@ -124,7 +121,7 @@ def check_inputs(
     if q.shape[0] != B or q.shape[1] != H or q.shape[3] != Dh or q.shape[2] not in (1, N):
         raise ValueError(
             f"q: expected shape ({B}, {H}, {N}, {Dh}) (all-query) or ({B}, {H}, 1, {Dh}) "
-            f"(class-only), got {_shape(q)}"
+            f"(class-query-only), got {_shape(q)}"
         )
     segs = check_segments(segments, N)
     M = len(segs)

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from rollingq_kernels.accumulator import StatisticsAccumulator, batch_sums, reduce_sums
+from rollingq_kernels.accumulator import StatisticsAccumulator, attention_imbalance_rate, batch_sums, reduce_sums
 from rollingq_kernels.controller import RollingQ
 from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.ops import rollingq_attention
-from rollingq_kernels.rotation import attention_imbalance_rate
 
 F64 = torch.float64
 SEGS = [7, 5]
@@ -106,7 +105,7 @@ def _paper_anchor(cos_mean: torch.Tensor, air: float, keys: torch.Tensor, query:
 @pytest.mark.parametrize("mode", ["global", "per_head"])
 @pytest.mark.parametrize("method", ["plane", "svd"])
 def test_step_moves_the_mean_query_onto_the_paper_anchor(mode, method):
-    layer = _layer(rotation=mode)
+    layer = _layer(rotation_mode=mode)
     ctl = RollingQ(layer, rho=1.5, beta=0.0, method=method)
     batches = [_batch(6, seed=1), _batch(5, seed=2)]
     for x in batches:

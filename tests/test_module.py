@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Attention
 
 from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.ops import rollingq_attention
-from rollingq_kernels.rotation import plane_rotation
+from rollingq_kernels.rebalance import plane_rotation
 
 F64 = torch.float64
 SEGS = [7, 5]  # N = 13
@@ -54,7 +54,7 @@ def _functional(layer: FusedRollingQAttention, x, segments, lengths, class_only:
 @pytest.mark.parametrize("mode", ["global", "per_head"])
 @pytest.mark.parametrize("class_only", [False, True])
 def test_module_equals_functional_op(mode, class_only):
-    layer = _layer(rotation=mode, class_query_only=class_only)
+    layer = _layer(rotation_mode=mode, class_query_only=class_only)
     layer.apply_rotation(_random_rotation(layer.rotation_shape(), seed=3))
     x = torch.randn(5, 1 + sum(SEGS), 30, generator=_gen(1), dtype=F64, requires_grad=True)
     lengths = torch.tensor(LENGTHS)
@@ -76,9 +76,9 @@ def test_module_equals_functional_op(mode, class_only):
 
 
 def test_class_query_only_equals_row_zero_of_all_query():
-    full = _layer(rotation="per_head")
+    full = _layer(rotation_mode="per_head")
     full.apply_rotation(_random_rotation(full.rotation_shape(), seed=4))
-    cls_only = _layer(rotation="per_head", class_query_only=True)
+    cls_only = _layer(rotation_mode="per_head", class_query_only=True)
     cls_only.load_state_dict(full.state_dict())
     x = torch.randn(5, 13, 30, generator=_gen(5), dtype=F64, requires_grad=True)
     lengths = torch.tensor(LENGTHS)
@@ -113,7 +113,7 @@ def test_from_timm_rejects_qk_norm():
 
 
 def test_buffers_state_dict_and_wrong_shape():
-    layer = _layer(rotation="per_head")
+    layer = _layer(rotation_mode="per_head")
     assert layer.rotation.shape == (3, 10, 10) and layer.rotation.dtype == F64
     torch.testing.assert_close(layer.rotation, torch.eye(10, dtype=F64).expand(3, 10, 10))
     assert int(layer.num_rotations) == 0 and layer.rotation_is_identity
@@ -121,13 +121,13 @@ def test_buffers_state_dict_and_wrong_shape():
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    other = _layer(rotation="per_head", seed=1)
+    other = _layer(rotation_mode="per_head", seed=1)
     other.load_state_dict(torch.load(buf))
     assert int(other.num_rotations) == 1 and not other.rotation_is_identity
     x = torch.randn(2, 13, 30, generator=_gen(7), dtype=F64)
     torch.testing.assert_close(other(x, SEGS), layer(x, SEGS), rtol=0, atol=0)
 
-    glob = _layer(rotation="global")
+    glob = _layer(rotation_mode="global")
     with pytest.raises(ValueError, match=r"rotation.*\(30, 30\).*per_head|rotation.*\(30, 30\)"):
         glob.load_state_dict(layer.state_dict())
 
@@ -174,7 +174,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_heads"):
         FusedRollingQAttention(30, num_heads=4)
     with pytest.raises(ValueError, match="rotation"):
-        FusedRollingQAttention(30, num_heads=3, rotation="local")
+        FusedRollingQAttention(30, num_heads=3, rotation_mode="local")
     with pytest.raises(ValueError, match="num_modalities"):
         FusedRollingQAttention(30, num_heads=3, num_modalities=1)
     with pytest.raises(ValueError, match="window"):

@@ -16,9 +16,10 @@ import math
 
 import torch
 
+from rollingq_kernels.accumulator import attention_imbalance_rate
 from rollingq_kernels.controller import RollingQ
 from rollingq_kernels.module import FusedRollingQAttention
-from rollingq_kernels.rotation import attention_imbalance_rate, svd_rotation
+from rollingq_kernels.rebalance import svd_rotation
 
 F64 = torch.float64
 LA, LV = 9, 6  # audio and visual tokens

@@ -44,7 +44,7 @@ class FusionBlock(nn.Module):
             attn_drop=float(cfg_model.get("attn_drop", 0.0)),
             proj_drop=float(cfg_model.get("drop", 0.0)),
             num_modalities=num_modalities,
-            rotation=cfg_model.get("rotation", "global"),
+            rotation_mode=cfg_model.get("rotation", "global"),
             class_query_only=class_query_only,
             backend=cfg_model.get("backend", "auto"),
         )
