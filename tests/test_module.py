@@ -242,3 +242,33 @@ def test_torch_compile_forward_backward_matches_eager():
     assert model.attn.statistics.num_batches == 2
     for name, value in model.attn.statistics.sums().items():
         torch.testing.assert_close(value, 2 * eager_sums[name], rtol=1e-5, atol=1e-6)
+
+
+def test_collecting_feeds_an_accumulator_in_any_mode_and_can_pause_the_window():
+    """collecting(acc) adds every forward's statistics to acc (training and eval); window=False keeps
+    those forwards out of the layer's own window; contexts nest and close cleanly."""
+    from rollingq_kernels.accumulator import StatisticsAccumulator, batch_sums
+
+    layer = _layer()
+    x = torch.randn(4, 13, 30, generator=_gen(21), dtype=F64)
+    lengths = torch.tensor(LENGTHS[:4])
+    outer, inner = StatisticsAccumulator(), StatisticsAccumulator()
+    with layer.collecting(outer):
+        layer.train()
+        layer(x, SEGS, lengths)
+        expected = batch_sums(layer.last_stats)
+        layer.eval()
+        layer(x, SEGS, lengths)
+        with layer.collecting(inner, window=False):
+            layer.train()
+            layer(x, SEGS, lengths)
+    layer(x, SEGS, lengths)  # after the contexts: the window only
+    assert (outer.num_batches, inner.num_batches, layer.statistics.num_batches) == (3, 1, 2)
+    for name, value in inner.sums().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-12)
+        torch.testing.assert_close(outer.sums()[name], 3 * expected[name], rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="accumulator"):
+        with layer.collecting({}):
+            pass
+    layer(x, SEGS, lengths)
+    assert outer.num_batches == 3 and layer.statistics.num_batches == 3
