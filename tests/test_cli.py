@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import yaml
+from fake_data import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
 from rollingq.cli import main
 from rollingq.config import ConfigError, load_config, packaged_config_dir, parse_override
-from rollingq.data.fake import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
 from rollingq.demo import run_demo
 from rollingq.records import read_metrics
 
@@ -85,12 +85,6 @@ def test_eval_and_report_delegate_to_the_analyses(tmp_path, capsys):
     pytest.importorskip("rollingq.analysis.report")
     assert main(["report", run, "--out", str(tmp_path / "report")]) == 0
     assert os.path.isfile(capsys.readouterr().out.strip().splitlines()[-1])
-
-
-def test_eval_without_the_analyses_says_so(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "rollingq.evaluate", None)
-    with pytest.raises(SystemExit, match="rollingq.evaluate.evaluate_run is not available"):
-        main(["eval", "--run", str(tmp_path)])
 
 
 def test_resume_refuses_extra_arguments(tmp_path):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from rollingq.build import build_model
 from rollingq.config import load_config
-from rollingq.models import FUSIONS, ModelOutput, build_model
+from rollingq.models import FUSIONS, ModelOutput
 from rollingq.ogm import modulate_gradients, ogm_coefficients
 from timm.models.vision_transformer import VisionTransformer
 
