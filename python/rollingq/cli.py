@@ -46,7 +46,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error instead of one line")
     p = argparse.ArgumentParser(prog="rollingq", description="Train and evaluate multimodal transformers with RollingQ.",
                                 parents=[common])
-    p.set_defaults(debug=False)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -87,6 +86,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = getattr(args, "debug", False)  # given before or after the command
     return args
 
 

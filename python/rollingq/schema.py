@@ -142,7 +142,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in args if a is not type(None)) + (
             " or null" if type(None) in args else "")
     if origin is list:
-        return f"a list of {_describe(args[0])}"
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], _describe(args[0]))}"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
