@@ -278,7 +278,8 @@ class RollingQ:
                 f"loader, forward_fn: estimate='pass' needs both, got loader={type(loader).__name__}, "
                 f"forward_fn={type(forward_fn).__name__}"
             )
-        stats = {name: synced_statistics(layer.statistics.sums(), layer.zero_sums) for name, layer in self.layers.items()}
+        stats = {name: synced_statistics(layer.statistics.sums(), layer.zero_sums)
+                 for name, layer in self.layers.items()}
         records = {name: self._decide(name, layer, stats[name], epoch) for name, layer in self.layers.items()}
         due = [name for name, rec in records.items() if rec.reason == "due"]
         anchor_stats: dict[str, WindowStatistics | None] = {name: stats[name] for name in due}

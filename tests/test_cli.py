@@ -1,4 +1,5 @@
-"""CLI: config resolution and overrides, a 1-epoch `rollingq train` per dataset config on tiny files, eval/report, demo."""
+"""CLI: config resolution and overrides, a 1-epoch `rollingq train` per dataset config on tiny files,
+eval/report, demo, one-line errors."""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from rollingq.schema import closest
     ("trian.epochs=7", "trian.epochs: unknown key; did you mean train.epochs?"),
     ("train.epoch=1", "train.epoch: unknown key; did you mean train.epochs?"),
     ("model.rotaton_mode=per_head", "model.rotaton_mode: unknown key; did you mean model.rotation_mode?"),
-    ("data.synthetic.sizes.trian=5", "data.synthetic.sizes.trian: unknown key; did you mean data.synthetic.sizes.train?"),
+    ("data.synthetic.sizes.trian=5",
+     "data.synthetic.sizes.trian: unknown key; did you mean data.synthetic.sizes.train?"),
     ("data.task=7class", "data.task: a key of the mosei dataset, not of data.name='synthetic'"),
     ("data.zzz=1", "data.zzz: unknown key; expected one of name, modalities"),
 ])
@@ -37,7 +38,8 @@ def test_unknown_keys_name_the_closest_valid_key(override, message):
     ("synthetic", "rollingq.method=qr", "rollingq.method: expected one of plane, svd, got 'qr'"),
     ("synthetic", "train.grad_clip=-1", "train.grad_clip: expected a number > 0.0, got -1.0"),
     ("synthetic", "data.modalities=audio", "data.modalities: expected a list of strings, got 'audio'"),
-    ("synthetic", "data.synthetic.corrupt.test=1.5", "data.synthetic.corrupt.test: expected a number >= 0.0 and <= 1.0, got 1.5"),
+    ("synthetic", "data.synthetic.corrupt.test=1.5",
+     "data.synthetic.corrupt.test: expected a number >= 0.0 and <= 1.0, got 1.5"),
     ("synthetic", "train=5", "train: expected a mapping of keys, got 5"),
     ("cremad_vanilla_mt", "data.num_frames=0", "data.num_frames: expected an integer >= 1, got 0"),
     ("cremad_vanilla_mt", "data.image_size=0", "data.image_size: expected an integer >= 16, got 0"),
@@ -54,7 +56,8 @@ def test_bad_values_name_the_dotted_key(config, override, message):
     (["model.dim=30"], "model.encoder_heads: 4 does not divide model.dim 30"),
     (["model.fusion_heads=3"], "model.fusion_heads: 3 does not divide model.dim 64"),
     (["model.fusion=unimodal"], "model.modality: the unimodal head needs one of ['audio', 'visual'], got None"),
-    (["data.modalities=[audio]", "data.synthetic.tokens=8"], "data.modalities: attention fusion (model.fusion='vanilla_mt') needs >= 2"),
+    (["data.modalities=[audio]", "data.synthetic.tokens=8"],
+     "data.modalities: attention fusion (model.fusion='vanilla_mt') needs >= 2"),
     (["rollingq.enabled=true", "model.fusion=sum"], "rollingq.enabled: RollingQ needs an attention fusion"),
 ])
 def test_rules_across_keys_are_checked_at_load_time(overrides, message):

@@ -37,13 +37,13 @@ def _random_rotation(shape, seed: int) -> torch.Tensor:
     return r1 @ r2
 
 
-def _functional(layer: FusedRollingQAttention, x, segments, lengths, class_only: bool):
+def _functional(layer: FusedRollingQAttention, x, segments, lengths, class_query_only: bool):
     """The same computation written with the op and the layer's weights."""
     B, N, C = x.shape
     H, Dh = layer.num_heads, layer.head_dim
     qkv = torch.nn.functional.linear(x, layer.qkv.weight, layer.qkv.bias).reshape(B, N, 3, H, Dh)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    if class_only:
+    if class_query_only:
         q = q[:, :, :1]
     rotation = None if layer.rotation_is_identity else layer.rotation
     out, stats = rollingq_attention(q, k, v, segments, lengths=lengths, rotation=rotation, backend="reference")
@@ -52,21 +52,21 @@ def _functional(layer: FusedRollingQAttention, x, segments, lengths, class_only:
 
 
 @pytest.mark.parametrize("mode", ["global", "per_head"])
-@pytest.mark.parametrize("class_only", [False, True])
-def test_module_equals_functional_op(mode, class_only):
-    layer = _layer(rotation_mode=mode, class_query_only=class_only)
+@pytest.mark.parametrize("class_query_only", [False, True])
+def test_module_equals_functional_op(mode, class_query_only):
+    layer = _layer(rotation_mode=mode, class_query_only=class_query_only)
     layer.apply_rotation(_random_rotation(layer.rotation_shape(), seed=3))
     x = torch.randn(5, 1 + sum(SEGS), 30, generator=_gen(1), dtype=F64, requires_grad=True)
     lengths = torch.tensor(LENGTHS)
-    grad = torch.randn(5, 1 if class_only else 13, 30, generator=_gen(2), dtype=F64)
+    grad = torch.randn(5, 1 if class_query_only else 13, 30, generator=_gen(2), dtype=F64)
 
     out = layer(x, SEGS, lengths)
     params = [x, layer.qkv.weight, layer.qkv.bias, layer.proj.weight, layer.proj.bias]
     got = torch.autograd.grad(out, params, grad)
-    ref, ref_stats = _functional(layer, x, SEGS, lengths, class_only)
+    ref, ref_stats = _functional(layer, x, SEGS, lengths, class_query_only)
     want = torch.autograd.grad(ref, params, grad)
 
-    assert out.shape == (5, 1 if class_only else 13, 30)
+    assert out.shape == (5, 1 if class_query_only else 13, 30)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)

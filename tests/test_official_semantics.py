@@ -1,6 +1,6 @@
 """The module and the controller against the official RollingQ fusion, written out independently.
 
-Official semantics (GeWu-Lab/RollingQ_ICML2025, see /work/shared/notes.md):
+Official semantics (the GeWu-Lab/RollingQ_ICML2025 repository, read for this project):
 the sequence is [class token, audio tokens, visual tokens]; single-head
 attention with d = 768 and scores scaled by 1/sqrt(d); the class query is
 rotated as ``q_cls @ R^T``; AIR = mean over the batch of cos(q_cls, mean audio

@@ -49,7 +49,8 @@ def test_train_writes_run_layout_and_metrics(tmp_path):
     cfg = load_config("synthetic_rollingq",
                       TINY + ["train.epochs=2", "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=3"])
     run = train(cfg, str(tmp_path / "run"))
-    for rel in ("config.yaml", "metrics.jsonl", "train.log", "checkpoints/last.pt", "checkpoints/best.pt", "tensorboard"):
+    for rel in ("config.yaml", "metrics.jsonl", "train.log", "checkpoints/last.pt", "checkpoints/best.pt",
+                "tensorboard"):
         assert os.path.exists(os.path.join(run, rel)), rel
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -95,7 +96,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
                 break
             time.sleep(0.05)
         time.sleep(0.3)  # into epoch 2
-        assert proc.poll() is None, "the training process ended before it could be killed: " + proc.stderr.read().decode()
+        assert proc.poll() is None, (
+            "the training process ended before it could be killed: " + proc.stderr.read().decode()
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error instead of one line")
-    p = argparse.ArgumentParser(prog="rollingq", description="Train and evaluate multimodal transformers with RollingQ.",
-                                parents=[common])
+    p = argparse.ArgumentParser(
+        prog="rollingq", description="Train and evaluate multimodal transformers with RollingQ.", parents=[common]
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 

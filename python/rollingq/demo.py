@@ -89,7 +89,8 @@ def format_table(summaries: list[dict]) -> str:
         ("rotations made", [str(s["rotations"]) for s in summaries]),
     ]
     for e in range(max(len(s["air"]) for s in summaries)):
-        rows.append((f"AIR epoch {e + 1}", [_fmt([s["air"][e]], "{:+.3f}") if e < len(s["air"]) else "" for s in summaries]))
+        cells = [_fmt([s["air"][e]], "{:+.3f}") if e < len(s["air"]) else "" for s in summaries]
+        rows.append((f"AIR epoch {e + 1}", cells))
     width = max(len(r[0]) for r in rows)
     cols = [max(len(r[1][i]) for r in rows) for i in range(len(summaries))]
     lines = []

@@ -39,8 +39,8 @@ class DatasetEntry:
 _FILES = ("root", "modalities", "num_classes", "seed", "val_fraction", "skip_bad")
 
 DATASETS: dict[str, DatasetEntry] = {
-    "synthetic": DatasetEntry(synthetic.SyntheticDataset, synthetic.SyntheticData, ("modalities", "num_classes", "seed"),
-                              synthetic.input_specs),
+    "synthetic": DatasetEntry(synthetic.SyntheticDataset, synthetic.SyntheticData,
+                              ("modalities", "num_classes", "seed"), synthetic.input_specs),
     "cremad": DatasetEntry(cremad.CremaDDataset, cremad.CremaDOptions, _FILES, cremad.input_specs),
     "kinetics_sounds": DatasetEntry(kinetics.KineticsSoundsDataset, kinetics.KineticsOptions, _FILES,
                                     kinetics.input_specs),

@@ -3,7 +3,7 @@
 Static heads (pooled features, no attention statistics): ``unimodal``
 (one modality only), ``concat``, ``sum``, ``ogm_ge`` (concat whose training
 modulates the encoders' gradients, see :mod:`rollingq.ogm`). Dynamic heads:
-``vanilla_mt`` (one :class:`FusionBlock` with a class-only query) and
+``vanilla_mt`` (one class-query-only :class:`FusionBlock`) and
 ``vanilla_mt_star`` (two blocks trained progressively, Appendix B of the paper).
 """
 

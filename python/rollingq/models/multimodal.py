@@ -90,9 +90,9 @@ class MultimodalModel(nn.Module):
             raise ValueError(f"data.modalities: attention fusion needs >= 2 modalities, got {mods}")
         self.modality_names = mods
         self.fusion_kind = fusion
-        self.encoders = nn.ModuleList(
-            [ModalityEncoder(spec, dim, encoder_depth, encoder_heads, mlp_ratio, drop, backbone) for spec in input_specs]
-        )
+        self.encoders = nn.ModuleList([
+            ModalityEncoder(spec, dim, encoder_depth, encoder_heads, mlp_ratio, drop, backbone) for spec in input_specs
+        ])
         if pretrained:
             for encoder in self.encoders:
                 load_vit_checkpoint(encoder, pretrained)
