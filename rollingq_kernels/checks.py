@@ -21,7 +21,15 @@ BACKENDS = ("auto", "cpp", "triton", "reference")
 
 @dataclass(frozen=True)
 class OpShape:
-    """Sizes of one call: ``B, H, Nq, N, Dh`` and the segment layout."""
+    """Sizes of one call.
+
+    Attributes:
+        batch, heads: ``B`` and ``H``.
+        n_query: ``Nq``, the query rows: ``N`` (all-query) or 1 (class-query-only).
+        n_keys: ``N = 1 + sum(segments)``.
+        head_dim: ``Dh``.
+        segments: the padded modality sizes ``(L_1, …, L_M)``.
+    """
 
     batch: int
     heads: int

@@ -40,17 +40,9 @@ def modality_index(segments: Sequence[int], device: torch.device) -> torch.Tenso
 
 
 def rollingq_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segments: Sequence[int],
-    *,
-    lengths: torch.Tensor | None = None,
-    rotation: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-    compute_stats: bool = True,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[int], *,
+    lengths: torch.Tensor | None = None, rotation: torch.Tensor | None = None, scale: float | None = None,
+    dropout_p: float = 0.0, seed: int | None = None, compute_stats: bool = True,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Rotated class-query attention with RollingQ statistics, eagerly.
 

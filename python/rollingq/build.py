@@ -69,25 +69,8 @@ def make_loader(dataset: Dataset, cfg: ConfigLike, train: bool, world_size: int 
 def build_model(cfg: ConfigLike) -> MultimodalModel:
     """The model ``cfg.model`` for the dataset ``cfg.data``."""
     cfg = as_config(cfg)
-    m = cfg.model
-    return MultimodalModel(
-        input_specs(cfg),
-        modalities=cfg.data.modalities,
-        num_classes=cfg.data.num_classes,
-        fusion=m.fusion,
-        dim=m.dim,
-        encoder_depth=m.encoder_depth,
-        encoder_heads=m.encoder_heads,
-        mlp_ratio=m.mlp_ratio,
-        drop=m.drop,
-        backbone=m.backbone,
-        pretrained=m.pretrained,
-        fusion_heads=m.fusion_heads,
-        attn_drop=m.attn_drop,
-        rotation_mode=m.rotation_mode,
-        backend=m.backend,
-        modality=m.modality,
-    )
+    return MultimodalModel(input_specs(cfg), modalities=cfg.data.modalities, num_classes=cfg.data.num_classes,
+                           **cfg.model.arguments())
 
 
 def build_optimizer(cfg: ConfigLike, model: nn.Module) -> torch.optim.Optimizer:

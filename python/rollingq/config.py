@@ -74,6 +74,17 @@ class DataConfig(Section):
     The common keys are fields here; the dataset's own keys (``data.num_frames`` for CREMA-D,
     ``data.task`` for MOSEI, ``data.synthetic.*`` for the synthetic task, …) are the fields of its
     options section, named by the registry :data:`~rollingq.data.registry.DATASETS`.
+
+    Attributes:
+        name: the dataset, a key of the registry.
+        modalities: modality names in the model's input order; AIR is ``cos(first) − cos(second)``.
+        num_classes: classes of the labels (the head's outputs).
+        root: the dataset folder (file datasets).
+        val_fraction: the seeded hold-out of the training list used as validation when the dataset
+            has no validation list.
+        skip_bad: skip samples with missing or corrupt files (their count is logged) instead of failing.
+        num_workers: DataLoader worker processes.
+        options: the dataset's own keys.
     """
 
     name: str = option("synthetic", choices=tuple(DATASETS))
@@ -130,7 +141,22 @@ class DataConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    """``model``: encoders, the fusion head and its attention."""
+    """``model``: encoders, the fusion head and its attention.
+
+    Attributes:
+        fusion: ``unimodal`` (with ``modality``), ``concat``, ``sum``, ``ogm_ge``, ``vanilla_mt``,
+            ``vanilla_mt_star``.
+        dim: token width of the encoders and the fusion.
+        encoder_depth, encoder_heads, mlp_ratio: each encoder's timm ViT blocks.
+        fusion_heads: heads of the fusion attention.
+        attn_drop, drop: attention-probability dropout (fusion) and dropout after projections.
+        backbone: ``vit`` (patch embeddings) or ``resnet18`` (the paper's Table 7 tokenizer).
+        pretrained: a local timm ViT checkpoint for the encoders (never downloaded).
+        rotation_mode: ``global`` (one ``(D, D)`` rotation) or ``per_head``.
+        backend: the op's backend (``auto``, ``cpp``, ``triton``, ``reference``).
+        progressive_epochs: ``vanilla_mt_star``: epochs trained with the first fusion block only.
+        modality: the modality the ``unimodal`` head reads.
+    """
 
     fusion: str = option("vanilla_mt", choices=FUSIONS)
     dim: int = option(64, ge=1)
@@ -147,10 +173,22 @@ class ModelConfig(Section):
     progressive_epochs: int = option(0, ge=0)
     modality: str | None = None
 
+    def arguments(self) -> dict[str, Any]:
+        """The model's constructor arguments (``progressive_epochs`` is the trainer's)."""
+        out = self.to_dict()
+        del out["progressive_epochs"]
+        return out
+
 
 @dataclass
 class RollingQConfig(Section):
-    """``rollingq``: the controller (:class:`rollingq_kernels.controller.RollingQ`)."""
+    """``rollingq``: the controller (:class:`rollingq_kernels.controller.RollingQ`).
+
+    Attributes:
+        enabled: control the model's last active fusion attention.
+        rho, beta, max_rotations, window, method, estimate: the controller's arguments.
+        start_epoch: the first epoch at whose end it may rotate (earlier windows are discarded).
+    """
 
     enabled: bool = False
     rho: float = option(1.0, gt=0.0)
@@ -164,7 +202,12 @@ class RollingQConfig(Section):
 
 @dataclass
 class OgmConfig(Section):
-    """``ogm``: OGM-GE gradient modulation (``model.fusion: ogm_ge``) between two epochs."""
+    """``ogm``: OGM-GE gradient modulation (``model.fusion: ogm_ge``).
+
+    Attributes:
+        alpha: the modulation strength (coefficient ``1 − tanh(alpha · ratio)``).
+        start_epoch, end_epoch: the epochs (inclusive) in which it modulates.
+    """
 
     alpha: float = option(0.1, ge=0.0)
     start_epoch: int = option(1, ge=1)
@@ -173,7 +216,15 @@ class OgmConfig(Section):
 
 @dataclass
 class OptimConfig(Section):
-    """``optim``: the optimizer and the warm-up + cosine schedule."""
+    """``optim``: the optimizer and the warm-up + cosine schedule (per step).
+
+    Attributes:
+        name: ``sgd`` (with ``momentum``) or ``adamw``.
+        lr, weight_decay: learning rate and weight decay.
+        momentum: SGD's momentum.
+        warmup_epochs: linear warm-up length, in epochs (fractions allowed).
+        min_lr: the learning rate at the end of the cosine.
+    """
 
     name: str = option("sgd", choices=("sgd", "adamw"))
     lr: float = option(1e-3, ge=0.0)
@@ -185,7 +236,17 @@ class OptimConfig(Section):
 
 @dataclass
 class TrainConfig(Section):
-    """``train``: the loop."""
+    """``train``: the loop.
+
+    Attributes:
+        epochs: epochs to train.
+        batch_size: samples per step (over all processes); eval_batch_size: per validation batch.
+        probe_loss_weight: weight of the detached linear probes' loss.
+        bf16: bf16 autocast on GPU (never on CPU).
+        grad_clip: clip the gradient norm to this, or None.
+        progress: progress bars on a terminal.
+        num_threads: torch CPU threads, or None for torch's default.
+    """
 
     epochs: int = option(30, ge=1)
     batch_size: int = option(64, ge=1)
@@ -199,7 +260,15 @@ class TrainConfig(Section):
 
 @dataclass
 class Config(Section):
-    """A whole run's configuration (``config.yaml``)."""
+    """A whole run's configuration (``config.yaml``).
+
+    Attributes:
+        name: the run's label (runs of one dataset and name form a group in reports).
+        seed: seeds everything: data order, augmentation, initialization, the synthetic task.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        out_dir: where a run without ``--out`` goes.
+        data, model, rollingq, ogm, optim, train: the sections.
+    """
 
     name: str = "run"
     seed: int = option(0, ge=0)

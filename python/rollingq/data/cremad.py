@@ -28,7 +28,13 @@ SPECTROGRAM = (257, 188)
 
 @dataclass
 class CremaDOptions(Section):
-    """The ``data.*`` keys of CREMA-D."""
+    """The ``data.*`` keys of CREMA-D.
+
+    Attributes:
+        num_frames, image_size: frames per clip (1 in the paper) and their side after resizing.
+        train_list, test_list, val_list: list files under ``data.root`` (no ``val_list``: a seeded
+            hold-out of the training list).
+    """
 
     num_frames: int = option(1, ge=1)
     image_size: int = option(224, ge=16)

@@ -29,7 +29,16 @@ from .listed import AudioVisualDataset, audio_visual_specs, split_rows
 
 @dataclass
 class KineticsOptions(Section):
-    """The ``data.*`` keys of Kinetics-Sounds."""
+    """The ``data.*`` keys of Kinetics-Sounds.
+
+    Attributes:
+        num_frames, image_size: frames per clip (1 fps) and their side after resizing.
+        fbank_frames, fbank_bins: the fbank's shape; longer ones are cropped, shorter zero-padded.
+        audio_dir, frame_dir: the ``<name>.npy`` and ``<name>/*.jpg`` folders under ``data.root``.
+        train_list, test_list, val_list: list files under ``data.root`` (no ``val_list``: a seeded
+            hold-out of the training list).
+        classes: class names in id order; default the sorted names of the training list.
+    """
 
     num_frames: int = option(3, ge=1)
     image_size: int = option(224, ge=16)

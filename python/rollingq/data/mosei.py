@@ -37,7 +37,14 @@ _CACHE: dict[str, dict] = {}
 
 @dataclass
 class MoseiOptions(Section):
-    """The ``data.*`` keys of CMU-MOSEI."""
+    """The ``data.*`` keys of CMU-MOSEI.
+
+    Attributes:
+        task: ``binary`` (sentiment >= 0) or ``7class``.
+        seq_len: the features' sequence length.
+        path, file: the pickle (default ``data.root/file``).
+        trust_pickle: load a pickle outside ``data.root`` or writable by others.
+    """
 
     task: str = option("binary", choices=tuple(TASKS))
     seq_len: int = option(50, ge=1)
