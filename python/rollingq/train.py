@@ -110,6 +110,7 @@ class Trainer:
             self.optimizer, self.epochs * steps, int(o.warmup_epochs * steps), o.min_lr / o.lr if o.lr > 0 else 0.0
         )
         self.controller = build_controller(cfg, self.model)
+        self._feed_windows()
         if state is not None:
             self._load_state(state)
         find_unused = cfg.model.fusion in ("unimodal", "vanilla_mt_star")
@@ -162,6 +163,12 @@ class Trainer:
             self.model.set_stage(stage)
             if self.controller is not None:
                 self.controller.retarget([self.model.fusion_attention])
+            self._feed_windows()
+
+    def _feed_windows(self) -> None:
+        """Only the controlled layer keeps a statistics window (the epoch log has its own accumulator)."""
+        for layer in self.model.fusion_attentions():
+            layer.collect_statistics = self.controller is not None and layer is self.model.fusion_attention
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_enabled else nullcontext()

@@ -1,4 +1,4 @@
-"""Shared pieces of the datasets: the sample layout, batching, loaders, splits.
+"""Shared pieces of the datasets: the sample layout, batching, splits, per-sample RNGs.
 
 Every dataset returns samples ``(modalities, label, index)``: ``modalities`` is
 a list of tensors (one per modality, in ``data.modalities`` order),
