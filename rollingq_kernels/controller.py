@@ -50,13 +50,12 @@ import torch
 
 from .accumulator import StatisticsAccumulator, Window, WindowStatistics, check_window, imbalance, synced_statistics
 from .module import FusedRollingQAttention
-from .rebalance import balanced_anchor, plane_rotation, rotation_angle_degrees, svd_rotation
+from .rebalance import EPS, balanced_anchor, plane_rotation, rotation_angle_degrees, svd_rotation
 
 logger = logging.getLogger("rollingq_kernels")
 
 METHODS = ("plane", "svd")
 ESTIMATES = ("accumulate", "pass")
-_EPS = 1e-12
 
 
 @dataclass
@@ -225,7 +224,7 @@ class RollingQ:
             mean_keys, mean_query, cos_means = keys, query, st.cos_head_mean  # (H, M, Dh), (H, Dh), (H, M)
         q_norm = mean_query.norm(dim=-1)
         k_norm = mean_keys.norm(dim=-1)
-        if bool((q_norm <= _EPS).any()) or bool((k_norm <= _EPS).any()) or not bool(torch.isfinite(cos_means).all()):
+        if bool((q_norm <= EPS).any()) or bool((k_norm <= EPS).any()) or not bool(torch.isfinite(cos_means).all()):
             rec.reason = "degenerate"
             logger.warning("RollingQ: layer %s: zero-norm mean query or mean key (|E[q]|=%s); not rotating",
                            rec.layer, _float_list(q_norm))

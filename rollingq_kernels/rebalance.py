@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-_EPS = 1e-12
+EPS = 1e-12
+"""Norms at or below this count as zero (a degenerate direction)."""
 
 
 def balance_weights(cos_means: torch.Tensor, rho: float) -> torch.Tensor:
@@ -32,7 +33,7 @@ def balance_weights(cos_means: torch.Tensor, rho: float) -> torch.Tensor:
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     n = x.norm(dim=-1, keepdim=True)
-    return torch.where(n > _EPS, x / n.clamp_min(_EPS), torch.zeros_like(x))
+    return torch.where(n > EPS, x / n.clamp_min(EPS), torch.zeros_like(x))
 
 
 def balanced_anchor(
@@ -82,7 +83,7 @@ def plane_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     D = x.shape[-1]
     eye = torch.eye(D, dtype=torch.float64, device=x.device).expand(*x.shape[:-1], D, D)
     u, yh = _unit(x), _unit(y)
-    degenerate = (x.norm(dim=-1) <= _EPS) | (y.norm(dim=-1) <= _EPS)
+    degenerate = (x.norm(dim=-1) <= EPS) | (y.norm(dim=-1) <= EPS)
     cos_t = (u * yh).sum(-1).clamp(-1.0, 1.0)
     perp = yh - cos_t.unsqueeze(-1) * u
     w = _unit(perp)

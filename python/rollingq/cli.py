@@ -20,7 +20,7 @@ import sys
 from .analysis.report import write_report
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .data import DataError
+from .data import SPLITS, DataError
 from .demo import run_demo
 from .evaluate import evaluate_run, summarize
 from .records import CHECKPOINT_NAMES
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     e.add_argument("--run", required=True, metavar="RUN_DIR")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--split", default="test", choices=SPLITS)
     e.add_argument("--noise-modality", default=None, metavar="NAME", help="replace this modality's input by noise")
     e.add_argument("--seed", type=int, default=0)
 

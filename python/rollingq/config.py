@@ -27,6 +27,7 @@ from rollingq_kernels.controller import ESTIMATES, METHODS
 from rollingq_kernels.module import ROTATION_MODES
 
 from .data.registry import DATASETS
+from .distributed import DEVICES
 from .files import atomic_write_bytes
 from .models import ATTENTION_FUSIONS, FUSIONS
 from .models.encoders import BACKBONES
@@ -272,7 +273,7 @@ class Config(Section):
 
     name: str = "run"
     seed: int = option(0, ge=0)
-    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", choices=DEVICES)
     out_dir: str = "runs"
     data: DataConfig = option(factory=DataConfig)
     model: ModelConfig = option(factory=ModelConfig)
