@@ -1,7 +1,7 @@
 """End-to-end benchmark: one training epoch with RollingQ, fused statistics vs the official code's way.
 
 The task is the training package's synthetic two-modality dataset
-(``rollingq.data.build_dataset``) with the paper's CREMA-D fusion lengths
+(``rollingq.build.build_dataset``) with the paper's CREMA-D fusion lengths
 (176 audio, 196 visual tokens); the model is self-contained and small: per-modality
 linear embeddings, a class token, one single-head :class:`FusedRollingQAttention`
 fusion layer (pre-norm) and a linear classifier on the class output.
@@ -54,7 +54,7 @@ def synthetic_train_set(cfg: E2EConfig, seed: int = 0) -> tuple[list[torch.Tenso
 
     Raises ImportError when the training package ``rollingq`` is not importable.
     """
-    from rollingq.data import build_dataset
+    from rollingq.build import build_dataset
 
     data_cfg = {
         "seed": seed,

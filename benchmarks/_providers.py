@@ -224,7 +224,8 @@ def skip_reason(
             return f"compile-eager: on {device.type} only for shapes {allowed} (each case compiles anew)"
     if provider in MATERIALIZING and 4 * materialized_bytes(shape, mode) > memory_budget:
         need = 4 * materialized_bytes(shape, mode) / 2**30
-        return f"{provider}: needs about {need:.1f} GiB of score matrices, over the budget {memory_budget / 2**30:.1f} GiB"
+        budget = memory_budget / 2**30
+        return f"{provider}: needs about {need:.1f} GiB of score matrices, over the budget {budget:.1f} GiB"
     if provider.startswith("fused") and device.type == "cuda":
         try:
             from rollingq_kernels import triton_attention  # noqa: F401

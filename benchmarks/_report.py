@@ -10,7 +10,9 @@ from ._gates import GateResult
 from ._results import Row
 
 PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
-PROVIDER_ORDER = {p: i for i, p in enumerate(("fused", "fused-nostats", "eager", "sdpa", "sdpa+stats", "compile-eager"))}
+PROVIDER_ORDER = {
+    p: i for i, p in enumerate(("fused", "fused-nostats", "eager", "sdpa", "sdpa+stats", "compile-eager"))
+}
 
 ROW_HEADER = ("shape", "mode", "dtype", "pass", "provider", "median ms", "x fused", "TFLOP/s", "GB/s",
               "% copy BW", "% matmul", "peak MiB")

@@ -29,7 +29,8 @@ def test_end_to_end_epoch(bench: BenchSession) -> None:
         cfg = E2E_QUICK if bench.config.quick else E2E_FULL
         mods, labels = synthetic_train_set(cfg)
     except ImportError as exc:
-        pytest.skip(f"end-to-end: the training package or the module/controller are not importable ({exc}); install the package (`pip install --no-build-isolation -e .`) or set PYTHONPATH=python")
+        pytest.skip(f"end-to-end: the training package or the module/controller are not importable ({exc}); "
+                    "install the package (`pip install --no-build-isolation -e .`) or set PYTHONPATH=python")
     fused = run_epochs("fused", cfg, mods, labels)
     official = run_epochs("official", cfg, mods, labels)
     ratio = speedup(official["median_epoch_s"], fused["median_epoch_s"])

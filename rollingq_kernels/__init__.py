@@ -5,16 +5,19 @@ The public surface:
 * :func:`rollingq_attention` — the op (``docs/op.md``), with C++ (CPU) and
   Triton (CUDA) kernels and an eager reference;
 * :func:`dropout_mask` — the counter-based dropout mask every backend shares;
-* :mod:`rollingq_kernels.rotation` — RollingQ's math (AIR, anchor, rotations);
+* :mod:`rollingq_kernels.accumulator` — the statistics' sums and windows, and
+  the attention imbalance (:func:`~rollingq_kernels.accumulator.imbalance`);
+* :mod:`rollingq_kernels.rebalance` — RollingQ's math (anchor, rotations);
 * :class:`FusedRollingQAttention` — a drop-in, timm-compatible attention module
   that gathers the statistics while it trains, and :class:`RollingQ`, the
   controller that rotates its class query (the paper's Algorithm 1).
 """
 
+from ._library import HAS_CPP
 from .controller import RollingQ, RotationRecord
 from .dropout import dropout_mask
 from .module import FusedRollingQAttention
-from .ops import HAS_CPP, rollingq_attention
+from .ops import rollingq_attention
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats
 

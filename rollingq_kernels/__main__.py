@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from . import HAS_CPP, rollingq_attention
-from .ops import resolve_backend
-from .rotation import attention_imbalance_rate
+from ._library import HAS_CPP
+from .accumulator import attention_imbalance_rate, imbalance
+from .ops import resolve_backend, rollingq_attention
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         "class-token attention mass [class, " + ", ".join(f"mod{m + 1}" for m in range(len(args.segments))) + "]: "
         + ", ".join(f"{x:.3f}" for x in stats.mass.mean((0, 1)).tolist()),
         "mean cos(q_cls, mean key) per modality: " + ", ".join(f"{x:+.3f}" for x in imb.cos_mean.tolist()),
-        f"AIR = {float(imb.air):+.4f} over {imb.count} samples (spread {float(imb.spread):.4f})",
+        f"AIR = {imb.air:+.4f} over {imb.count} samples (spread {imb.spread:.4f}); "
+        f"RollingQ's imbalance ({'AIR' if len(args.segments) == 2 else 'spread'}) = {imbalance(imb):+.4f}",
     ]
     print("\n".join(lines))  # noqa: T201 - this is the command's output
     return 0 if err < 1e-3 else 1

@@ -66,7 +66,10 @@ def dropout_keep(row_keys, col_hash, threshold):
 
 @triton.jit
 def segment_membership(idx, seg_start, seg_end):
-    """``(S_PAD, BLOCK)`` bool: token ``idx[j]`` is a valid token of segment ``s`` (``seg_start[s] <= idx < seg_end[s]``)."""
+    """``(S_PAD, BLOCK)`` bool: token ``idx[j]`` is a valid token of segment ``s``.
+
+    Valid means ``seg_start[s] <= idx < seg_end[s]``.
+    """
     return (idx[None, :] >= seg_start[:, None]) & (idx[None, :] < seg_end[:, None])
 
 

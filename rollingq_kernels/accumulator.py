@@ -11,13 +11,19 @@ processes can be all-reduced before a decision (:func:`all_reduce_sums`).
 
 A window is either ``"epoch"`` (everything since the last reset, constant
 memory) or an int ``K`` (the last ``K`` batches, one set of sums per batch).
+
+The attention imbalance has one definition here: sums of per-sample cosines
+(:func:`cosine_sums`) reduced by :func:`reduce_cosines`, and
+:func:`imbalance` picks AIR (two modalities) or the spread (more).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +57,43 @@ def check_window(window: Window) -> Window:
     return window
 
 
+def cosine_sums(cos: torch.Tensor, valid: torch.Tensor | None = None) -> Sums:
+    """The float64 sums of per-sample cosines that AIR and the mean cosines come from.
+
+    The one place where a cosine enters an imbalance: the op's statistics
+    (:func:`batch_sums`), the analyses and :func:`attention_imbalance_rate`
+    all start here. The cosine of an absent modality never enters a sum, even
+    when it is NaN.
+
+    Args:
+        cos: ``(B, M)`` per-sample cos(class query, mean key), ``M >= 2``.
+        valid: ``(B, M)`` bool, modality present; None means all present.
+
+    Returns:
+        ``samples``, ``cos_sum``, ``cos_sq_sum``, ``present``, ``diff_sum``
+        and ``diff_count`` (see :data:`SUM_FIELDS`), float64 on ``cos``'s device.
+    """
+    if cos.dim() != 2 or cos.shape[1] < 2:
+        raise ValueError(f"cos: expected shape (B, M) with M >= 2, got {tuple(cos.shape)}")
+    if valid is None:
+        valid = torch.ones(cos.shape, dtype=torch.bool, device=cos.device)
+    if valid.shape != cos.shape:
+        raise ValueError(f"valid: expected shape {tuple(cos.shape)}, got {tuple(valid.shape)}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid: expected a bool tensor, got {valid.dtype}")
+    present = valid.to(torch.float64)
+    c = cos.detach().to(torch.float64).masked_fill(~valid, 0.0)
+    both = present[:, 0] * present[:, 1]
+    return {
+        "samples": torch.full((), float(cos.shape[0]), dtype=torch.float64, device=cos.device),
+        "cos_sum": c.sum(0),
+        "cos_sq_sum": c.square().sum(0),
+        "present": present.sum(0),
+        "diff_sum": ((c[:, 0] - c[:, 1]) * both).sum(),
+        "diff_count": both.sum(),
+    }
+
+
 def batch_sums(stats: AttentionStats) -> Sums:
     """The float64 sums of one batch's statistics (see :data:`SUM_FIELDS`).
 
@@ -62,21 +105,13 @@ def batch_sums(stats: AttentionStats) -> Sums:
     Returns:
         A dict of float64 tensors on the statistics' device; no host sync.
     """
-    valid = stats.valid.to(torch.float64)  # (B, M)
-    cos = stats.cos.detach().to(torch.float64) * valid
-    both = valid[:, 0] * valid[:, 1]
-    return {
-        "samples": torch.full((), float(valid.shape[0]), dtype=torch.float64, device=valid.device),
-        "cos_sum": cos.sum(0),
-        "cos_sq_sum": cos.square().sum(0),
-        "present": valid.sum(0),
-        "cos_head_sum": (stats.cos_per_head.detach().to(torch.float64) * valid[:, None, :]).sum(0),
-        "diff_sum": ((cos[:, 0] - cos[:, 1]) * both).sum(),
-        "diff_count": both.sum(),
-        "key_sum": (stats.key_mean.detach().to(torch.float64) * valid[:, None, :, None]).sum(0),
-        "query_sum": stats.query.detach().to(torch.float64).sum(0),
-        "mass_sum": stats.mass.detach().to(torch.float64).sum(0),
-    }
+    valid = stats.valid
+    sums = cosine_sums(stats.cos, valid)
+    sums["cos_head_sum"] = stats.cos_per_head.detach().to(torch.float64).masked_fill(~valid[:, None, :], 0.0).sum(0)
+    sums["key_sum"] = stats.key_mean.detach().to(torch.float64).masked_fill(~valid[:, None, :, None], 0.0).sum(0)
+    sums["query_sum"] = stats.query.detach().to(torch.float64).sum(0)
+    sums["mass_sum"] = stats.mass.detach().to(torch.float64).sum(0)
+    return sums
 
 
 def zero_sums(num_heads: int, num_modalities: int, head_dim: int, device: torch.device | str | None = None) -> Sums:
@@ -110,7 +145,7 @@ def all_reduce_sums(sums: Sums) -> Sums:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return sums
-    names = list(sums)
+    names = sorted(sums)  # the same order on every rank, whatever order the dict was built in
     flat = torch.cat([sums[n].reshape(-1) for n in names])
     torch.distributed.all_reduce(flat)
     out, start = {}, 0
@@ -165,37 +200,95 @@ class WindowStatistics:
         return self.query_mean.reshape(-1)
 
 
+class Imbalance(NamedTuple):
+    """The attention imbalance of a batch or a window of batches.
+
+    Attributes:
+        air: ``E[cos_0 − cos_1]`` over the samples with modalities 0 and 1
+            present (the paper's Eq. 9); NaN when there is none.
+        spread: ``max − min`` of the present ``cos_mean`` (NaN with fewer
+            than two; equals ``|air|`` for M = 2 when every sample has both).
+        cos_mean: ``(M,)`` float64 mean cosine per modality over the samples
+            where it is present; NaN where it never is.
+        count: samples that entered ``air``.
+    """
+
+    air: float
+    spread: float
+    cos_mean: torch.Tensor
+    count: int
+
+
+def reduce_cosines(sums: Sums) -> Imbalance:
+    """AIR, the spread and the mean cosines from :func:`cosine_sums` (host sync)."""
+    present = sums["present"]
+    has = present > 0
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=present.device)
+    cos_mean = torch.where(has, sums["cos_sum"] / present.clamp_min(1.0), nan)
+    count = int(sums["diff_count"].item())
+    air = float(sums["diff_sum"].item()) / count if count else math.nan
+    shown = cos_mean[has]
+    spread = float((shown.max() - shown.min()).item()) if shown.numel() >= 2 else math.nan
+    return Imbalance(air=air, spread=spread, cos_mean=cos_mean, count=count)
+
+
+def attention_imbalance_rate(cos: torch.Tensor, valid: torch.Tensor | None = None) -> Imbalance:
+    """The :class:`Imbalance` of one batch of per-sample cosines.
+
+    Args:
+        cos: ``(B, M)`` per-sample cosines (``stats.cos``).
+        valid: ``(B, M)`` bool (``stats.valid``); None means all present.
+    """
+    return reduce_cosines(cosine_sums(cos, valid))
+
+
+def imbalance(window: Imbalance | WindowStatistics) -> float:
+    """The imbalance RollingQ decides on: AIR for two modalities, the spread for more.
+
+    ``window`` is an :class:`Imbalance` or a :class:`WindowStatistics`; the
+    controller, the trainer's log, validation and the analyses all call this.
+    """
+    return window.air if window.cos_mean.shape[-1] == 2 else window.spread
+
+
 def reduce_sums(sums: Sums) -> WindowStatistics:
     """Turn a window's sums into means (host sync: call once per decision)."""
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=sums["cos_sum"].device)
+    cosines = reduce_cosines(sums)
     present = sums["present"]
     has = present > 0
     n = present.clamp_min(1.0)
-    cos_mean = torch.where(has, sums["cos_sum"] / n, nan)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=present.device)
     var = (sums["cos_sq_sum"] / n - (sums["cos_sum"] / n).square()).clamp_min(0.0)
-    cos_std = torch.where(has, var.sqrt(), nan)
-    cos_head_mean = torch.where(has, sums["cos_head_sum"] / n, nan)
-    key_mean = sums["key_sum"] / n[None, :, None]
     samples = int(sums["samples"].item())
-    query_mean = sums["query_sum"] / max(samples, 1)
-    mass_mean = sums["mass_sum"] / max(samples, 1)
-    air_count = int(sums["diff_count"].item())
-    air = float(sums["diff_sum"].item()) / air_count if air_count else math.nan
-    shown = cos_mean[has]
-    spread = float((shown.max() - shown.min()).item()) if shown.numel() >= 2 else math.nan
     return WindowStatistics(
         samples=samples,
-        air=air,
-        air_count=air_count,
-        cos_mean=cos_mean,
-        cos_std=cos_std,
-        spread=spread,
+        air=cosines.air,
+        air_count=cosines.count,
+        cos_mean=cosines.cos_mean,
+        cos_std=torch.where(has, var.sqrt(), nan),
+        spread=cosines.spread,
         present=present,
-        cos_head_mean=cos_head_mean,
-        key_mean=key_mean,
-        query_mean=query_mean,
-        mass_mean=mass_mean,
+        cos_head_mean=torch.where(has, sums["cos_head_sum"] / n, nan),
+        key_mean=sums["key_sum"] / n[None, :, None],
+        query_mean=sums["query_sum"] / max(samples, 1),
+        mass_mean=sums["mass_sum"] / max(samples, 1),
     )
+
+
+def synced_statistics(sums: Sums | None, empty: Callable[[], Sums]) -> WindowStatistics | None:
+    """A window's statistics summed over every process, then reduced.
+
+    Under ``torch.distributed`` every rank must call it (one collective); a
+    rank without batches joins with ``empty()`` (zero sums of the right
+    shapes). Without a process group it reduces ``sums`` as they are.
+
+    Returns:
+        The :class:`WindowStatistics`, or None when no rank added a batch
+        (without a process group: when ``sums`` is None).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sums = all_reduce_sums(sums if sums is not None else empty())
+    return None if sums is None else reduce_sums(sums)
 
 
 class StatisticsAccumulator:

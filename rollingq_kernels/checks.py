@@ -21,7 +21,15 @@ BACKENDS = ("auto", "cpp", "triton", "reference")
 
 @dataclass(frozen=True)
 class OpShape:
-    """Sizes of one call: ``B, H, Nq, N, Dh`` and the segment layout."""
+    """Sizes of one call.
+
+    Attributes:
+        batch, heads: ``B`` and ``H``.
+        n_query: ``Nq``, the query rows: ``N`` (all-query) or 1 (class-query-only).
+        n_keys: ``N = 1 + sum(segments)``.
+        head_dim: ``Dh``.
+        segments: the padded modality sizes ``(L_1, …, L_M)``.
+    """
 
     batch: int
     heads: int
@@ -31,11 +39,8 @@ class OpShape:
     segments: tuple[int, ...]
 
     @property
-    def num_modalities(self) -> int:
-        return len(self.segments)
-
-    @property
-    def class_only(self) -> bool:
+    def class_query_only(self) -> bool:
+        """Only the class token queries (``Nq == 1``)."""
         return self.n_query == 1
 
 
@@ -124,7 +129,7 @@ def check_inputs(
     if q.shape[0] != B or q.shape[1] != H or q.shape[3] != Dh or q.shape[2] not in (1, N):
         raise ValueError(
             f"q: expected shape ({B}, {H}, {N}, {Dh}) (all-query) or ({B}, {H}, 1, {Dh}) "
-            f"(class-only), got {_shape(q)}"
+            f"(class-query-only), got {_shape(q)}"
         )
     segs = check_segments(segments, N)
     M = len(segs)

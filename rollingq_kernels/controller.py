@@ -6,7 +6,8 @@ training and, when the attention imbalance is large, rotates their class
 query towards the balanced anchor (Ni et al., ICML 2025, Sec. 3.3, App. B):
 
 1. AIR = E[cos(q, k̄_0) − cos(q, k̄_1)] (Eq. 9); for ``M > 2`` modalities the
-   decision uses the spread ``max − min`` of the mean cosines instead.
+   decision uses the spread ``max − min`` of the mean cosines instead
+   (:func:`~rollingq_kernels.accumulator.imbalance`).
 2. If the decision quantity is ``≥ beta`` and the layer has made fewer than
    ``max_rotations`` rotations: α = softmax(−2ρ·E[cos]) (for ``M = 2`` exactly
    ½(1 + tanh(−ρ·AIR)), Eq. 11), anchor q_b = |E[q]| Σ α_m E[k̄_m]/|E[k̄_m]|
@@ -27,7 +28,9 @@ Estimates (``estimate=``):
   as in the official ``train_func.py``); only when a rotation is due, the mean
   keys and the mean class query come from an explicit ``torch.no_grad()``
   pass over ``loader`` (``forward_fn(batch)`` runs the model), as in the
-  official ``method.py``. The layers are left in the mode the caller set.
+  official ``method.py``; the layers hand that pass's statistics over through
+  :meth:`~rollingq_kernels.module.FusedRollingQAttention.collecting`, and it
+  never enters their windows. The layers are left in the mode the caller set.
 
 Under ``torch.distributed`` the window sums are all-reduced before any
 decision, so every rank computes the identical rotation; every rank must call
@@ -39,29 +42,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from .accumulator import (
-    StatisticsAccumulator,
-    Window,
-    WindowStatistics,
-    all_reduce_sums,
-    check_window,
-    reduce_sums,
-    zero_sums,
-)
+from .accumulator import StatisticsAccumulator, Window, WindowStatistics, check_window, imbalance, synced_statistics
 from .module import FusedRollingQAttention
-from .rotation import balanced_anchor, plane_rotation, rotation_angle_degrees, svd_rotation
+from .rebalance import EPS, balanced_anchor, plane_rotation, rotation_angle_degrees, svd_rotation
 
 logger = logging.getLogger("rollingq_kernels")
 
 METHODS = ("plane", "svd")
 ESTIMATES = ("accumulate", "pass")
-_EPS = 1e-12
 
 
 @dataclass
@@ -140,19 +134,6 @@ def _float_list(t: torch.Tensor) -> list:
     return t.detach().cpu().double().tolist()
 
 
-@contextmanager
-def _collecting(layers: Iterable[FusedRollingQAttention], accumulators: Iterable[StatisticsAccumulator]):
-    """Route the layers' statistics into ``accumulators`` (any mode) for the duration."""
-    pairs = list(zip(layers, accumulators))
-    for layer, acc in pairs:
-        layer._extra_accumulator = acc
-    try:
-        yield
-    finally:
-        for layer, _ in pairs:
-            layer._extra_accumulator = None
-
-
 class RollingQ:
     """The RollingQ controller of a set of :class:`FusedRollingQAttention` layers.
 
@@ -212,17 +193,6 @@ class RollingQ:
             layer.reset_statistics()
 
     # ------------------------------------------------------------------ the decision
-    def _window_statistics(self, layer: FusedRollingQAttention) -> WindowStatistics | None:
-        sums = layer.statistics.sums()
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed:
-            if sums is None:  # every rank must join the collective with the same fields
-                sums = zero_sums(layer.num_heads, layer.num_modalities, layer.head_dim, layer.rotation.device)
-            sums = all_reduce_sums(sums)
-        if sums is None:
-            return None
-        return reduce_sums(sums)
-
     def _decide(self, name: str, layer: FusedRollingQAttention, st: WindowStatistics | None,
                 epoch: int | None) -> RotationRecord:
         M = layer.num_modalities
@@ -232,7 +202,7 @@ class RollingQ:
             rec = RotationRecord(name, epoch, st.air, st.spread, _float_list(st.cos_mean),
                                  mass=_float_list(st.mass_mean.mean(0)), count=st.samples)
         rec.num_rotations = int(layer.num_rotations)
-        quantity = rec.air if M == 2 else rec.spread
+        quantity = math.nan if st is None else imbalance(st)
         if st is None or not math.isfinite(quantity) or any(math.isnan(c) for c in rec.cos_mean):
             rec.reason = "no_samples"
             logger.warning("RollingQ: layer %s: no usable statistics (AIR=%s, count=%d); not rotating",
@@ -245,7 +215,7 @@ class RollingQ:
             rec.reason = "due"
         return rec
 
-    def _rotation(self, layer: FusedRollingQAttention, st: WindowStatistics, rec: RotationRecord,
+    def _rebalancing_rotation(self, layer: FusedRollingQAttention, st: WindowStatistics, rec: RotationRecord,
                   keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
         """R_b for one layer, or None (``rec`` explains why) when degenerate."""
         if layer.rotation_mode == "global":
@@ -254,7 +224,7 @@ class RollingQ:
             mean_keys, mean_query, cos_means = keys, query, st.cos_head_mean  # (H, M, Dh), (H, Dh), (H, M)
         q_norm = mean_query.norm(dim=-1)
         k_norm = mean_keys.norm(dim=-1)
-        if bool((q_norm <= _EPS).any()) or bool((k_norm <= _EPS).any()) or not bool(torch.isfinite(cos_means).all()):
+        if bool((q_norm <= EPS).any()) or bool((k_norm <= EPS).any()) or not bool(torch.isfinite(cos_means).all()):
             rec.reason = "degenerate"
             logger.warning("RollingQ: layer %s: zero-norm mean query or mean key (|E[q]|=%s); not rotating",
                            rec.layer, _float_list(q_norm))
@@ -280,18 +250,13 @@ class RollingQ:
 
     def _estimation_pass(self, names: list[str], loader: Iterable, forward_fn: Callable[[Any], Any]
                          ) -> dict[str, WindowStatistics | None]:
-        layers = [self.layers[n] for n in names]
-        accs = [StatisticsAccumulator("epoch") for _ in names]
-        with torch.no_grad(), _collecting(layers, accs):
+        accumulators = {name: StatisticsAccumulator("epoch") for name in names}
+        with torch.no_grad(), ExitStack() as stack:
+            for name, acc in accumulators.items():
+                stack.enter_context(self.layers[name].collecting(acc, window=False))
             for batch in loader:
                 forward_fn(batch)
-        out = {}
-        for name, layer, acc in zip(names, layers, accs):
-            sums = acc.sums()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                sums = all_reduce_sums(sums if sums is not None else zero_sums(layer.num_heads, layer.num_modalities, layer.head_dim, layer.rotation.device))
-            out[name] = None if sums is None else reduce_sums(sums)
-        return out
+        return {name: synced_statistics(acc.sums(), self.layers[name].zero_sums) for name, acc in accumulators.items()}
 
     def step(self, epoch: int | None = None, loader: Iterable | None = None,
              forward_fn: Callable[[Any], Any] | None = None) -> list[RotationRecord]:
@@ -312,7 +277,8 @@ class RollingQ:
                 f"loader, forward_fn: estimate='pass' needs both, got loader={type(loader).__name__}, "
                 f"forward_fn={type(forward_fn).__name__}"
             )
-        stats = {name: self._window_statistics(layer) for name, layer in self.layers.items()}
+        stats = {name: synced_statistics(layer.statistics.sums(), layer.zero_sums)
+                 for name, layer in self.layers.items()}
         records = {name: self._decide(name, layer, stats[name], epoch) for name, layer in self.layers.items()}
         due = [name for name, rec in records.items() if rec.reason == "due"]
         anchor_stats: dict[str, WindowStatistics | None] = {name: stats[name] for name in due}
@@ -325,7 +291,7 @@ class RollingQ:
                 logger.warning("RollingQ: layer %s: the estimation pass saw no sample; not rotating", name)
                 continue
             keys, query = self._anchor_inputs(layer, st)
-            r_b = self._rotation(layer, stats[name], rec, keys, query)
+            r_b = self._rebalancing_rotation(layer, stats[name], rec, keys, query)
             if r_b is None:
                 continue
             layer.apply_rotation(r_b)

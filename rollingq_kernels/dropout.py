@@ -59,8 +59,8 @@ def dropout_mask(
     Args:
         seed: int in ``[0, 2**31)``.
         batch, heads: ``B`` and ``H``.
-        rows: number of query rows ``Nq`` (row indices ``0 … Nq−1``; class-only
-            mode uses ``rows=1``, which equals row 0 of the all-query mask).
+        rows: number of query rows ``Nq`` (row indices ``0 … Nq−1``; a
+            class-query-only call uses ``rows=1``, which equals row 0 of the all-query mask).
         n_keys: ``N``.
         dropout_p: drop probability in ``[0, 1)``.
 

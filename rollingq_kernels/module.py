@@ -5,25 +5,28 @@ The layer holds the projections of timm's ViT ``Attention`` (``qkv`` and
 unchanged) and calls :func:`rollingq_kernels.ops.rollingq_attention`, which
 rotates the class query by the layer's ``rotation`` buffer and returns the
 RollingQ statistics in the same pass. In training mode every forward adds
-those statistics to the layer's :class:`StatisticsAccumulator`; the
-:class:`~rollingq_kernels.controller.RollingQ` controller reads them at the end
-of an epoch and updates ``rotation``.
+those statistics to the layer's :class:`StatisticsAccumulator` (its window),
+and to every accumulator passed to :meth:`FusedRollingQAttention.collecting`
+in any mode; the :class:`~rollingq_kernels.controller.RollingQ` controller
+reads the window at the end of an epoch and updates ``rotation``.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accumulator import StatisticsAccumulator, Window, check_window
+from .accumulator import StatisticsAccumulator, Sums, Window, WindowStatistics, batch_sums, check_window, zero_sums
 from .dropout import SEED_LIMIT
 from .ops import rollingq_attention
-from .rotation import compose_rotations
+from .rebalance import compose_rotations
 from .stats import AttentionStats
 
 logger = logging.getLogger("rollingq_kernels")
@@ -71,8 +74,8 @@ class FusedRollingQAttention(nn.Module):
         proj_drop: dropout after ``proj``.
         num_modalities: ``M ≥ 2``, the number of modality segments after the
             class token.
-        rotation: ``"global"`` (one ``(C, C)`` rotation of the concatenated
-            heads) or ``"per_head"`` (``(H, Dh, Dh)``).
+        rotation_mode: ``"global"`` (one ``(C, C)`` rotation of the
+            concatenated heads) or ``"per_head"`` (``(H, Dh, Dh)``).
         class_query_only: only the class token queries; ``forward`` returns
             ``(B, 1, C)``. Exact for a last fusion layer whose class output
             alone feeds the head, and ``N`` times cheaper.
@@ -93,7 +96,9 @@ class FusedRollingQAttention(nn.Module):
     Attributes:
         last_stats: the op's :class:`AttentionStats` of the last call (detached),
             or None before the first call.
-        statistics: the :class:`StatisticsAccumulator` fed in training mode.
+        statistics: the :class:`StatisticsAccumulator` fed in training mode
+            (the window the controller decides on).
+        collect_statistics: feed ``statistics`` in training mode (default True).
     """
 
     rotation: torch.Tensor
@@ -107,7 +112,7 @@ class FusedRollingQAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         num_modalities: int = 2,
-        rotation: str = "global",
+        rotation_mode: str = "global",
         class_query_only: bool = False,
         backend: str = "auto",
         *,
@@ -122,15 +127,15 @@ class FusedRollingQAttention(nn.Module):
             raise ValueError(f"num_heads: expected a positive divisor of dim={dim}, got {num_heads!r}")
         if not isinstance(num_modalities, int) or num_modalities < 2:
             raise ValueError(f"num_modalities: expected an int >= 2, got {num_modalities!r}")
-        if rotation not in ROTATION_MODES:
-            raise ValueError(f"rotation: expected one of {ROTATION_MODES}, got {rotation!r}")
+        if rotation_mode not in ROTATION_MODES:
+            raise ValueError(f"rotation_mode: expected one of {ROTATION_MODES}, got {rotation_mode!r}")
         if not 0.0 <= float(attn_drop) < 1.0:
             raise ValueError(f"attn_drop: expected a float in [0, 1), got {attn_drop!r}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_modalities = num_modalities
-        self.rotation_mode = rotation
+        self.rotation_mode = rotation_mode
         self.class_query_only = bool(class_query_only)
         self.backend = backend
         self.scale = float(scale) if scale is not None else self.head_dim**-0.5
@@ -145,7 +150,8 @@ class FusedRollingQAttention(nn.Module):
         self.last_stats: AttentionStats | None = None
         self.statistics = StatisticsAccumulator(check_window(window))
         self.collect_statistics = True
-        self._extra_accumulator: StatisticsAccumulator | None = None
+        self._collectors: list[StatisticsAccumulator] = []  # see collecting()
+        self._window_paused = 0
 
     # ------------------------------------------------------------------ construction
     def rotation_shape(self) -> tuple[int, ...]:
@@ -165,7 +171,7 @@ class FusedRollingQAttention(nn.Module):
         """Build a layer with the weights of a ``timm.models.vision_transformer.Attention``.
 
         ``dim``, ``num_heads``, the biases, dropouts and scale are read from
-        ``attn``; ``kwargs`` sets the rest (``num_modalities``, ``rotation``,
+        ``attn``; ``kwargs`` sets the rest (``num_modalities``, ``rotation_mode``,
         ``class_query_only``, ``backend``, ``window``). The weights are copied
         (same device and dtype). With the identity rotation the layer computes
         exactly what ``attn`` computes.
@@ -243,7 +249,7 @@ class FusedRollingQAttention(nn.Module):
         """
         if tuple(new.shape) != self.rotation_shape():
             raise ValueError(
-                f"new: expected shape {self.rotation_shape()} for rotation={self.rotation_mode!r}, "
+                f"new: expected shape {self.rotation_shape()} for rotation_mode={self.rotation_mode!r}, "
                 f"got {tuple(new.shape)}"
             )
         if not bool(torch.isfinite(new).all()):
@@ -267,7 +273,7 @@ class FusedRollingQAttention(nn.Module):
             if got != self.rotation_shape():
                 message = (
                     f"state_dict[{key!r}]: expected a rotation of shape {self.rotation_shape()} "
-                    f"(rotation={self.rotation_mode!r}, dim={self.dim}, num_heads={self.num_heads}), got {got}"
+                    f"(rotation_mode={self.rotation_mode!r}, dim={self.dim}, num_heads={self.num_heads}), got {got}"
                 )
                 if strict:
                     raise ValueError(message)
@@ -290,16 +296,50 @@ class FusedRollingQAttention(nn.Module):
         if check_window(window) != self.statistics.window:
             self.statistics = StatisticsAccumulator(window)
 
-    def window_statistics(self):
+    def window_statistics(self) -> WindowStatistics | None:
         """The window's reduced statistics (:class:`~rollingq_kernels.accumulator.WindowStatistics`), or None."""
         return self.statistics.reduce()
 
+    def zero_sums(self) -> Sums:
+        """Zero sums shaped like this layer's (a rank without batches joins an all-reduce with them)."""
+        return zero_sums(self.num_heads, self.num_modalities, self.head_dim, self.rotation.device)
+
+    @contextmanager
+    def collecting(self, accumulator: StatisticsAccumulator, *, window: bool = True) -> Iterator[StatisticsAccumulator]:
+        """Also add every forward's statistics to ``accumulator`` while the context is open.
+
+        It receives the statistics of training and evaluation forwards alike
+        (the trainer's epoch log, a validation pass, the controller's
+        estimation pass). Contexts nest.
+
+        Args:
+            accumulator: where the statistics go.
+            window: keep feeding the layer's own window (:attr:`statistics`,
+                training forwards only) meanwhile; False pauses it, so extra
+                forwards never enter the controller's decision window.
+
+        Yields:
+            ``accumulator``.
+        """
+        if not isinstance(accumulator, StatisticsAccumulator):
+            raise TypeError(f"accumulator: expected a StatisticsAccumulator, got {type(accumulator).__name__}")
+        self._collectors.append(accumulator)
+        self._window_paused += not window
+        try:
+            yield accumulator
+        finally:
+            self._collectors.remove(accumulator)
+            self._window_paused -= not window
+
     def _record(self, stats: AttentionStats) -> None:
         self.last_stats = stats
-        if self._extra_accumulator is not None:
-            self._extra_accumulator.add(stats)
-        elif self.training and self.collect_statistics:
-            self.statistics.add(stats)
+        targets = list(self._collectors)
+        if self.training and self.collect_statistics and not self._window_paused:
+            targets.append(self.statistics)
+        if targets:
+            sums = batch_sums(stats)  # once, whatever the number of accumulators
+            for accumulator in targets:
+                accumulator.add_sums(sums)
 
     # ------------------------------------------------------------------ forward
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,6 +395,6 @@ class FusedRollingQAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, num_modalities={self.num_modalities}, "
-            f"rotation={self.rotation_mode!r}, class_query_only={self.class_query_only}, "
+            f"rotation_mode={self.rotation_mode!r}, class_query_only={self.class_query_only}, "
             f"attn_drop={self.attn_drop_p}, backend={self.backend!r}"
         )

@@ -6,13 +6,16 @@ extension and fake kernels: :mod:`rollingq_kernels._library`):
 * ``rollingq::attention_fwd`` -> ``(out, lse, key_mean, mass, query)``
 * ``rollingq::attention_bwd`` -> ``(dq, dk, dv)``
 
-The C++ extension implements them for CPU, the Triton module for CUDA.
+The C++ extension implements them for CPU, the Triton module for CUDA
+(imported here when Triton is installed: it ships with torch's CUDA wheels).
 :class:`RollingQAttentionFunction` is the one autograd Function that drives
-every compiled backend; :func:`rollingq_attention` validates and dispatches.
+every compiled backend; :func:`rollingq_attention` validates and dispatches;
+the eager reference is one more backend, called as is.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -24,6 +27,11 @@ from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats, finish_stats
+
+if importlib.util.find_spec("triton") is not None:
+    from . import triton_attention  # registers the CUDA kernels of the rollingq ops
+else:  # pragma: no cover - CPU-only torch builds come without Triton
+    triton_attention = None
 
 logger = logging.getLogger("rollingq_kernels")
 
@@ -107,12 +115,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _kernels_for(backend: str, device: torch.device) -> KernelPair:
-    if backend == "triton" and device.type == "cpu":
-        from . import triton_attention  # interpreter path: launch directly, not through the dispatcher
-
+    if backend == "triton" and triton_attention is None:
+        raise RuntimeError("backend='triton': Triton is not installed (it comes with torch's CUDA builds)")
+    if backend == "triton" and device.type == "cpu":  # interpreter: launch directly, not through the dispatcher
         return KernelPair(triton_attention.attention_fwd, triton_attention.attention_bwd)
-    if backend == "triton":
-        from . import triton_attention  # noqa: F401  (registers the CUDA kernels)
     return _registered_ops()
 
 
@@ -140,7 +146,7 @@ def rollingq_attention(
     See ``docs/op.md`` for the full contract.
 
     Args:
-        q: ``(B, H, N, Dh)`` or ``(B, H, 1, Dh)`` (class-only); float16/bfloat16/float32/float64.
+        q: ``(B, H, N, Dh)`` or ``(B, H, 1, Dh)`` (class-query-only); float16/bfloat16/float32/float64.
         k, v: ``(B, H, N, Dh)``, same dtype and device as ``q``.
         segments: ``(L_1, …, L_M)``, ``M ≥ 2``, ``N == 1 + sum(segments)``.
         lengths: optional ``(B, M)`` integer tensor of valid tokens per modality.

@@ -40,22 +40,14 @@ def modality_index(segments: Sequence[int], device: torch.device) -> torch.Tenso
 
 
 def rollingq_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segments: Sequence[int],
-    *,
-    lengths: torch.Tensor | None = None,
-    rotation: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-    compute_stats: bool = True,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[int], *,
+    lengths: torch.Tensor | None = None, rotation: torch.Tensor | None = None, scale: float | None = None,
+    dropout_p: float = 0.0, seed: int | None = None, compute_stats: bool = True,
 ) -> tuple[torch.Tensor, AttentionStats | None]:
     """Rotated class-query attention with RollingQ statistics, eagerly.
 
     Args:
-        q: ``(B, H, N, Dh)`` (all-query) or ``(B, H, 1, Dh)`` (class-only).
+        q: ``(B, H, N, Dh)`` (all-query) or ``(B, H, 1, Dh)`` (class-query-only).
         k, v: ``(B, H, N, Dh)``; ``N = 1 + sum(segments)``.
         segments: padded sizes ``(L_1, …, L_M)`` of the ``M ≥ 2`` modalities.
         lengths: ``(B, M)`` valid tokens per modality, or None.
@@ -73,11 +65,12 @@ def rollingq_attention_reference(
     """
     B, H, N, Dh = k.shape
     nq = q.shape[2]
+    class_query_only = nq == 1
     c = compute_dtype(q.dtype)
     scale = Dh**-0.5 if scale is None else float(scale)
 
     q0_rot = rotate_class_query(q[:, :, 0, :], rotation)
-    q_rot = torch.cat([q0_rot.unsqueeze(2), q[:, :, 1:, :]], dim=2) if nq > 1 else q0_rot.unsqueeze(2)
+    q_rot = torch.cat([q0_rot.unsqueeze(2), q[:, :, 1:, :]], dim=2) if not class_query_only else q0_rot.unsqueeze(2)
 
     key_valid = key_valid_mask(lengths, segments, B, k.device)  # (B, N)
     scores = scale * torch.matmul(q_rot.to(c), k.to(c).transpose(-1, -2))  # (B, H, Nq, N)
@@ -90,7 +83,7 @@ def rollingq_attention_reference(
         keep = dropout_mask(seed, B, H, nq, N, dropout_p, device=k.device)
         probs_d = probs * keep.to(c) / (1.0 - dropout_p)
     out = torch.matmul(probs_d, v.to(c))
-    if nq > 1:
+    if not class_query_only:
         out = out * key_valid[:, None, :, None].to(c)  # padded query rows output 0
     out = out.to(q.dtype)
     if not compute_stats:

@@ -113,7 +113,7 @@ def test_dropout_mask_statistics_and_determinism():
     assert torch.equal(m1, dropout_mask(7, 4, 3, 64, 65, p))
     assert not torch.equal(m1, dropout_mask(8, 4, 3, 64, 65, p))
     assert abs(float(m1.float().mean()) - (1 - p)) < 0.01
-    # class-only (one row) equals row 0 of the all-query mask; a larger batch extends it
+    # class-query-only (one row) equals row 0 of the all-query mask; a larger batch extends it
     torch.testing.assert_close(dropout_mask(7, 4, 3, 1, 65, p), m1[:, :, :1])
     torch.testing.assert_close(dropout_mask(7, 5, 3, 64, 65, p)[:4], m1)
     assert dropout_mask(7, 2, 2, 3, 3, 0.0).all()

@@ -1,4 +1,5 @@
-"""CLI: config resolution and overrides, a 1-epoch `rollingq train` per dataset config on tiny files, eval/report, demo."""
+"""CLI: config resolution and overrides, a 1-epoch `rollingq train` per dataset config on tiny files,
+eval/report, demo, one-line errors."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import sys
 
 import pytest
 import yaml
+from fake_data import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
 from rollingq.cli import main
 from rollingq.config import ConfigError, load_config, packaged_config_dir, parse_override
-from rollingq.data.fake import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
 from rollingq.demo import run_demo
 from rollingq.records import read_metrics
 
@@ -87,12 +88,6 @@ def test_eval_and_report_delegate_to_the_analyses(tmp_path, capsys):
     assert os.path.isfile(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_eval_without_the_analyses_says_so(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "rollingq.evaluate", None)
-    with pytest.raises(SystemExit, match="rollingq.evaluate.evaluate_run is not available"):
-        main(["eval", "--run", str(tmp_path)])
-
-
 def test_resume_refuses_extra_arguments(tmp_path):
     with pytest.raises(SystemExit, match="--resume takes the saved config"):
         main(["train", "--resume", str(tmp_path), "--config", "synthetic"])
@@ -132,3 +127,41 @@ def test_train_help_names_a_real_config_and_checkpoint_has_choices(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--resume", "somewhere", "--checkpoint", "lastt"])
     assert "invalid choice: 'lastt'" in capsys.readouterr().err
+
+
+def test_user_mistakes_end_in_one_line_with_exit_code_2_and_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "synthetic", "--out", str(out), "optim.learning_rate=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rollingq train: error: optim.learning_rate: unknown key; did you mean optim.lr? "
+                   "(--debug shows the traceback)"]
+    assert main(["train", "--config", "cremad_vanilla_mt", "--out", str(out), f"data.root={tmp_path / 'none'}",
+                 *TINY_MODEL]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not out.exists()  # the run folder is made only after the config, the data and the model are built
+    assert main(["eval", "--run", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    for argv in (["--debug", "train", "--config", "synthetic", "train.epochs=abc"],
+                 ["train", "--config", "synthetic", "train.epochs=abc", "--debug"]):
+        with pytest.raises(ConfigError, match="train.epochs: expected an integer, got 'abc'"):
+            main(argv)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", "synthetic", "--out", str(out), "--bogus"])
+    assert exc.value.code == 2
+
+
+def test_overrides_before_and_after_out(tmp_path):
+    out = str(tmp_path / "run")
+    half = len(TINY_SYN) // 2
+    rows = _train_one_epoch("synthetic", out, *TINY_SYN[:half], "--out", out, *TINY_SYN[half:], "seed=4")
+    with open(os.path.join(out, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    assert saved["seed"] == 4 and saved["data"]["synthetic"]["sizes"]["train"] == 67 and len(rows) == 1
+
+
+def test_the_process_exits_2_with_one_line_on_a_bad_config():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO]))
+    out = subprocess.run([sys.executable, "-m", "rollingq", "train", "--config", "synthetic", "model.dim=0"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("rollingq train: error: model.dim: expected an integer >= 1")

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from rollingq_kernels.accumulator import StatisticsAccumulator, batch_sums, reduce_sums
+from rollingq_kernels.accumulator import StatisticsAccumulator, attention_imbalance_rate, batch_sums, reduce_sums
 from rollingq_kernels.controller import RollingQ
 from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.ops import rollingq_attention
-from rollingq_kernels.rotation import attention_imbalance_rate
 
 F64 = torch.float64
 SEGS = [7, 5]
@@ -106,7 +105,7 @@ def _paper_anchor(cos_mean: torch.Tensor, air: float, keys: torch.Tensor, query:
 @pytest.mark.parametrize("mode", ["global", "per_head"])
 @pytest.mark.parametrize("method", ["plane", "svd"])
 def test_step_moves_the_mean_query_onto_the_paper_anchor(mode, method):
-    layer = _layer(rotation=mode)
+    layer = _layer(rotation_mode=mode)
     ctl = RollingQ(layer, rho=1.5, beta=0.0, method=method)
     batches = [_batch(6, seed=1), _batch(5, seed=2)]
     for x in batches:
@@ -307,3 +306,17 @@ def test_retarget_moves_to_the_next_layer_with_its_own_budget():
     (rec,) = ctl.step(1)
     assert rec.layer == "block1" and rec.rotated and int(second.num_rotations) == 1
     assert torch.equal(first.rotation, before) and [r.layer for r in ctl.records] == ["block0", "block1"]
+
+
+def test_absent_modalities_never_enter_the_sums_even_when_nan():
+    """The accumulator's AIR and per-head cosines skip absent modalities, as attention_imbalance_rate does."""
+    from rollingq_kernels.accumulator import imbalance
+
+    stats = _op_stats(5, seed=31, lengths=torch.tensor([[7, 5], [3, 0], [0, 2], [6, 5], [1, 1]]))
+    poisoned = stats._replace(cos=stats.cos.masked_fill(~stats.valid, float("nan")),
+                              cos_per_head=stats.cos_per_head.masked_fill(~stats.valid[:, None], float("nan")))
+    st = reduce_sums(batch_sums(poisoned))
+    _check_against_concatenation(st, [stats])
+    assert torch.isfinite(st.cos_head_mean).all() and imbalance(st) == st.air
+    three = reduce_sums(batch_sums(_op_stats(6, seed=32, segs=[4, 3, 5])))
+    assert imbalance(three) == three.spread

@@ -9,10 +9,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from fake_data import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
+from rollingq.build import build_dataset, make_loader
 from rollingq.config import load_config
-from rollingq.data import DataError, build_dataset, collate, make_loader
+from rollingq.data import DataError, collate
 from rollingq.data.common import seeded_holdout
-from rollingq.data.fake import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
 from rollingq.data.media import pick_frames, stft_magnitude
 from rollingq.data.mosei import sentiment_to_class
 

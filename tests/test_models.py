@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from rollingq.build import build_model
 from rollingq.config import load_config
-from rollingq.models import FUSIONS, ModelOutput, build_model
+from rollingq.models import FUSIONS, ModelOutput
 from rollingq.ogm import modulate_gradients, ogm_coefficients
 from timm.models.vision_transformer import VisionTransformer
 
@@ -16,7 +17,8 @@ TINY = ["data.synthetic.tokens=[5,7]", "data.synthetic.feature_dim=11", "data.nu
 
 def _inputs(batch: int = 6, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 5, 11, generator=g), torch.randn(batch, 7, 11, generator=g)], torch.randint(0, 3, (batch,), generator=g)
+    mods = [torch.randn(batch, 5, 11, generator=g), torch.randn(batch, 7, 11, generator=g)]
+    return mods, torch.randint(0, 3, (batch,), generator=g)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

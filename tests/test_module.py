@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Attention
 
 from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.ops import rollingq_attention
-from rollingq_kernels.rotation import plane_rotation
+from rollingq_kernels.rebalance import plane_rotation
 
 F64 = torch.float64
 SEGS = [7, 5]  # N = 13
@@ -37,13 +37,13 @@ def _random_rotation(shape, seed: int) -> torch.Tensor:
     return r1 @ r2
 
 
-def _functional(layer: FusedRollingQAttention, x, segments, lengths, class_only: bool):
+def _functional(layer: FusedRollingQAttention, x, segments, lengths, class_query_only: bool):
     """The same computation written with the op and the layer's weights."""
     B, N, C = x.shape
     H, Dh = layer.num_heads, layer.head_dim
     qkv = torch.nn.functional.linear(x, layer.qkv.weight, layer.qkv.bias).reshape(B, N, 3, H, Dh)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    if class_only:
+    if class_query_only:
         q = q[:, :, :1]
     rotation = None if layer.rotation_is_identity else layer.rotation
     out, stats = rollingq_attention(q, k, v, segments, lengths=lengths, rotation=rotation, backend="reference")
@@ -52,21 +52,21 @@ def _functional(layer: FusedRollingQAttention, x, segments, lengths, class_only:
 
 
 @pytest.mark.parametrize("mode", ["global", "per_head"])
-@pytest.mark.parametrize("class_only", [False, True])
-def test_module_equals_functional_op(mode, class_only):
-    layer = _layer(rotation=mode, class_query_only=class_only)
+@pytest.mark.parametrize("class_query_only", [False, True])
+def test_module_equals_functional_op(mode, class_query_only):
+    layer = _layer(rotation_mode=mode, class_query_only=class_query_only)
     layer.apply_rotation(_random_rotation(layer.rotation_shape(), seed=3))
     x = torch.randn(5, 1 + sum(SEGS), 30, generator=_gen(1), dtype=F64, requires_grad=True)
     lengths = torch.tensor(LENGTHS)
-    grad = torch.randn(5, 1 if class_only else 13, 30, generator=_gen(2), dtype=F64)
+    grad = torch.randn(5, 1 if class_query_only else 13, 30, generator=_gen(2), dtype=F64)
 
     out = layer(x, SEGS, lengths)
     params = [x, layer.qkv.weight, layer.qkv.bias, layer.proj.weight, layer.proj.bias]
     got = torch.autograd.grad(out, params, grad)
-    ref, ref_stats = _functional(layer, x, SEGS, lengths, class_only)
+    ref, ref_stats = _functional(layer, x, SEGS, lengths, class_query_only)
     want = torch.autograd.grad(ref, params, grad)
 
-    assert out.shape == (5, 1 if class_only else 13, 30)
+    assert out.shape == (5, 1 if class_query_only else 13, 30)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
@@ -76,9 +76,9 @@ def test_module_equals_functional_op(mode, class_only):
 
 
 def test_class_query_only_equals_row_zero_of_all_query():
-    full = _layer(rotation="per_head")
+    full = _layer(rotation_mode="per_head")
     full.apply_rotation(_random_rotation(full.rotation_shape(), seed=4))
-    cls_only = _layer(rotation="per_head", class_query_only=True)
+    cls_only = _layer(rotation_mode="per_head", class_query_only=True)
     cls_only.load_state_dict(full.state_dict())
     x = torch.randn(5, 13, 30, generator=_gen(5), dtype=F64, requires_grad=True)
     lengths = torch.tensor(LENGTHS)
@@ -113,7 +113,7 @@ def test_from_timm_rejects_qk_norm():
 
 
 def test_buffers_state_dict_and_wrong_shape():
-    layer = _layer(rotation="per_head")
+    layer = _layer(rotation_mode="per_head")
     assert layer.rotation.shape == (3, 10, 10) and layer.rotation.dtype == F64
     torch.testing.assert_close(layer.rotation, torch.eye(10, dtype=F64).expand(3, 10, 10))
     assert int(layer.num_rotations) == 0 and layer.rotation_is_identity
@@ -121,13 +121,13 @@ def test_buffers_state_dict_and_wrong_shape():
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    other = _layer(rotation="per_head", seed=1)
+    other = _layer(rotation_mode="per_head", seed=1)
     other.load_state_dict(torch.load(buf))
     assert int(other.num_rotations) == 1 and not other.rotation_is_identity
     x = torch.randn(2, 13, 30, generator=_gen(7), dtype=F64)
     torch.testing.assert_close(other(x, SEGS), layer(x, SEGS), rtol=0, atol=0)
 
-    glob = _layer(rotation="global")
+    glob = _layer(rotation_mode="global")
     with pytest.raises(ValueError, match=r"rotation.*\(30, 30\).*per_head|rotation.*\(30, 30\)"):
         glob.load_state_dict(layer.state_dict())
 
@@ -174,7 +174,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_heads"):
         FusedRollingQAttention(30, num_heads=4)
     with pytest.raises(ValueError, match="rotation"):
-        FusedRollingQAttention(30, num_heads=3, rotation="local")
+        FusedRollingQAttention(30, num_heads=3, rotation_mode="local")
     with pytest.raises(ValueError, match="num_modalities"):
         FusedRollingQAttention(30, num_heads=3, num_modalities=1)
     with pytest.raises(ValueError, match="window"):
@@ -242,3 +242,33 @@ def test_torch_compile_forward_backward_matches_eager():
     assert model.attn.statistics.num_batches == 2
     for name, value in model.attn.statistics.sums().items():
         torch.testing.assert_close(value, 2 * eager_sums[name], rtol=1e-5, atol=1e-6)
+
+
+def test_collecting_feeds_an_accumulator_in_any_mode_and_can_pause_the_window():
+    """collecting(acc) adds every forward's statistics to acc (training and eval); window=False keeps
+    those forwards out of the layer's own window; contexts nest and close cleanly."""
+    from rollingq_kernels.accumulator import StatisticsAccumulator, batch_sums
+
+    layer = _layer()
+    x = torch.randn(4, 13, 30, generator=_gen(21), dtype=F64)
+    lengths = torch.tensor(LENGTHS[:4])
+    outer, inner = StatisticsAccumulator(), StatisticsAccumulator()
+    with layer.collecting(outer):
+        layer.train()
+        layer(x, SEGS, lengths)
+        expected = batch_sums(layer.last_stats)
+        layer.eval()
+        layer(x, SEGS, lengths)
+        with layer.collecting(inner, window=False):
+            layer.train()
+            layer(x, SEGS, lengths)
+    layer(x, SEGS, lengths)  # after the contexts: the window only
+    assert (outer.num_batches, inner.num_batches, layer.statistics.num_batches) == (3, 1, 2)
+    for name, value in inner.sums().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-12)
+        torch.testing.assert_close(outer.sums()[name], 3 * expected[name], rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="accumulator"):
+        with layer.collecting({}):
+            pass
+    layer(x, SEGS, lengths)
+    assert outer.num_batches == 3 and layer.statistics.num_batches == 3

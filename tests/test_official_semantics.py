@@ -1,6 +1,6 @@
 """The module and the controller against the official RollingQ fusion, written out independently.
 
-Official semantics (GeWu-Lab/RollingQ_ICML2025, see /work/shared/notes.md):
+Official semantics (the GeWu-Lab/RollingQ_ICML2025 repository, read for this project):
 the sequence is [class token, audio tokens, visual tokens]; single-head
 attention with d = 768 and scores scaled by 1/sqrt(d); the class query is
 rotated as ``q_cls @ R^T``; AIR = mean over the batch of cos(q_cls, mean audio
@@ -16,9 +16,10 @@ import math
 
 import torch
 
+from rollingq_kernels.accumulator import attention_imbalance_rate
 from rollingq_kernels.controller import RollingQ
 from rollingq_kernels.module import FusedRollingQAttention
-from rollingq_kernels.rotation import attention_imbalance_rate, svd_rotation
+from rollingq_kernels.rebalance import svd_rotation
 
 F64 = torch.float64
 LA, LV = 9, 6  # audio and visual tokens

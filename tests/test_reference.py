@@ -18,9 +18,9 @@ def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=g, dtype=F64)
 
 
-def _qkv(B, H, segs, Dh, class_only=False, seed=0):
+def _qkv(B, H, segs, Dh, class_query_only=False, seed=0):
     N = 1 + sum(segs)
-    q = _rand(B, H, 1 if class_only else N, Dh, seed=seed)
+    q = _rand(B, H, 1 if class_query_only else N, Dh, seed=seed)
     k = _rand(B, H, N, Dh, seed=seed + 1)
     v = _rand(B, H, N, Dh, seed=seed + 2)
     return q, k, v
@@ -66,7 +66,7 @@ def test_mass_sums_to_one_and_stats_shapes():
 def test_lengths_equal_truncated_sequences():
     """Masking padded keys equals running on the sequence with the padding removed."""
     B, H, Dh, segs = 2, 3, 4, (5, 6)
-    q, k, v = _qkv(B, H, segs, Dh, class_only=True)
+    q, k, v = _qkv(B, H, segs, Dh, class_query_only=True)
     lengths = torch.tensor([[3, 6], [5, 2]])
     out, st = rollingq_attention_reference(q, k, v, segs, lengths=lengths)
     for b in range(B):
@@ -112,7 +112,7 @@ def test_padded_query_rows_output_zero_and_pass_no_gradient():
 
 @pytest.mark.parametrize("rotation_kind", [None, "global", "per_head"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_class_only_equals_class_row_of_all_query(rotation_kind, dropout_p):
+def test_class_query_only_equals_class_row_of_all_query(rotation_kind, dropout_p):
     B, H, Dh, segs = 2, 3, 4, (3, 5)
     q, k, v = _qkv(B, H, segs, Dh)
     rot = None

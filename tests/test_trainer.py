@@ -49,7 +49,8 @@ def test_train_writes_run_layout_and_metrics(tmp_path):
     cfg = load_config("synthetic_rollingq",
                       TINY + ["train.epochs=2", "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=3"])
     run = train(cfg, str(tmp_path / "run"))
-    for rel in ("config.yaml", "metrics.jsonl", "train.log", "checkpoints/last.pt", "checkpoints/best.pt", "tensorboard"):
+    for rel in ("config.yaml", "metrics.jsonl", "train.log", "checkpoints/last.pt", "checkpoints/best.pt",
+                "tensorboard"):
         assert os.path.exists(os.path.join(run, rel)), rel
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -95,7 +96,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
                 break
             time.sleep(0.05)
         time.sleep(0.3)  # into epoch 2
-        assert proc.poll() is None, "the training process ended before it could be killed: " + proc.stderr.read().decode()
+        assert proc.poll() is None, (
+            "the training process ended before it could be killed: " + proc.stderr.read().decode()
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -218,3 +221,25 @@ def test_controller_waits_for_its_start_epoch(tmp_path):
     rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
     assert rows[0]["rollingq"] == [] and not rows[0]["rotated"]
     assert rows[1]["rotated"] and rows[1]["rollingq"][0]["count"] == 211  # epoch 2's window only
+
+
+def test_the_epoch_log_reads_the_layers_statistics_and_only_a_controlled_layer_keeps_a_window(tmp_path):
+    """air/mass/cos of a training epoch are the fusion layer's statistics of that epoch (one route);
+    without a controller the layer keeps no window nobody reads, and no run folder is made by building."""
+    from rollingq import distributed
+    from rollingq.train import Trainer
+
+    from rollingq_kernels.accumulator import StatisticsAccumulator, imbalance
+
+    for overrides, controlled in ((["rollingq.enabled=false"], False), (["rollingq.enabled=true"], True)):
+        cfg = load_config("synthetic_rollingq", TINY + overrides)
+        trainer = Trainer(cfg, str(tmp_path / "never"), distributed.setup("cpu"))
+        assert not (tmp_path / "never").exists()
+        layer = trainer.model.fusion_attention
+        seen = StatisticsAccumulator()
+        with layer.collecting(seen):
+            row = trainer.train_epoch(1)
+        window = seen.reduce()
+        assert seen.num_batches == 14 and layer.statistics.num_batches == (14 if controlled else 0)
+        assert row["air"] == pytest.approx(imbalance(window), abs=1e-12)
+        assert row["mass"] == pytest.approx(window.mass_mean.mean(0).tolist(), abs=1e-12)

@@ -86,7 +86,8 @@ def _compare(segments, *, B=2, H=2, Dh=24, class_only=False, dtype=torch.float32
     torch.testing.assert_close(out.cpu().double(), r_out, atol=tol["out"], rtol=tol["out"])
     for name, g, r in zip(("dq", "dk", "dv"), grads, r_grads):
         assert g.dtype == dtype, name
-        torch.testing.assert_close(g.cpu().double(), r, atol=tol["grad"], rtol=tol["grad"], msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(g.cpu().double(), r, atol=tol["grad"], rtol=tol["grad"],
+                                   msg=lambda m, name=name: f"{name}: {m}")
     if not compute_stats:
         assert stats is None
         return out, grads, lengths

@@ -1,8 +1,12 @@
 """The ``rollingq`` command: ``train``, ``eval``, ``report`` and ``demo``.
 
-``rollingq train --config CONFIG [key=value ...] [--out RUN_DIR]``,
+``rollingq train --config CONFIG [key=value ...] [--out RUN_DIR] [key=value ...]``,
 ``rollingq train --resume RUN_DIR``, ``rollingq eval --run RUN_DIR``,
 ``rollingq report RUN_DIR [RUN_DIR ...]``, ``rollingq demo [--out DIR] [--epochs N]``.
+
+A user's mistake (a bad config key or value, a missing or corrupt data file or checkpoint, a run
+folder that is missing or already taken) ends with one line on stderr and exit code 2; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,83 +17,105 @@ import logging
 import os
 import sys
 
+from .analysis.report import write_report
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+from .data import SPLITS, DataError
+from .demo import run_demo
+from .evaluate import evaluate_run, summarize
+from .records import CHECKPOINT_NAMES
+from .train import resume, train
+
 logger = logging.getLogger("rollingq.cli")
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OSError, ValueError)
+"""What a user's input can cause; reported in one line (the message names the key, file or argument)."""
+
+
+class UsageError(SystemExit):
+    """Arguments that do not go together: the message on stderr, exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rollingq", description="Train and evaluate multimodal transformers with RollingQ.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
+    p = argparse.ArgumentParser(
+        prog="rollingq", description="Train and evaluate multimodal transformers with RollingQ.", parents=[common]
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a run (or continue one with --resume)")
+    t = sub.add_parser("train", help="train a run (or continue one with --resume)", parents=[common])
     t.add_argument("--config", help="a YAML file, or the name of a packaged config (e.g. synthetic)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    t.add_argument("--checkpoint", default="last", choices=["best", "last", "previous"],
+    t.add_argument("--checkpoint", default="last", choices=CHECKPOINT_NAMES,
                    help="with --resume: the checkpoint to continue from (default: last)")
     t.add_argument("--out", metavar="RUN_DIR", help="the run directory (default: <out_dir>/<name>_<time>)")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=0.01 (before or after --out)")
 
     e = sub.add_parser(
-        "eval", help="evaluate a finished run (writes RUN_DIR/eval.json; eval_<split>.json for another split)"
+        "eval", help="evaluate a finished run (writes RUN_DIR/eval.json; eval_<split>.json for another split)",
+        parents=[common],
     )
     e.add_argument("--run", required=True, metavar="RUN_DIR")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--split", default="test", choices=SPLITS)
     e.add_argument("--noise-modality", default=None, metavar="NAME", help="replace this modality's input by noise")
     e.add_argument("--seed", type=int, default=0)
 
-    r = sub.add_parser("report", help="compare runs in a report (report.md and figures)")
+    r = sub.add_parser("report", help="compare runs in a report (report.md and figures)", parents=[common])
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="report", metavar="DIR")
 
-    d = sub.add_parser("demo", help="vanilla MT vs vanilla MT + RollingQ on the synthetic default (CPU, minutes)")
+    d = sub.add_parser("demo", help="vanilla MT vs vanilla MT + RollingQ on the synthetic default (CPU, minutes)",
+                       parents=[common])
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     return p
 
 
-def _analysis(module: str, name: str):
-    """Import ``rollingq.<module>.<name>`` lazily (the analyses live in their own modules)."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(f"rollingq.{module}"), name)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"rollingq: rollingq.{module}.{name} is not available in this installation ({exc})") from exc
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``train`` takes ``key=value`` overrides anywhere, before or after its options."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = getattr(args, "debug", False)  # given before or after the command
+    return args
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import resume, train
-
     if args.resume:
         if args.config or args.overrides or args.out:
-            raise SystemExit("rollingq train: --resume takes the saved config; drop --config, --out and overrides")
+            raise UsageError("rollingq train: --resume takes the saved config; drop --config, --out and overrides")
         run_dir = resume(args.resume, args.checkpoint)
     else:
         if not args.config:
-            raise SystemExit("rollingq train: expected --config CONFIG (or --resume RUN_DIR)")
+            raise UsageError("rollingq train: expected --config CONFIG (or --resume RUN_DIR)")
         run_dir = train(load_config(args.config, args.overrides), args.out)
     print(run_dir)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    evaluate_run = _analysis("evaluate", "evaluate_run")
-    summarize = _analysis("evaluate", "summarize")
     result = evaluate_run(args.run, split=args.split, noise_modality=args.noise_modality, seed=args.seed)
     print(json.dumps(summarize(result), indent=2, default=str))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    write_report = _analysis("analysis.report", "write_report")
     print(write_report(args.runs, args.out))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     table, report = run_demo(args.out, epochs=args.epochs)
     print(table)
     print(f"\nreport: {report}")
@@ -97,8 +123,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Parse ``argv`` and run the command; returns the exit status (2 for a user's mistake)."""
+    args = _parse(argv)
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun: only rank 0 talks
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.INFO if main_process else logging.WARNING),
@@ -106,7 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     commands = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "demo": _cmd_demo}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except UsageError as exc:
+        print(f"rollingq: error: {exc}", file=sys.stderr)
+        raise
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"rollingq {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,89 +1,347 @@
-"""Configuration: YAML files, defaults, dotted command-line overrides.
+"""Configuration: typed sections, YAML files with ``base:``, dotted overrides, strict validation.
 
-A config is a plain nested ``dict``. Every config file is merged over
-:data:`DEFAULTS`, so a file only states what differs. Overrides such as
-``optim.lr=0.01`` or ``data.modalities=[audio,visual]`` are parsed with
-``yaml.safe_load`` and set at the dotted path.
+A :class:`Config` has one dataclass per section (:class:`DataConfig`, :class:`ModelConfig`,
+:class:`RollingQConfig`, :class:`OgmConfig`, :class:`OptimConfig`, :class:`TrainConfig`); every
+default lives in its field and nowhere else. A YAML file only states what differs; overrides such as
+``optim.lr=0.01`` or ``data.modalities=[audio,visual]`` are read with ``yaml.safe_load`` and set at
+the dotted path. :meth:`Config.from_dict` rejects unknown keys (suggesting the closest valid one),
+values of the wrong type or out of range and inconsistent settings, naming the dotted key.
+Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["epochs"]``.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import yaml
 
-from .checkpoint import atomic_write_bytes
+from rollingq_kernels.checks import BACKENDS
+from rollingq_kernels.controller import ESTIMATES, METHODS
+from rollingq_kernels.module import ROTATION_MODES
 
-DEFAULTS: dict[str, Any] = {
-    "name": "run",
-    "seed": 0,
-    "device": "auto",  # auto | cpu | cuda
-    "out_dir": "runs",
-    "data": {
-        "name": "synthetic",
-        "modalities": ["audio", "visual"],
-        "num_classes": 2,
-        "root": None,
-        "val_fraction": 0.1,
-        "skip_bad": False,
-        "num_workers": 0,
-    },
-    "model": {
-        "fusion": "vanilla_mt",
-        "dim": 64,
-        "encoder_depth": 2,
-        "encoder_heads": 4,
-        "mlp_ratio": 2.0,
-        "fusion_heads": 1,
-        "attn_drop": 0.0,
-        "drop": 0.0,
-        "backbone": "vit",  # vit | resnet18 (image/spectrogram modalities)
-        "pretrained": None,
-        "rotation": "global",
-        "backend": "auto",
-        "progressive_epochs": 0,
-    },
-    "rollingq": {
-        "enabled": False,
-        "rho": 1.0,
-        "beta": 0.1,
-        "max_rotations": 1,
-        "window": "epoch",
-        "method": "plane",
-        "estimate": "accumulate",
-        "start_epoch": 1,
-    },
-    "ogm": {"alpha": 0.1, "start_epoch": 1, "end_epoch": 1000},
-    "optim": {
-        "name": "sgd",
-        "lr": 1e-3,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "warmup_epochs": 1,
-        "min_lr": 0.0,
-    },
-    "train": {
-        "epochs": 30,
-        "batch_size": 64,
-        "eval_batch_size": 128,
-        "probe_loss_weight": 1.0,
-        "bf16": True,
-        "grad_clip": None,
-        "progress": True,
-        "num_threads": None,
-    },
-}
+from .data.registry import DATASETS
+from .distributed import DEVICES
+from .files import atomic_write_bytes
+from .models import ATTENTION_FUSIONS, FUSIONS
+from .models.encoders import BACKBONES
+from .schema import (
+    ConfigError,
+    Section,
+    build,
+    build_fields,
+    convert,
+    field_names,
+    join,
+    option,
+    plain,
+    unknown_key_error,
+)
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "OgmConfig", "OptimConfig", "RollingQConfig",
+    "TrainConfig", "as_config", "load_config", "packaged_config_dir", "parse_override", "read_config",
+    "save_config",
+]
+
+logger = logging.getLogger("rollingq.config")
+
+RENAMED = {("model", "rotation"): "rotation_mode"}
+"""Keys renamed since runs were saved with them: (section, old) -> new (read with a warning)."""
+
+
+def _distinct_names(names: list[str]) -> str | None:
+    if not names or len(set(names)) != len(names):
+        return "expected a non-empty list of distinct modality names"
+    return None
+
+
+def _window(value: Any) -> str | None:
+    if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return None
+    return "expected 'epoch' or an integer >= 1 (the last K batches)"
+
+
+@dataclass
+class DataConfig(Section):
+    """``data``: the dataset, and the options of that dataset (``options``, flat in YAML).
+
+    The common keys are fields here; the dataset's own keys (``data.num_frames`` for CREMA-D,
+    ``data.task`` for MOSEI, ``data.synthetic.*`` for the synthetic task, …) are the fields of its
+    options section, named by the registry :data:`~rollingq.data.registry.DATASETS`.
+
+    Attributes:
+        name: the dataset, a key of the registry.
+        modalities: modality names in the model's input order; AIR is ``cos(first) − cos(second)``.
+        num_classes: classes of the labels (the head's outputs).
+        root: the dataset folder (file datasets).
+        val_fraction: the seeded hold-out of the training list used as validation when the dataset
+            has no validation list.
+        skip_bad: skip samples with missing or corrupt files (their count is logged) instead of failing.
+        num_workers: DataLoader worker processes.
+        options: the dataset's own keys.
+    """
+
+    name: str = option("synthetic", choices=tuple(DATASETS))
+    modalities: list[str] = option(factory=lambda: ["audio", "visual"], check=_distinct_names)
+    num_classes: int = option(2, ge=2)
+    root: str | None = None
+    val_fraction: float = option(0.1, gt=0.0, lt=1.0)
+    skip_bad: bool = False
+    num_workers: int = option(0, ge=0)
+    options: Section | None = None
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            self.options = DATASETS[self.name].options()
+
+    @classmethod
+    def from_raw(cls, raw: Any, prefix: str = "data") -> DataConfig:
+        """The section from its YAML keys: common ones here, the rest the options of ``data.name``."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+        common = [f for f in field_names(cls) if f != "options"]
+        name_meta = cls.__dataclass_fields__["name"].metadata
+        name = convert(raw.get("name", cls.name), str, name_meta, join(prefix, "name"))
+        entry = DATASETS[name]
+        own = field_names(entry.options)
+        options_raw = {}
+        for key, value in raw.items():
+            if key in common:
+                continue
+            if key in own:
+                options_raw[key] = value
+                continue
+            others = [n for n, e in DATASETS.items() if key in field_names(e.options)]
+            if others:
+                datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
+                raise ConfigError(f"{join(prefix, key)}: a key of the {datasets}, not of "
+                                  f"{join(prefix, 'name')}={name!r} (its keys: {', '.join(common + own)})")
+            raise unknown_key_error(prefix, key, value, common + own)
+        options = build(entry.options, options_raw, prefix)
+        return build_fields(cls, {k: v for k, v in raw.items() if k in common}, prefix, extra={"options": options})
+
+    def __getitem__(self, key: str) -> Any:
+        if key in field_names(type(self.options)):
+            return getattr(self.options, key)
+        return super().__getitem__(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: plain(getattr(self, name)) for name in field_names(type(self)) if name != "options"}
+        out.update(self.options.to_dict())
+        return out
+
+
+@dataclass
+class ModelConfig(Section):
+    """``model``: encoders, the fusion head and its attention.
+
+    Attributes:
+        fusion: ``unimodal`` (with ``modality``), ``concat``, ``sum``, ``ogm_ge``, ``vanilla_mt``,
+            ``vanilla_mt_star``.
+        dim: token width of the encoders and the fusion.
+        encoder_depth, encoder_heads, mlp_ratio: each encoder's timm ViT blocks.
+        fusion_heads: heads of the fusion attention.
+        attn_drop, drop: attention-probability dropout (fusion) and dropout after projections.
+        backbone: ``vit`` (patch embeddings) or ``resnet18`` (the paper's Table 7 tokenizer).
+        pretrained: a local timm ViT checkpoint for the encoders (never downloaded).
+        rotation_mode: ``global`` (one ``(D, D)`` rotation) or ``per_head``.
+        backend: the op's backend (``auto``, ``cpp``, ``triton``, ``reference``).
+        progressive_epochs: ``vanilla_mt_star``: epochs trained with the first fusion block only.
+        modality: the modality the ``unimodal`` head reads.
+    """
+
+    fusion: str = option("vanilla_mt", choices=FUSIONS)
+    dim: int = option(64, ge=1)
+    encoder_depth: int = option(2, ge=0)
+    encoder_heads: int = option(4, ge=1)
+    mlp_ratio: float = option(2.0, gt=0.0)
+    fusion_heads: int = option(1, ge=1)
+    attn_drop: float = option(0.0, ge=0.0, lt=1.0)
+    drop: float = option(0.0, ge=0.0, lt=1.0)
+    backbone: str = option("vit", choices=BACKBONES)
+    pretrained: str | None = None
+    rotation_mode: str = option("global", choices=ROTATION_MODES)
+    backend: str = option("auto", choices=BACKENDS)
+    progressive_epochs: int = option(0, ge=0)
+    modality: str | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The model's constructor arguments (``progressive_epochs`` is the trainer's)."""
+        out = self.to_dict()
+        del out["progressive_epochs"]
+        return out
+
+
+@dataclass
+class RollingQConfig(Section):
+    """``rollingq``: the controller (:class:`rollingq_kernels.controller.RollingQ`).
+
+    Attributes:
+        enabled: control the model's last active fusion attention.
+        rho, beta, max_rotations, window, method, estimate: the controller's arguments.
+        start_epoch: the first epoch at whose end it may rotate (earlier windows are discarded).
+    """
+
+    enabled: bool = False
+    rho: float = option(1.0, gt=0.0)
+    beta: float = option(0.1, ge=0.0)
+    max_rotations: int = option(1, ge=0)
+    window: str | int = option("epoch", check=_window)
+    method: str = option("plane", choices=METHODS)
+    estimate: str = option("accumulate", choices=ESTIMATES)
+    start_epoch: int = option(1, ge=1)
+
+
+@dataclass
+class OgmConfig(Section):
+    """``ogm``: OGM-GE gradient modulation (``model.fusion: ogm_ge``).
+
+    Attributes:
+        alpha: the modulation strength (coefficient ``1 − tanh(alpha · ratio)``).
+        start_epoch, end_epoch: the epochs (inclusive) in which it modulates.
+    """
+
+    alpha: float = option(0.1, ge=0.0)
+    start_epoch: int = option(1, ge=1)
+    end_epoch: int = option(1000, ge=1)
+
+
+@dataclass
+class OptimConfig(Section):
+    """``optim``: the optimizer and the warm-up + cosine schedule (per step).
+
+    Attributes:
+        name: ``sgd`` (with ``momentum``) or ``adamw``.
+        lr, weight_decay: learning rate and weight decay.
+        momentum: SGD's momentum.
+        warmup_epochs: linear warm-up length, in epochs (fractions allowed).
+        min_lr: the learning rate at the end of the cosine.
+    """
+
+    name: str = option("sgd", choices=("sgd", "adamw"))
+    lr: float = option(1e-3, ge=0.0)
+    momentum: float = option(0.9, ge=0.0, le=1.0)
+    weight_decay: float = option(1e-4, ge=0.0)
+    warmup_epochs: float = option(1.0, ge=0.0)
+    min_lr: float = option(0.0, ge=0.0)
+
+
+@dataclass
+class TrainConfig(Section):
+    """``train``: the loop.
+
+    Attributes:
+        epochs: epochs to train.
+        batch_size: samples per step (over all processes); eval_batch_size: per validation batch.
+        probe_loss_weight: weight of the detached linear probes' loss.
+        bf16: bf16 autocast on GPU (never on CPU).
+        grad_clip: clip the gradient norm to this, or None.
+        progress: progress bars on a terminal.
+        num_threads: torch CPU threads, or None for torch's default.
+    """
+
+    epochs: int = option(30, ge=1)
+    batch_size: int = option(64, ge=1)
+    eval_batch_size: int = option(128, ge=1)
+    probe_loss_weight: float = option(1.0, ge=0.0)
+    bf16: bool = True
+    grad_clip: float | None = option(None, gt=0.0)
+    progress: bool = True
+    num_threads: int | None = option(None, ge=1)
+
+
+@dataclass
+class Config(Section):
+    """A whole run's configuration (``config.yaml``).
+
+    Attributes:
+        name: the run's label (runs of one dataset and name form a group in reports).
+        seed: seeds everything: data order, augmentation, initialization, the synthetic task.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        out_dir: where a run without ``--out`` goes.
+        data, model, rollingq, ogm, optim, train: the sections.
+    """
+
+    name: str = "run"
+    seed: int = option(0, ge=0)
+    device: str = option("auto", choices=DEVICES)
+    out_dir: str = "runs"
+    data: DataConfig = option(factory=DataConfig)
+    model: ModelConfig = option(factory=ModelConfig)
+    rollingq: RollingQConfig = option(factory=RollingQConfig)
+    ogm: OgmConfig = option(factory=OgmConfig)
+    optim: OptimConfig = option(factory=OptimConfig)
+    train: TrainConfig = option(factory=TrainConfig)
+
+    @classmethod
+    def from_raw(cls, raw: Any, prefix: str = "") -> Config:
+        cfg = build_fields(cls, _apply_renames(raw), prefix)
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Config:
+        """The config of a YAML-shaped dict (missing keys take their defaults), validated.
+
+        Raises:
+            ConfigError: naming the dotted key of the first problem.
+        """
+        return cls.from_raw(raw)
+
+    def check(self) -> None:
+        """Rules across keys: the dataset has the modalities, heads divide ``model.dim``, RollingQ
+        needs an attention fusion, the unimodal head names one of the modalities."""
+        d, m = self.data, self.model
+        try:
+            DATASETS[d.name].input_specs(d.modalities, d.options)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if m.dim % m.encoder_heads:
+            raise ConfigError(f"model.encoder_heads: {m.encoder_heads} does not divide model.dim {m.dim}")
+        attention = m.fusion in ATTENTION_FUSIONS
+        if attention and m.dim % m.fusion_heads:
+            raise ConfigError(f"model.fusion_heads: {m.fusion_heads} does not divide model.dim {m.dim}")
+        if attention and len(d.modalities) < 2:
+            raise ConfigError(f"data.modalities: attention fusion (model.fusion={m.fusion!r}) needs >= 2 "
+                              f"modalities, got {d.modalities}")
+        if m.fusion == "unimodal" and m.modality not in d.modalities:
+            raise ConfigError(f"model.modality: the unimodal head needs one of {d.modalities}, got {m.modality!r}")
+        if self.rollingq.enabled and not attention:
+            raise ConfigError(f"rollingq.enabled: RollingQ needs an attention fusion {ATTENTION_FUSIONS}, "
+                              f"got model.fusion={m.fusion!r}")
+
+
+def _apply_renames(raw: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        return raw
+    raw = dict(raw)
+    for (section, old), new in RENAMED.items():
+        part = raw.get(section)
+        if isinstance(part, Mapping) and old in part:
+            part = dict(part)
+            if new not in part:
+                logger.warning("%s.%s is now %s.%s; reading it as such", section, old, section, new)
+                part[new] = part[old]
+            del part[old]
+            raw[section] = part
+    return raw
+
+
+def as_config(cfg: Config | Mapping[str, Any]) -> Config:
+    """``cfg`` itself, or the validated :class:`Config` of a YAML-shaped dict."""
+    return cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
-
-
-class ConfigError(ValueError):
-    """A config file or override is malformed."""
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -103,10 +361,13 @@ def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
     if not all(parts):
         raise ConfigError(f"override key: expected a dotted path like 'optim.lr', got {dotted!r}")
     node = cfg
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} holds {child!r}, expected a mapping")
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{dotted}: {where} holds {child!r}, not a mapping of keys")
         node = child
     node[parts[-1]] = value
 
@@ -134,32 +395,41 @@ def resolve_config_path(path: str) -> str:
     """Find a config: an existing path, or a name (with or without ``.yaml``) among the packaged configs."""
     if os.path.isfile(path):
         return path
-    name = path if path.endswith(".yaml") else path + ".yaml"
-    candidate = os.path.join(packaged_config_dir(), os.path.basename(name))
+    name = os.path.basename(path if path.endswith(".yaml") else path + ".yaml")
+    candidate = os.path.join(packaged_config_dir(), name)
     if os.path.isfile(candidate):
         return candidate
-    raise ConfigError(f"--config: no file {path!r} and no packaged config {os.path.basename(name)!r} in {packaged_config_dir()}")
+    raise ConfigError(f"--config: no file {path!r} and no packaged config {name!r} in {packaged_config_dir()}")
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults, merged with the YAML file at ``path`` (if any), then the dotted ``overrides``."""
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The defaults, the YAML file at ``path`` (if any, with its ``base:`` chain), then the dotted ``overrides``.
+
+    Raises:
+        ConfigError: a missing or malformed file, a malformed override, or an invalid config (naming the key).
+    """
+    raw: dict = {}
     if path is not None:
-        resolved = resolve_config_path(path)
-        cfg = deep_merge(cfg, _read_with_bases(resolved, []))
+        raw = _read_with_bases(resolve_config_path(path), [])
     for text in overrides or []:
         key, value = parse_override(text)
-        set_dotted(cfg, key, value)
-    validate_config(cfg)
-    return cfg
+        set_dotted(raw, key, value)
+    return Config.from_dict(raw)
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config {path}: cannot read it as YAML ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_with_bases(path: str, chain: list[str]) -> dict:
     """A config file merged over its ``base:`` file (a path relative to it), recursively."""
     if path in chain:
         raise ConfigError(f"config {path}: circular 'base:' chain {chain + [path]}")
-    with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f) or {}
+    loaded = _read_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
     base = loaded.pop("base", None)
@@ -171,27 +441,20 @@ def _read_with_bases(path: str, chain: list[str]) -> dict:
     return deep_merge(_read_with_bases(base_path, chain + [path]), loaded)
 
 
-def validate_config(cfg: dict) -> None:
-    """Check the values the trainer relies on; raise :class:`ConfigError` naming the key."""
-    mods = cfg["data"]["modalities"]
-    if not isinstance(mods, list) or len(mods) < 1 or not all(isinstance(m, str) for m in mods):
-        raise ConfigError(f"data.modalities: expected a list of modality names, got {mods!r}")
-    for key in ("epochs", "batch_size"):
-        value = cfg["train"][key]
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"train.{key}: expected a positive integer, got {value!r}")
-    if not isinstance(cfg["seed"], int):
-        raise ConfigError(f"seed: expected an integer, got {cfg['seed']!r}")
-    if cfg["optim"]["name"] not in ("sgd", "adamw"):
-        raise ConfigError(f"optim.name: expected 'sgd' or 'adamw', got {cfg['optim']['name']!r}")
-
-
-def save_config(cfg: dict, path: str) -> None:
+def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML, atomically (temporary file, fsync, rename)."""
-    atomic_write_bytes(yaml.safe_dump(cfg, sort_keys=False).encode("utf-8"), path)
+    atomic_write_bytes(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode("utf-8"), path)
 
 
-def read_config(path: str) -> dict:
-    """Read a resolved config written by :func:`save_config` (no defaults merged)."""
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+def read_config(path: str) -> Config:
+    """Read a config written by :func:`save_config` (``RUN_DIR/config.yaml``), validated.
+
+    Raises:
+        ConfigError: the file is missing, not YAML or not a valid config (the message names the file).
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file (expected a run folder written by rollingq train)")
+    try:
+        return Config.from_dict(_read_yaml(path) or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

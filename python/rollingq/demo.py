@@ -16,8 +16,10 @@ import os
 
 import torch
 
+from .analysis.report import write_report
+from .build import build_dataset
 from .config import load_config
-from .data import build_dataset
+from .evaluate import evaluate_run
 from .records import read_metrics
 from .train import train
 
@@ -44,8 +46,6 @@ def summarize_run(run_dir: str, noise_modality: str) -> dict:
     """Evaluate a run's best checkpoint on the test split with :func:`rollingq.evaluate.evaluate_run`
     (writes ``eval.json``; ``noise_modality``'s input replaced by noise of each sample's own statistics,
     the paper's Figure 1c protocol) and gather what the demo table shows."""
-    from .evaluate import evaluate_run
-
     result = evaluate_run(run_dir, split="test", noise_modality=noise_modality)
     history = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     modalities = list(result["modalities"])
@@ -89,7 +89,8 @@ def format_table(summaries: list[dict]) -> str:
         ("rotations made", [str(s["rotations"]) for s in summaries]),
     ]
     for e in range(max(len(s["air"]) for s in summaries)):
-        rows.append((f"AIR epoch {e + 1}", [_fmt([s["air"][e]], "{:+.3f}") if e < len(s["air"]) else "" for s in summaries]))
+        cells = [_fmt([s["air"][e]], "{:+.3f}") if e < len(s["air"]) else "" for s in summaries]
+        rows.append((f"AIR epoch {e + 1}", cells))
     width = max(len(r[0]) for r in rows)
     cols = [max(len(r[1][i]) for r in rows) for i in range(len(summaries))]
     lines = []
@@ -102,20 +103,17 @@ def format_table(summaries: list[dict]) -> str:
 
 def run_demo(out: str = "runs/demo", epochs: int | None = None, overrides: list[str] | None = None) -> tuple[str, str]:
     """Train both demo runs under ``out``, evaluate them; return (the side-by-side table, the report path)."""
-    from .analysis.report import write_report
-
+    extra = list(overrides or []) + ([f"train.epochs={int(epochs)}"] if epochs is not None else [])
+    configs = [load_config(name, extra) for name in DEMO_CONFIGS]  # every config valid before a folder is made
     os.makedirs(out, exist_ok=True)
     run_dirs = []
-    extra = list(overrides or []) + ([f"train.epochs={int(epochs)}"] if epochs is not None else [])
-    for name in DEMO_CONFIGS:
-        cfg = load_config(name, extra)
-        run_dir = _free_dir(os.path.join(out, cfg["name"].replace("+", "_")))
-        logger.info("demo: training %s into %s", cfg["name"], run_dir)
+    for cfg in configs:
+        run_dir = _free_dir(os.path.join(out, cfg.name.replace("+", "_")))
+        logger.info("demo: training %s into %s", cfg.name, run_dir)
         run_dirs.append(train(cfg, run_dir))
-    cfg = load_config(DEMO_CONFIGS[0], extra)
-    threads = cfg["train"].get("num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    strongest = cfg["data"]["modalities"][int(getattr(build_dataset(cfg, "test"), "strongest", 0))]
+    cfg = configs[0]
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    strongest = cfg.data.modalities[int(getattr(build_dataset(cfg, "test"), "strongest", 0))]
     summaries = [summarize_run(r, strongest) for r in run_dirs]
     return format_table(summaries), write_report(run_dirs, os.path.join(out, "report"))

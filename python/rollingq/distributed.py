@@ -27,10 +27,13 @@ class DistInfo:
         return self.world_size > 1
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def choose_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto``: CUDA (``cuda:local_rank``) when available, else CPU; or ``cpu`` / ``cuda`` explicitly."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {requested!r}")
+    if requested not in DEVICES:
+        raise ValueError(f"device: expected one of {DEVICES}, got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was requested but torch.cuda.is_available() is False")
     if requested == "cpu" or not torch.cuda.is_available():

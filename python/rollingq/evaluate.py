@@ -32,22 +32,19 @@ from tqdm import tqdm
 
 from .analysis import metrics
 from .analysis.noise import NOISE_LEVELS, RunningMoments, add_gaussian_noise, replace_with_noise, replaced_mask
-from .checkpoint import atomic_write_bytes
+from .build import build_dataset, make_loader
+from .data.common import SPLITS
+from .files import atomic_write_bytes
+from .records import eval_filename
+from .train import load_run
 
 logger = logging.getLogger(__name__)
 
-EVAL_FILENAME = "eval.json"
-"""The test split's evaluation; any other split ``s`` goes to ``eval_<s>.json`` (:func:`eval_filename`)."""
 MAX_KEY_POINTS = 2000
 """Samples kept per condition for the key-distribution scatter in eval.json."""
 
 Transform = Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
 """Maps a batch's inputs (one ``(B, ...)`` tensor per modality) and its ``(B,)`` sample indices to new inputs."""
-
-
-def eval_filename(split: str) -> str:
-    """``eval.json`` for the test split (the one the report reads), ``eval_<split>.json`` otherwise."""
-    return EVAL_FILENAME if split == "test" else f"eval_{split}.json"
 
 
 @dataclass
@@ -61,6 +58,7 @@ class Collected:
         index: ``(N,)`` int64 dataset indices.
         mass: ``(N, M+1)`` float64 head-averaged class-row mass, or None (static fusion).
         cos: ``(N, M)`` float32 cos(class query, mean key), or None.
+        valid: ``(N, M)`` bool, the modality is present (its cosine counts), or None.
         key_norm: ``(N, M)`` float64 mean-key norms, or None.
     """
 
@@ -70,6 +68,7 @@ class Collected:
     index: torch.Tensor
     mass: torch.Tensor | None
     cos: torch.Tensor | None
+    valid: torch.Tensor | None
     key_norm: torch.Tensor | None
 
 
@@ -104,7 +103,7 @@ def collect_outputs(
     """
     model.eval()
     device = _model_device(model)
-    logits, labels, index, mass, cos, norms = [], [], [], [], [], []
+    logits, labels, index, mass, cos, valid, norms = [], [], [], [], [], [], []
     probes: list[list[torch.Tensor]] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None):
         inputs, label, idx = _unpack(batch)
@@ -124,6 +123,7 @@ def collect_outputs(
         if stats is not None:
             mass.append(metrics.modality_mass(stats.mass.detach().cpu()))
             cos.append(stats.cos.detach().float().cpu())
+            valid.append(stats.valid.detach().cpu())
             norms.append(metrics.key_norms(stats.key_mean.detach().cpu()))
     if not logits:
         raise ValueError("the loader yielded no batch; expected a non-empty split")
@@ -135,6 +135,7 @@ def collect_outputs(
         index=torch.cat(index),
         mass=torch.cat(mass) if have_stats else None,
         cos=torch.cat(cos) if have_stats else None,
+        valid=torch.cat(valid) if have_stats else None,
         key_norm=torch.cat(norms) if have_stats else None,
     )
 
@@ -280,8 +281,8 @@ def evaluate_model(
         if clean.probe_logits
         else None,
         "accuracy_noise_replaced": metrics.accuracy(replaced.logits, replaced.labels),
-        "air": metrics.air(clean.cos) if clean.cos is not None else None,
-        "air_noise_replaced": metrics.air(replaced.cos) if replaced.cos is not None else None,
+        "air": metrics.air(clean.cos, clean.valid) if clean.cos is not None else None,
+        "air_noise_replaced": metrics.air(replaced.cos, replaced.valid) if replaced.cos is not None else None,
         "attention": attention,
         "pearson": pearson,
         "noise_robustness": {
@@ -301,16 +302,6 @@ def evaluate_model(
     }
 
 
-def _cfg_get(cfg, *keys, default=None):
-    node = cfg
-    for key in keys:
-        try:
-            node = node[key]
-        except (KeyError, TypeError, IndexError):
-            return default
-    return node
-
-
 def evaluate_run(
     run_dir: str, split: str = "test", noise_modality: str | None = None, seed: int = 0, checkpoint: str = "best"
 ) -> dict:
@@ -327,25 +318,19 @@ def evaluate_run(
     Returns:
         The dict written to the file.
     """
-    from .data import build_dataset, make_loader
-    from .train import load_run
-
-    if split not in ("train", "val", "test"):
+    if split not in SPLITS:
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run_dir {run_dir!r} is not a directory")
     model, cfg = load_run(run_dir, checkpoint=checkpoint)
-    dataset = build_dataset(cfg, split)
-    loader = make_loader(dataset, cfg, train=False)
-    modalities = list(_cfg_get(cfg, "data", "modalities", default=[]))
-    if not modalities:
-        raise ValueError(f"{run_dir}/config.yaml has no data.modalities list")
+    loader = make_loader(build_dataset(cfg, split), cfg, train=False)
+    modalities = list(cfg.data.modalities)
     result = {
         "run_dir": os.path.abspath(run_dir),
-        "name": _cfg_get(cfg, "name"),
-        "run_seed": _cfg_get(cfg, "seed"),
-        "fusion": _cfg_get(cfg, "model", "fusion"),
-        "rollingq": bool(_cfg_get(cfg, "rollingq", "enabled", default=False)),
+        "name": cfg.name,
+        "run_seed": cfg.seed,
+        "fusion": cfg.model.fusion,
+        "rollingq": cfg.rollingq.enabled,
         "split": split,
         "checkpoint": checkpoint,
         **evaluate_model(model, loader, modalities, noise_modality=noise_modality, seed=seed),

@@ -1,14 +1,47 @@
-"""Turning controller records and tensors into JSON-ready values, and the metrics.jsonl file."""
+"""The run folder: its file names, JSON-ready values and the ``metrics.jsonl`` file.
+
+A run folder written by ``rollingq train`` (and ``rollingq eval``) holds::
+
+    config.yaml               CONFIG_FILENAME: the resolved config
+    metrics.jsonl             METRICS_FILENAME: one JSON object per epoch
+    train.log                 LOG_FILENAME
+    tensorboard/              TENSORBOARD_DIR
+    checkpoints/{best,last,previous}.pt   checkpoint_path(run_dir, name)
+    eval.json                 EVAL_FILENAME: the test split's evaluation (eval_<split>.json otherwise)
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
+
+CONFIG_FILENAME = "config.yaml"
+METRICS_FILENAME = "metrics.jsonl"
+LOG_FILENAME = "train.log"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_NAMES = ("best", "last", "previous")
+"""``best``: best validation accuracy; ``last``: end of the last finished epoch; ``previous``: the one before."""
+EVAL_FILENAME = "eval.json"
+"""The test split's evaluation; any other split ``s`` goes to ``eval_<s>.json`` (:func:`eval_filename`)."""
+
+
+def checkpoint_path(run_dir: str, name: str) -> str:
+    """``RUN_DIR/checkpoints/<name>.pt`` for ``name`` in :data:`CHECKPOINT_NAMES`."""
+    if name not in CHECKPOINT_NAMES:
+        raise ValueError(f"checkpoint: expected one of {CHECKPOINT_NAMES}, got {name!r}")
+    return os.path.join(run_dir, CHECKPOINT_DIR, f"{name}.pt")
+
+
+def eval_filename(split: str) -> str:
+    """``eval.json`` for the test split (the one the report reads), ``eval_<split>.json`` otherwise."""
+    return EVAL_FILENAME if split == "test" else f"eval_{split}.json"
 
 
 def jsonable(value: Any) -> Any:

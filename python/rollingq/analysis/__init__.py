@@ -5,5 +5,6 @@
 * :mod:`rollingq.analysis.noise` — noise replacement, additive noise, the replaced half;
 * :mod:`rollingq.analysis.report` — figures and ``report.md`` over several runs.
 
-``rollingq.evaluate.evaluate_run`` runs them on a trained run.
+``rollingq.evaluate.evaluate_run`` runs them on a trained run; :mod:`rollingq.analysis.runs` reads
+run folders for the report.
 """

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
+from rollingq_kernels.accumulator import attention_imbalance_rate, imbalance
+
 logger = logging.getLogger(__name__)
 
 
@@ -132,21 +134,25 @@ def mean_mass_by_modality(mass: torch.Tensor, modalities: Sequence[str]) -> dict
     return dict(zip(["class", *modalities], means, strict=True))
 
 
-def air(cos: torch.Tensor) -> float:
-    """The attention imbalance: AIR = mean over samples of ``cos_0 − cos_1`` (the paper's Eq. 9) for two
-    modalities; for ``M > 2`` the spread ``max_m E[cos_m] − min_m E[cos_m]`` of the mean cosines (the
-    quantity the RollingQ controller decides on; it equals ``|AIR|`` when ``M = 2``).
+def air(cos: torch.Tensor, valid: torch.Tensor | None = None) -> float | None:
+    """The attention imbalance the RollingQ controller decides on, over a set of samples.
+
+    AIR = mean over samples with both modalities of ``cos_0 − cos_1`` (the paper's Eq. 9) for two
+    modalities; for ``M > 2`` the spread ``max_m E[cos_m] − min_m E[cos_m]`` of the mean cosines (it
+    equals ``|AIR|`` when ``M = 2``). The one definition:
+    :func:`rollingq_kernels.accumulator.imbalance`.
 
     Args:
         cos: ``(B, M)`` per-sample cosines between the class query and each modality's mean key.
+        valid: ``(B, M)`` bool, the modality is present in the sample; None means all present.
+
+    Returns:
+        The imbalance, or None when it is undefined (no sample has the modalities it needs).
     """
     if cos.dim() != 2 or cos.shape[1] < 2 or cos.shape[0] == 0:
         raise ValueError(f"cos must have shape (B, M) with B >= 1 and M >= 2, got {tuple(cos.shape)}")
-    cos = cos.double()
-    if cos.shape[1] == 2:
-        return float((cos[:, 0] - cos[:, 1]).mean())
-    means = cos.mean(0)
-    return float(means.max() - means.min())
+    value = imbalance(attention_imbalance_rate(cos, valid))
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

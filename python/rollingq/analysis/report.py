@@ -199,7 +199,8 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
     lines = [
         "# RollingQ report",
         "",
-        f"{len(runs)} run(s) in {len(groups)} group(s) (grouped by dataset and `name`; cells are mean ± std over seeds, "
+        f"{len(runs)} run(s) in {len(groups)} group(s) (grouped by dataset and `name`; "
+        "cells are mean ± std over seeds, "
         f"sample std). Evaluated split: {', '.join(splits) or 'none'}. "
         "Protocols: `docs/evaluation.md`.",
         "",

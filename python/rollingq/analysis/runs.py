@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..evaluate import EVAL_FILENAME
-from ..records import read_metrics
+from ..records import CONFIG_FILENAME, EVAL_FILENAME, METRICS_FILENAME, read_metrics
 
 __all__ = ["RunRecord", "group_runs", "load_run_record", "read_metrics"]
 
@@ -68,14 +67,14 @@ def load_run_record(run_dir: str) -> RunRecord:
     """Read ``config.yaml``, ``metrics.jsonl`` and (if present) ``eval.json`` (the test split) of a run directory."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
-    cfg_path = os.path.join(run_dir, "config.yaml")
+    cfg_path = os.path.join(run_dir, CONFIG_FILENAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(
             f"{run_dir!r} is not a run directory: no config.yaml (expected one written by rollingq train)"
         )
     with open(cfg_path, encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    metrics_path = os.path.join(run_dir, METRICS_FILENAME)
     epochs = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
     if not epochs:
         logger.warning("%s has no metrics.jsonl records; its training curves are left out", run_dir)

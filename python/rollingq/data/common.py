@@ -1,7 +1,7 @@
-"""Shared pieces of the datasets: the sample layout, batching, loaders, splits.
+"""Shared pieces of the datasets: the sample layout, batching, splits, per-sample RNGs.
 
 Every dataset returns samples ``(modalities, label, index)``: ``modalities`` is
-a list of tensors (one per modality, in ``cfg["data"]["modalities"]`` order),
+a list of tensors (one per modality, in ``data.modalities`` order),
 ``label`` an int class id and ``index`` the sample's position in its split.
 """
 
@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 logger = logging.getLogger("rollingq.data")
 
@@ -71,33 +70,3 @@ class EpochAware:
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch used to seed per-sample augmentation."""
         self.epoch = int(epoch)
-
-
-def make_loader(
-    dataset: Dataset, cfg: dict, train: bool, world_size: int = 1, rank: int = 0
-) -> DataLoader:
-    """A DataLoader whose order is a pure function of (``cfg["seed"]``, epoch).
-
-    Training: a :class:`~torch.utils.data.DistributedSampler` (also with one
-    process) shuffles with ``seed`` and the epoch set by ``loader.sampler.set_epoch``;
-    each of ``world_size`` ranks gets ``batch_size // world_size`` samples per step,
-    so the ranks' batches together are the single-process batch. Evaluation:
-    sequential, every rank sees the whole split.
-    """
-    batch = int(cfg["train"]["batch_size"] if train else cfg["train"].get("eval_batch_size", 128))
-    workers = int(cfg["data"].get("num_workers", 0))
-    if train:
-        if batch % world_size:
-            raise ValueError(f"train.batch_size: expected a multiple of the world size {world_size}, got {batch}")
-        sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=int(cfg["seed"]), drop_last=False
-        )
-        return DataLoader(
-            dataset,
-            batch_size=batch // world_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate,
-            persistent_workers=False,
-        )
-    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate)

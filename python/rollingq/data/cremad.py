@@ -11,15 +11,41 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 
 import torch
 
+from ..inputs import InputSpec
+from ..schema import Section, option
 from .common import DataError
-from .listed import AudioVisualDataset, split_rows
+from .listed import AudioVisualDataset, audio_visual_specs, split_rows
 from .media import check_audio_file, cremad_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 HEADER_LABELS = {"label", "emotion", "class"}
+SPECTROGRAM = (257, 188)
+
+
+@dataclass
+class CremaDOptions(Section):
+    """The ``data.*`` keys of CREMA-D.
+
+    Attributes:
+        num_frames, image_size: frames per clip (1 in the paper) and their side after resizing.
+        train_list, test_list, val_list: list files under ``data.root`` (no ``val_list``: a seeded
+            hold-out of the training list).
+    """
+
+    num_frames: int = option(1, ge=1)
+    image_size: int = option(224, ge=16)
+    train_list: str = "train.csv"
+    test_list: str = "test.csv"
+    val_list: str | None = None
+
+
+def input_specs(modalities: list[str], options: CremaDOptions) -> list[InputSpec]:
+    """The paper's spectrogram ``(257, 188)`` and ``num_frames`` frames."""
+    return audio_visual_specs("cremad", modalities, SPECTROGRAM, options.num_frames, options.image_size)
 
 
 def read_cremad_list(path: str) -> list[tuple[str, int]]:
@@ -43,19 +69,27 @@ def read_cremad_list(path: str) -> list[tuple[str, int]]:
 
 
 class CremaDDataset(AudioVisualDataset):
-    """CREMA-D (6 emotions); samples ``([spectrogram (257, 188), frames (T, 3, S, S)], label, index)``."""
+    """CREMA-D (6 emotions); samples ``([spectrogram (257, 188), frames (T, 3, S, S)], label, index)``.
 
-    def __init__(self, cfg: dict, split: str) -> None:
-        super().__init__(cfg, split)
-        data = cfg["data"]
+    Args: those of :class:`AudioVisualDataset`, and
+        val_fraction: the seeded hold-out of ``train_list`` used as validation without ``val_list``.
+        skip_bad: skip samples with missing or corrupt files instead of failing.
+        train_list, test_list, val_list: list files under ``root``.
+    """
+
+    dataset_name = "cremad"
+
+    def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
+                 num_frames: int, image_size: int, val_fraction: float, skip_bad: bool, train_list: str,
+                 test_list: str, val_list: str | None) -> None:
+        super().__init__(split, root=root, modalities=modalities, num_classes=num_classes, seed=seed,
+                         num_frames=num_frames, image_size=image_size)
         if self.num_classes != len(EMOTIONS):
             raise ValueError(f"data.num_classes: CREMA-D has {len(EMOTIONS)} classes, got {self.num_classes}")
-        train_rows = read_cremad_list(os.path.join(self.root, data.get("train_list", "train.csv")))
-        test_rows = read_cremad_list(os.path.join(self.root, data.get("test_list", "test.csv")))
-        val_list = data.get("val_list")
+        train_rows = read_cremad_list(os.path.join(self.root, train_list))
+        test_rows = read_cremad_list(os.path.join(self.root, test_list))
         val_rows = read_cremad_list(os.path.join(self.root, val_list)) if val_list else None
-        rows = split_rows(split, train_rows, test_rows, val_rows, float(data.get("val_fraction", 0.1)), self.seed)
-        self.finish(rows, bool(data.get("skip_bad", False)))
+        self.finish(split_rows(split, train_rows, test_rows, val_rows, val_fraction, self.seed), skip_bad)
 
     def audio_path(self, name: str) -> str:
         return os.path.join(self.root, "AudioWAV", name + ".wav")

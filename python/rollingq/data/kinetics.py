@@ -16,12 +16,46 @@ training list that differs from ``data.num_classes`` is an error naming the list
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..inputs import InputSpec
+from ..schema import Section, option
 from .common import DataError
-from .listed import AudioVisualDataset, split_rows
+from .listed import AudioVisualDataset, audio_visual_specs, split_rows
+
+
+@dataclass
+class KineticsOptions(Section):
+    """The ``data.*`` keys of Kinetics-Sounds.
+
+    Attributes:
+        num_frames, image_size: frames per clip (1 fps) and their side after resizing.
+        fbank_frames, fbank_bins: the fbank's shape; longer ones are cropped, shorter zero-padded.
+        audio_dir, frame_dir: the ``<name>.npy`` and ``<name>/*.jpg`` folders under ``data.root``.
+        train_list, test_list, val_list: list files under ``data.root`` (no ``val_list``: a seeded
+            hold-out of the training list).
+        classes: class names in id order; default the sorted names of the training list.
+    """
+
+    num_frames: int = option(3, ge=1)
+    image_size: int = option(224, ge=16)
+    fbank_frames: int = option(1024, ge=16)
+    fbank_bins: int = option(128, ge=16)
+    audio_dir: str = "audio"
+    frame_dir: str = "visual"
+    train_list: str = "train.txt"
+    test_list: str = "test.txt"
+    val_list: str | None = None
+    classes: list[str] | None = None
+
+
+def input_specs(modalities: list[str], options: KineticsOptions) -> list[InputSpec]:
+    """An fbank ``(fbank_frames, fbank_bins)`` and ``num_frames`` frames."""
+    fbank = (options.fbank_frames, options.fbank_bins)
+    return audio_visual_specs("kinetics_sounds", modalities, fbank, options.num_frames, options.image_size)
 
 
 def read_list(path: str) -> list[tuple[str, str]]:
@@ -55,17 +89,18 @@ def label_ids(rows: list[tuple[str, str]], classes: list[str], path: str) -> lis
     return out
 
 
-def class_names(data: dict, raw_train: list[tuple[str, str]], train_path: str) -> list[str]:
-    """``data.classes``, else the sorted class names of the training list (empty when its labels are ids).
+def class_names(
+    classes: list[str] | None, num_classes: int, raw_train: list[tuple[str, str]], train_path: str
+) -> list[str]:
+    """``classes`` (``data.classes``), else the sorted class names of the training list (empty for ids).
 
     Raises:
         ValueError: ``data.classes`` does not have ``data.num_classes`` entries.
         DataError: the training list's names are not ``data.num_classes`` distinct classes (a name with
             spaces in a space-separated list keeps only its last word, merging classes).
     """
-    num_classes = int(data["num_classes"])
-    if data.get("classes"):
-        classes = [str(c) for c in data["classes"]]
+    if classes:
+        classes = [str(c) for c in classes]
         if len(classes) != num_classes:
             raise ValueError(f"data.classes: expected data.num_classes={num_classes} names, got {len(classes)}")
         return classes
@@ -80,27 +115,38 @@ def class_names(data: dict, raw_train: list[tuple[str, str]], train_path: str) -
 
 
 class KineticsSoundsDataset(AudioVisualDataset):
-    """Kinetics-Sounds; samples ``([fbank (frames, bins), frames (T, 3, S, S)], label, index)``."""
+    """Kinetics-Sounds; samples ``([fbank (frames, bins), frames (T, 3, S, S)], label, index)``.
 
-    def __init__(self, cfg: dict, split: str) -> None:
-        super().__init__(cfg, split)
-        data = cfg["data"]
-        self.fbank_shape = (int(data.get("fbank_frames", 1024)), int(data.get("fbank_bins", 128)))
-        self.audio_dir = os.path.join(self.root, data.get("audio_dir", "audio"))
-        self.frames_root = os.path.join(self.root, data.get("frame_dir", "visual"))
-        train_path = os.path.join(self.root, data.get("train_list", "train.txt"))
-        test_path = os.path.join(self.root, data.get("test_list", "test.txt"))
+    Args: those of :class:`AudioVisualDataset`, and
+        val_fraction, skip_bad, train_list, test_list, val_list: as in
+            :class:`~rollingq.data.cremad.CremaDDataset`.
+        fbank_frames, fbank_bins: the fbank's shape (longer ones are cropped, shorter zero-padded).
+        audio_dir, frame_dir: the fbank and frame folders under ``root``.
+        classes: class names in id order, or None (the sorted names of the training list).
+    """
+
+    dataset_name = "kinetics_sounds"
+
+    def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
+                 num_frames: int, image_size: int, val_fraction: float, skip_bad: bool, fbank_frames: int,
+                 fbank_bins: int, audio_dir: str, frame_dir: str, train_list: str, test_list: str,
+                 val_list: str | None, classes: list[str] | None) -> None:
+        super().__init__(split, root=root, modalities=modalities, num_classes=num_classes, seed=seed,
+                         num_frames=num_frames, image_size=image_size)
+        self.fbank_shape = (int(fbank_frames), int(fbank_bins))
+        self.audio_dir = os.path.join(self.root, audio_dir)
+        self.frames_root = os.path.join(self.root, frame_dir)
+        train_path = os.path.join(self.root, train_list)
+        test_path = os.path.join(self.root, test_list)
         raw_train, raw_test = read_list(train_path), read_list(test_path)
-        classes = class_names(data, raw_train, train_path)
-        train_rows = label_ids(raw_train, classes, train_path)
-        test_rows = label_ids(raw_test, classes, test_path)
+        self.classes = class_names(classes, self.num_classes, raw_train, train_path)
+        train_rows = label_ids(raw_train, self.classes, train_path)
+        test_rows = label_ids(raw_test, self.classes, test_path)
         val_rows = None
-        if data.get("val_list"):
-            val_path = os.path.join(self.root, data["val_list"])
-            val_rows = label_ids(read_list(val_path), classes, val_path)
-        rows = split_rows(split, train_rows, test_rows, val_rows, float(data.get("val_fraction", 0.1)), self.seed)
-        self.classes = classes
-        self.finish(rows, bool(data.get("skip_bad", False)))
+        if val_list:
+            val_path = os.path.join(self.root, val_list)
+            val_rows = label_ids(read_list(val_path), self.classes, val_path)
+        self.finish(split_rows(split, train_rows, test_rows, val_rows, val_fraction, self.seed), skip_bad)
 
     def audio_path(self, name: str) -> str:
         return os.path.join(self.audio_dir, name + ".npy")

@@ -18,11 +18,29 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..inputs import InputSpec
 from .common import DataError, EpochAware, Sample, check_split, sample_rng, seeded_holdout
+from .media import list_frames, load_frames
 
 logger = logging.getLogger("rollingq.data")
 
 MAX_LISTED = 5
+AUDIO_VISUAL = ("audio", "visual")
+
+
+def audio_visual_specs(
+    dataset: str, modalities: list[str], audio_shape: tuple[int, int], num_frames: int, image_size: int
+) -> list[InputSpec]:
+    """Input specs of an audio-visual dataset: a spectrogram ``audio_shape`` and ``num_frames`` frames."""
+    specs = []
+    for m in modalities:
+        if m == "audio":
+            specs.append(InputSpec("spectrogram", audio_shape))
+        elif m == "visual":
+            specs.append(InputSpec("frames", (num_frames, 3, image_size, image_size)))
+        else:
+            raise ValueError(f"data.modalities: {dataset} has {' and '.join(AUDIO_VISUAL)}, got {m!r}")
+    return specs
 
 
 def split_rows(
@@ -49,7 +67,8 @@ def scan_rows(rows: list, check: Callable[[object], list[str]], skip_bad: bool, 
         else:
             good.append(row)
     if bad_rows:
-        listed = "; ".join(problems[:MAX_LISTED]) + (f"; … {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else "")
+        more = f"; … {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        listed = "; ".join(problems[:MAX_LISTED]) + more
         if not skip_bad:
             raise DataError(f"{what}: {bad_rows} sample(s) with missing or corrupt files: {listed} "
                             "(fix them, or set data.skip_bad=true to skip such samples)")
@@ -66,22 +85,33 @@ class AudioVisualDataset(Dataset, EpochAware):
     Subclasses set ``self.rows`` and implement :meth:`audio_path`, :meth:`load_audio`,
     :meth:`frame_dir` and :meth:`check_audio`. Samples: ``([audio, frames][selected], label, index)``
     with ``frames`` float32 ``(num_frames, 3, size, size)``.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        root: the dataset folder.
+        modalities: a selection of ``audio`` and ``visual``, in the model's order.
+        num_classes: classes of the labels.
+        seed: seeds the validation hold-out and the training augmentation.
+        num_frames: frames per clip.
+        image_size: the frames' side after resizing.
     """
 
-    def __init__(self, cfg: dict, split: str) -> None:
+    dataset_name = "audio-visual"
+
+    def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
+                 num_frames: int, image_size: int) -> None:
         check_split(split)
-        data = cfg["data"]
-        if not data.get("root"):
-            raise ValueError(f"data.root: expected the {data['name']} dataset folder, got {data.get('root')!r}")
-        self.root = str(data["root"])
+        if not root:
+            raise ValueError(f"data.root: expected the {self.dataset_name} dataset folder, got {root!r}")
+        self.root = str(root)
         if not os.path.isdir(self.root):
             raise DataError(f"data.root: {self.root!r} is not a folder")
         self.split, self.train = split, split == "train"
-        self.seed = int(cfg["seed"])
-        self.modalities = list(data["modalities"])
-        self.num_frames = int(data.get("num_frames", 1))
-        self.image_size = int(data.get("image_size", 224))
-        self.num_classes = int(data["num_classes"])
+        self.seed = int(seed)
+        self.modalities = list(modalities)
+        self.num_frames = int(num_frames)
+        self.image_size = int(image_size)
+        self.num_classes = int(num_classes)
         self.rows: list[tuple[str, int]] = []
 
     def audio_path(self, name: str) -> str:
@@ -105,8 +135,6 @@ class AudioVisualDataset(Dataset, EpochAware):
             if reason:
                 issues.append(f"{self.audio_path(name)}: {reason}")
         if "visual" in self.modalities:
-            from .media import list_frames
-
             if not list_frames(self.frame_dir(name)):
                 issues.append(f"{self.frame_dir(name)}: frame folder missing or empty")
         return issues
@@ -123,8 +151,6 @@ class AudioVisualDataset(Dataset, EpochAware):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Sample:
-        from .media import load_frames
-
         name, label = self.rows[index]
         rng = sample_rng(self.seed, self.epoch, index) if self.train else None
         out = []

@@ -1,7 +1,7 @@
 """Decoding audio and frames the way the paper's pipelines do (numpy + librosa + Pillow, no torchvision).
 
-* :func:`cremad_spectrogram` — audio at 22,050 Hz (librosa resampling when needed), tiled x3 and cut to 3 s, clipped to [-1, 1],
-  STFT n_fft 512 hop 353, ``log(|S| + 1e-7)``: float32 ``(257, 188)``.
+* :func:`cremad_spectrogram` — audio at 22,050 Hz (librosa resampling when needed), tiled x3 and cut to 3 s,
+  clipped to [-1, 1], STFT n_fft 512 hop 353, ``log(|S| + 1e-7)``: float32 ``(257, 188)``.
 * :func:`load_frames` — ``num_frames`` JPEG frames of a clip folder (random in training, centred in
   evaluation), resized to ``size`` with ImageNet normalization: float32 ``(T, 3, size, size)``.
 """

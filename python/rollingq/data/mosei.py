@@ -17,18 +17,50 @@ import logging
 import os
 import pickle
 import stat
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..inputs import InputSpec
+from ..schema import Section, option
 from .common import DataError, Sample, check_split
 
 logger = logging.getLogger("rollingq.data")
 
 SPLIT_KEYS = {"train": "train", "val": "valid", "test": "test"}
 TASKS = {"binary": 2, "7class": 7}
+FEATURES = {"vision": 35, "audio": 74, "text": 300}
 _CACHE: dict[str, dict] = {}
+
+
+@dataclass
+class MoseiOptions(Section):
+    """The ``data.*`` keys of CMU-MOSEI.
+
+    Attributes:
+        task: ``binary`` (sentiment >= 0) or ``7class``.
+        seq_len: the features' sequence length.
+        path, file: the pickle (default ``data.root/file``).
+        trust_pickle: load a pickle outside ``data.root`` or writable by others.
+    """
+
+    task: str = option("binary", choices=tuple(TASKS))
+    seq_len: int = option(50, ge=1)
+    path: str | None = None
+    file: str = "mosei_senti_data.pkl"
+    trust_pickle: bool = False
+
+
+def input_specs(modalities: list[str], options: MoseiOptions) -> list[InputSpec]:
+    """``(seq_len, F_m)`` features per modality (vision 35, audio 74, text 300)."""
+    specs = []
+    for m in modalities:
+        if m not in FEATURES:
+            raise ValueError(f"data.modalities: MOSEI has {sorted(FEATURES)}, got {m!r}")
+        specs.append(InputSpec("features", (options.seq_len, FEATURES[m])))
+    return specs
 
 
 def check_pickle_location(path: str, root: str, trusted: bool) -> None:
@@ -67,29 +99,38 @@ def sentiment_to_class(scores: np.ndarray, task: str) -> np.ndarray:
 
 
 class MoseiDataset(Dataset):
-    """MOSEI; samples ``([features (L, F_m) per modality], label, index)``, float32 features."""
+    """MOSEI; samples ``([features (L, F_m) per modality], label, index)``, float32 features.
 
-    def __init__(self, cfg: dict, split: str) -> None:
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"`` (the pickle's ``train``, ``valid``, ``test``).
+        root: the folder holding the pickle.
+        modalities: a selection of ``vision``, ``audio``, ``text``, in the model's order.
+        num_classes: 2 for ``task="binary"``, 7 for ``"7class"``.
+        task: ``"binary"`` or ``"7class"``.
+        seq_len: the features' sequence length ``L``.
+        path: the pickle (default ``root/file``).
+        file: the pickle's name under ``root``.
+        trust_pickle: load a pickle outside ``root`` or writable by others.
+    """
+
+    def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, task: str,
+                 seq_len: int, path: str | None, file: str, trust_pickle: bool) -> None:
         check_split(split)
-        data = cfg["data"]
-        root = data.get("root")
         if not root:
             raise ValueError(f"data.root: expected the MOSEI folder, got {root!r}")
-        task = data.get("task", "binary")
         if task not in TASKS:
             raise ValueError(f"data.task: expected one of {sorted(TASKS)}, got {task!r}")
-        if int(data["num_classes"]) != TASKS[task]:
-            raise ValueError(f"data.num_classes: task {task!r} has {TASKS[task]} classes, got {data['num_classes']}")
-        path = data.get("path") or os.path.join(root, data.get("file", "mosei_senti_data.pkl"))
-        check_pickle_location(path, root, bool(data.get("trust_pickle", False)))
+        if int(num_classes) != TASKS[task]:
+            raise ValueError(f"data.num_classes: task {task!r} has {TASKS[task]} classes, got {num_classes}")
+        path = path or os.path.join(root, file)
+        check_pickle_location(path, root, trust_pickle)
         content = load_mosei_pickle(path)
         key = SPLIT_KEYS[split]
         if not isinstance(content, dict) or key not in content:
             raise DataError(f"MOSEI pickle {path!r}: expected a dict with a {key!r} split")
         part = content[key]
-        seq_len = int(data.get("seq_len", 50))
         self.features = []
-        for m in data["modalities"]:
+        for m in modalities:
             if m not in part:
                 raise DataError(f"MOSEI pickle {path!r}: split {key!r} has no {m!r} features (has {sorted(part)})")
             arr = np.asarray(part[m], dtype=np.float32)

@@ -1,6 +1,6 @@
 """The synthetic default: token sequences with a per-modality class signal.
 
-Everything is generated from ``cfg["seed"]`` (no files). Each modality ``m``
+Everything is generated from the seed (no files). Each modality ``m``
 has ``tokens[m]`` tokens of ``feature_dim`` features; a token is Gaussian
 noise, and a fraction ``informative[m]`` of the tokens (random positions per
 sample) additionally carries ``strength[m] * prototype[m][label]``, a fixed
@@ -14,24 +14,59 @@ split's samples whose strongest modality is replaced by pure noise
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from .common import Sample, check_split
+from ..inputs import InputSpec
+from ..schema import Section, option
+from .common import SPLITS, Sample, check_split
 
 logger = logging.getLogger("rollingq.data")
 
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 
-SYNTHETIC_DEFAULTS: dict = {
-    "sizes": {"train": 2048, "val": 512, "test": 1024},
-    "tokens": [8, 8],
-    "feature_dim": 16,
-    "strength": [1.0, 0.6],
-    "informative": [1.0, 1.0],
-    "corrupt": {"train": 0.0, "val": 0.0, "test": 0.0},
-}
+
+
+@dataclass
+class SplitSizes(Section):
+    """``data.synthetic.sizes``: samples per split."""
+
+    train: int = option(2048, ge=1)
+    val: int = option(512, ge=1)
+    test: int = option(1024, ge=1)
+
+
+@dataclass
+class SplitFractions(Section):
+    """``data.synthetic.corrupt``: the fraction of each split's samples whose strongest modality is noise."""
+
+    train: float = option(0.0, ge=0.0, le=1.0)
+    val: float = option(0.0, ge=0.0, le=1.0)
+    test: float = option(0.0, ge=0.0, le=1.0)
+
+
+@dataclass
+class SyntheticOptions(Section):
+    """``data.synthetic``: the task's knobs (``docs/synthetic_data.md``); a number applies to every modality."""
+
+    sizes: SplitSizes = option(factory=SplitSizes)
+    tokens: int | list[int] = option(factory=lambda: [8, 8])
+    feature_dim: int = option(16, ge=1)
+    strength: float | list[float] = option(factory=lambda: [1.0, 0.6])
+    informative: float | list[float] = option(factory=lambda: [1.0, 1.0])
+    corrupt: SplitFractions = option(factory=SplitFractions)
+
+
+@dataclass
+class SyntheticData(Section):
+    """The ``data.*`` keys of the synthetic dataset."""
+
+    synthetic: SyntheticOptions = option(factory=SyntheticOptions)
+
+    def arguments(self) -> dict:
+        return self.synthetic.to_dict()
 
 
 def _per_modality(value, num: int, key: str) -> list[float]:
@@ -42,27 +77,40 @@ def _per_modality(value, num: int, key: str) -> list[float]:
     return [float(v) for v in value]
 
 
-class SyntheticDataset(Dataset):
-    """Deterministic multimodal token sequences; sample tensors are float32 ``(tokens[m], feature_dim)``."""
+def input_specs(modalities: list[str], options: SyntheticData) -> list[InputSpec]:
+    """``(tokens[m], feature_dim)`` features per modality."""
+    tokens = _per_modality(options.synthetic.tokens, len(modalities), "tokens")
+    return [InputSpec("features", (int(t), options.synthetic.feature_dim)) for t in tokens]
 
-    def __init__(self, cfg: dict, split: str) -> None:
+
+class SyntheticDataset(Dataset):
+    """Deterministic multimodal token sequences; sample tensors are float32 ``(tokens[m], feature_dim)``.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        modalities: the modality names (their number is what matters).
+        num_classes: classes, ``>= 2``.
+        seed: everything is generated from it.
+        sizes, tokens, feature_dim, strength, informative, corrupt: the knobs of
+            :class:`SyntheticOptions` (``sizes`` and ``corrupt`` as ``{split: value}``).
+    """
+
+    def __init__(self, split: str, *, modalities: list[str], num_classes: int, seed: int, sizes: dict,
+                 tokens: int | list[int], feature_dim: int, strength: float | list[float],
+                 informative: float | list[float], corrupt: dict) -> None:
         check_split(split)
-        opts = {**SYNTHETIC_DEFAULTS, **(cfg["data"].get("synthetic") or {})}
-        mods = cfg["data"]["modalities"]
+        mods = list(modalities)
         num_mod = len(mods)
-        num_classes = int(cfg["data"]["num_classes"])
         if num_classes < 2:
             raise ValueError(f"data.num_classes: expected >= 2, got {num_classes}")
-        sizes = {**SYNTHETIC_DEFAULTS["sizes"], **(opts.get("sizes") or {})}
-        corrupt = {**SYNTHETIC_DEFAULTS["corrupt"], **(opts.get("corrupt") or {})}
         for key, table in (("sizes", sizes), ("corrupt", corrupt)):
-            unknown = sorted(set(table) - set(SYNTHETIC_DEFAULTS[key]))
+            unknown = sorted(set(table) - set(SPLITS))
             if unknown:
                 raise ValueError(f"data.synthetic.{key}: expected keys train/val/test, got {unknown}")
-        tokens = [int(t) for t in _per_modality(opts["tokens"], num_mod, "tokens")]
-        strength = _per_modality(opts["strength"], num_mod, "strength")
-        informative = _per_modality(opts["informative"], num_mod, "informative")
-        dim = int(opts["feature_dim"])
+        tokens = [int(t) for t in _per_modality(tokens, num_mod, "tokens")]
+        strength = _per_modality(strength, num_mod, "strength")
+        informative = _per_modality(informative, num_mod, "informative")
+        dim = int(feature_dim)
         n = int(sizes[split])
         if n < 1:
             raise ValueError(f"data.synthetic.sizes.{split}: expected >= 1, got {n}")
@@ -70,7 +118,7 @@ class SyntheticDataset(Dataset):
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"data.synthetic.corrupt.{split}: expected a fraction in [0, 1], got {frac}")
 
-        seed = int(cfg["seed"])
+        seed = int(seed)
         proto_gen = torch.Generator().manual_seed(seed * 7919 + 17)
         gen = torch.Generator().manual_seed(seed * 7919 + 1000 * SPLIT_IDS[split])
         self.labels = torch.randint(0, num_classes, (n,), generator=gen)

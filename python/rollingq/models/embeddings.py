@@ -10,6 +10,7 @@ Each adds a learned position embedding sized for the configured input shape.
 
 from __future__ import annotations
 
+import timm
 import torch
 from torch import nn
 
@@ -17,7 +18,8 @@ from torch import nn
 def _check_shape(x: torch.Tensor, expected: tuple, name: str) -> None:
     got = tuple(x.shape[1:])
     if len(got) != len(expected) or any(e is not None and g != e for g, e in zip(got, expected)):
-        raise ValueError(f"{name}: expected input of shape (B, {', '.join(str(e) for e in expected)}), got {tuple(x.shape)}")
+        want = ", ".join(str(e) for e in expected)
+        raise ValueError(f"{name}: expected input of shape (B, {want}), got {tuple(x.shape)}")
 
 
 class FeatureEmbed(nn.Module):
@@ -91,13 +93,13 @@ class ResNetEmbed(nn.Module):
 
     def __init__(self, kind: str, dim: int, shape: tuple[int, ...]) -> None:
         super().__init__()
-        import timm
-
         if kind not in ("spectrogram", "frames"):
             raise ValueError(f"kind: expected 'spectrogram' or 'frames', got {kind!r}")
         self.kind, self.shape = kind, tuple(shape)
         in_chans = 1 if kind == "spectrogram" else 3
-        self.backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
+        self.backbone = timm.create_model(
+            "resnet18", pretrained=False, num_classes=0, global_pool="", in_chans=in_chans
+        )
         self.proj = nn.Linear(self.backbone.num_features, dim)
         # shape probe in eval mode: a forward in training mode would move BatchNorm's running statistics
         self.backbone.eval()

@@ -16,15 +16,19 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..inputs import InputSpec
 from .embeddings import FeatureEmbed, FramePatchEmbed, ResNetEmbed, SpectrogramPatchEmbed
 
 logger = logging.getLogger("rollingq.models")
 
 
-def build_embedding(spec: dict, dim: int, backbone: str) -> nn.Module:
-    """The embedding for an input spec ``{"kind": "features"|"spectrogram"|"frames", "shape": [...]}``."""
-    kind, shape = spec["kind"], tuple(int(s) for s in spec["shape"])
-    if backbone not in ("vit", "resnet18"):
+BACKBONES = ("vit", "resnet18")
+
+
+def build_embedding(spec: InputSpec, dim: int, backbone: str) -> nn.Module:
+    """The embedding for an input spec (``features``, ``spectrogram`` or ``frames``)."""
+    kind, shape = spec.kind, spec.shape
+    if backbone not in BACKBONES:
         raise ValueError(f"model.backbone: expected 'vit' or 'resnet18', got {backbone!r}")
     if kind == "features":
         return FeatureEmbed(shape[0], shape[1], dim)
@@ -44,7 +48,7 @@ class ModalityEncoder(nn.Module):
     """
 
     def __init__(
-        self, spec: dict, dim: int, depth: int, heads: int, mlp_ratio: float, drop: float, backbone: str = "vit"
+        self, spec: InputSpec, dim: int, depth: int, heads: int, mlp_ratio: float, drop: float, backbone: str = "vit"
     ) -> None:
         super().__init__()
         if dim % heads:

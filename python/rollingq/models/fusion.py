@@ -3,7 +3,7 @@
 Static heads (pooled features, no attention statistics): ``unimodal``
 (one modality only), ``concat``, ``sum``, ``ogm_ge`` (concat whose training
 modulates the encoders' gradients, see :mod:`rollingq.ogm`). Dynamic heads:
-``vanilla_mt`` (one :class:`FusionBlock` with a class-only query) and
+``vanilla_mt`` (one class-query-only :class:`FusionBlock`) and
 ``vanilla_mt_star`` (two blocks trained progressively, Appendix B of the paper).
 """
 
@@ -12,16 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rollingq_kernels.module import FusedRollingQAttention
+from rollingq_kernels.stats import AttentionStats
 
-def _attention_class():
-    try:
-        from rollingq_kernels.module import FusedRollingQAttention
-    except ImportError as exc:  # pragma: no cover - only while the kernels package is incomplete
-        raise ImportError(
-            f"rollingq_kernels.module.FusedRollingQAttention is not importable ({exc}); "
-            "the attention fusion heads need it"
-        ) from exc
-    return FusedRollingQAttention
+ATTENTION_FUSIONS = ("vanilla_mt", "vanilla_mt_star")
+STATIC_FUSIONS = ("unimodal", "concat", "sum", "ogm_ge")
+FUSIONS = STATIC_FUSIONS + ATTENTION_FUSIONS
 
 
 class FusionBlock(nn.Module):
@@ -30,26 +26,34 @@ class FusionBlock(nn.Module):
     ``forward(x (B, N, D), segments)``: ``N = 1 + sum(segments)`` (class token first).
     With ``class_query_only`` it returns the class token's output ``(B, 1, D)``,
     otherwise every token ``(B, N, D)``.
+
+    Args:
+        dim, heads: ``D`` and the attention heads.
+        num_modalities: ``M``.
+        class_query_only: only the class token queries.
+        mlp_ratio: the MLP's hidden width over ``D``.
+        attn_drop, drop: attention-probability dropout and dropout after the projection.
+        rotation_mode, backend: of the attention layer.
     """
 
-    def __init__(self, dim: int, heads: int, num_modalities: int, class_query_only: bool, cfg_model: dict) -> None:
+    def __init__(self, dim: int, heads: int, num_modalities: int, class_query_only: bool, *, mlp_ratio: float,
+                 attn_drop: float, drop: float, rotation_mode: str, backend: str) -> None:
         super().__init__()
-        attention = _attention_class()
         self.class_query_only = class_query_only
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = attention(
+        self.attn = FusedRollingQAttention(
             dim,
             num_heads=heads,
             qkv_bias=True,
-            attn_drop=float(cfg_model.get("attn_drop", 0.0)),
-            proj_drop=float(cfg_model.get("drop", 0.0)),
+            attn_drop=attn_drop,
+            proj_drop=drop,
             num_modalities=num_modalities,
-            rotation=cfg_model.get("rotation", "global"),
+            rotation_mode=rotation_mode,
             class_query_only=class_query_only,
-            backend=cfg_model.get("backend", "auto"),
+            backend=backend,
         )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        hidden = int(dim * float(cfg_model.get("mlp_ratio", 2.0)))
+        hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor, segments: list[int]) -> torch.Tensor:
@@ -64,20 +68,26 @@ class AttentionFusion(nn.Module):
     ``forward(tokens: list[(B, L_m, D)]) -> (logits (B, C), stats)``. ``stage``
     (1 or 2) selects how many blocks are active during progressive training;
     the last active block uses the class query only when it is the final block.
+
+    Args:
+        dim, num_classes, num_modalities: ``D``, ``C``, ``M``.
+        layers: 1 (``vanilla_mt``) or 2 (``vanilla_mt_star``).
+        heads, mlp_ratio, attn_drop, drop, rotation_mode, backend: of every :class:`FusionBlock`.
     """
 
-    def __init__(self, dim: int, num_classes: int, num_modalities: int, layers: int, cfg_model: dict) -> None:
+    def __init__(self, dim: int, num_classes: int, num_modalities: int, layers: int, *, heads: int,
+                 mlp_ratio: float, attn_drop: float, drop: float, rotation_mode: str, backend: str) -> None:
         super().__init__()
         if layers not in (1, 2):
-            raise ValueError(f"layers: expected 1 (vanilla_mt) or 2 (vanilla_mt_star, set by model.fusion), got {layers}")
-        heads = int(cfg_model.get("fusion_heads", 1))
+            raise ValueError(f"layers: expected 1 (vanilla_mt) or 2 (vanilla_mt_star), got {layers}")
         if dim % heads:
             raise ValueError(f"model.fusion_heads: {heads} does not divide model.dim {dim}")
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(
-            [FusionBlock(dim, heads, num_modalities, class_query_only=(i == layers - 1), cfg_model=cfg_model)
-             for i in range(layers)]
-        )
+        self.blocks = nn.ModuleList([
+            FusionBlock(dim, heads, num_modalities, class_query_only=(i == layers - 1), mlp_ratio=mlp_ratio,
+                        attn_drop=attn_drop, drop=drop, rotation_mode=rotation_mode, backend=backend)
+            for i in range(layers)
+        ])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         self.stage = layers
@@ -89,11 +99,11 @@ class AttentionFusion(nn.Module):
         self.stage = stage
 
     @property
-    def active_attention(self) -> nn.Module:
+    def active_attention(self) -> FusedRollingQAttention:
         """The attention module of the last active block."""
         return self.blocks[self.stage - 1].attn
 
-    def forward(self, tokens: list[torch.Tensor]):
+    def forward(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, AttentionStats | None]:
         segments = [t.shape[1] for t in tokens]
         x = torch.cat([self.cls.expand(tokens[0].shape[0], -1, -1), *tokens], dim=1)
         for block in self.blocks[: self.stage]:
@@ -133,5 +143,6 @@ class StaticFusion(nn.Module):
             return torch.stack(parts).sum(0), parts
         dim = pooled[0].shape[1]
         weight = self.fc.weight
-        parts = [p @ weight[:, m * dim : (m + 1) * dim].T + self.fc.bias / self.num_modalities for m, p in enumerate(pooled)]
+        bias = self.fc.bias / self.num_modalities
+        parts = [p @ weight[:, m * dim : (m + 1) * dim].T + bias for m, p in enumerate(pooled)]
         return self.fc(torch.cat(pooled, dim=1)), parts

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rollingq_kernels.rotation import (
-    attention_imbalance_rate,
+from rollingq_kernels.accumulator import attention_imbalance_rate
+from rollingq_kernels.rebalance import (
     balance_weights,
     balanced_anchor,
     compose_rotations,

@@ -1,4 +1,4 @@
-"""Tiny on-disk datasets in the real layouts, for tests and for trying a config without the data.
+"""Test fixtures: tiny on-disk datasets in the real layouts.
 
 Each writer fills a folder with random but well-formed files (wav via
 soundfile, JPEG frames via Pillow, ``.npy`` fbanks, a MultiBench-style pickle)
@@ -11,8 +11,7 @@ import os
 import pickle
 
 import numpy as np
-
-from .cremad import EMOTIONS
+from rollingq.data.cremad import EMOTIONS
 
 
 def _frames(folder: str, count: int, rng: np.random.Generator, size: tuple[int, int] = (40, 30)) -> None:
@@ -24,22 +23,30 @@ def _frames(folder: str, count: int, rng: np.random.Generator, size: tuple[int, 
         Image.fromarray(pixels).save(os.path.join(folder, f"frame_{i:05d}.jpg"), quality=85)
 
 
+def _write_lists(root: str, counts: dict[str, int], extension: str, encoding: str, sample) -> None:
+    """Write the list file ``<split><extension>`` of each split: line ``i`` is ``sample(split, i)``,
+    which also writes that sample's files."""
+    for split, n in counts.items():
+        lines = [sample(split, i) for i in range(n)]
+        with open(os.path.join(root, f"{split}{extension}"), "w", encoding=encoding) as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def write_tiny_cremad(root: str, n_train: int = 11, n_test: int = 5, seed: int = 0, frames: int = 2) -> str:
-    """CREMA-D layout: ``AudioWAV/*.wav`` (0.7 s at 22,050 Hz), ``Image-01-FPS/<clip>/*.jpg``, csv lists (with BOM)."""
+    """CREMA-D layout: ``AudioWAV/*.wav`` (0.7 s at 22,050 Hz), ``Image-01-FPS/<clip>/*.jpg``, csv lists (BOM)."""
     import soundfile
 
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "AudioWAV"), exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        lines = []
-        for i in range(n):
-            clip = f"10{i:02d}_{split.upper()}_{EMOTIONS[i % 6]}_XX"
-            audio = (0.3 * rng.standard_normal(int(0.7 * 22050))).astype(np.float32)
-            soundfile.write(os.path.join(root, "AudioWAV", clip + ".wav"), audio, 22050)
-            _frames(os.path.join(root, "Image-01-FPS", clip), frames, rng)
-            lines.append(f"{clip},{EMOTIONS[int(rng.integers(0, 6))]}")
-        with open(os.path.join(root, f"{split}.csv"), "w", encoding="utf-8-sig") as f:
-            f.write("\n".join(lines) + "\n")
+
+    def sample(split: str, i: int) -> str:
+        clip = f"10{i:02d}_{split.upper()}_{EMOTIONS[i % 6]}_XX"
+        audio = (0.3 * rng.standard_normal(int(0.7 * 22050))).astype(np.float32)
+        soundfile.write(os.path.join(root, "AudioWAV", clip + ".wav"), audio, 22050)
+        _frames(os.path.join(root, "Image-01-FPS", clip), frames, rng)
+        return f"{clip},{EMOTIONS[int(rng.integers(0, 6))]}"
+
+    _write_lists(root, {"train": n_train, "test": n_test}, ".csv", "utf-8-sig", sample)
     return root
 
 
@@ -55,17 +62,17 @@ def write_tiny_kinetics(
     """
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "audio"), exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        lines = []
-        for i in range(n):
-            name = f"{split}_{i:03d}"
-            np.save(os.path.join(root, "audio", name + ".npy"), rng.standard_normal((fbank_frames, 128)).astype(np.float32))
-            _frames(os.path.join(root, "visual", name), frames, rng)
-            label = i % 31 if split == "train" else i % min(n_train, 31)
-            raw = f"class_{label:02d}" if class_names else str(label)
-            lines.append(f"{name},{i},{raw}" if comma else f"{name} {i} {raw}")
-        with open(os.path.join(root, f"{split}.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+
+    def sample(split: str, i: int) -> str:
+        name = f"{split}_{i:03d}"
+        fbank = rng.standard_normal((fbank_frames, 128)).astype(np.float32)
+        np.save(os.path.join(root, "audio", name + ".npy"), fbank)
+        _frames(os.path.join(root, "visual", name), frames, rng)
+        label = i % 31 if split == "train" else i % min(n_train, 31)
+        raw = f"class_{label:02d}" if class_names else str(label)
+        return f"{name},{i},{raw}" if comma else f"{name} {i} {raw}"
+
+    _write_lists(root, {"train": n_train, "test": n_test}, ".txt", "utf-8", sample)
     return root
 
 

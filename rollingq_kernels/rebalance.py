@@ -1,4 +1,10 @@
-"""RollingQ's math as plain functions (Ni et al., ICML 2025, Sec. 3.3).
+"""RollingQ's rebalancing math as plain functions (Ni et al., ICML 2025, Sec. 3.3).
+
+The anchor weights α (Eq. 11), the balanced anchor (Eq. 10) and the rotations
+that move the mean class query onto it (the minimal plane rotation, or the
+paper's Eq. 12 SVD construction). The imbalance that decides whether to rotate
+(AIR, Eq. 9) is measured from sums of statistics in
+:mod:`rollingq_kernels.accumulator`.
 
 Conventions: vectors are columns and a rotation ``R`` maps ``x`` to ``R x``;
 a batch of row vectors is rotated as ``q @ R.T`` (the paper's official code).
@@ -8,58 +14,10 @@ computes in float64 internally.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-_EPS = 1e-12
-
-
-class Imbalance(NamedTuple):
-    """Attention imbalance of one batch or window.
-
-    Attributes:
-        air: scalar, mean over samples with modalities 0 and 1 both present of
-            ``cos_0 − cos_1`` (the paper's Eq. 9); NaN when no such sample.
-        spread: scalar, ``max − min`` of ``cos_mean`` (equals ``|air|`` for
-            M = 2 when every sample has both modalities).
-        cos_mean: ``(M,)`` mean cosine of each modality over the samples where
-            it is present (NaN where it never is).
-        count: number of samples that entered ``air``.
-    """
-
-    air: torch.Tensor
-    spread: torch.Tensor
-    cos_mean: torch.Tensor
-    count: int
-
-
-def attention_imbalance_rate(cos: torch.Tensor, valid: torch.Tensor | None = None) -> Imbalance:
-    """AIR = E[cos(q, k̄_a) − cos(q, k̄_v)] over samples with both modalities.
-
-    Args:
-        cos: ``(B, M)`` per-sample cosines (``stats.cos``).
-        valid: ``(B, M)`` bool (``stats.valid``); None means all present.
-    """
-    if cos.dim() != 2 or cos.shape[1] < 2:
-        raise ValueError(f"cos: expected shape (B, M) with M >= 2, got {tuple(cos.shape)}")
-    cos = cos.double()
-    if valid is None:
-        valid = torch.ones_like(cos, dtype=torch.bool)
-    if valid.shape != cos.shape:
-        raise ValueError(f"valid: expected shape {tuple(cos.shape)}, got {tuple(valid.shape)}")
-    if valid.dtype != torch.bool:
-        raise TypeError(f"valid: expected a bool tensor, got {valid.dtype}")
-    both = valid[:, 0] & valid[:, 1]
-    count = int(both.sum())
-    cos = torch.where(valid, cos, torch.zeros_like(cos))  # entries of absent modalities never leak (even NaN)
-    diff = (cos[:, 0] - cos[:, 1]) * both
-    air = diff.sum() / count if count else torch.tensor(float("nan"), dtype=torch.float64)
-    n_m = valid.sum(0)
-    cos_mean = torch.where(n_m > 0, cos.sum(0) / n_m.clamp_min(1), torch.full_like(n_m, float("nan"), dtype=torch.float64))
-    present = cos_mean[~torch.isnan(cos_mean)]
-    spread = present.max() - present.min() if present.numel() >= 2 else torch.tensor(float("nan"), dtype=torch.float64)
-    return Imbalance(air=air, spread=spread, cos_mean=cos_mean, count=count)
+EPS = 1e-12
+"""Norms at or below this count as zero (a degenerate direction)."""
 
 
 def balance_weights(cos_means: torch.Tensor, rho: float) -> torch.Tensor:
@@ -75,7 +33,7 @@ def balance_weights(cos_means: torch.Tensor, rho: float) -> torch.Tensor:
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     n = x.norm(dim=-1, keepdim=True)
-    return torch.where(n > _EPS, x / n.clamp_min(_EPS), torch.zeros_like(x))
+    return torch.where(n > EPS, x / n.clamp_min(EPS), torch.zeros_like(x))
 
 
 def balanced_anchor(
@@ -125,7 +83,7 @@ def plane_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     D = x.shape[-1]
     eye = torch.eye(D, dtype=torch.float64, device=x.device).expand(*x.shape[:-1], D, D)
     u, yh = _unit(x), _unit(y)
-    degenerate = (x.norm(dim=-1) <= _EPS) | (y.norm(dim=-1) <= _EPS)
+    degenerate = (x.norm(dim=-1) <= EPS) | (y.norm(dim=-1) <= EPS)
     cos_t = (u * yh).sum(-1).clamp(-1.0, 1.0)
     perp = yh - cos_t.unsqueeze(-1) * u
     w = _unit(perp)

@@ -1,0 +1,192 @@
+"""The import graph of both packages: no circle, no upward import, no hidden (in-function) import.
+
+The layers are those of ``docs/architecture.md``. A module imports only from its own layer or the
+ones below; the kernel package lies below the training package. A module missing from the table
+fails the test: place it in a layer (here and in the document).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"rollingq_kernels": ROOT / "rollingq_kernels", "rollingq": ROOT / "python" / "rollingq"}
+EXTENSIONS = {"rollingq_kernels._C"}  # compiled; imports nothing of the packages
+TRAINING = 10  # every layer of the training package lies above every layer of the kernel package
+
+# Longest prefix wins; a prefix without a trailing dot also covers e.g. triton_attention, triton_forward.
+LAYERS = {
+    # rollingq_kernels
+    "rollingq_kernels._library": 0,
+    "rollingq_kernels.dropout": 0,
+    "rollingq_kernels.class_query": 0,
+    "rollingq_kernels.stats": 0,
+    "rollingq_kernels.rebalance": 0,
+    "rollingq_kernels.checks": 1,
+    "rollingq_kernels.reference": 1,
+    "rollingq_kernels.triton": 1,
+    "rollingq_kernels._triton": 1,
+    "rollingq_kernels.accumulator": 1,
+    "rollingq_kernels.ops": 2,
+    "rollingq_kernels.module": 3,
+    "rollingq_kernels.controller": 4,
+    "rollingq_kernels.__main__": 5,
+    "rollingq_kernels": 5,
+    # rollingq
+    "rollingq.files": TRAINING + 0,
+    "rollingq.seeding": TRAINING + 0,
+    "rollingq.distributed": TRAINING + 0,
+    "rollingq.schedule": TRAINING + 0,
+    "rollingq.inputs": TRAINING + 0,
+    "rollingq.schema": TRAINING + 0,
+    "rollingq.records": TRAINING + 1,
+    "rollingq.checkpoint": TRAINING + 1,
+    "rollingq.data": TRAINING + 2,
+    "rollingq.models": TRAINING + 2,
+    "rollingq.ogm": TRAINING + 2,
+    "rollingq.analysis": TRAINING + 2,
+    "rollingq.analysis.metrics": TRAINING + 2,
+    "rollingq.analysis.noise": TRAINING + 2,
+    "rollingq.config": TRAINING + 3,
+    "rollingq.build": TRAINING + 4,
+    "rollingq.validate": TRAINING + 5,
+    "rollingq.logs": TRAINING + 5,
+    "rollingq.train": TRAINING + 5,
+    "rollingq.evaluate": TRAINING + 6,
+    "rollingq.analysis.runs": TRAINING + 6,
+    "rollingq.analysis.plots": TRAINING + 6,
+    "rollingq.analysis.report": TRAINING + 6,
+    "rollingq.demo": TRAINING + 7,
+    "rollingq.cli": TRAINING + 7,
+    "rollingq.__main__": TRAINING + 7,
+    "rollingq": TRAINING + 7,
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = [package, *path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def _first_party(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in PACKAGES)
+
+
+def _layer(module: str) -> int | None:
+    best = max((p for p in LAYERS if module.startswith(p)), key=len, default=None)
+    return None if best is None else LAYERS[best]
+
+
+def _imports(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
+    """``(target module, line, inside a function or class)`` of every first-party import of ``module``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    is_package = path.name == "__init__.py"
+    found: list[tuple[str, int, bool]] = []
+
+    def resolve(base: str, name: str | None) -> str:
+        if name is not None and f"{base}.{name}" in modules | dict.fromkeys(EXTENSIONS):
+            return f"{base}.{name}"
+        return base
+
+    def visit(node: ast.AST, nested: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, child.lineno, inner) for a in child.names if _first_party(a.name))
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    parts = module.split(".")
+                    keep = len(parts) - child.level + (1 if is_package else 0)
+                    base = ".".join(parts[:keep] + ([child.module] if child.module else []))
+                else:
+                    base = child.module or ""
+                if _first_party(base):
+                    found.extend((resolve(base, a.name), child.lineno, inner) for a in child.names)
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    modules = _modules()
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    problems = []
+    for module, path in modules.items():
+        for target, line, nested in _imports(module, path, modules):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            if nested:
+                problems.append(f"{where}: {module} imports {target} inside a function or class (a hidden edge)")
+            if target in EXTENSIONS or target == module:
+                continue
+            edges[module].add(target)
+            src, dst = _layer(module), _layer(target)
+            if src is not None and dst is not None and dst > src:
+                problems.append(f"{where}: {module} (layer {src}) imports {target} (layer {dst}): an upward import")
+    return edges, problems
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """One circle per strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            connect(v)
+    return out
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in _modules() if _layer(m) is None]
+    assert not missing, f"place these modules in LAYERS (and docs/architecture.md): {missing}"
+
+
+def test_no_import_circle():
+    edges, _ = _graph()
+    assert _cycles(edges) == []
+
+
+def test_no_upward_or_hidden_import():
+    _, problems = _graph()
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_checker_sees_circles_and_upward_imports():
+    """The check can fail: a made-up circle and an upward edge are found."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _layer("rollingq_kernels.triton_forward") == 1 and _layer("rollingq.data.cremad") == TRAINING + 2
+    edges, _ = _graph()
+    assert "rollingq_kernels.accumulator" in edges["rollingq_kernels.controller"]
+    assert _layer("rollingq_kernels.controller") > _layer("rollingq_kernels.accumulator")

@@ -1,0 +1,115 @@
+"""Typed config: defaults in one place, unknown keys with suggestions, type and range errors naming the key."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+from rollingq.config import Config, ConfigError, OgmConfig, load_config, read_config, save_config
+from rollingq.schema import closest
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.learning_rate=5", "optim.learning_rate: unknown key; did you mean optim.lr?"),
+    ("trian.epochs=7", "trian.epochs: unknown key; did you mean train.epochs?"),
+    ("train.epoch=1", "train.epoch: unknown key; did you mean train.epochs?"),
+    ("model.rotaton_mode=per_head", "model.rotaton_mode: unknown key; did you mean model.rotation_mode?"),
+    ("data.synthetic.sizes.trian=5",
+     "data.synthetic.sizes.trian: unknown key; did you mean data.synthetic.sizes.train?"),
+    ("data.task=7class", "data.task: a key of the mosei dataset, not of data.name='synthetic'"),
+    ("data.zzz=1", "data.zzz: unknown key; expected one of name, modalities"),
+])
+def test_unknown_keys_name_the_closest_valid_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", [override])
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("config, override, message", [
+    ("synthetic", "train.epochs=abc", "train.epochs: expected an integer, got 'abc'"),
+    ("synthetic", "train.epochs=2.5", "train.epochs: expected an integer, got 2.5"),
+    ("synthetic", "train.epochs=0", "train.epochs: expected an integer >= 1, got 0"),
+    ("synthetic", "model.dim=0", "model.dim: expected an integer >= 1, got 0"),
+    ("synthetic", "optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("synthetic", "optim.lr=.nan", "optim.lr: expected a number, got nan"),
+    ("synthetic", "rollingq.enabled=1", "rollingq.enabled: expected true or false, got 1"),
+    ("synthetic", "rollingq.window=0", "rollingq.window: expected 'epoch' or an integer >= 1"),
+    ("synthetic", "rollingq.method=qr", "rollingq.method: expected one of plane, svd, got 'qr'"),
+    ("synthetic", "train.grad_clip=-1", "train.grad_clip: expected a number > 0.0, got -1.0"),
+    ("synthetic", "data.modalities=audio", "data.modalities: expected a list of strings, got 'audio'"),
+    ("synthetic", "data.synthetic.corrupt.test=1.5",
+     "data.synthetic.corrupt.test: expected a number >= 0.0 and <= 1.0, got 1.5"),
+    ("synthetic", "train=5", "train: expected a mapping of keys, got 5"),
+    ("cremad_vanilla_mt", "data.num_frames=0", "data.num_frames: expected an integer >= 1, got 0"),
+    ("cremad_vanilla_mt", "data.image_size=0", "data.image_size: expected an integer >= 16, got 0"),
+    ("cremad_vanilla_mt", "data.modalities=[audio,text]", "data.modalities: cremad has audio and visual, got 'text'"),
+    ("mosei_vanilla_mt", "data.task=3class", "data.task: expected one of binary, 7class, got '3class'"),
+])
+def test_bad_values_name_the_dotted_key(config, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(config, [override])
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dim=30"], "model.encoder_heads: 4 does not divide model.dim 30"),
+    (["model.fusion_heads=3"], "model.fusion_heads: 3 does not divide model.dim 64"),
+    (["model.fusion=unimodal"], "model.modality: the unimodal head needs one of ['audio', 'visual'], got None"),
+    (["data.modalities=[audio]", "data.synthetic.tokens=8"],
+     "data.modalities: attention fusion (model.fusion='vanilla_mt') needs >= 2"),
+    (["rollingq.enabled=true", "model.fusion=sum"], "rollingq.enabled: RollingQ needs an attention fusion"),
+])
+def test_rules_across_keys_are_checked_at_load_time(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_a_misspelled_key_in_a_file_is_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: " + str(tmp_path / "base.yaml") + "\ntrain: {epoch: 1}\n")
+    (tmp_path / "base.yaml").write_text("model: {dim: 32}\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown key; did you mean train\.epochs\?"):
+        load_config(str(path))
+    path.write_text("base: base.yaml\ntrain: {epochs: 3}\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.epochs, cfg.model.dim, cfg.model.encoder_depth) == (3, 32, 2)
+
+
+def test_defaults_live_in_the_sections():
+    cfg = Config()
+    assert cfg.ogm.end_epoch == OgmConfig().end_epoch == 1000
+    assert cfg.data.options.synthetic.sizes.train == 2048 and cfg["data"]["synthetic"].feature_dim == 16
+    assert load_config(None, []).to_dict() == cfg.to_dict()
+    assert load_config("cremad_vanilla_mt").data.options.train_list == "train.csv"
+    assert load_config("kinetics_sounds_vanilla_mt", ["data.num_frames=2"])["data"]["num_frames"] == 2
+
+
+def test_saved_config_round_trips_in_the_yaml_shape(tmp_path):
+    cfg = load_config("kinetics_sounds_ogm_ge", ["data.classes=[a, b]", "train.grad_clip=1.5"])
+    path = str(tmp_path / "config.yaml")
+    save_config(cfg, path)
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    assert raw["data"]["fbank_frames"] == 1024 and raw["data"]["classes"] == ["a", "b"] and "options" not in raw["data"]
+    assert raw["ogm"]["end_epoch"] == 30 and raw["train"]["grad_clip"] == 1.5
+    assert read_config(path) == cfg
+    raw["model"]["dimm"] = 3
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    with pytest.raises(ConfigError, match=r"config\.yaml: model\.dimm: unknown key; did you mean model\.dim\?"):
+        read_config(path)
+
+
+def test_a_renamed_key_of_an_old_run_is_read_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="rollingq.config"):
+        cfg = Config.from_dict({"model": {"rotation": "per_head"}})
+    assert cfg.model.rotation_mode == "per_head" and "model.rotation is now model.rotation_mode" in caplog.text
+
+
+def test_closest_key():
+    keys = ["name", "lr", "momentum", "weight_decay", "warmup_epochs", "min_lr"]
+    assert closest("learning_rate", keys) == "lr" and closest("wd", keys) == "weight_decay"
+    assert closest("LR", keys) == "lr" and closest("momentun", keys) == "momentum"
+    assert closest("trian", ["train", "data"]) == "train" and closest("zzz", keys) is None
