@@ -158,7 +158,7 @@ def plot_key_distribution(runs: Sequence[RunRecord], path: str) -> str | None:
     if panels is None:
         return None
     fig, axes, groups = panels
-    for ax, members in zip(axes, groups.values(), strict=True):
+    for ax, (group, members) in zip(axes, groups.items(), strict=True):
         run = members[0]
         keys = run.eval["key_distribution"]
         noise_mod = keys["noise_modality"]
@@ -172,7 +172,7 @@ def plot_key_distribution(runs: Sequence[RunRecord], path: str) -> str | None:
         ax.axvline(0.0, color="gray", linewidth=0.6)
         ax.set_xlabel("cos(class query, mean key)")
         ax.set_ylabel("mean-key norm")
-        ax.set_title(f"{run.label}", fontsize=9)
+        ax.set_title(group if run.seed is None else f"{group} (seed {run.seed})", fontsize=9)
         ax.legend(fontsize=7, markerscale=2)
     return _save(fig, path)
 
@@ -214,16 +214,17 @@ def plot_accuracy_over_training(runs: Sequence[RunRecord], path: str) -> str | N
         return None
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
-    names = list(group_runs(runs))
-    for run in runs:
-        color = GROUP_COLORS[names.index(run.name) % len(GROUP_COLORS)]
-        epochs = [int(e["epoch"]) for e in run.epochs]
-        acc = [np.nan if e.get("val_acc") is None else float(e["val_acc"]) for e in run.epochs]
-        first = run is next(r for r in runs if r.name == run.name)
-        ax.plot(epochs, acc, color=color, alpha=0.8, label=run.name if first else None)
-        rot = [(ep, a) for ep, a in zip(epochs, acc, strict=True) if ep in run.rotation_epochs and not math.isnan(a)]
-        if rot:  # the validation accuracy of the epoch at whose end the query was rotated
-            ax.scatter(*zip(*rot, strict=True), color="red", s=18, zorder=3)
+    # colour by group (the label is dataset/name when the runs span several datasets), never by bare run name
+    for g, (group, members) in enumerate(group_runs(runs).items()):
+        color = GROUP_COLORS[g % len(GROUP_COLORS)]
+        for i, run in enumerate(members):
+            epochs = [int(e["epoch"]) for e in run.epochs]
+            acc = [np.nan if e.get("val_acc") is None else float(e["val_acc"]) for e in run.epochs]
+            ax.plot(epochs, acc, color=color, alpha=0.8, label=group if i == 0 else None)
+            rot = [(ep, a) for ep, a in zip(epochs, acc, strict=True)
+                   if ep in run.rotation_epochs and not math.isnan(a)]
+            if rot:  # the validation accuracy of the epoch at whose end the query was rotated
+                ax.scatter(*zip(*rot, strict=True), color="red", s=18, zorder=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
