@@ -23,12 +23,13 @@ from .config import ConfigError, load_config
 from .data import SPLITS, DataError
 from .demo import run_demo
 from .evaluate import evaluate_run, summarize
+from .extras import MissingExtra
 from .records import CHECKPOINT_NAMES
 from .train import resume, train
 
 logger = logging.getLogger("rollingq.cli")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, OSError, ValueError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, MissingExtra, OSError, ValueError)
 """What a user's input can cause; reported in one line (the message names the key, file or argument)."""
 
 
