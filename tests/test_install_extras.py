@@ -98,13 +98,14 @@ def test_training_needs_only_the_train_extra_and_other_commands_name_theirs(tmp_
                      "train.batch_size=16"]
         codes = [main(["train", "--config", "synthetic", *overrides, "--out", {str(run_dir)!r}]),
                  main(["report", {str(run_dir)!r}, "--out", {str(report)!r}]),
-                 main(["eval", "--run", {str(run_dir)!r}])]
+                 main(["eval", "--run", {str(run_dir)!r}]),
+                 main(["prepare", "cremad", {str(tmp_path)!r}, {str(tmp_path / "cremad")!r}])]
         print("CODES", codes)
         loaded = sorted({{m.split(".")[0] for m in sys.modules}} & HIDDEN)
         print("LOADED", loaded)
     """, OPTIONAL_FEATURE_PACKAGES)
     assert res.returncode == 0, res.stderr
-    assert "CODES [0, 2, 2]" in res.stdout, res.stdout + res.stderr
+    assert "CODES [0, 2, 2, 2]" in res.stdout, res.stdout + res.stderr
     assert "LOADED []" in res.stdout
     assert (run_dir / "config.yaml").is_file() and not report.exists()
     lines = [line for line in res.stderr.splitlines() if "error:" in line]
@@ -113,6 +114,8 @@ def test_training_needs_only_the_train_extra_and_other_commands_name_theirs(tmp_
         "[analysis] extra): pip install 'rollingq[analysis]' (--debug shows the traceback)",
         "rollingq eval: error: the Pearson test of rollingq eval needs 'scipy', which is not installed (the "
         "[analysis] extra): pip install 'rollingq[analysis]' (--debug shows the traceback)",
+        "rollingq prepare: error: rollingq prepare (decoding video) needs 'av', which is not installed (the "
+        "[prepare] extra): pip install 'rollingq[prepare]' (--debug shows the traceback)",
     ], res.stderr
 
 
