@@ -11,7 +11,7 @@ never breaks the commands that do not use it.
 | ``train`` | timm, pyyaml, tqdm, tensorboard, pillow | the ``rollingq`` package and command |
 | ``audio`` | librosa, soundfile | CREMA-D audio (wav decoding, resampling) |
 | ``analysis`` | matplotlib, scipy | ``rollingq report`` (figures), ``rollingq eval`` (Pearson r) |
-| ``prepare`` | av (PyAV, its own FFmpeg), scipy, pillow | ``rollingq prepare`` (raw releases to the layouts) |
+| ``prepare`` | av (PyAV, its own FFmpeg), scipy, pillow, scikit-learn | ``rollingq prepare`` |
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("timm", "yaml", "tqdm", "tensorboard", "PIL"),
     "audio": ("librosa", "soundfile"),
     "analysis": ("matplotlib", "scipy"),
-    "prepare": ("av", "scipy", "PIL"),
+    "prepare": ("av", "scipy", "PIL", "sklearn"),
 }
 
 
 #: Distribution names where they differ from the import name (for messages).
-PACKAGE_NAMES = {"yaml": "pyyaml", "PIL": "pillow"}
+PACKAGE_NAMES = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn"}
 
 
 class MissingExtra(ImportError):
