@@ -10,6 +10,11 @@ This is the bottom layer of the kernel package and imports nothing of it. It
   the Triton path and ``torch.compile`` still work (:data:`HAS_CPP` says which);
 * registers the fake (meta) implementations ``torch.compile`` and ``opcheck``
   use;
+* registers the op's autograd formula (``torch.library.register_autograd``):
+  ``torch.ops.rollingq.attention_fwd`` is differentiable in ``q``, ``k``, ``v``
+  on every device, its backward is ``rollingq::attention_bwd``, and a second
+  derivative raises :data:`DOUBLE_BACKWARD_ERROR` (as PyTorch's fused attention
+  does) instead of returning zeros;
 * answers whether Triton runs in its CPU interpreter (:func:`triton_interpret`).
 """
 
@@ -58,6 +63,62 @@ except ImportError as exc:  # pragma: no cover - exercised in the skip-extension
 def triton_interpret() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` set before Triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: The message of a second derivative through the op (double backward is not implemented).
+DOUBLE_BACKWARD_ERROR = (
+    "rollingq_attention: double backward (a gradient of the op's gradient, e.g. torch.autograd.grad with "
+    "create_graph=True followed by another grad) is not implemented by the fused kernels; "
+    "use backend='reference' for second-order gradients"
+)
+
+#: Positions of the differentiable inputs q, k, v in the forward schema; the other 7 inputs get no gradient.
+_NON_DIFFERENTIABLE_INPUTS = 7
+
+
+def save_for_backward(ctx, inputs: tuple, outputs: tuple) -> None:
+    """Keep what the backward needs: ``q, k, v, out, lse`` (never probabilities) and the op's arguments.
+
+    ``inputs`` are the forward's 10 arguments, ``outputs`` its 5 results. The statistics and ``lse``
+    are marked non-differentiable.
+    """
+    q, k, v, segments, lengths, rotation, scale, dropout_p, seed, _compute_stats = inputs
+    out, lse, key_mean, mass, query = outputs
+    ctx.save_for_backward(q, k, v, out, lse, lengths, rotation)
+    ctx.segments, ctx.scale, ctx.dropout_p, ctx.seed = list(segments), scale, dropout_p, seed
+    ctx.mark_non_differentiable(lse, key_mean, mass, query)
+
+
+def backward_inputs(ctx, grad_out: torch.Tensor) -> tuple:
+    """The arguments of ``attention_bwd`` for ``grad_out`` (the gradient of ``out``)."""
+    q, k, v, out, lse, lengths, rotation = ctx.saved_tensors
+    return (grad_out.contiguous(), q, k, v, out, lse, ctx.segments, lengths, rotation, ctx.scale,
+            ctx.dropout_p, ctx.seed)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    save_for_backward(ctx, inputs, output)
+
+
+def _backward(ctx, grad_out, *_unused):
+    if grad_out is None:  # only the statistics were used: no gradient flows
+        return (None,) * (3 + _NON_DIFFERENTIABLE_INPUTS)
+    dq, dk, dv = torch.ops.rollingq.attention_bwd(*backward_inputs(ctx, grad_out))
+    return (dq, dk, dv) + (None,) * _NON_DIFFERENTIABLE_INPUTS
+
+
+def _setup_backward_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+torch.library.register_autograd("rollingq::attention_fwd", _backward, setup_context=_setup_context)
+# The backward op records a node only when a graph of the gradient is built (create_graph=True);
+# differentiating that node is the double backward the kernels do not implement.
+torch.library.register_autograd("rollingq::attention_bwd", _no_double_backward, setup_context=_setup_backward_context)
 
 
 @torch.library.register_fake("rollingq::attention_fwd")

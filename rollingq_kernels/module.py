@@ -1,10 +1,14 @@
 """``FusedRollingQAttention``: a drop-in, timm-compatible attention layer.
 
 The layer holds the projections of timm's ViT ``Attention`` (``qkv`` and
-``proj``, same parameter names and layout, so a timm block's weights load
-unchanged) and calls :func:`rollingq_kernels.ops.rollingq_attention`, which
-rotates the class query by the layer's ``rotation`` buffer and returns the
-RollingQ statistics in the same pass. In training mode every forward adds
+``proj``, same parameter names and layout) and is called the way timm's
+``Block`` calls its attention, ``attn(x, attn_mask=None, is_causal=False)``, so
+``block.attn = FusedRollingQAttention.from_timm(block.attn, segments=...)``
+swaps it into a timm ViT, whose plain state dicts then load strictly (absent
+rotation keys mean the identity). It calls
+:func:`rollingq_kernels.ops.rollingq_attention`, which rotates the class query
+by the layer's ``rotation`` buffer (the one source of truth: every forward
+reads it) and returns the RollingQ statistics in the same pass. In training mode every forward adds
 those statistics to the layer's :class:`StatisticsAccumulator` (its window),
 and to every accumulator passed to :meth:`FusedRollingQAttention.collecting`
 in any mode; the :class:`~rollingq_kernels.controller.RollingQ` controller
@@ -14,8 +18,9 @@ reads the window at the end of an epoch and updates ``rotation``.
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accumulator import StatisticsAccumulator, Sums, Window, WindowStatistics, batch_sums, check_window, zero_sums
+from .checks import BACKENDS, check_segments
 from .dropout import SEED_LIMIT
 from .ops import rollingq_attention
 from .rebalance import compose_rotations
@@ -32,9 +38,10 @@ from .stats import AttentionStats
 logger = logging.getLogger("rollingq_kernels")
 
 ROTATION_MODES = ("global", "per_head")
+#: Largest ``|RᵀR − I|`` entry a float32/float64 rotation may have (applied or loaded).
+ORTHOGONALITY_TOL = 1e-4
 
 
-@torch.compiler.disable
 def _attend_with_dropout(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,13 +55,91 @@ def _attend_with_dropout(
 ):
     """The op with attention dropout and a fresh seed from Python's ``random``.
 
-    Kept out of ``torch.compile`` graphs: a traced call would bake the seed into the
-    graph (the same mask every step, or a recompile per seed).
+    Kept out of ``torch.compile`` graphs (:func:`_eager_attend_with_dropout`): a traced call
+    would bake the seed into the graph (the same mask every step, or a recompile per seed).
     """
     return rollingq_attention(
         q, k, v, segments, lengths=lengths, rotation=rotation, scale=scale,
         dropout_p=dropout_p, seed=random.randrange(SEED_LIMIT), backend=backend,
     )
+
+
+_EAGER: dict[str, Any] = {}
+
+
+def _eager_attend_with_dropout():
+    """``torch.compiler.disable(_attend_with_dropout)``, made when first needed (under ``torch.compile``).
+
+    Not a decorator at import: ``torch.compiler.disable`` imports ``torch._dynamo`` (about 1.5 s),
+    which an eager user never needs.
+    """
+    fn = _EAGER.get("dropout")
+    if fn is None:
+        fn = _EAGER["dropout"] = torch.compiler.disable(_attend_with_dropout)
+    return fn
+
+
+def _check_probability(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float in [0, 1), got {value!r} ({type(value).__name__})")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name}: expected a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def orthogonality_error(rotation: torch.Tensor) -> tuple[float, bool]:
+    """``(max |RᵀR − I|, det R > 0)`` of a ``(D, D)`` or ``(H, D, D)`` matrix, computed in float64."""
+    r = rotation.detach().to(torch.float64)
+    eye = torch.eye(r.shape[-1], dtype=torch.float64, device=r.device)
+    error = float((r.mT @ r - eye).abs().max())
+    proper = bool((torch.linalg.slogdet(r).sign > 0).all()) if error < 0.5 else False
+    return error, proper
+
+
+def key_padding_lengths(attn_mask: torch.Tensor, segments: tuple[int, ...]) -> torch.Tensor:
+    """The ``(B, M)`` valid lengths a timm-style key-padding mask describes.
+
+    Args:
+        attn_mask: bool ``(B, N)`` or ``(B, 1, 1, N)`` (True: the key takes part, SDPA's meaning), or a float
+            additive mask of those shapes holding only 0 (take part) and -inf (masked).
+        segments: the ``M`` padded modality sizes, ``N = 1 + sum(segments)``.
+
+    Raises:
+        ValueError: another shape or values, a masked class token, or masked keys that are not
+            the end of their segment (the op's padding sits at the end of each segment).
+    """
+    n = 1 + sum(segments)
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() == 4 and shape[1:3] == (1, 1):
+        mask = attn_mask[:, 0, 0]
+    elif attn_mask.dim() == 2:
+        mask = attn_mask
+    else:
+        raise ValueError(
+            f"attn_mask: FusedRollingQAttention takes key-padding masks only, of shape (B, {n}) or (B, 1, 1, {n}); "
+            f"got {shape} (query-dependent masks are not supported)"
+        )
+    if mask.shape[-1] != n:
+        raise ValueError(f"attn_mask: expected {n} keys (1 + sum(segments) for segments {segments}), got {shape}")
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point():
+            raise TypeError(f"attn_mask: expected a bool or float mask, got {mask.dtype}")
+        keep = mask == 0
+        if not bool((keep | (mask == float("-inf"))).all()):
+            raise ValueError("attn_mask: a float mask must hold only 0 (take part) and -inf (masked)")
+        mask = keep
+    if not bool(mask[:, 0].all()):
+        raise ValueError("attn_mask: the class token (key 0) must take part in every sample")
+    parts = torch.split(mask[:, 1:], list(segments), dim=1)
+    lengths = torch.stack([p.sum(1) for p in parts], dim=1)
+    for m, (part, size) in enumerate(zip(parts, segments)):
+        prefix = torch.arange(size, device=mask.device) < lengths[:, m : m + 1]
+        if not torch.equal(part, prefix):
+            raise ValueError(
+                f"attn_mask: the masked keys of modality {m} are not the end of its segment of {size}; "
+                "the op takes padding at the end of each segment"
+            )
+    return lengths
 
 
 class FusedRollingQAttention(nn.Module):
@@ -73,7 +158,7 @@ class FusedRollingQAttention(nn.Module):
             ``attn_drop=0``).
         proj_drop: dropout after ``proj``.
         num_modalities: ``M ≥ 2``, the number of modality segments after the
-            class token.
+            class token (default: ``len(segments)``, else 2).
         rotation_mode: ``"global"`` (one ``(C, C)`` rotation of the
             concatenated heads) or ``"per_head"`` (``(H, Dh, Dh)``).
         class_query_only: only the class token queries; ``forward`` returns
@@ -85,15 +170,23 @@ class FusedRollingQAttention(nn.Module):
         scale: score scale; default ``Dh ** -0.5`` (timm's).
         window: the statistics window, ``"epoch"`` or the last ``K`` batches
             (the controller sets it when it registers the layer).
+        segments: the padded modality sizes ``(L_1, …, L_M)`` of the token
+            layout ``[class token, modality 1, …, modality M]``, set once so
+            that the layer can be called like timm's ``Attention``
+            (:meth:`set_segments` changes them; a call may also pass its own).
 
     Buffers (saved in ``state_dict``):
         rotation: float32 (float64 if the layer is cast to float64; casts to
             16-bit types leave it float32), identity at start; ``(C, C)`` or
-            ``(H, Dh, Dh)``. While it is the identity the op gets
-            ``rotation=None`` (exactly the unrotated attention).
+            ``(H, Dh, Dh)``. Every forward passes it to the op: writing it in
+            place (EMA weights, DDP's buffer broadcast, ``load_state_dict``)
+            changes the next forward. A state dict that holds this layer's
+            ``qkv.weight`` but no ``rotation`` (a plain timm checkpoint) loads
+            as the identity, even with ``strict=True``.
         num_rotations: int64 scalar, rotations applied so far.
 
     Attributes:
+        segments: the stored modality sizes, or None.
         last_stats: the op's :class:`AttentionStats` of the last call (detached),
             or None before the first call.
         statistics: the :class:`StatisticsAccumulator` fed in training mode
@@ -111,7 +204,7 @@ class FusedRollingQAttention(nn.Module):
         qkv_bias: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        num_modalities: int = 2,
+        num_modalities: int | None = None,
         rotation_mode: str = "global",
         class_query_only: bool = False,
         backend: str = "auto",
@@ -119,39 +212,48 @@ class FusedRollingQAttention(nn.Module):
         proj_bias: bool = True,
         scale: float | None = None,
         window: Window = "epoch",
+        segments: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim: expected a positive int, got {dim!r}")
-        if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
             raise ValueError(f"num_heads: expected a positive divisor of dim={dim}, got {num_heads!r}")
-        if not isinstance(num_modalities, int) or num_modalities < 2:
+        segs = None if segments is None else check_segments(segments)
+        if num_modalities is None:
+            num_modalities = 2 if segs is None else len(segs)
+        if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 2:
             raise ValueError(f"num_modalities: expected an int >= 2, got {num_modalities!r}")
+        if segs is not None and len(segs) != num_modalities:
+            raise ValueError(f"segments: expected num_modalities={num_modalities} sizes, got {list(segs)}")
         if rotation_mode not in ROTATION_MODES:
             raise ValueError(f"rotation_mode: expected one of {ROTATION_MODES}, got {rotation_mode!r}")
-        if not 0.0 <= float(attn_drop) < 1.0:
-            raise ValueError(f"attn_drop: expected a float in [0, 1), got {attn_drop!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"scale: expected a finite float > 0 or None, got {scale!r}")
+        self.attn_drop_p = _check_probability("attn_drop", attn_drop)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_modalities = num_modalities
+        self.segments: tuple[int, ...] | None = segs
         self.rotation_mode = rotation_mode
         self.class_query_only = bool(class_query_only)
         self.backend = backend
         self.scale = float(scale) if scale is not None else self.head_dim**-0.5
-        self.attn_drop_p = float(attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(_check_probability("proj_drop", proj_drop))
         self.register_buffer("rotation", self._identity(), persistent=True)
         self.register_buffer("num_rotations", torch.zeros((), dtype=torch.int64), persistent=True)
-        # A host-side flag so the identity rotation costs nothing (the op gets rotation=None).
-        self._rotation_active = False
         self.last_stats: AttentionStats | None = None
         self.statistics = StatisticsAccumulator(check_window(window))
         self.collect_statistics = True
         self._collectors: list[StatisticsAccumulator] = []  # see collecting()
         self._window_paused = 0
+        self._lengths: list[torch.Tensor | None] = []  # see using_lengths()
 
     # ------------------------------------------------------------------ construction
     def rotation_shape(self) -> tuple[int, ...]:
@@ -166,15 +268,44 @@ class FusedRollingQAttention(nn.Module):
         eye = torch.eye(self.head_dim, dtype=torch.float32, device=device)
         return eye.repeat(self.num_heads, 1, 1)
 
+    def set_segments(self, segments: Sequence[int] | None) -> None:
+        """Store the padded modality sizes ``(L_1, …, L_M)`` every call uses (None: each call passes its own)."""
+        if segments is None:
+            self.segments = None
+            return
+        segs = check_segments(segments)
+        if len(segs) != self.num_modalities:
+            raise ValueError(
+                f"segments: expected {self.num_modalities} modality sizes (num_modalities), got {list(segs)}"
+            )
+        self.segments = segs
+
+    @contextmanager
+    def using_lengths(self, lengths: torch.Tensor | None) -> Iterator[None]:
+        """Calls inside the context use ``lengths``, ``(B, M)`` valid tokens per modality (the batch's padding).
+
+        For a layer inside a model whose forward does not pass lengths (a timm ``Block``):
+        ``with attn.using_lengths(lengths): vit(x)``. Contexts nest; a call's own ``lengths=``
+        or ``attn_mask`` wins.
+        """
+        self._lengths.append(lengths)
+        try:
+            yield
+        finally:
+            self._lengths.pop()
+
     @classmethod
     def from_timm(cls, attn: nn.Module, **kwargs: Any) -> FusedRollingQAttention:
         """Build a layer with the weights of a ``timm.models.vision_transformer.Attention``.
 
         ``dim``, ``num_heads``, the biases, dropouts and scale are read from
-        ``attn``; ``kwargs`` sets the rest (``num_modalities``, ``rotation_mode``,
-        ``class_query_only``, ``backend``, ``window``). The weights are copied
-        (same device and dtype). With the identity rotation the layer computes
-        exactly what ``attn`` computes.
+        ``attn``; ``kwargs`` sets the rest (``segments``, ``num_modalities``,
+        ``rotation_mode``, ``class_query_only``, ``backend``, ``window``). The
+        weights are copied (same device and dtype). With the identity rotation
+        the layer computes exactly what ``attn`` computes, and it replaces
+        ``attn`` inside a timm ``Block`` as is::
+
+            block.attn = FusedRollingQAttention.from_timm(block.attn, segments=(98, 98))
 
         Raises:
             ValueError: ``attn`` uses q/k normalization, scale normalization,
@@ -237,54 +368,74 @@ class FusedRollingQAttention(nn.Module):
 
     @property
     def rotation_is_identity(self) -> bool:
-        """True until a rotation is applied or a non-identity rotation is loaded."""
-        return not self._rotation_active
+        """True while the ``rotation`` buffer holds the identity (read from the buffer)."""
+        return torch.equal(self.rotation, self._identity(self.rotation.device).to(self.rotation.dtype))
+
+    def _check_rotation(self, what: str, rotation: torch.Tensor) -> str | None:
+        """None if ``rotation`` is a finite proper rotation of the layer's shape, else what is wrong."""
+        if tuple(rotation.shape) != self.rotation_shape():
+            return (f"{what}: expected shape {self.rotation_shape()} for rotation_mode={self.rotation_mode!r} "
+                    f"(dim={self.dim}, num_heads={self.num_heads}), got {tuple(rotation.shape)}")
+        if not rotation.is_floating_point():
+            return f"{what}: expected a float tensor, got {rotation.dtype}"
+        if rotation.device.type == "meta":
+            return None
+        if not bool(torch.isfinite(rotation).all()):
+            return f"{what}: expected a finite rotation, got NaN or inf"
+        tol = ORTHOGONALITY_TOL if rotation.dtype in (torch.float32, torch.float64) else 1e-2
+        error, proper = orthogonality_error(rotation)
+        if error > tol:
+            return f"{what}: expected an orthogonal matrix (max |R^T R - I| <= {tol:g}), got {error:.3g}"
+        if not proper:
+            return f"{what}: expected a rotation (determinant +1), got a reflection (determinant -1)"
+        return None
 
     @torch.no_grad()
     def apply_rotation(self, new: torch.Tensor) -> None:
         """Compose a rotation into the buffer, ``R ← new @ R``, and count it.
 
         Args:
-            new: ``rotation_shape()`` rotation (any float dtype, finite).
+            new: ``rotation_shape()`` rotation (any float dtype, finite, orthogonal with
+                determinant +1 to within ``1e-4`` for float32/float64).
         """
-        if tuple(new.shape) != self.rotation_shape():
-            raise ValueError(
-                f"new: expected shape {self.rotation_shape()} for rotation_mode={self.rotation_mode!r}, "
-                f"got {tuple(new.shape)}"
-            )
-        if not bool(torch.isfinite(new).all()):
-            raise ValueError("new: expected a finite rotation, got NaN or inf")
+        if not isinstance(new, torch.Tensor):
+            raise TypeError(f"new: expected a tensor, got {type(new).__name__}")
+        problem = self._check_rotation("new", new)
+        if problem:
+            raise ValueError(problem)
         self.rotation.copy_(compose_rotations(new.to(self.rotation.device), self.rotation))
         self.num_rotations += 1
-        self._rotation_active = True
 
     @torch.no_grad()
     def reset_rotation(self) -> None:
         """Back to the identity rotation and zero rotations."""
         self.rotation.copy_(self._identity(self.rotation.device).to(self.rotation.dtype))
         self.num_rotations.zero_()
-        self._rotation_active = False
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        key = prefix + "rotation"
-        if key in state_dict:
-            got = tuple(state_dict[key].shape)
-            if got != self.rotation_shape():
-                message = (
-                    f"state_dict[{key!r}]: expected a rotation of shape {self.rotation_shape()} "
-                    f"(rotation_mode={self.rotation_mode!r}, dim={self.dim}, num_heads={self.num_heads}), got {got}"
-                )
-                if strict:
-                    raise ValueError(message)
-                # strict=False: load everything else; load_state_dict reports the mismatch (a RuntimeError)
-                error_msgs.append(message)
-                state_dict = {k: v for k, v in state_dict.items() if k != key}
+        rot_key, count_key = prefix + "rotation", prefix + "num_rotations"
+        problems = []
+        if rot_key in state_dict:
+            problem = self._check_rotation(f"state_dict[{rot_key!r}]", state_dict[rot_key])
+            if problem:
+                problems.append((rot_key, problem))
+        if count_key in state_dict:
+            count = state_dict[count_key]
+            if not isinstance(count, torch.Tensor) or count.numel() != 1 or count.is_floating_point() or (
+                    count.device.type != "meta" and int(count) < 0):
+                problems.append((count_key, f"state_dict[{count_key!r}]: expected a count >= 0 (an int64 scalar), "
+                                            f"got {count!r}"))
+        if problems:  # torch passes strict=True here whatever the caller asked: a bad value fails either way
+            raise ValueError(problems[0][1])
+        absent = rot_key not in state_dict and count_key not in state_dict
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if key in state_dict:
-            eye = self._identity(self.rotation.device)
-            self._rotation_active = not torch.equal(self.rotation.float(), eye)
+        for key in (rot_key, count_key):  # absent rotation keys mean the identity, also for strict=True
+            if key in missing_keys:
+                missing_keys.remove(key)
+        if absent and prefix + "qkv.weight" in state_dict:
+            self.reset_rotation()  # the weights of a plain (unrotated) attention layer
 
     # ------------------------------------------------------------------ statistics
     def reset_statistics(self) -> None:
@@ -355,16 +506,68 @@ class FusedRollingQAttention(nn.Module):
         k, v = kv.unbind(0)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, segments: list[int] | tuple[int, ...],
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def _call_layout(self, attn_mask, is_causal, segments, lengths):
+        """Resolve a call's segments and lengths (see :meth:`forward`)."""
+        if isinstance(attn_mask, (list, tuple)):  # the positional form layer(x, segments[, lengths]) of 0.1
+            if segments is not None:
+                raise TypeError("segments: given twice (positionally and as segments=)")
+            segments, attn_mask = attn_mask, None
+            if is_causal is None or isinstance(is_causal, torch.Tensor):
+                if lengths is not None:
+                    raise TypeError("lengths: given twice (positionally and as lengths=)")
+                lengths, is_causal = is_causal, False
+        if is_causal is not False:
+            if is_causal is True:
+                raise ValueError("is_causal: class-query attention over modality segments is not causal; "
+                                 "expected False")
+            raise TypeError(f"is_causal: expected False, got {is_causal!r}")
+        if segments is None:
+            segments = self.segments
+            if segments is None:
+                raise ValueError(
+                    "segments: not set; pass the modality sizes once (FusedRollingQAttention(..., segments=...), "
+                    "from_timm(attn, segments=...) or set_segments()) or per call (segments=...)"
+                )
+        elif len(segments) != self.num_modalities:
+            raise ValueError(
+                f"segments: expected {self.num_modalities} modality sizes (num_modalities), got {list(segments)}"
+            )
+        segments = tuple(segments)
+        if attn_mask is not None:
+            if lengths is not None:
+                raise ValueError("attn_mask, lengths: give the padding once, as lengths or as a key-padding mask")
+            if not isinstance(attn_mask, torch.Tensor):
+                raise TypeError(f"attn_mask: expected a tensor or None, got {type(attn_mask).__name__}")
+            lengths = key_padding_lengths(attn_mask, check_segments(segments))
+        elif lengths is None and self._lengths:
+            lengths = self._lengths[-1]
+        return segments, lengths
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        segments: Sequence[int] | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention over ``[class token, modality 1 tokens, …, modality M tokens]``.
+
+        Called like timm's ``Attention`` (``attn(x, attn_mask=None, is_causal=False)``) once the
+        segments are set; ``layer(x, segments, lengths)`` (positional) is accepted too.
 
         Args:
             x: ``(B, N, C)`` tokens, ``N = 1 + sum(segments)``; any float dtype
                 the op supports.
-            segments: the ``M`` padded modality sizes.
+            attn_mask: None, or a key-padding mask (bool ``(B, N)`` / ``(B, 1, 1, N)``, True = take
+                part; or float 0 / -inf) whose masked keys are the end of each segment; it becomes
+                ``lengths``. Query-dependent masks are not supported.
+            is_causal: must be False (timm passes it).
+            segments: the ``M`` padded modality sizes of this call (default: the stored ones).
             lengths: optional ``(B, M)`` integer tensor of valid tokens per
-                modality (padding at the end of each segment).
+                modality (padding at the end of each segment); default: the
+                innermost :meth:`using_lengths` context, else no padding.
 
         Returns:
             ``(B, N, C)``, or ``(B, 1, C)`` (the class token only) when
@@ -372,19 +575,16 @@ class FusedRollingQAttention(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape (B, N, {self.dim}), got {tuple(x.shape)}")
-        if len(segments) != self.num_modalities:
-            raise ValueError(
-                f"segments: expected {self.num_modalities} modality sizes (num_modalities), got {list(segments)}"
-            )
+        segments, lengths = self._call_layout(attn_mask, is_causal, segments, lengths)
         q, k, v = self._project(x)
-        rotation = self.rotation if self._rotation_active else None
         if self.training and self.attn_drop_p > 0.0:
-            out, stats = _attend_with_dropout(
-                q, k, v, tuple(segments), lengths, rotation, self.scale, self.attn_drop_p, self.backend
+            attend = _eager_attend_with_dropout() if torch.compiler.is_compiling() else _attend_with_dropout
+            out, stats = attend(
+                q, k, v, segments, lengths, self.rotation, self.scale, self.attn_drop_p, self.backend
             )
         else:
             out, stats = rollingq_attention(
-                q, k, v, segments, lengths=lengths, rotation=rotation, scale=self.scale, backend=self.backend
+                q, k, v, segments, lengths=lengths, rotation=self.rotation, scale=self.scale, backend=self.backend
             )
         if stats is not None:
             self._record(stats)
@@ -397,4 +597,5 @@ class FusedRollingQAttention(nn.Module):
             f"dim={self.dim}, num_heads={self.num_heads}, num_modalities={self.num_modalities}, "
             f"rotation_mode={self.rotation_mode!r}, class_query_only={self.class_query_only}, "
             f"attn_drop={self.attn_drop_p}, backend={self.backend!r}"
+            + ("" if self.segments is None else f", segments={self.segments}")
         )

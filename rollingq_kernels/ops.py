@@ -1,37 +1,36 @@
-"""The op: registration glue, the shared autograd Function and backend dispatch.
+"""The op: backend dispatch and the public :func:`rollingq_attention`.
 
 Two ops live in the ``rollingq`` namespace (schemas, loading of the compiled
-extension and fake kernels: :mod:`rollingq_kernels._library`):
+extension, fake kernels and the autograd formula: :mod:`rollingq_kernels._library`):
 
 * ``rollingq::attention_fwd`` -> ``(out, lse, key_mean, mass, query)``
 * ``rollingq::attention_bwd`` -> ``(dq, dk, dv)``
 
-The C++ extension implements them for CPU, the Triton module for CUDA
-(imported here when Triton is installed: it ships with torch's CUDA wheels).
-:class:`RollingQAttentionFunction` is the one autograd Function that drives
-every compiled backend; :func:`rollingq_attention` validates and dispatches;
-the eager reference is one more backend, called as is.
+The C++ extension implements them for CPU, the Triton module for CUDA. The
+Triton module is imported at import only where CUDA is available (its
+tensors use the Triton backend), elsewhere on the first use of the Triton
+backend (:func:`load_triton`): importing Triton costs time, and
+``TRITON_INTERPRET`` must be set before it. :func:`rollingq_attention`
+validates and dispatches; the eager reference is one more backend, called as
+is; Triton's CPU interpreter (tests) launches the Triton functions directly
+through :class:`_InterpretedTriton`, because the op's CPU kernel is the C++ one.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
+from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._library import BUILD_HINT, CPP_IMPORT_ERROR, HAS_CPP, triton_interpret
+from ._library import BUILD_HINT, CPP_IMPORT_ERROR, HAS_CPP, backward_inputs, save_for_backward, triton_interpret
 from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats, finish_stats
-
-if importlib.util.find_spec("triton") is not None:
-    from . import triton_attention  # registers the CUDA kernels of the rollingq ops
-else:  # pragma: no cover - CPU-only torch builds come without Triton
-    triton_attention = None
 
 logger = logging.getLogger("rollingq_kernels")
 
@@ -50,42 +49,54 @@ def _warn_missing_cpp_once() -> None:
         )
 
 
-class KernelPair(NamedTuple):
-    """Forward and backward implementations with the registered ops' signatures."""
-
-    fwd: Callable
-    bwd: Callable
+def has_triton() -> bool:
+    """True when Triton is installed (it ships with torch's CUDA wheels); does not import it."""
+    return importlib.util.find_spec("triton") is not None
 
 
-def _registered_ops() -> KernelPair:
-    return KernelPair(torch.ops.rollingq.attention_fwd.default, torch.ops.rollingq.attention_bwd.default)
+def load_triton() -> ModuleType:
+    """Import the Triton kernels (once) and return their module.
+
+    Importing it registers the CUDA kernels of the two ``rollingq`` ops;
+    :func:`rollingq_attention` calls this on the first use of the Triton
+    backend. Call it yourself before calling ``torch.ops.rollingq.*`` on CUDA
+    tensors directly.
+
+    Raises:
+        RuntimeError: Triton is not installed.
+    """
+    if not has_triton():
+        raise RuntimeError("backend='triton': Triton is not installed (it comes with torch's CUDA builds)")
+    # The one optional first-party import of the kernel package (docs/architecture.md, "Optional imports").
+    from . import triton_attention
+
+    return triton_attention
 
 
-class RollingQAttentionFunction(torch.autograd.Function):
-    """The autograd Function shared by the C++ and Triton backends.
+if has_triton() and torch.cuda.is_available():  # a CUDA machine: Triton is the backend its tensors use
+    load_triton()
 
-    ``forward`` runs ``kernels.fwd`` and saves ``out`` and the log-sum-exp;
-    ``backward`` runs ``kernels.bwd``. Statistics are non-differentiable.
+
+class _InterpretedTriton(torch.autograd.Function):
+    """The Triton launchers on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``; tests only).
+
+    The same saved tensors and backward arguments as the registered autograd formula; a second
+    derivative raises (``once_differentiable``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats, kernels):
-        out, lse, key_mean, mass, query = kernels.fwd(
-            q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats
-        )
-        ctx.save_for_backward(q, k, v, out, lse, lengths, rotation)
-        ctx.segments, ctx.scale, ctx.dropout_p, ctx.seed, ctx.kernels = segments, scale, dropout_p, seed, kernels
-        ctx.mark_non_differentiable(lse, key_mean, mass, query)
-        return out, lse, key_mean, mass, query
+    def forward(ctx, q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
+        kernels = load_triton()
+        outputs = kernels.attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats)
+        save_for_backward(ctx, (q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats), outputs)
+        ctx.attention_bwd = kernels.attention_bwd
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_out, *unused):
-        q, k, v, out, lse, lengths, rotation = ctx.saved_tensors
-        dq, dk, dv = ctx.kernels.bwd(
-            grad_out.contiguous(), q, k, v, out, lse, ctx.segments, lengths, rotation,
-            ctx.scale, ctx.dropout_p, ctx.seed,
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+    @once_differentiable
+    def backward(ctx, grad_out, *_unused):
+        dq, dk, dv = ctx.attention_bwd(*backward_inputs(ctx, grad_out))
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -112,14 +123,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='triton': expected CUDA tensors, got tensors on {device}")
     return backend
-
-
-def _kernels_for(backend: str, device: torch.device) -> KernelPair:
-    if backend == "triton" and triton_attention is None:
-        raise RuntimeError("backend='triton': Triton is not installed (it comes with torch's CUDA builds)")
-    if backend == "triton" and device.type == "cpu":  # interpreter: launch directly, not through the dispatcher
-        return KernelPair(triton_attention.attention_fwd, triton_attention.attention_bwd)
-    return _registered_ops()
 
 
 def draw_seed() -> int:
@@ -179,10 +182,13 @@ def rollingq_attention(
             dropout_p=dropout_p, seed=seed, compute_stats=compute_stats,
         )
     lengths64 = None if lengths is None else lengths.to(torch.int64).contiguous()
-    kernels = _kernels_for(chosen, q.device)
-    out, _lse, key_mean, mass, query = RollingQAttentionFunction.apply(
-        q, k, v, segs, lengths64, rotation, scale, dropout_p, seed, compute_stats, kernels
-    )
+    args = (q, k, v, segs, lengths64, rotation, scale, dropout_p, seed, compute_stats)
+    if chosen == "triton" and q.device.type == "cpu":  # the interpreter: not through the dispatcher
+        out, _lse, key_mean, mass, query = _InterpretedTriton.apply(*args)
+    else:
+        if chosen == "triton" and not torch.compiler.is_compiling():
+            load_triton()  # a no-op after the first call (Python caches the module)
+        out, _lse, key_mean, mass, query = torch.ops.rollingq.attention_fwd(*args)
     if not compute_stats:
         return out, None
     return out, finish_stats(key_mean, mass, query, lengths64, segs)

@@ -66,7 +66,7 @@ def test_train_kinetics_config_on_tiny_files(tmp_path):
     root = write_tiny_kinetics(str(tmp_path / "ks"), n_train=9, n_test=4, comma=True)
     rows = _train_one_epoch("kinetics_sounds_ogm_ge", str(tmp_path / "run"), f"data.root={root}",
                             "data.image_size=32", "data.num_frames=2", "train.batch_size=4", "data.num_workers=0",
-                            "data.val_fraction=0.3")
+                            "data.val_fraction=0.3", "data.audio_features=fbank")
     assert len(rows) == 1 and rows[0]["air"] is None
 
 

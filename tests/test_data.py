@@ -22,8 +22,9 @@ SMALL_SYN = ["data.synthetic.sizes.train=97", "data.synthetic.sizes.val=31", "da
 
 
 def _av_cfg(name: str, root: str, *extra: str) -> dict:
+    layout = ["data.audio_features=fbank"] if name == "kinetics_sounds" else []  # the fixture writes fbanks
     return load_config(f"{name}_vanilla_mt", [f"data.root={root}", "data.image_size=32", "data.val_fraction=0.3",
-                                              "data.num_workers=0", *extra])
+                                              "data.num_workers=0", *layout, *extra])
 
 
 # ---------------------------------------------------------------- synthetic

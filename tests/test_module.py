@@ -99,10 +99,11 @@ def test_from_timm_reproduces_timm_attention(dtype, atol):
     assert layer.qkv.weight.dtype == dtype and layer.rotation.dtype == (F64 if dtype == F64 else torch.float32)
     x = torch.randn(3, 1 + 11 + 6, 36, generator=_gen(12), dtype=dtype)
     torch.testing.assert_close(layer(x, [11, 6]), attn(x), rtol=0, atol=atol)
-    # timm's state_dict loads into the layer unchanged (the extra buffers are the layer's own)
+    # timm's state_dict loads into the layer strictly: absent rotation keys mean the identity
     fresh = FusedRollingQAttention(36, num_heads=4, qkv_bias=True).to(dtype).eval()
-    missing, unexpected = fresh.load_state_dict(attn.state_dict(), strict=False)
-    assert sorted(missing) == ["num_rotations", "rotation"] and unexpected == []
+    fresh.apply_rotation(_random_rotation((36, 36), seed=13))
+    missing, unexpected = fresh.load_state_dict(attn.state_dict(), strict=True)
+    assert missing == [] and unexpected == [] and fresh.rotation_is_identity and int(fresh.num_rotations) == 0
     torch.testing.assert_close(fresh(x, [11, 6]), attn(x), rtol=0, atol=atol)
 
 

@@ -191,3 +191,47 @@ def test_groups_are_per_dataset_and_a_repeated_seed_is_warned(tmp_path, caplog):
         groups = group_runs([load_run_record(synth), load_run_record(twin)])
     assert list(groups) == ["vanilla_mt"] and len(groups["vanilla_mt"]) == 2
     assert any("seed 0 more than once" in r.getMessage() for r in caplog.records)
+
+
+def test_report_across_two_datasets(tmp_path):
+    """Runs of two datasets with the same names: every figure and table is drawn per ``dataset/name``."""
+    runs = []
+    for dataset in ("synthetic", "cremad"):
+        for name, rotations in (("vanilla_mt", []), ("vanilla_mt+rollingq", [2])):
+            run = _fake_run(str(tmp_path / dataset), name, 0, rotations)
+            _retag(run, dataset)
+            runs.append(run)
+    out = tmp_path / "report"
+    write_report(runs, str(out))
+    for filename in FIGURES:
+        _check_png(str(out / filename))
+    text = (out / "report.md").read_text()
+    for group in ("synthetic/vanilla_mt", "cremad/vanilla_mt", "cremad/vanilla_mt+rollingq"):
+        assert f"| {group} | 1 |" in text  # the accuracy table
+        assert f"| {group} | 0 |" in text  # the runs table (seed 0)
+
+
+def test_a_failed_report_leaves_no_partial_folder_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from rollingq.analysis import report as report_module
+
+    run = _fake_run(str(tmp_path), "vanilla_mt", 0, [2])
+    out = tmp_path / "report"
+
+    def broken(runs, path):
+        raise RuntimeError("drawing failed")
+
+    figures = dict(FIGURES, **{"noise_robustness.png": ("broken", broken)})
+    monkeypatch.setattr(report_module, "FIGURES", figures)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        write_report([run], str(out))
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if "partial" in n]
+
+    monkeypatch.setattr(report_module, "FIGURES", FIGURES)
+    write_report([run], str(out))
+    (out / "notes.txt").write_text("mine")  # a file of the user's: never touched
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    monkeypatch.setattr(report_module, "FIGURES", figures)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        write_report([run], str(out))
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert not [n for n in os.listdir(tmp_path) if "partial" in n]

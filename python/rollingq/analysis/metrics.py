@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
 
 from rollingq_kernels.accumulator import attention_imbalance_rate, imbalance
+
+from ..extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def quality_attention_correlation(replaced: torch.Tensor, mass: torch.Tensor) ->
     if float(np.ptp(y)) == 0.0:
         logger.warning("attention mass is constant over the %d samples; the Pearson correlation is undefined", n)
         return QualityCorrelation(None, None, None, n, n_rep)
-    result = scipy_stats.pearsonr(x, y)
+    result = require("scipy.stats", "analysis", "the Pearson test of rollingq eval").pearsonr(x, y)
     r = _finite_or_none(result.statistic)
     return QualityCorrelation(
         r_replaced=r,

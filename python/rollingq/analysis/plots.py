@@ -1,7 +1,8 @@
 """The report's figures (matplotlib's object API on the Agg canvas; no pyplot global state).
 
 Each function draws one PNG from :class:`~rollingq.analysis.runs.RunRecord` objects and
-returns its path, or None when no run has the data it needs.
+returns its path, or None when no run has the data it needs. matplotlib (the ``[analysis]``
+extra) is imported when a figure is drawn, so the rest of the package works without it.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
+from ..extras import require
 from .metrics import mean_std
 from .runs import RunRecord, group_runs
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +28,16 @@ DPI = 110
 MODALITY_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive")
 GROUP_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 NOISE_COLOR = "red"
+
+
+def _figure(**kwargs) -> Figure:
+    """A matplotlib ``Figure`` (Agg canvas), or :class:`~rollingq.extras.MissingExtra` naming ``[analysis]``."""
+    return require("matplotlib.figure", "analysis", "rollingq report's figures").Figure(**kwargs)
+
+
+def _integer_ticks(ax: Axes) -> None:
+    ax.xaxis.set_major_locator(require("matplotlib.ticker", "analysis", "rollingq report's figures").MaxNLocator(
+        integer=True))
 
 
 def _save(fig: Figure, path: str) -> str:
@@ -56,7 +70,7 @@ def plot_training_dynamics(runs: Sequence[RunRecord], path: str) -> str | None:
     if not runs:
         return None
     groups = group_runs(runs)
-    fig = Figure(figsize=(11, 3.0 * len(groups)), layout="constrained")
+    fig = _figure(figsize=(11, 3.0 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 2, squeeze=False)
     for row, (group, members) in enumerate(groups.items()):
         ax_air, ax_mass = axes[row]
@@ -92,7 +106,7 @@ def plot_training_dynamics(runs: Sequence[RunRecord], path: str) -> str | None:
         ax_mass.set_ylabel("attention mass")
         for ax in (ax_air, ax_mass):
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            _integer_ticks(ax)
             ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
@@ -118,7 +132,7 @@ def _group_panels(
     if not evaluated:
         return None
     groups = group_runs(evaluated)
-    fig = Figure(figsize=(4.6 * len(groups), height), layout="constrained")
+    fig = _figure(figsize=(4.6 * len(groups), height), layout="constrained")
     return fig, fig.subplots(1, len(groups), squeeze=False)[0], groups
 
 
@@ -158,7 +172,7 @@ def plot_key_distribution(runs: Sequence[RunRecord], path: str) -> str | None:
     if panels is None:
         return None
     fig, axes, groups = panels
-    for ax, members in zip(axes, groups.values(), strict=True):
+    for ax, (group, members) in zip(axes, groups.items(), strict=True):
         run = members[0]
         keys = run.eval["key_distribution"]
         noise_mod = keys["noise_modality"]
@@ -172,7 +186,7 @@ def plot_key_distribution(runs: Sequence[RunRecord], path: str) -> str | None:
         ax.axvline(0.0, color="gray", linewidth=0.6)
         ax.set_xlabel("cos(class query, mean key)")
         ax.set_ylabel("mean-key norm")
-        ax.set_title(f"{run.label}", fontsize=9)
+        ax.set_title(group if run.seed is None else f"{group} (seed {run.seed})", fontsize=9)
         ax.legend(fontsize=7, markerscale=2)
     return _save(fig, path)
 
@@ -185,7 +199,7 @@ def plot_noise_robustness(runs: Sequence[RunRecord], path: str) -> str | None:
     evaluated = [r for r in runs if r.eval and r.eval.get("noise_robustness")]
     if not evaluated:
         return None
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    fig = _figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.subplots()
     for g, (group, members) in enumerate(group_runs(evaluated).items()):
         color = GROUP_COLORS[g % len(GROUP_COLORS)]
@@ -212,21 +226,22 @@ def plot_accuracy_over_training(runs: Sequence[RunRecord], path: str) -> str | N
     runs = [r for r in runs if any(e.get("val_acc") is not None for e in r.epochs)]
     if not runs:
         return None
-    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    fig = _figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
-    names = list(group_runs(runs))
-    for run in runs:
-        color = GROUP_COLORS[names.index(run.name) % len(GROUP_COLORS)]
-        epochs = [int(e["epoch"]) for e in run.epochs]
-        acc = [np.nan if e.get("val_acc") is None else float(e["val_acc"]) for e in run.epochs]
-        first = run is next(r for r in runs if r.name == run.name)
-        ax.plot(epochs, acc, color=color, alpha=0.8, label=run.name if first else None)
-        rot = [(ep, a) for ep, a in zip(epochs, acc, strict=True) if ep in run.rotation_epochs and not math.isnan(a)]
-        if rot:  # the validation accuracy of the epoch at whose end the query was rotated
-            ax.scatter(*zip(*rot, strict=True), color="red", s=18, zorder=3)
+    # colour by group (the label is dataset/name when the runs span several datasets), never by bare run name
+    for g, (group, members) in enumerate(group_runs(runs).items()):
+        color = GROUP_COLORS[g % len(GROUP_COLORS)]
+        for i, run in enumerate(members):
+            epochs = [int(e["epoch"]) for e in run.epochs]
+            acc = [np.nan if e.get("val_acc") is None else float(e["val_acc"]) for e in run.epochs]
+            ax.plot(epochs, acc, color=color, alpha=0.8, label=group if i == 0 else None)
+            rot = [(ep, a) for ep, a in zip(epochs, acc, strict=True)
+                   if ep in run.rotation_epochs and not math.isnan(a)]
+            if rot:  # the validation accuracy of the epoch at whose end the query was rotated
+                ax.scatter(*zip(*rot, strict=True), color="red", s=18, zorder=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_ticks(ax)
     ax.set_title("Validation accuracy (red dots: rotation epochs)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -3,14 +3,20 @@
 Runs are grouped by ``(cfg["data"]["name"], cfg["name"])`` (e.g. ``vanilla_mt`` and ``vanilla_mt+rollingq``
 of one dataset; labelled ``dataset/name`` when the runs span several datasets); every
 table cell of a group is ``mean ± std`` over its seeds (sample std, ``n`` given).
+
+The report is written whole or not at all: the figures and ``report.md`` are drawn into a hidden
+sibling staging folder and moved into the output folder by renames only when all are done
+(``report.md`` last), so a failure leaves no partial report and a previous report as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 
+from ..files import fsync_dir
 from . import plots
 from .metrics import mean_std
 from .runs import RunRecord, group_runs, load_run_record
@@ -149,11 +155,12 @@ def noise_table(groups: dict[str, list[RunRecord]]) -> list[str]:
 
 
 def runs_table(runs: Sequence[RunRecord]) -> list[str]:
-    """One row per run directory."""
+    """One row per run directory, named by its group (``dataset/name`` when the runs span several datasets)."""
+    group_of = {id(run): group for group, members in group_runs(list(runs)).items() for run in members}
     rows = []
     for run in runs:
         rows.append([
-            run.name,
+            group_of[id(run)],
             "–" if run.seed is None else str(run.seed),
             f"`{run.run_dir}`",
             str(len(run.epochs)),
@@ -171,12 +178,35 @@ def _p_value(p: float | None) -> str:
     return "–" if p is None else f"{p:.1e}"
 
 
+def report_files() -> set[str]:
+    """The names a report folder holds: ``report.md`` and the figures."""
+    return {REPORT_NAME, *FIGURES}
+
+
+def _publish(staging: str, out_dir: str) -> None:
+    """Move the finished report from ``staging`` into ``out_dir`` by renames, ``report.md`` last.
+
+    Other files in ``out_dir`` (e.g. nested reports) stay; a previous report's figure that this one
+    left out is removed, so ``report.md`` and the figures beside it always belong together.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    for name in sorted(report_files() - {REPORT_NAME}) + [REPORT_NAME]:
+        source, target = os.path.join(staging, name), os.path.join(out_dir, name)
+        if os.path.exists(source):
+            os.replace(source, target)
+        elif os.path.isfile(target):
+            os.remove(target)
+    fsync_dir(out_dir)
+    os.rmdir(staging)
+
+
 def write_report(run_dirs: list[str], out_dir: str) -> str:
-    """Draw the figures and write ``out_dir/report.md`` comparing ``run_dirs``.
+    """Draw the figures and write ``out_dir/report.md`` comparing ``run_dirs``, atomically.
 
     Args:
         run_dirs: run directories (``config.yaml``, ``metrics.jsonl``, ideally ``eval.json``).
-        out_dir: where the PNGs and report.md go (created).
+        out_dir: the report folder (created; a previous report there is replaced, other files
+            in it are left alone).
 
     Returns:
         The path of report.md.
@@ -184,7 +214,27 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
     if not run_dirs:
         raise ValueError("run_dirs is empty; expected at least one run directory")
     runs = [load_run_record(d) for d in run_dirs]
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.normpath(out_dir)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"report --out {out_dir!r}: exists and is not a folder; choose another path")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        count = _write_report(runs, staging)
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    path = os.path.join(out_dir, REPORT_NAME)
+    logger.info("wrote %s with %d figure(s)", path, count)
+    return path
+
+
+def _write_report(runs: list[RunRecord], out_dir: str) -> int:
+    """Write the figures and report.md of ``runs`` into the existing folder ``out_dir``; the figure count."""
     groups = group_runs(runs)
 
     figures: list[tuple[str, str]] = []
@@ -229,8 +279,6 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
     ]
     for filename, caption in figures:
         lines += [f"### {caption}", "", f"![{caption}]({filename})", ""]
-    path = os.path.join(out_dir, REPORT_NAME)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, REPORT_NAME), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    logger.info("wrote %s with %d figure(s)", path, len(figures))
-    return path
+    return len(figures)

@@ -1,4 +1,9 @@
-"""Kinetics-Sounds (31 classes): fbank ``.npy`` spectrograms ``(1024, 128)`` and 1-fps frames.
+"""Kinetics-Sounds (31 classes): audio ``.npy`` features and 1-fps frames.
+
+Two audio layouts (``data.audio_features``), both written by ``rollingq prepare kinetics-sounds``:
+``spectrogram`` ``(257, T)``, frequency first, the paper's 257 x 1004 spectrograms (this reproduces the
+paper; cropped or zero-padded to ``data.spectrogram_frames`` time frames), or ``fbank`` ``(T, 128)``,
+time first, Kaldi log-mel filterbanks (AST style; cropped or zero-padded to ``data.fbank_frames``).
 
 Layout under ``data.root``: ``<audio_dir>/<name>.npy`` (default ``audio``),
 ``<frame_dir>/<name>/*.jpg`` (default ``visual``), list files ``train.txt`` /
@@ -33,7 +38,10 @@ class KineticsOptions(Section):
 
     Attributes:
         num_frames, image_size: frames per clip (1 fps) and their side after resizing.
+        audio_features: ``"fbank"`` ``(T, bins)`` or ``"spectrogram"`` ``(bins, T)`` (the paper's).
         fbank_frames, fbank_bins: the fbank's shape; longer ones are cropped, shorter zero-padded.
+        spectrogram_bins, spectrogram_frames: the spectrogram's shape (257 x 1004 in the paper); longer
+            ones are cropped, shorter zero-padded along time.
         audio_dir, frame_dir: the ``<name>.npy`` and ``<name>/*.jpg`` folders under ``data.root``.
         train_list, test_list, val_list: list files under ``data.root`` (no ``val_list``: a seeded
             hold-out of the training list).
@@ -42,8 +50,11 @@ class KineticsOptions(Section):
 
     num_frames: int = option(3, ge=1)
     image_size: int = option(224, ge=16)
+    audio_features: str = option("fbank", choices=("fbank", "spectrogram"))
     fbank_frames: int = option(1024, ge=16)
     fbank_bins: int = option(128, ge=16)
+    spectrogram_bins: int = option(257, ge=16)
+    spectrogram_frames: int = option(1004, ge=16)
     audio_dir: str = "audio"
     frame_dir: str = "visual"
     train_list: str = "train.txt"
@@ -53,9 +64,40 @@ class KineticsOptions(Section):
 
 
 def input_specs(modalities: list[str], options: KineticsOptions) -> list[InputSpec]:
-    """An fbank ``(fbank_frames, fbank_bins)`` and ``num_frames`` frames."""
-    fbank = (options.fbank_frames, options.fbank_bins)
-    return audio_visual_specs("kinetics_sounds", modalities, fbank, options.num_frames, options.image_size)
+    """The audio features (an fbank ``(fbank_frames, fbank_bins)`` or a spectrogram ``(spectrogram_bins,
+    spectrogram_frames)``) and ``num_frames`` frames."""
+    if options.audio_features == "spectrogram":
+        audio = (options.spectrogram_bins, options.spectrogram_frames)
+    else:
+        audio = (options.fbank_frames, options.fbank_bins)
+    return audio_visual_specs("kinetics_sounds", modalities, audio, options.num_frames, options.image_size)
+
+
+def check_spectrogram(path: str, bins: int) -> str | None:
+    """None if ``path`` holds a ``(bins, T)`` spectrogram array, else what is wrong (the spectrogram layout)."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    if arr.ndim != 2 or arr.shape[0] != bins or arr.shape[1] < 1:
+        return (f"expected a spectrogram array ({bins}, frames) (data.audio_features=spectrogram), "
+                f"got shape {arr.shape}")
+    return None
+
+
+def load_spectrogram(path: str, frames: int) -> torch.Tensor:
+    """A ``(bins, T)`` spectrogram cropped or zero-padded along time to ``frames``: float32 ``(bins, frames)``."""
+    try:
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+    except Exception as exc:
+        raise DataError(f"cannot read spectrogram file {path!r}: {type(exc).__name__}: {exc}") from exc
+    if arr.shape[1] >= frames:
+        arr = arr[:, :frames]
+    else:
+        arr = np.concatenate([arr, np.zeros((arr.shape[0], frames - arr.shape[1]), np.float32)], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def read_list(path: str) -> list[tuple[str, str]]:
@@ -121,6 +163,8 @@ class KineticsSoundsDataset(AudioVisualDataset):
         val_fraction, skip_bad, train_list, test_list, val_list: as in
             :class:`~rollingq.data.cremad.CremaDDataset`.
         fbank_frames, fbank_bins: the fbank's shape (longer ones are cropped, shorter zero-padded).
+        audio_features, spectrogram_bins, spectrogram_frames: the audio layout (``"fbank"`` or the paper's
+            ``"spectrogram"``) and the spectrogram's shape.
         audio_dir, frame_dir: the fbank and frame folders under ``root``.
         classes: class names in id order, or None (the sorted names of the training list).
     """
@@ -130,10 +174,13 @@ class KineticsSoundsDataset(AudioVisualDataset):
     def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
                  num_frames: int, image_size: int, val_fraction: float, skip_bad: bool, fbank_frames: int,
                  fbank_bins: int, audio_dir: str, frame_dir: str, train_list: str, test_list: str,
-                 val_list: str | None, classes: list[str] | None) -> None:
+                 val_list: str | None, classes: list[str] | None, audio_features: str = "fbank",
+                 spectrogram_bins: int = 257, spectrogram_frames: int = 1004) -> None:
         super().__init__(split, root=root, modalities=modalities, num_classes=num_classes, seed=seed,
                          num_frames=num_frames, image_size=image_size)
         self.fbank_shape = (int(fbank_frames), int(fbank_bins))
+        self.audio_features = audio_features
+        self.spectrogram_shape = (int(spectrogram_bins), int(spectrogram_frames))
         self.audio_dir = os.path.join(self.root, audio_dir)
         self.frames_root = os.path.join(self.root, frame_dir)
         train_path = os.path.join(self.root, train_list)
@@ -155,6 +202,8 @@ class KineticsSoundsDataset(AudioVisualDataset):
         return os.path.join(self.frames_root, name)
 
     def check_audio(self, path: str) -> str | None:
+        if self.audio_features == "spectrogram":
+            return check_spectrogram(path, self.spectrogram_shape[0])
         if not os.path.isfile(path):
             return "missing"
         try:
@@ -166,7 +215,10 @@ class KineticsSoundsDataset(AudioVisualDataset):
         return None
 
     def load_audio(self, path: str) -> torch.Tensor:
-        """The fbank, cropped or zero-padded to ``fbank_frames``: float32 ``(fbank_frames, fbank_bins)``."""
+        """The fbank ``(fbank_frames, fbank_bins)`` or the spectrogram ``(spectrogram_bins, spectrogram_frames)``,
+        cropped or zero-padded along time: float32."""
+        if self.audio_features == "spectrogram":
+            return load_spectrogram(path, self.spectrogram_shape[1])
         try:
             arr = np.load(path, allow_pickle=False).astype(np.float32)
         except Exception as exc:

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from ..extras import require
 from .common import DataError
 
 SAMPLE_RATE = 22050
@@ -25,9 +26,8 @@ def check_audio_file(path: str) -> str | None:
     """None if ``path`` is a readable sound file, else the reason it is not."""
     if not os.path.isfile(path):
         return "missing"
+    soundfile = require("soundfile", "audio", "reading wav files")
     try:
-        import soundfile
-
         info = soundfile.info(path)
     except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError for garbage
         return f"unreadable ({type(exc).__name__}: {exc})"
@@ -51,17 +51,18 @@ def stft_magnitude(signal: np.ndarray, n_fft: int = 512, hop: int = 353) -> np.n
 
 def cremad_spectrogram(path: str) -> torch.Tensor:
     """The paper's CREMA-D log-magnitude spectrogram of the wav at ``path``: float32 ``(257, 188)``."""
-    import soundfile
-
+    soundfile = require("soundfile", "audio", "reading wav files")
     try:
         data, rate = soundfile.read(path, dtype="float32", always_2d=True)
         samples = data.mean(axis=1)  # mono, as librosa.load(mono=True)
-        if rate != SAMPLE_RATE:  # librosa.load's resampling (slow to import; only when needed)
-            import librosa
-
-            samples, _ = librosa.load(path, sr=SAMPLE_RATE)
     except Exception as exc:
         raise DataError(f"cannot decode audio file {path!r}: {type(exc).__name__}: {exc}") from exc
+    if rate != SAMPLE_RATE:  # librosa.load's resampling (slow to import; only when needed)
+        librosa = require("librosa", "audio", f"resampling {rate} Hz audio to {SAMPLE_RATE} Hz")
+        try:
+            samples, _ = librosa.load(path, sr=SAMPLE_RATE)
+        except Exception as exc:
+            raise DataError(f"cannot decode audio file {path!r}: {type(exc).__name__}: {exc}") from exc
     if samples.size == 0:
         raise DataError(f"audio file {path!r} holds no samples")
     reps = max(3, int(np.ceil(3 * SAMPLE_RATE / samples.size)))  # x3 as the paper; more only for clips < 1 s

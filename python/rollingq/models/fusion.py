@@ -58,7 +58,7 @@ class FusionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, segments: list[int]) -> torch.Tensor:
         residual = x[:, :1] if self.class_query_only else x
-        y = residual + self.attn(self.norm1(x), segments)
+        y = residual + self.attn(self.norm1(x), segments=segments)
         return y + self.mlp(self.norm2(y))
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,8 +18,11 @@ from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.stats import AttentionStats
 
 from ..inputs import InputSpec
-from .encoders import ModalityEncoder, load_vit_checkpoint
+from .encoders import ModalityEncoder
 from .fusion import ATTENTION_FUSIONS, FUSIONS, AttentionFusion, StaticFusion
+from .pretrained import load_vit_weights, read_vit_checkpoint
+
+logger = logging.getLogger("rollingq.models")
 
 
 @dataclass
@@ -94,8 +98,16 @@ class MultimodalModel(nn.Module):
             ModalityEncoder(spec, dim, encoder_depth, encoder_heads, mlp_ratio, drop, backbone) for spec in input_specs
         ])
         if pretrained:
-            for encoder in self.encoders:
-                load_vit_checkpoint(encoder, pretrained)
+            state = read_vit_checkpoint(pretrained)
+            for name, encoder in zip(mods, self.encoders, strict=True):
+                report = load_vit_weights(encoder, state)
+                logger.info("model.pretrained: %s encoder from %s: %s", name, pretrained, report.summary())
+        elif backbone == "vit" and dim == 768 and encoder_heads == 12 and any(
+                spec.kind in ("frames", "spectrogram") for spec in input_specs):
+            logger.warning(
+                "model.pretrained is not set: the ViT-B/16 encoders (model.dim=768, encoder_heads=12) train from "
+                "scratch, while the paper initializes them with ImageNet-21k weights; set model.pretrained to a local "
+                "checkpoint (.pth, .safetensors or .npz; docs/training.md, 'Pretrained weights')")
         self.probes = nn.ModuleList([nn.Linear(dim, num_classes) for _ in mods])
         if fusion in ATTENTION_FUSIONS:
             self.head: nn.Module = AttentionFusion(
