@@ -48,6 +48,7 @@ LAYERS = {
     "rollingq.analysis": TRAINING + 2,
     "rollingq.analysis.metrics": TRAINING + 2,
     "rollingq.analysis.noise": TRAINING + 2,
+    "rollingq.prepare": TRAINING + 2,
     "rollingq.config": TRAINING + 3,
     "rollingq.build": TRAINING + 4,
     "rollingq.validate": TRAINING + 5,

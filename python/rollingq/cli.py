@@ -1,8 +1,9 @@
-"""The ``rollingq`` command: ``train``, ``eval``, ``report`` and ``demo``.
+"""The ``rollingq`` command: ``train``, ``eval``, ``report``, ``demo`` and ``prepare``.
 
 ``rollingq train --config CONFIG [key=value ...] [--out RUN_DIR] [--overwrite] [key=value ...]``,
 ``rollingq train --resume RUN_DIR [--force]``, ``rollingq eval --run RUN_DIR``,
-``rollingq report RUN_DIR [RUN_DIR ...]``, ``rollingq demo [--out DIR] [--epochs N]``.
+``rollingq report RUN_DIR [RUN_DIR ...]``, ``rollingq demo [--out DIR] [--epochs N]``,
+``rollingq prepare DATASET ...`` (one-time conversions, :data:`rollingq.prepare.PREPARERS`).
 
 A user's mistake (a bad config key or value, a missing or corrupt data file or checkpoint, a run
 folder that is missing or already taken) ends with one line on stderr and exit code 2; ``--debug``
@@ -23,6 +24,7 @@ from .config import ConfigError, load_config
 from .data import SPLITS, DataError
 from .demo import run_demo
 from .evaluate import evaluate_run, summarize
+from .prepare import PREPARERS
 from .records import CHECKPOINT_NAMES
 from .train import NonFiniteError, resume, train
 
@@ -81,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
                        parents=[common])
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
+
+    prep = sub.add_parser("prepare", help="convert a dataset's release into the layout its loader reads",
+                          parents=[common])
+    datasets = prep.add_subparsers(dest="dataset", required=True)
+    for name, preparer in PREPARERS.items():
+        preparer.add_arguments(datasets.add_parser(name, help=preparer.help, parents=[common]))
     return p
 
 
@@ -124,6 +132,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    print(PREPARERS[args.dataset].run(args))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     table, report = run_demo(args.out, epochs=args.epochs)
     print(table)
@@ -145,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "demo": _cmd_demo}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "demo": _cmd_demo,
+                "prepare": _cmd_prepare}
     try:
         return commands[args.command](args)
     except UsageError as exc:
