@@ -24,7 +24,11 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFullError(OSError):
-    """No space (or quota) left to write a file; the message names the path and the bytes needed."""
+    """No space (or quota) left to write a file; the message names the path and the bytes needed
+    (``errno``, ``strerror`` and ``filename`` are set as for any ``OSError``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def fsync_dir(path: str) -> None:

@@ -523,6 +523,9 @@ def resume(run_dir: str, checkpoint: str = "last", force: bool = False) -> str:
     cfg = read_config(config_path)
     check_same_run(state, cfg, path, config_path, force)
     if state["epoch"] >= cfg.train.epochs:
+        if os.environ.get("RANK", "0") == "0":
+            for folder in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
+                remove_stale_temporaries(folder)
         logger.info("%s already finished %d epochs; nothing to do", run_dir, state["epoch"])
         return run_dir
     return _run(cfg, run_dir, state)
