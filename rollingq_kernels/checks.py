@@ -17,6 +17,8 @@ from .dropout import SEED_LIMIT
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "cpp", "triton", "reference")
+INDEX_LIMIT = 2**31
+"""``N·Dh`` must be below this on every backend (32-bit offsets within one ``(b, h)`` slice)."""
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,43 @@ def check_segments(segments: Sequence[int], n_keys: int | None = None) -> tuple[
     return segs
 
 
+def check_scale(scale: float, dtype: torch.dtype) -> None:
+    """``scale`` is a finite real number representable in the compute dtype of ``dtype`` inputs.
+
+    The scores are ``scale · q kᵀ`` in the compute dtype (float64 for float64 inputs, float32
+    otherwise): ``|scale|`` must not exceed its largest finite value, and a non-zero scale must be at
+    least its smallest normal value (below it, it rounds towards 0).
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    try:
+        value = float(scale)
+    except OverflowError as exc:  # an int beyond float64
+        raise ValueError(f"scale: expected a finite float or None, got {scale!r}") from exc
+    if not math.isfinite(value):
+        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+    c = torch.float64 if dtype == torch.float64 else torch.float32
+    info = torch.finfo(c)
+    if abs(value) > info.max:
+        raise ValueError(
+            f"scale: {scale!r} overflows the {str(c).replace('torch.', '')} scores of {dtype} inputs; "
+            f"expected |scale| <= {info.max:.4g}"
+        )
+    if value != 0.0 and abs(value) < info.smallest_normal:
+        raise ValueError(
+            f"scale: {scale!r} underflows the {str(c).replace('torch.', '')} scores of {dtype} inputs; "
+            f"expected 0 or |scale| >= {info.smallest_normal:.4g}"
+        )
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """True if ``t`` holds no NaN or inf.
 
     One reduction (``aminmax`` propagates NaN, and an inf is the min or the max)
     instead of an element-wise ``isfinite`` mask: ~20x faster on a 768x768 matrix.
     """
+    if t.numel() == 0:
+        return True
     if not t.is_contiguous() and t.mT.is_contiguous():
         t = t.mT  # same elements; reductions over a transposed layout are ~20x slower
     lo, hi = torch.aminmax(t)
@@ -124,8 +157,10 @@ def check_inputs(
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k {_shape(k)}, got {_shape(v)}")
     B, H, N, Dh = k.shape
-    if B < 1 or H < 1 or Dh < 1:
-        raise ValueError(f"k: expected B, H, Dh >= 1, got shape {_shape(k)}")
+    if Dh < 1:
+        raise ValueError(f"k: expected Dh >= 1 (B = 0 or H = 0 are accepted), got shape {_shape(k)}")
+    if N * Dh >= INDEX_LIMIT:
+        raise ValueError(f"k: N * Dh must be below 2**31, got N * Dh = {N} * {Dh} = {N * Dh} (shape {_shape(k)})")
     if q.shape[0] != B or q.shape[1] != H or q.shape[3] != Dh or q.shape[2] not in (1, N):
         raise ValueError(
             f"q: expected shape ({B}, {H}, {N}, {Dh}) (all-query) or ({B}, {H}, 1, {Dh}) "
@@ -164,11 +199,13 @@ def check_inputs(
                 f"rotation: expected shape {glob} (global) or {per_head} (per head), "
                 f"got {_shape(rotation)}"
             )
+        if rotation.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "rotation: requires_grad=True, but the rotation gets no gradient on any backend "
+                "(docs/op.md); pass rotation.detach(), or call the op under torch.no_grad()"
+            )
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+        check_scale(scale, q.dtype)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:

@@ -62,6 +62,11 @@ def rollingq_attention_reference(
         :class:`AttentionStats` of the class-token row (or None).
 
     Inputs are assumed validated (``rollingq_attention`` validates them).
+
+    Padding is never read (``docs/op.md``): padded keys and values and padded
+    query rows are replaced by zeros with ``torch.where`` (whose gradient there is
+    exactly 0, never ``0 · NaN``) before any arithmetic, so NaN or inf placed
+    there changes nothing. ``rotation`` is a constant (detached).
     """
     B, H, N, Dh = k.shape
     nq = q.shape[2]
@@ -69,11 +74,24 @@ def rollingq_attention_reference(
     c = compute_dtype(q.dtype)
     scale = Dh**-0.5 if scale is None else float(scale)
 
-    q0_rot = rotate_class_query(q[:, :, 0, :], rotation)
-    q_rot = torch.cat([q0_rot.unsqueeze(2), q[:, :, 1:, :]], dim=2) if not class_query_only else q0_rot.unsqueeze(2)
-
     key_valid = key_valid_mask(lengths, segments, B, k.device)  # (B, N)
-    scores = scale * torch.matmul(q_rot.to(c), k.to(c).transpose(-1, -2))  # (B, H, Nq, N)
+    padded = lengths is not None
+    key_valid4 = key_valid[:, None, :, None]  # (B, 1, N, 1)
+    k_c, v_c = k.to(c), v.to(c)
+    if padded:
+        k_c = torch.where(key_valid4, k_c, 0.0)
+        v_c = torch.where(key_valid4, v_c, 0.0)
+
+    q0_rot = rotate_class_query(q[:, :, 0, :], None if rotation is None else rotation.detach())
+    if class_query_only:
+        q_rot = q0_rot.unsqueeze(2)
+    else:
+        rest = q[:, :, 1:, :]
+        if padded:  # padded query rows are never read
+            rest = torch.where(key_valid4[:, :, 1:], rest, torch.zeros((), dtype=q.dtype, device=q.device))
+        q_rot = torch.cat([q0_rot.unsqueeze(2), rest], dim=2)
+
+    scores = scale * torch.matmul(q_rot.to(c), k_c.transpose(-1, -2))  # (B, H, Nq, N)
     scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs_d = probs
@@ -82,9 +100,9 @@ def rollingq_attention_reference(
             raise ValueError("seed: required by the reference when dropout_p > 0")
         keep = dropout_mask(seed, B, H, nq, N, dropout_p, device=k.device)
         probs_d = probs * keep.to(c) / (1.0 - dropout_p)
-    out = torch.matmul(probs_d, v.to(c))
-    if not class_query_only:
-        out = out * key_valid[:, None, :, None].to(c)  # padded query rows output 0
+    out = torch.matmul(probs_d, v_c)
+    if not class_query_only and padded:
+        out = torch.where(key_valid4, out, 0.0)  # padded query rows output exactly 0
     out = out.to(q.dtype)
     if not compute_stats:
         return out, None
@@ -94,8 +112,7 @@ def rollingq_attention_reference(
         M = len(segments)
         onehot = torch.nn.functional.one_hot(mod, M + 1).to(c)  # (N, M+1)
         mass = probs[:, :, 0, :].detach() @ onehot  # (B, H, M+1)
-        kv = k.detach().to(c) * key_valid[:, None, :, None].to(c)
-        key_sum = torch.einsum("bhnd,nm->bhmd", kv, onehot[:, 1:])  # (B, H, M, Dh)
+        key_sum = torch.einsum("bhnd,nm->bhmd", k_c.detach(), onehot[:, 1:])  # (B, H, M, Dh); padding is 0
         counts = (key_valid.to(c) @ onehot[:, 1:]).clamp_min(1.0)  # (B, M)
         key_mean = key_sum / counts[:, None, :, None]
         stats = finish_stats(key_mean.float(), mass.float(), q0_rot.detach().float(), lengths, segments)

@@ -74,7 +74,7 @@ def run_study(
             if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
                 resume(run_dir)
             else:
-                train(cfg, run_dir)
+                train(cfg, run_dir, overwrite=True)  # no last.pt: at most a run cut short in epoch 1
             logger.info("trained %s in %.0f s", run_dir, time.time() - start)
         result = evaluate_run(run_dir, split="test", noise_modality=noise_modality, seed=0)
         logger.info("%s: %s", run_dir, json.dumps(summarize(result)))

@@ -12,6 +12,7 @@ import pickle
 
 import numpy as np
 from rollingq.data.cremad import EMOTIONS
+from rollingq.data.mosei import npz_arrays
 
 
 def _frames(folder: str, count: int, rng: np.random.Generator, size: tuple[int, int] = (40, 30)) -> None:
@@ -76,8 +77,10 @@ def write_tiny_kinetics(
     return root
 
 
-def write_tiny_mosei(root: str, sizes: tuple[int, int, int] = (13, 7, 5), seq_len: int = 50, seed: int = 0) -> str:
-    """A MultiBench-style ``mosei_senti_data.pkl`` with ``-inf`` entries in the audio features."""
+def write_tiny_mosei(root: str, sizes: tuple[int, int, int] = (13, 7, 5), seq_len: int = 50, seed: int = 0,
+                     npz: bool = True) -> str:
+    """A MultiBench-style ``mosei_senti_data.pkl`` with ``-inf`` entries in the audio features and, with
+    ``npz``, its conversion ``mosei_senti_data.npz`` (``rollingq prepare mosei``), which the loader reads."""
     rng = np.random.default_rng(seed)
     content = {}
     for key, n in zip(("train", "valid", "test"), sizes):
@@ -94,4 +97,6 @@ def write_tiny_mosei(root: str, sizes: tuple[int, int, int] = (13, 7, 5), seq_le
     with open(path, "wb") as f:
         pickle.dump(content, f)
     os.chmod(path, 0o644)
+    if npz:  # what `rollingq prepare mosei` writes, made from the content in memory (no unpickling)
+        np.savez(os.path.join(root, "mosei_senti_data.npz"), **npz_arrays(content, path))
     return root

@@ -252,9 +252,10 @@ def test_mosei_refuses_pickle_outside_root(tmp_path):
     os.makedirs(root)
     path = os.path.join(elsewhere, "mosei_senti_data.pkl")
     with pytest.raises(DataError, match="outside data.root"):
-        build_dataset(load_config("mosei_vanilla_mt", [f"data.root={root}", f"data.path={path}"]), "train")
+        build_dataset(load_config("mosei_vanilla_mt", [f"data.root={root}", f"data.path={path}",
+                                                       "data.allow_pickle=true"]), "train")
     ds = build_dataset(load_config("mosei_vanilla_mt", [f"data.root={root}", f"data.path={path}",
-                                                        "data.trust_pickle=true"]), "train")
+                                                        "data.allow_pickle=true", "data.trust_pickle=true"]), "train")
     assert len(ds) == 13
     with pytest.raises(ValueError, match="data.num_classes"):
         build_dataset(load_config("mosei_vanilla_mt", [f"data.root={elsewhere}", "data.num_classes=7"]), "train")

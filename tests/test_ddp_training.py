@@ -43,6 +43,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
            "-m", "rollingq", "train", "--config", "synthetic_rollingq", "--out", ddp_dir, *OVERRIDES]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.splitlines().count(ddp_dir) == 1  # the run folder is printed by rank 0 only
     rows_1 = read_metrics(os.path.join(single, "metrics.jsonl"))
     rows_2 = read_metrics(os.path.join(ddp_dir, "metrics.jsonl"))
     assert len(rows_1) == len(rows_2) == 2

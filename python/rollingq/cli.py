@@ -1,9 +1,9 @@
 """The ``rollingq`` command: ``train``, ``eval``, ``report``, ``demo`` and ``prepare``.
 
-``rollingq train --config CONFIG [key=value ...] [--out RUN_DIR] [key=value ...]``,
-``rollingq train --resume RUN_DIR``, ``rollingq eval --run RUN_DIR``,
+``rollingq train --config CONFIG [key=value ...] [--out RUN_DIR] [--overwrite] [key=value ...]``,
+``rollingq train --resume RUN_DIR [--force]``, ``rollingq eval --run RUN_DIR``,
 ``rollingq report RUN_DIR [RUN_DIR ...]``, ``rollingq demo [--out DIR] [--epochs N]``,
-``rollingq prepare DATASET RAW OUT`` (the datasets of :data:`rollingq.prepare.PREPARERS`).
+``rollingq prepare DATASET ...`` (one-time conversions, :data:`rollingq.prepare.PREPARERS`).
 
 A user's mistake (a bad config key or value, a missing or corrupt data file or checkpoint, a run
 folder that is missing or already taken) ends with one line on stderr and exit code 2; ``--debug``
@@ -27,12 +27,13 @@ from .evaluate import evaluate_run, summarize
 from .extras import MissingExtra
 from .prepare import PREPARERS
 from .records import CHECKPOINT_NAMES
-from .train import resume, train
+from .train import NonFiniteError, resume, train
 
 logger = logging.getLogger("rollingq.cli")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, MissingExtra, OSError, ValueError)
-"""What a user's input can cause; reported in one line (the message names the key, file or argument)."""
+USER_ERRORS = (ConfigError, DataError, CheckpointError, MissingExtra, OSError, ValueError, NonFiniteError)
+"""What a user's input can cause; reported in one line (the message names the key, file or argument).
+A run that diverges (:class:`~rollingq.train.NonFiniteError`: bad data or too high a learning rate) too."""
 
 
 class UsageError(SystemExit):
@@ -58,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--checkpoint", default="last", choices=CHECKPOINT_NAMES,
                    help="with --resume: the checkpoint to continue from (default: last)")
+    t.add_argument("--force", action="store_true",
+                   help="with --resume: continue even if the checkpoint's config differs from config.yaml")
     t.add_argument("--out", metavar="RUN_DIR", help="the run directory (default: <out_dir>/<name>_<time>)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out RUN_DIR (its files are removed first)")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=0.01 (before or after --out)")
 
@@ -102,14 +107,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        if args.config or args.overrides or args.out:
-            raise UsageError("rollingq train: --resume takes the saved config; drop --config, --out and overrides")
-        run_dir = resume(args.resume, args.checkpoint)
+        if args.config or args.overrides or args.out or args.overwrite:
+            raise UsageError("rollingq train: --resume takes the saved config; drop --config, --out, --overwrite "
+                             "and overrides")
+        run_dir = resume(args.resume, args.checkpoint, force=args.force)
     else:
         if not args.config:
             raise UsageError("rollingq train: expected --config CONFIG (or --resume RUN_DIR)")
-        run_dir = train(load_config(args.config, args.overrides), args.out)
-    print(run_dir)
+        if args.force:
+            raise UsageError("rollingq train: --force goes with --resume; to replace a run in --out use --overwrite")
+        run_dir = train(load_config(args.config, args.overrides), args.out, overwrite=args.overwrite)
+    if _main_process():  # torchrun: the run folder is printed once
+        print(run_dir)
     return 0
 
 
@@ -124,6 +133,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    print(PREPARERS[args.dataset].run(args))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     table, report = run_demo(args.out, epochs=args.epochs)
     print(table)
@@ -131,15 +145,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    print(PREPARERS[args.dataset].run(args))
-    return 0
+def _main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a single process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (2 for a user's mistake)."""
     args = _parse(argv)
-    main_process = os.environ.get("RANK", "0") == "0"  # torchrun: only rank 0 talks
+    main_process = _main_process()  # torchrun: only rank 0 talks
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.INFO if main_process else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -8,6 +8,10 @@ A run folder written by ``rollingq train`` (and ``rollingq eval``) holds::
     tensorboard/              TENSORBOARD_DIR
     checkpoints/{best,last,previous}.pt   checkpoint_path(run_dir, name)
     eval.json                 EVAL_FILENAME: the test split's evaluation (eval_<split>.json otherwise)
+
+JSON has no NaN or infinity: :func:`jsonable` writes a non-finite float as the string ``"nan"``,
+``"inf"`` or ``"-inf"`` (never ``null``, which means "not applicable" here), and :func:`read_metrics`
+reads those strings back as floats.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write_bytes
+from .files import TEMPORARY, atomic_write_bytes
 
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.jsonl"
@@ -30,6 +34,34 @@ CHECKPOINT_NAMES = ("best", "last", "previous")
 """``best``: best validation accuracy; ``last``: end of the last finished epoch; ``previous``: the one before."""
 EVAL_FILENAME = "eval.json"
 """The test split's evaluation; any other split ``s`` goes to ``eval_<s>.json`` (:func:`eval_filename`)."""
+
+
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+"""How :func:`jsonable` writes non-finite floats, and what :func:`read_metrics` reads back."""
+
+
+def _is_run_file(name: str) -> bool:
+    match = TEMPORARY.match(name)
+    name = match["target"] if match else name
+    return name in (CONFIG_FILENAME, METRICS_FILENAME, LOG_FILENAME, TENSORBOARD_DIR) or (
+        name.startswith("eval") and name.endswith(".json")
+    )
+
+
+def run_files(run_dir: str) -> list[str]:
+    """The files and folders of a run that exist in ``run_dir``: config, metrics, log, TensorBoard,
+    evaluations, checkpoints, and the temporaries of their atomic writes. Other files are not a run's."""
+    found = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        if _is_run_file(name):
+            found.append(os.path.join(run_dir, name))
+    checkpoints = os.path.join(run_dir, CHECKPOINT_DIR)
+    if os.path.isdir(checkpoints):
+        for name in sorted(os.listdir(checkpoints)):
+            match = TEMPORARY.match(name)
+            if (match["target"] if match else name) in {f"{c}.pt" for c in CHECKPOINT_NAMES}:
+                found.append(os.path.join(checkpoints, name))
+    return found
 
 
 def checkpoint_path(run_dir: str, name: str) -> str:
@@ -55,7 +87,9 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, (int, str, bool)) or value is None:
         return value
     if hasattr(value, "_asdict"):
@@ -71,15 +105,27 @@ def write_metrics(path: str, history: list[dict]) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
 
 
+def restore_non_finite(value: Any) -> Any:
+    """Inverse of :func:`jsonable` for non-finite floats: ``"nan"``, ``"inf"``, ``"-inf"`` become floats."""
+    if isinstance(value, str):
+        return NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: restore_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [restore_non_finite(v) for v in value]
+    return value
+
+
 def read_metrics(path: str) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` file (blank lines skipped); raises ``ValueError`` naming a bad line."""
+    """The rows of a ``metrics.jsonl`` file (blank lines skipped; ``"nan"``, ``"inf"``, ``"-inf"`` read as
+    floats); raises ``ValueError`` naming a bad line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(restore_non_finite(json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not a JSON object ({exc})") from exc
     return records

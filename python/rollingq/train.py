@@ -9,6 +9,15 @@ accuracy improves; model selection never looks at the test split). The run
 folder is created only once the datasets and the model are built, so a run that
 cannot start leaves nothing behind.
 
+Nothing is mixed or lost silently: a new run refuses a folder that holds another
+run's files (``overwrite=True`` removes them first); ``resume`` refuses a
+checkpoint whose stored config differs from ``config.yaml`` (``force=True``
+continues anyway); a non-finite loss stops the run at that step with a
+:class:`NonFiniteError` naming the epoch and step, before the update, and no
+checkpoint is written from a model with a non-finite weight, so ``last.pt`` and
+``best.pt`` stay those of the last good epoch. Stale temporaries of interrupted
+writes are removed when a run starts.
+
 Determinism: the data order is a pure function of ``(seed, epoch)`` (a
 ``DistributedSampler``), augmentation of ``(seed, epoch, index)``, and the global
 RNG states are saved at every epoch end, so a run killed mid-epoch and resumed
@@ -18,7 +27,9 @@ produces the same metrics as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -30,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from rollingq_kernels.accumulator import StatisticsAccumulator, imbalance, synced_statistics
@@ -38,11 +48,20 @@ from rollingq_kernels.accumulator import StatisticsAccumulator, imbalance, synce
 from . import distributed
 from .build import build_controller, build_dataset, build_model, build_optimizer, make_loader
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
-from .config import Config, as_config, read_config, save_config
-from .logs import add_file_logging, detach, hold_records, log_epoch, open_tensorboard
+from .config import Config, ConfigError, as_config, read_config, save_config
+from .files import remove_stale_temporaries
+from .logs import RunBoard, add_file_logging, detach, hold_records, log_epoch
 from .models import MultimodalModel
 from .ogm import modulate_gradients, ogm_coefficients
-from .records import CHECKPOINT_DIR, CONFIG_FILENAME, METRICS_FILENAME, checkpoint_path, jsonable, write_metrics
+from .records import (
+    CHECKPOINT_DIR,
+    CONFIG_FILENAME,
+    METRICS_FILENAME,
+    checkpoint_path,
+    jsonable,
+    run_files,
+    write_metrics,
+)
 from .schedule import warmup_cosine
 from .seeding import rng_state, seed_everything, set_rng_state
 from .validate import validate
@@ -50,20 +69,105 @@ from .validate import validate
 logger = logging.getLogger("rollingq.train")
 
 CHECKPOINT_VERSION = 1
+MAX_LISTED = 8
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weight; the message names the epoch, the step and the last
+    good checkpoint (nothing was written from the non-finite state)."""
+
+
+class RunMismatchError(ValueError):
+    """A checkpoint's stored config differs from the run's ``config.yaml`` (the message names the keys)."""
 
 
 def make_run_dir(cfg: Config, run_dir: str | None) -> str:
-    """``run_dir`` if given, else ``<out_dir>/<dataset>_<name>_<timestamp>``; refuses a folder holding a run."""
+    """``run_dir`` if given, else ``<out_dir>/<dataset>_<name>_<timestamp>``."""
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         label = f"{cfg.data.name}_{cfg.name}".replace("+", "_")
         run_dir = os.path.join(cfg.out_dir, f"{label}_{stamp}")
-    if os.path.exists(checkpoint_path(run_dir, "last")):
-        raise FileExistsError(
-            f"--out: {run_dir!r} already holds a run (checkpoints/last.pt); continue it with "
-            f"`rollingq train --resume {run_dir}` or choose another folder"
-        )
     return run_dir
+
+
+def _listed(items: list[str]) -> str:
+    more = f", … {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def check_run_dir_free(run_dir: str, overwrite: bool) -> list[str]:
+    """Refuse ``run_dir`` if it holds a run's files, unless ``overwrite``; returns those files.
+
+    Raises:
+        FileExistsError: naming the files, and ``--resume`` when the folder holds a checkpoint.
+    """
+    existing = run_files(run_dir)
+    if existing and not overwrite:
+        names = _listed([os.path.relpath(p, run_dir) for p in existing])
+        if os.path.exists(checkpoint_path(run_dir, "last")):
+            raise FileExistsError(
+                f"--out: {run_dir!r} already holds a run (checkpoints/last.pt; {names}); continue it with "
+                f"`rollingq train --resume {run_dir}`, choose another folder, or replace it with --overwrite"
+            )
+        raise FileExistsError(
+            f"--out: {run_dir!r} holds another run's files ({names}); choose another folder, or replace "
+            "that run with --overwrite (its files are removed first)"
+        )
+    return existing
+
+
+def remove_run_files(run_dir: str) -> list[str]:
+    """Remove the files of the run in ``run_dir`` (:func:`rollingq.records.run_files`); returns them."""
+    removed = run_files(run_dir)
+    for path in removed:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    if removed:
+        logger.warning("--overwrite: removed the previous run's files in %s: %s", run_dir,
+                       _listed([os.path.relpath(p, run_dir) for p in removed]))
+    return removed
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two YAML-shaped config dicts, as 'key (a != b)' strings."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        dotted = f"{prefix}{key}"
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(config_differences(a, b, dotted + "."))
+        elif a != b:
+            out.append(f"{dotted} (checkpoint: {a!r}, config.yaml: {b!r})")
+    return out
+
+
+def check_same_run(state: dict, cfg: Config, checkpoint: str, config_path: str, force: bool) -> None:
+    """Refuse a checkpoint whose stored config differs from ``cfg`` (``config.yaml``) unless ``force``.
+
+    Raises:
+        RunMismatchError: naming the differing dotted keys.
+    """
+    saved = state.get("config")
+    if not isinstance(saved, Mapping):
+        differences = ["(the checkpoint stores no config)"]
+    else:
+        try:  # through the same validation, so renamed keys and new defaults compare equal
+            saved = Config.from_dict(saved).to_dict()
+        except ConfigError as exc:
+            logger.warning("%s: its stored config is not valid today (%s); comparing it as stored", checkpoint, exc)
+        differences = config_differences(saved, cfg.to_dict())
+    if not differences:
+        return
+    listed = _listed(differences)
+    if not force:
+        raise RunMismatchError(
+            f"--resume: {checkpoint} was written by a run with another config than {config_path}: {listed}. "
+            "Refusing to mix two runs; continue anyway with --resume --force (config.yaml wins)"
+        )
+    logger.warning("--resume --force: %s was written with another config than %s (%s); continuing with %s",
+                   checkpoint, config_path, listed, config_path)
 
 
 def stage_for_epoch(cfg: Config, epoch: int) -> int:
@@ -173,11 +277,47 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_enabled else nullcontext()
 
-    def train_epoch(self, epoch: int) -> dict:
+    def _last_good(self) -> str:
+        last = checkpoint_path(self.run_dir, "last")
+        if self.start_epoch > 1 or self.history:
+            epoch = self.history[-1]["epoch"] if self.history else self.start_epoch - 1
+            return f"the last good checkpoint is {last} (epoch {epoch}; best.pt is untouched)"
+        return "no checkpoint was written (this was the first epoch)"
+
+    def _check_loss(self, loss: torch.Tensor, epoch: int, step: int, batch: dict) -> None:
+        """Stop at the first non-finite loss, before its update (every rank agrees: one all-reduce in DDP)."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float64)
+        if self.info.distributed:
+            bad = distributed.all_reduce_sum(bad)
+        if not bool(bad):
+            return
+        local = float(loss.detach())
+        where = (f"the loss is {local}" if not math.isfinite(local)
+                 else "another process's loss is non-finite (this one's is finite)")
+        indices = batch["index"].tolist()
+        shown = ", ".join(str(i) for i in indices[:16]) + (", …" if len(indices) > 16 else "")
+        raise NonFiniteError(
+            f"epoch {epoch}, step {step}/{len(self.train_loader)}: {where}; training stopped before this "
+            f"update, and {self._last_good()}. The batch held training samples {shown} "
+            "(check the data for NaN/inf, or lower optim.lr)"
+        )
+
+    def _check_weights(self, epoch: int) -> None:
+        """Refuse to checkpoint a model with a non-finite weight or buffer (every rank checks its own copy)."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"epoch {epoch}: the model's {name!r} holds non-finite values after training; nothing was "
+                    f"written from it, and {self._last_good()} (check the data for NaN/inf, or lower optim.lr)"
+                )
+
+    def train_epoch(self, epoch: int, board: RunBoard | None = None) -> dict:
         """One pass over the training split; returns the epoch's training metrics (all ranks reduced).
 
         ``air``, ``mass`` and ``cos`` come from the fusion layer's statistics of the epoch's training
-        forwards, gathered by an accumulator the layer feeds (``collecting``).
+        forwards, gathered by an accumulator the layer feeds (``collecting``). Every step's loss is
+        checked (one host sync per step): a non-finite one raises :class:`NonFiniteError` before the
+        update. ``board`` gets every step's loss and learning rate.
         """
         cfg = self.cfg
         self.train_loader.sampler.set_epoch(epoch)
@@ -191,8 +331,9 @@ class Trainer:
         layer = self.model.fusion_attention
         epoch_statistics = StatisticsAccumulator("epoch")
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=not self.progress)
+        steps = len(self.train_loader)
         with layer.collecting(epoch_statistics) if layer is not None else nullcontext():
-            for batch in bar:
+            for step, batch in enumerate(bar, start=1):
                 mods = [x.to(self.device, non_blocking=True) for x in batch["modalities"]]
                 labels = batch["label"].to(self.device)
                 with self._autocast():
@@ -200,6 +341,8 @@ class Trainer:
                 loss_main = F.cross_entropy(out.logits.float(), labels)
                 probe_loss = sum(F.cross_entropy(p.float(), labels) for p in out.probe_logits)
                 loss = loss_main + cfg.train.probe_loss_weight * probe_loss
+                self._check_loss(loss, epoch, step, batch)
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step's update
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if ogm_on and out.unimodal_logits is not None:
@@ -216,8 +359,12 @@ class Trainer:
                     totals[2] += n
                     for m, p in enumerate(out.probe_logits):
                         totals[3 + m] += (p.argmax(1) == labels).sum()
-                if self.progress:
-                    bar.set_postfix(loss=f"{float(loss_main):.3f}")
+                if self.progress or board is not None:
+                    value = float(loss_main.detach())
+                    if self.progress:
+                        bar.set_postfix(loss=f"{value:.3f}")
+                    if board is not None:
+                        board.log_step((epoch - 1) * steps + step, value, lr)
         totals = distributed.all_reduce_sum(totals).cpu()
         result = {
             "train_loss": float(totals[0] / totals[2]),
@@ -255,22 +402,26 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         """Train from ``start_epoch`` to ``epochs``; returns the metric history."""
-        writer = open_tensorboard(self.run_dir, self.start_epoch) if self.info.is_main else None
+        board = None
+        if self.info.is_main:
+            board = RunBoard(self.run_dir, self.start_epoch, (self.start_epoch - 1) * len(self.train_loader) + 1)
+            if self.start_epoch == 1:
+                board.log_hparams(self.cfg.to_dict())
         try:
             for epoch in range(self.start_epoch, self.epochs + 1):
-                self._fit_epoch(epoch, writer)
+                self._fit_epoch(epoch, board)
         finally:
-            if writer is not None:
-                writer.close()
+            if board is not None:
+                board.close()
         return self.history
 
-    def _fit_epoch(self, epoch: int, writer: SummaryWriter | None) -> None:
+    def _fit_epoch(self, epoch: int, board: RunBoard | None) -> None:
         """Train one epoch, step the controller, validate, checkpoint and log."""
         t0 = time.time()
         self._set_stage(epoch)
         layer = self.model.fusion_attention
         row: dict = {"epoch": epoch}
-        row.update(self.train_epoch(epoch))
+        row.update(self.train_epoch(epoch, board))
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         records, rotated = [], False
         if self.controller is not None:
@@ -284,6 +435,7 @@ class Trainer:
         row["val_acc"], row["val_macro_f1"], row["val_probe_acc"] = val["acc"], val["macro_f1"], val["probe_acc"]
         row["val_mass"] = val["mass"]
         row["time_s"] = time.time() - t0
+        self._check_weights(epoch)
         self.history.append(jsonable(row))
         improved = val["acc"] > self.best_val
         if improved:
@@ -295,20 +447,27 @@ class Trainer:
             atomic_save(state, checkpoint_path(self.run_dir, "last"),
                         keep_previous=checkpoint_path(self.run_dir, "previous"))
             write_metrics(os.path.join(self.run_dir, METRICS_FILENAME), self.history)
-            log_epoch(row, self.cfg.data.modalities, writer, logger)
+            log_epoch(row, board, logger, self.cfg.data.modalities, self.best_val)
         distributed.barrier()
 
 
-def _run(cfg: Config, run_dir: str, state: dict | None) -> str:
+def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False) -> str:
     info = distributed.setup(cfg.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     held = hold_records() if info.is_main else None  # until train.log exists
     handler = None
     try:
+        if state is None:  # every rank looks before any rank writes
+            check_run_dir_free(run_dir, overwrite)
+            distributed.barrier()
         trainer = Trainer(cfg, run_dir, info, state)  # datasets and model first: a bad start leaves no folder
         if info.is_main:
+            if state is None and overwrite:
+                remove_run_files(run_dir)
             os.makedirs(os.path.join(run_dir, CHECKPOINT_DIR), exist_ok=True)
+            for folder in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
+                remove_stale_temporaries(folder)
             if state is None:  # a resumed run keeps the config.yaml it was read from
                 save_config(cfg, os.path.join(run_dir, CONFIG_FILENAME))
             handler, held = add_file_logging(run_dir, held), None
@@ -328,18 +487,29 @@ def _run(cfg: Config, run_dir: str, state: dict | None) -> str:
     return run_dir
 
 
-def train(cfg: Config | Mapping[str, Any], run_dir: str | None = None) -> str:
-    """Train a fresh run described by ``cfg`` (a config, or its YAML-shaped dict); returns the run directory."""
+def train(cfg: Config | Mapping[str, Any], run_dir: str | None = None, overwrite: bool = False) -> str:
+    """Train a fresh run described by ``cfg`` (a config, or its YAML-shaped dict); returns the run directory.
+
+    Args:
+        cfg: the config.
+        run_dir: the run folder (default ``<out_dir>/<dataset>_<name>_<time>``).
+        overwrite: a folder holding another run's files is refused unless this is set; then those files
+            are removed (once the datasets and the model are built) before the new run writes any.
+    """
     cfg = as_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if run_dir is None and world > 1:
         raise ValueError("--out: a multi-process run needs an explicit run directory (all ranks must agree on it)")
     run_dir = make_run_dir(cfg, run_dir)
-    return _run(cfg, run_dir, None)
+    return _run(cfg, run_dir, None, overwrite)
 
 
-def resume(run_dir: str, checkpoint: str = "last") -> str:
-    """Continue the run in ``run_dir`` from ``checkpoints/<checkpoint>.pt`` (default ``last``)."""
+def resume(run_dir: str, checkpoint: str = "last", force: bool = False) -> str:
+    """Continue the run in ``run_dir`` from ``checkpoints/<checkpoint>.pt`` (default ``last``).
+
+    The checkpoint's stored config must equal ``config.yaml`` (:class:`RunMismatchError` names the
+    differing keys) unless ``force`` is set, which continues with ``config.yaml``.
+    """
     path = checkpoint_path(run_dir, checkpoint)
     try:
         state = load_checkpoint(path)
@@ -349,8 +519,13 @@ def resume(run_dir: str, checkpoint: str = "last") -> str:
                 f"`rollingq train --resume {run_dir} --checkpoint previous`"
                 if checkpoint != "previous" and os.path.isfile(previous) else "")
         raise CheckpointError(f"{exc}{hint}") from exc
-    cfg = read_config(os.path.join(run_dir, CONFIG_FILENAME))
+    config_path = os.path.join(run_dir, CONFIG_FILENAME)
+    cfg = read_config(config_path)
+    check_same_run(state, cfg, path, config_path, force)
     if state["epoch"] >= cfg.train.epochs:
+        if os.environ.get("RANK", "0") == "0":
+            for folder in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
+                remove_stale_temporaries(folder)
         logger.info("%s already finished %d epochs; nothing to do", run_dir, state["epoch"])
         return run_dir
     return _run(cfg, run_dir, state)

@@ -8,6 +8,7 @@ a list of tensors (one per modality, in ``data.modalities`` order),
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,40 @@ Sample = tuple[list[torch.Tensor], int, int]
 
 class DataError(RuntimeError):
     """A dataset file is missing, corrupt or inconsistent (the message names the file)."""
+
+
+def read_list_lines(path: str, what: str) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 list file (a BOM is accepted) as ``(line number, text)``.
+
+    Raises:
+        DataError: the file is missing, not UTF-8 (naming the line and byte), or holds no line.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{what} list file {path!r} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the list file "
+            "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from exc
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: the {what} list file is empty (no sample lines)")
+    return lines
+
+
+def non_finite_reason(values: np.ndarray) -> str | None:
+    """None if ``values`` holds only finite numbers, else what is wrong (counts and the first index)."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    bad = int(finite.size - np.count_nonzero(finite))
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    return f"holds {bad} non-finite value(s) (NaN or inf; the first at index {first})"
 
 
 def check_split(split: str) -> None:

@@ -17,8 +17,8 @@ import torch
 
 from ..inputs import InputSpec
 from ..schema import Section, option
-from .common import DataError
-from .listed import AudioVisualDataset, audio_visual_specs, split_rows
+from .common import DataError, read_list_lines
+from .listed import AudioVisualDataset, audio_visual_specs, read_lists, split_rows
 from .media import check_audio_file, cremad_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -49,22 +49,23 @@ def input_specs(modalities: list[str], options: CremaDOptions) -> list[InputSpec
 
 
 def read_cremad_list(path: str) -> list[tuple[str, int]]:
-    """``(clip, label)`` rows of a CREMA-D csv; a DataError names the file and line of a bad row."""
-    if not os.path.isfile(path):
-        raise DataError(f"CREMA-D list file {path!r} does not exist")
+    """``(clip, label)`` rows of a CREMA-D csv; a DataError names the file (and the line of a bad row):
+    missing, not UTF-8, empty, or a bad row."""
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for lineno, fields in enumerate(csv.reader(f), start=1):
-            if not fields or not "".join(fields).strip():
-                continue
-            if len(fields) < 2:
-                raise DataError(f"{path}:{lineno}: expected 'clip,EMOTION', got {','.join(fields)!r}")
-            clip, emotion = fields[0].strip(), fields[1].strip()
-            if lineno == 1 and emotion.lower() in HEADER_LABELS:
-                continue
-            if emotion.upper() not in EMOTIONS:
-                raise DataError(f"{path}:{lineno}: unknown emotion {emotion!r}, expected one of {EMOTIONS}")
-            rows.append((clip, EMOTIONS.index(emotion.upper())))
+    for lineno, line in read_list_lines(path, "CREMA-D"):
+        fields = next(csv.reader([line]))
+        if not fields or not "".join(fields).strip():
+            continue
+        if len(fields) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'clip,EMOTION', got {','.join(fields)!r}")
+        clip, emotion = fields[0].strip(), fields[1].strip()
+        if lineno == 1 and emotion.lower() in HEADER_LABELS:
+            continue
+        if emotion.upper() not in EMOTIONS:
+            raise DataError(f"{path}:{lineno}: unknown emotion {emotion!r}, expected one of {EMOTIONS}")
+        rows.append((clip, EMOTIONS.index(emotion.upper())))
+    if not rows:
+        raise DataError(f"{path}: the CREMA-D list file holds a header but no sample")
     return rows
 
 
@@ -86,9 +87,8 @@ class CremaDDataset(AudioVisualDataset):
                          num_frames=num_frames, image_size=image_size)
         if self.num_classes != len(EMOTIONS):
             raise ValueError(f"data.num_classes: CREMA-D has {len(EMOTIONS)} classes, got {self.num_classes}")
-        train_rows = read_cremad_list(os.path.join(self.root, train_list))
-        test_rows = read_cremad_list(os.path.join(self.root, test_list))
-        val_rows = read_cremad_list(os.path.join(self.root, val_list)) if val_list else None
+        lists = read_lists(self.root, {"train": train_list, "test": test_list, "val": val_list}, read_cremad_list)
+        train_rows, test_rows, val_rows = lists["train"], lists["test"], lists.get("val")
         self.finish(split_rows(split, train_rows, test_rows, val_rows, val_fraction, self.seed), skip_bad)
 
     def audio_path(self, name: str) -> str:

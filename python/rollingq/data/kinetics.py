@@ -28,8 +28,9 @@ import torch
 
 from ..inputs import InputSpec
 from ..schema import Section, option
-from .common import DataError
-from .listed import AudioVisualDataset, audio_visual_specs, split_rows
+from .common import DataError, read_list_lines
+from .listed import AudioVisualDataset, audio_visual_specs, read_lists, split_rows
+from .media import ensure_finite
 
 
 @dataclass
@@ -101,19 +102,15 @@ def load_spectrogram(path: str, frames: int) -> torch.Tensor:
 
 
 def read_list(path: str) -> list[tuple[str, str]]:
-    """``(name, raw label)`` rows of a space- or comma-separated list file."""
-    if not os.path.isfile(path):
-        raise DataError(f"Kinetics-Sounds list file {path!r} does not exist")
+    """``(name, raw label)`` rows of a space- or comma-separated list file (UTF-8; missing, not UTF-8 or
+    empty is a DataError naming the file)."""
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = [x.strip() for x in line.split(",")] if "," in line else line.split()
-            if len(fields) < 2 or not fields[0] or not fields[-1]:
-                raise DataError(f"{path}:{lineno}: expected 'name ... label' or 'name,...,label', got {line!r}")
-            rows.append((fields[0], fields[-1]))
+    for lineno, line in read_list_lines(path, "Kinetics-Sounds"):
+        line = line.strip()
+        fields = [x.strip() for x in line.split(",")] if "," in line else line.split()
+        if len(fields) < 2 or not fields[0] or not fields[-1]:
+            raise DataError(f"{path}:{lineno}: expected 'name ... label' or 'name,...,label', got {line!r}")
+        rows.append((fields[0], fields[-1]))
     return rows
 
 
@@ -185,14 +182,15 @@ class KineticsSoundsDataset(AudioVisualDataset):
         self.frames_root = os.path.join(self.root, frame_dir)
         train_path = os.path.join(self.root, train_list)
         test_path = os.path.join(self.root, test_list)
-        raw_train, raw_test = read_list(train_path), read_list(test_path)
+        raw = read_lists(self.root, {"train": train_list, "test": test_list, "val": val_list}, read_list)
+        raw_train, raw_test = raw["train"], raw["test"]
         self.classes = class_names(classes, self.num_classes, raw_train, train_path)
         train_rows = label_ids(raw_train, self.classes, train_path)
         test_rows = label_ids(raw_test, self.classes, test_path)
         val_rows = None
         if val_list:
             val_path = os.path.join(self.root, val_list)
-            val_rows = label_ids(read_list(val_path), self.classes, val_path)
+            val_rows = label_ids(raw["val"], self.classes, val_path)
         self.finish(split_rows(split, train_rows, test_rows, val_rows, val_fraction, self.seed), skip_bad)
 
     def audio_path(self, name: str) -> str:
@@ -223,6 +221,7 @@ class KineticsSoundsDataset(AudioVisualDataset):
             arr = np.load(path, allow_pickle=False).astype(np.float32)
         except Exception as exc:
             raise DataError(f"cannot read fbank file {path!r}: {type(exc).__name__}: {exc}") from exc
+        ensure_finite(arr, path, "fbank file")
         frames = self.fbank_shape[0]
         if arr.shape[0] >= frames:
             arr = arr[:frames]

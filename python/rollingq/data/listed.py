@@ -1,10 +1,17 @@
 """Base class of the file-backed audio-visual datasets (CREMA-D, Kinetics-Sounds).
 
-A subclass reads its list files into ``(name, label)`` rows; this class splits
+A subclass reads its list files into ``(name, label)`` rows; this class checks
+that no clip is in two lists (:func:`check_no_leak`: a train/test leak), splits
 them (a seeded validation hold-out of the training list when the dataset has
 no validation list), scans every sample's files once at start-up, and either
 raises a :class:`DataError` naming the bad files or, with ``data.skip_bad=true``,
 drops them and logs how many were skipped.
+
+The start-up scan reads file headers (a readable wav with frames, an fbank of
+the right shape, a frame folder with images). With ``data.skip_bad=true`` it
+also loads every audio file, so that files with NaN or inf values are skipped
+too; without it such a file is an error naming it when it is loaded (the
+loaders check every value they return).
 """
 
 from __future__ import annotations
@@ -41,6 +48,46 @@ def audio_visual_specs(
         else:
             raise ValueError(f"data.modalities: {dataset} has {' and '.join(AUDIO_VISUAL)}, got {m!r}")
     return specs
+
+
+def check_no_leak(lists: dict[str, list]) -> None:
+    """Refuse a clip listed in two list files (a train/test leak); ``lists`` maps each file to its rows,
+    whose first field is the clip's name.
+
+    Raises:
+        DataError: naming both files and the shared clips.
+    """
+    seen: dict[str, str] = {}
+    shared: dict[tuple[str, str], list[str]] = {}
+    for path, rows in lists.items():
+        for name in dict.fromkeys(row[0] for row in rows):
+            if name in seen and seen[name] != path:
+                shared.setdefault((seen[name], path), []).append(name)
+            else:
+                seen[name] = path
+    if shared:
+        parts = []
+        for (first, second), names in shared.items():
+            more = f", … {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+            parts.append(f"{len(names)} clip(s) of {first} are also in {second}: "
+                         f"{', '.join(names[:MAX_LISTED])}{more}")
+        raise DataError("train/test leak: " + "; ".join(parts) + " (a clip must be in one list only)")
+
+
+def read_lists(root: str, names: dict[str, str | None], reader: Callable[[str], list]) -> dict[str, list]:
+    """Read each split's list file ``root/names[split]`` (None: the split has no list) with ``reader``;
+    refuse two splits naming one file and a clip in two lists (:func:`check_no_leak`)."""
+    paths = {split: os.path.join(root, name) for split, name in names.items() if name}
+    by_path: dict[str, list[str]] = {}
+    for split, path in paths.items():
+        by_path.setdefault(os.path.realpath(path), []).append(split)
+    for splits in by_path.values():
+        if len(splits) > 1:
+            keys = " and ".join(f"data.{s}_list" for s in splits)
+            raise DataError(f"{keys} name the same file {paths[splits[0]]!r} (a train/test leak)")
+    rows = {split: reader(path) for split, path in paths.items()}
+    check_no_leak({paths[split]: rows[split] for split in rows})
+    return rows
 
 
 def split_rows(
@@ -101,6 +148,9 @@ class AudioVisualDataset(Dataset, EpochAware):
     def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
                  num_frames: int, image_size: int) -> None:
         check_split(split)
+        for name, value in (("num_frames", num_frames), ("image_size", image_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name}: expected an integer >= 1, got {value!r}")
         if not root:
             raise ValueError(f"data.root: expected the {self.dataset_name} dataset folder, got {root!r}")
         self.root = str(root)
@@ -113,6 +163,7 @@ class AudioVisualDataset(Dataset, EpochAware):
         self.image_size = int(image_size)
         self.num_classes = int(num_classes)
         self.rows: list[tuple[str, int]] = []
+        self.scan_values = False  # the start-up scan also loads the audio (set by finish with skip_bad)
 
     def audio_path(self, name: str) -> str:
         raise NotImplementedError
@@ -134,6 +185,11 @@ class AudioVisualDataset(Dataset, EpochAware):
             reason = self.check_audio(self.audio_path(name))
             if reason:
                 issues.append(f"{self.audio_path(name)}: {reason}")
+            elif self.scan_values:
+                try:
+                    self.load_audio(self.audio_path(name))
+                except DataError as exc:
+                    issues.append(str(exc))
         if "visual" in self.modalities:
             if not list_frames(self.frame_dir(name)):
                 issues.append(f"{self.frame_dir(name)}: frame folder missing or empty")
@@ -145,6 +201,7 @@ class AudioVisualDataset(Dataset, EpochAware):
             if not 0 <= label < self.num_classes:
                 raise DataError(f"{self.root}: sample {name!r} has label {label}, expected 0..{self.num_classes - 1} "
                                 "(check data.num_classes)")
+        self.scan_values = bool(skip_bad)
         self.rows = scan_rows(rows, self.check_row, skip_bad, f"{self.root} ({self.split})")
 
     def __len__(self) -> int:

@@ -14,12 +14,20 @@ import numpy as np
 import torch
 
 from ..extras import require
-from .common import DataError
+from .common import DataError, non_finite_reason
 
 SAMPLE_RATE = 22050
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def ensure_finite(values: np.ndarray, path: str, what: str) -> None:
+    """Raise a :class:`DataError` naming ``path`` if ``values`` holds NaN or inf."""
+    reason = non_finite_reason(values)
+    if reason:
+        raise DataError(f"{what} {path!r} {reason}; fix or remove it (with data.skip_bad=true such files are "
+                        "found and skipped at start-up)")
 
 
 def check_audio_file(path: str) -> str | None:
@@ -65,6 +73,7 @@ def cremad_spectrogram(path: str) -> torch.Tensor:
             raise DataError(f"cannot decode audio file {path!r}: {type(exc).__name__}: {exc}") from exc
     if samples.size == 0:
         raise DataError(f"audio file {path!r} holds no samples")
+    ensure_finite(samples, path, "audio file")  # float wavs can hold NaN/inf (clipping would hide an inf)
     reps = max(3, int(np.ceil(3 * SAMPLE_RATE / samples.size)))  # x3 as the paper; more only for clips < 1 s
     clip = np.clip(np.tile(samples, reps)[: SAMPLE_RATE * 3], -1.0, 1.0)
     return torch.from_numpy(np.log(stft_magnitude(clip) + 1e-7))
@@ -109,15 +118,17 @@ def load_image(path: str, size: int, rng: np.random.Generator | None) -> np.ndar
     """One frame as float32 ``(3, size, size)``: training (``rng``): random resized crop + flip; else a resize."""
     from PIL import Image
 
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size: expected an integer >= 1, got {size!r}")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if rng is not None:
-                im = im.crop(_random_resized_crop(im.width, im.height, rng))
-            im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            im = im.convert("RGB")  # decodes: 8-bit channels, so the values below are always finite
     except Exception as exc:
         raise DataError(f"cannot decode image file {path!r}: {type(exc).__name__}: {exc}") from exc
+    if rng is not None:
+        im = im.crop(_random_resized_crop(im.width, im.height, rng))
+    im = im.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
     if rng is not None and rng.random() < 0.5:
         arr = arr[:, ::-1]
     arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
@@ -126,6 +137,8 @@ def load_image(path: str, size: int, rng: np.random.Generator | None) -> np.ndar
 
 def load_frames(folder: str, num: int, size: int, rng: np.random.Generator | None) -> torch.Tensor:
     """``num`` frames of ``folder`` as float32 ``(num, 3, size, size)``."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num: expected an integer >= 1 frames, got {num!r}")
     files = list_frames(folder)
     if not files:
         raise DataError(f"frame folder {folder!r} is missing or holds no image")

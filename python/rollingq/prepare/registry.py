@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import cremad, kinetics
+from . import cremad, kinetics, mosei
 
 
 @dataclass(frozen=True)
@@ -28,4 +28,5 @@ class Preparer:
 PREPARERS: dict[str, Preparer] = {
     "cremad": Preparer(cremad.HELP, cremad.add_arguments, cremad.run),
     "kinetics-sounds": Preparer(kinetics.HELP, kinetics.add_arguments, kinetics.run),
+    "mosei": Preparer(mosei.HELP, mosei.add_arguments, mosei.run),
 }

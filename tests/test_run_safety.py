@@ -1,0 +1,263 @@
+"""Runs are never mixed, lost or poisoned: non-finite losses and weights stop the run, metrics keep NaN/inf,
+--resume refuses another run's checkpoint, a new run refuses another run's folder, stale temporaries go,
+a full disk names the path and the bytes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import rollingq.train as train_mod
+import torch
+from rollingq.checkpoint import atomic_save, load_checkpoint
+from rollingq.cli import main
+from rollingq.config import load_config, save_config
+from rollingq.files import DiskFullError, atomic_write_bytes, remove_stale_temporaries
+from rollingq.records import jsonable, read_metrics, write_metrics
+from torch.utils.data import Dataset
+
+TINY = [
+    "data.synthetic.sizes.train=67", "data.synthetic.sizes.val=23", "data.synthetic.sizes.test=19",
+    "data.synthetic.tokens=[5,7]", "data.synthetic.feature_dim=11", "data.num_classes=3",
+    "model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2",
+    "train.batch_size=16", "train.num_threads=1", "train.progress=false",
+]
+
+
+def _cfg(*extra: str, name: str = "synthetic"):
+    return load_config(name, TINY + list(extra))
+
+
+def _all_finite(state: dict) -> bool:
+    return all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------- non-finite data, loss and weights
+class PoisonFromEpoch(Dataset):
+    """The inner training set, with NaN in sample ``index``'s first modality from epoch ``epoch`` on."""
+
+    def __init__(self, inner: Dataset, epoch: int, index: int) -> None:
+        self.inner, self.poison_epoch, self.index, self.epoch = inner, epoch, index, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        mods, label, index = self.inner[i]
+        if self.epoch >= self.poison_epoch and i == self.index:
+            mods = [mods[0].clone().fill_(float("nan")), *mods[1:]]
+        return mods, label, index
+
+
+def _poison_training_set(monkeypatch, epoch: int, index: int) -> None:
+    real = train_mod.build_dataset
+
+    def build(cfg, split):
+        ds = real(cfg, split)
+        return PoisonFromEpoch(ds, epoch, index) if split == "train" else ds
+
+    monkeypatch.setattr(train_mod, "build_dataset", build)
+
+
+def test_a_nan_sample_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison_training_set(monkeypatch, epoch=2, index=41)
+    run = str(tmp_path / "run")
+    with pytest.raises(train_mod.NonFiniteError) as err:
+        train_mod.train(_cfg("train.epochs=3"), run)
+    message = str(err.value)
+    assert "epoch 2, step " in message and "/5: the loss is nan" in message
+    assert "training samples" in message and " 41" in message and "last.pt (epoch 1" in message
+    last = load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))
+    best = load_checkpoint(os.path.join(run, "checkpoints", "best.pt"))
+    assert last["epoch"] == 1 and best["epoch"] == 1 and _all_finite(last) and _all_finite(best)
+    assert [r["epoch"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))] == [1]
+    assert not [f for d in (run, os.path.join(run, "checkpoints")) for f in os.listdir(d) if ".tmp." in f]
+
+
+def test_a_nan_sample_in_the_first_epoch_writes_no_checkpoint_and_the_cli_exits_2(tmp_path, monkeypatch, capsys):
+    _poison_training_set(monkeypatch, epoch=1, index=3)
+    run = tmp_path / "run"
+    assert main(["train", "--config", "synthetic", "--out", str(run), *TINY, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rollingq train: error: epoch 1, step ")
+    assert "no checkpoint was written" in err[0]
+    assert not (run / "checkpoints" / "last.pt").exists() and not (run / "checkpoints" / "best.pt").exists()
+
+
+def test_a_non_finite_weight_is_never_checkpointed(tmp_path, monkeypatch):
+    real = train_mod.Trainer.train_epoch
+    poisoned = []
+
+    def train_epoch(self, epoch, board=None):
+        row = real(self, epoch, board)
+        if epoch == 2:  # e.g. an inf gradient in the epoch's last step
+            name, param = list(self.model.named_parameters())[-1]
+            with torch.no_grad():
+                param.view(-1)[0] = float("inf")
+            poisoned.append(name)
+        return row
+
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", train_epoch)
+    run = str(tmp_path / "run")
+    with pytest.raises(train_mod.NonFiniteError) as err:
+        train_mod.train(_cfg("train.epochs=3"), run)
+    assert f"epoch 2: the model's {poisoned[0]!r} holds non-finite values" in str(err.value)
+    for name in ("last", "best"):
+        state = load_checkpoint(os.path.join(run, "checkpoints", f"{name}.pt"))
+        assert state["epoch"] == 1 and _all_finite(state)
+
+
+def test_metrics_write_non_finite_numbers_as_strings_and_read_them_back(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    rows = [{"epoch": 1, "train_loss": float("nan"), "air": None, "cos": [float("inf"), -float("inf"), 0.5],
+             "rollingq": [{"air": float("nan"), "reason": "no_samples"}], "name": "nan-free"}]
+    write_metrics(path, rows)
+    with open(path) as f:
+        raw = json.loads(f.read())
+    assert raw["train_loss"] == "nan" and raw["cos"] == ["inf", "-inf", 0.5] and raw["air"] is None
+    back = read_metrics(path)[0]
+    assert math.isnan(back["train_loss"]) and back["cos"][:2] == [math.inf, -math.inf] and back["air"] is None
+    assert math.isnan(back["rollingq"][0]["air"]) and back["name"] == "nan-free"
+    assert jsonable(torch.tensor([float("nan"), 1.0])) == ["nan", 1.0]
+
+
+# ---------------------------------------------------------------- --resume and --force
+def test_resume_refuses_a_checkpoint_of_another_config_and_force_overrides(tmp_path, capsys):
+    run_a = train_mod.train(_cfg("train.epochs=2", "seed=1"), str(tmp_path / "a"))
+    run_b = train_mod.train(_cfg("train.epochs=2", "seed=2", "optim.lr=0.02"), str(tmp_path / "b"))
+    shutil.copyfile(os.path.join(run_b, "checkpoints", "previous.pt"), os.path.join(run_a, "checkpoints", "last.pt"))
+    metrics = os.path.join(run_a, "metrics.jsonl")
+    before = open(metrics, "rb").read()
+    with pytest.raises(train_mod.RunMismatchError) as err:
+        train_mod.resume(run_a)
+    message = str(err.value)
+    assert "optim.lr (checkpoint: 0.02, config.yaml: 0.05)" in message
+    assert "seed (checkpoint: 2, config.yaml: 1)" in message
+    assert "--resume --force" in message and "train.epochs" not in message
+    assert open(metrics, "rb").read() == before  # the folder's history is untouched
+    assert main(["train", "--resume", run_a]) == 2
+    assert "another config than" in capsys.readouterr().err
+    assert main(["train", "--resume", run_a, "--force"]) == 0
+    assert [r["epoch"] for r in read_metrics(metrics)] == [1, 2]
+
+
+def test_resume_refuses_an_edited_config_yaml_naming_the_key(tmp_path):
+    run = train_mod.train(_cfg("train.epochs=1"), str(tmp_path / "run"))
+    save_config(_cfg("train.epochs=2"), os.path.join(run, "config.yaml"))
+    with pytest.raises(train_mod.RunMismatchError, match=r"train.epochs \(checkpoint: 1, config.yaml: 2\)"):
+        train_mod.resume(run)
+    train_mod.resume(run, force=True)
+    assert [r["epoch"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))] == [1, 2]
+
+
+def test_force_without_resume_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit, match="--force goes with --resume"):
+        main(["train", "--config", "synthetic", "--out", str(tmp_path / "r"), "--force"])
+
+
+# ---------------------------------------------------------------- --overwrite
+def test_a_new_run_refuses_a_folder_with_another_runs_files_and_overwrite_replaces_them(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train_mod.train(_cfg("train.epochs=3", "seed=1"), run)
+    os.remove(os.path.join(run, "checkpoints", "last.pt"))  # a run whose last.pt is gone still has files
+    with open(os.path.join(run, "notes.txt"), "w") as f:
+        f.write("mine")
+    with pytest.raises(FileExistsError, match=r"holds another run's files \(config.yaml, .*--overwrite"):
+        train_mod.train(_cfg("train.epochs=1"), run)
+    assert main(["train", "--config", "synthetic", "--out", run, *TINY, "train.epochs=1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # a replacement that cannot start (bad data) leaves the old run as it was
+    with pytest.raises(ValueError):
+        train_mod.train(_cfg("train.epochs=1", "data.synthetic.strength=[1,2,3]"), run, overwrite=True)
+    assert os.path.exists(os.path.join(run, "checkpoints", "previous.pt"))
+    assert main(["train", "--config", "synthetic", "--out", run, *TINY, "train.epochs=1", "seed=5",
+                 "--overwrite"]) == 0
+    assert not os.path.exists(os.path.join(run, "checkpoints", "previous.pt"))  # nothing of the old run is left
+    assert [r["epoch"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))] == [1]
+    assert load_checkpoint(os.path.join(run, "checkpoints", "best.pt"))["config"]["seed"] == 5
+    assert open(os.path.join(run, "notes.txt")).read() == "mine"  # not a run's file
+
+
+def test_overwrite_with_resume_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit, match="--resume takes the saved config"):
+        main(["train", "--resume", str(tmp_path), "--overwrite"])
+
+
+# ---------------------------------------------------------------- stale temporaries and a full disk
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_are_removed_when_a_run_resumes(tmp_path):
+    run = train_mod.train(_cfg("train.epochs=2"), str(tmp_path / "run"))
+    ckpt = os.path.join(run, "checkpoints")
+    shutil.copyfile(os.path.join(ckpt, "previous.pt"), os.path.join(ckpt, "last.pt"))  # back to epoch 1
+    dead = _dead_pid()
+    stale = [os.path.join(ckpt, f"last.pt.tmp.{dead}"), os.path.join(run, f"metrics.jsonl.tmp.{dead}"),
+             os.path.join(ckpt, f"previous.pt.tmp.{os.getpid()}")]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = os.path.join(ckpt, f"best.pt.tmp.{sleeper.pid}")  # a live writer of this user: kept
+        for path in [*stale, live]:
+            with open(path, "wb") as f:
+                f.write(b"torn")
+        train_mod.resume(run)
+        assert not any(os.path.exists(p) for p in stale) and os.path.exists(live)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_stale_temporaries(ckpt) == [live]
+
+
+def test_a_full_disk_names_the_path_and_the_bytes_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import rollingq.files as files_mod
+
+    path = str(tmp_path / "c.pt")
+    atomic_save({"epoch": 1, "model": {"w": torch.randn(5)}}, path)
+    before = open(path, "rb").read()
+    real_write = files_mod.os.write
+    calls = []
+
+    def write(fd, data):
+        calls.append(fd)
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[:100])  # a partial write first, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files_mod.os, "write", write)
+    state = {"epoch": 2, "model": {"w": torch.randn(1000)}}
+    with pytest.raises(DiskFullError) as err:
+        atomic_save(state, path, keep_previous=str(tmp_path / "p.pt"))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == path
+    assert str(err.value).startswith(f"{path}: no space left on the device to write ")
+    assert " bytes free in " in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["c.pt"] and open(path, "rb").read() == before
+    with pytest.raises(DiskFullError, match=r"x.bin: no space left on the device to write 12345 bytes"):
+        atomic_write_bytes(b"\0" * 12345, str(tmp_path / "x.bin"))
+
+
+def test_a_full_disk_during_training_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import rollingq.files as files_mod
+
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files_mod.os, "write", write)
+    run = tmp_path / "run"
+    assert main(["train", "--config", "synthetic", "--out", str(run), *TINY, "train.epochs=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run / 'config.yaml'}: no space left on the device to write" in err[0]
+    assert not [f for f in os.listdir(run) if ".tmp." in f]
