@@ -21,8 +21,9 @@ from rollingq.data.mosei import npz_arrays
 
 
 def _av_cfg(name: str, root: str, *extra: str):
+    layout = ["data.audio_features=fbank"] if name == "kinetics_sounds" else []  # the fixture writes fbanks
     return load_config(f"{name}_vanilla_mt", [f"data.root={root}", "data.image_size=32", "data.val_fraction=0.3",
-                                              "data.num_workers=0", *extra])
+                                              "data.num_workers=0", *layout, *extra])
 
 
 def _clips(root: str, split: str) -> list[str]:
