@@ -108,11 +108,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _kernels_for(backend: str, device: torch.device) -> KernelPair:
     if backend == "triton" and device.type == "cpu":
-        from . import triton_attention  # interpreter path: launch directly, not through the dispatcher
+        from .triton import launch  # interpreter path: launch directly, not through the dispatcher
 
-        return KernelPair(triton_attention.attention_fwd, triton_attention.attention_bwd)
-    if backend == "triton":
-        from . import triton_attention  # noqa: F401  (registers the CUDA kernels)
+        return KernelPair(launch.attention_fwd, launch.attention_bwd)
+    if backend == "triton":  # the triton_ops: torch.compile traces into their kernels
+        from .triton import register
+
+        return KernelPair(register.triton_attention_fwd, register.triton_attention_bwd)
     return _registered_ops()
 
 
