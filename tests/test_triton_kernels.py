@@ -280,7 +280,7 @@ def test_candidate_selection_fits_the_problem_and_dtype():
     assert all("half" in c.dtypes and c.max_head_dim >= 64 for c in half)
     small = configs.select_candidates(configs.FWD_CANDIDATES, torch.float16, 64, 32, 32)
     assert small and all(c.block_m <= 32 and c.block_n <= 32 for c in small)  # beyond next_pow2(20): padding
-    fp32 = configs.select_candidates(configs.BWD_CANDIDATES, torch.float32, 256, 4096, 4096)
+    fp32 = configs.select_candidates(configs.DKDV_CANDIDATES, torch.float32, 256, 4096, 4096)
     assert fp32 and all("fp32" in c.dtypes and c.max_head_dim >= 256 for c in fp32)
     tiny = configs.select_candidates(configs.FWD_CANDIDATES, torch.float64, 256, 1, 1)
     assert len(tiny) == 1  # nothing fits: the smallest offered candidate stays

@@ -27,7 +27,7 @@ from .common import (
     run_bounds,
     valid_tokens,
 )
-from .configs import ALL_QUERY_KEY, BWD_CONFIGS, autotune, prune_all_query_bwd
+from .configs import ALL_QUERY_KEY, DKDV_CONFIGS, DQ_CONFIGS, autotune, prune_all_query_dkdv, prune_all_query_dq
 
 
 @triton.jit(do_not_specialize=["H", "Nq"])
@@ -74,18 +74,16 @@ def _load_vec(ptr, idx, limit, MASKED: tl.constexpr):
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q0, rows, limit, offs_d, col_hash, qk_scale, dropout_scale,
-    seed, b, h, threshold, MASKED: tl.constexpr, CLASS_ROW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, rows, limit, offs_d, col_hash, qk_scale, dropout_scale,
+    seed, b, h, threshold, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """One query tile's contribution to a key tile's ``dk`` (unscaled) and ``dv``.
 
     Masked rows (``rows >= limit``) read as zero q, dO, lse and delta: their ``p`` is 1 and their
-    ``dS`` and ``P·dO`` are 0, so they add nothing. ``CLASS_ROW``: row 0 is ``q0``.
+    ``dS`` and ``P·dO`` are 0, so they add nothing.
     """
     q = _load_tile(q_ptrs, rows, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    if CLASS_ROW:
-        q = tl.where(rows[:, None] == 0, q0[None, :], q)
     do = _load_tile(do_ptrs, rows, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     lse2 = _load_vec(lse_ptr, rows, limit, MASKED).to(dk.dtype) * LOG2E_K
     delta = _load_vec(delta_ptr, rows, limit, MASKED).to(dk.dtype)
@@ -105,7 +103,7 @@ def _dkdv_tile(
     return dk, dv
 
 
-@autotune(BWD_CONFIGS, ALL_QUERY_KEY, prune_all_query_bwd)
+@autotune(DKDV_CONFIGS, ALL_QUERY_KEY, prune_all_query_dkdv)
 @triton.jit(do_not_specialize=["H", "Nq", "N", "seed", "threshold"])
 def all_query_dkdv_kernel(
     Q, Q0, K, V, DO, Lse, Delta, DK, DV, Table, Lengths,
@@ -144,37 +142,34 @@ def all_query_dkdv_kernel(
             col_hash = counter_hash(cols)
         else:
             col_hash = cols.to(tl.uint32)  # unused
-        if ROTATED:
-            q0 = tl.load(Q0 + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        else:
-            q0 = tl.zeros([BLOCK_D], K.dtype.element_ty)  # unused
         q_base = bh * Nq * HEAD_DIM
         row_base = bh * Nq
         b32 = b.to(tl.int32)
         h32 = h.to(tl.int32)
-        for r in range(0, NUM_RUNS):
+        for r in tl.static_range(NUM_RUNS):
             lo, hi = run_bounds(Table, Lengths, b, r, Nq, NUM_MOD, HAS_LENGTHS)
-            if ROTATED:
-                if r == 0:  # the tile holding the class row reads row 0 from Q0
-                    rows = offs_m
-                    q_off = q_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, Q + q_off, DO + q_off, Lse + row_base + rows, Delta + row_base + rows, q0,
-                        rows, hi, offs_d, col_hash, qk_scale, dropout_scale, seed, b32, h32, threshold,
-                        True, True, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
-                    )
-                    lo = tl.minimum(BLOCK_M, hi)
+            if ROTATED and r == 0:  # the tile holding the class row reads row 0 from Q0
+                rows = offs_m
+                q_off = q_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+                q_ptrs = tl.where(rows[:, None] == 0, Q0 + bh * HEAD_DIM + offs_d[None, :], Q + q_off)
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_ptrs, DO + q_off, Lse + row_base + rows, Delta + row_base + rows,
+                    rows, hi, offs_d, col_hash, qk_scale, dropout_scale, seed, b32, h32, threshold,
+                    True, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
+                )
+                lo = tl.minimum(BLOCK_M, hi)
             q_off = q_base + (lo + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
             q_ptrs = Q + q_off
             do_ptrs = DO + q_off
             lse_ptr = Lse + row_base + lo + offs_m
             delta_ptr = Delta + row_base + lo + offs_m
-            full_end = lo + ((hi - lo) // BLOCK_M) * BLOCK_M
-            for start_m in range(lo, full_end, BLOCK_M):
+            n_full = (hi - lo) // BLOCK_M
+            full_end = lo + n_full * BLOCK_M
+            for i in range(0, n_full):  # counted from 0: keeps the pipeline's buffer indices uniform
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q0, start_m + offs_m, hi, offs_d,
+                    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, lo + i * BLOCK_M + offs_m, hi, offs_d,
                     col_hash, qk_scale, dropout_scale, seed, b32, h32, threshold,
-                    False, False, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
+                    False, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
                 )
                 q_ptrs += BLOCK_M * HEAD_DIM
                 do_ptrs += BLOCK_M * HEAD_DIM
@@ -182,9 +177,9 @@ def all_query_dkdv_kernel(
                 delta_ptr += BLOCK_M
             if full_end < hi:
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, q0, full_end + offs_m, hi, offs_d,
+                    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, full_end + offs_m, hi, offs_d,
                     col_hash, qk_scale, dropout_scale, seed, b32, h32, threshold,
-                    True, False, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
+                    True, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
                 )
         scale = join_float(sc_hi, sc_lo, IS_FP64)
         dk = tl.where(col_ok[:, None], dk * scale, 0.0)
@@ -219,7 +214,7 @@ def _dq_tile(
     return mma(ds.to(k.dtype), k, dq, DOT_PREC, EMULATE_BF16)
 
 
-@autotune(BWD_CONFIGS, ALL_QUERY_KEY, prune_all_query_bwd)
+@autotune(DQ_CONFIGS, ALL_QUERY_KEY, prune_all_query_dq)
 @triton.jit(do_not_specialize=["H", "Nq", "N", "seed", "threshold"])
 def all_query_dq_kernel(
     Q, Q0, K, V, DO, Lse, Delta, DQ, Table, Lengths,
@@ -247,10 +242,11 @@ def all_query_dq_kernel(
     if tl.max(row_ok.to(tl.int32), 0) > 0:
         qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
         dropout_scale = join_float(drop_hi, drop_lo, IS_FP64)
-        q = tl.load(Q + q_off, mask=io_mask, other=0.0)
-        if ROTATED:
-            q0 = tl.load(Q0 + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-            q = tl.where(rows[:, None] == 0, q0[None, :], q)
+        if ROTATED:  # row 0 from Q0 (pointer select: q stays a plain load)
+            q = tl.load(tl.where(rows[:, None] == 0, Q0 + bh * HEAD_DIM + offs_d[None, :], Q + q_off),
+                        mask=io_mask, other=0.0)
+        else:
+            q = tl.load(Q + q_off, mask=io_mask, other=0.0)
         do = tl.load(DO + q_off, mask=io_mask, other=0.0)
         lse2 = tl.load(Lse + bh * Nq + rows, mask=row_ok, other=0.0).to(ACC) * LOG2E_K
         delta = tl.load(Delta + bh * Nq + rows, mask=row_ok, other=0.0).to(ACC)
@@ -259,14 +255,15 @@ def all_query_dq_kernel(
         else:
             row_keys = rows.to(tl.uint32)  # unused
         kv_base = bh * N * HEAD_DIM
-        for r in range(0, NUM_RUNS):
+        for r in tl.static_range(NUM_RUNS):
             lo, hi = run_bounds(Table, Lengths, b, r, N, NUM_MOD, HAS_LENGTHS)
             kv_off = (lo + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
             k_ptrs = K + kv_base + kv_off
             v_ptrs = V + kv_base + kv_off
-            full_end = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
-            for start_n in range(lo, full_end, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n + offs_n, hi, offs_d, row_keys,
+            n_full = (hi - lo) // BLOCK_N
+            full_end = lo + n_full * BLOCK_N
+            for i in range(0, n_full):  # counted from 0: keeps the pipeline's buffer indices uniform
+                dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, lo + i * BLOCK_N + offs_n, hi, offs_d, row_keys,
                               qk_scale, dropout_scale, threshold, False, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC,
                               EMULATE_BF16)
                 k_ptrs += BLOCK_N * HEAD_DIM

@@ -118,10 +118,11 @@ def class_only_fwd_kernel(
         kv_off = (lo + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
         k_ptrs = K + kv_base + kv_off
         v_ptrs = V + kv_base + kv_off
-        full_end = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, full_end, BLOCK_N):
+        n_full = tl.maximum(hi - lo, 0) // BLOCK_N
+        full_end = lo + n_full * BLOCK_N
+        for i in range(0, n_full):
             acc, l_i, m_i, seg_sum, key_sum = _class_fwd_tile(
-                acc, l_i, m_i, seg_sum, key_sum, q, k_ptrs, v_ptrs, start_n + offs_n, hi, offs_d, is_seg,
+                acc, l_i, m_i, seg_sum, key_sum, q, k_ptrs, v_ptrs, lo + i * BLOCK_N + offs_n, hi, offs_d, is_seg,
                 qk_scale, dropout_scale, threshold, row_key, False, HEAD_DIM, BLOCK_D, STATS, WITH_V, DROPOUT,
             )
             k_ptrs += BLOCK_N * HEAD_DIM
@@ -235,10 +236,11 @@ def class_only_bwd_kernel(
         lo = tl.maximum(start, chunk_lo)
         hi = tl.minimum(valid_end, chunk_hi)
         kv_off = (lo + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-        full_end = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, full_end, BLOCK_N):
+        n_full = tl.maximum(hi - lo, 0) // BLOCK_N
+        full_end = lo + n_full * BLOCK_N
+        for i in range(0, n_full):
             dq = _class_bwd_tile(dq, q, do, delta, lse2, K + kv_base + kv_off, V + kv_base + kv_off,
-                                 DK + kv_base + kv_off, DV + kv_base + kv_off, start_n + offs_n, hi, offs_d,
+                                 DK + kv_base + kv_off, DV + kv_base + kv_off, lo + i * BLOCK_N + offs_n, hi, offs_d,
                                  qk_scale, scale, dropout_scale, threshold, row_key,
                                  False, HEAD_DIM, BLOCK_D, DROPOUT)
             kv_off += BLOCK_N * HEAD_DIM

@@ -93,40 +93,47 @@ class Candidate:
 
 H, F32, F64 = ("half",), ("fp32",), ("fp64",)
 
-# Preference order matters: with autotuning off the first kept candidate runs.
+# Preference order matters: with autotuning off the first kept candidate runs. ``max_head_dim``
+# bounds BLOCK_D; candidates that spilled registers or ran past Hopper's shared memory in the
+# compile gate are not offered for that head dimension.
 FWD_CANDIDATES = (
     Candidate(128, 64, 8, 3, H, 128),
     Candidate(128, 128, 8, 3, H, 64),
-    Candidate(128, 64, 4, 3, H, 64),
-    Candidate(64, 64, 4, 3, H, 128),
-    Candidate(128, 32, 4, 3, H, 128),
-    Candidate(64, 64, 4, 2, H, 256),
+    Candidate(64, 64, 4, 2, H, 128),
     Candidate(64, 32, 4, 2, H + F32, 256),
-    Candidate(64, 64, 4, 2, F32, 128),
+    Candidate(64, 64, 4, 2, F32, 64),
     Candidate(32, 32, 4, 2, H + F32, 256),
     Candidate(32, 32, 4, 1, F64, 256),
     Candidate(16, 32, 4, 1, F64, 256),
 )
-BWD_CANDIDATES = (
-    Candidate(64, 128, 8, 2, H, 64),
-    Candidate(64, 64, 4, 2, H, 128),
-    Candidate(32, 128, 8, 2, H, 128),
-    Candidate(64, 64, 8, 2, H, 128),
-    Candidate(32, 64, 4, 2, H + F32, 128),
-    Candidate(32, 64, 4, 1, H, 256),
-    Candidate(32, 32, 4, 2, H + F32, 256),
+# dK/dV: the key tile (BLOCK_N) is the matrix tile's M, the loop runs over query tiles of BLOCK_M.
+DKDV_CANDIDATES = (
+    Candidate(32, 128, 8, 2, H, 64),
+    Candidate(32, 64, 8, 2, H, 128),
+    Candidate(32, 64, 4, 2, H + F32, 64),
+    Candidate(32, 128, 8, 1, H, 64),
+    Candidate(32, 64, 8, 1, H + F32, 256),
+    Candidate(32, 32, 4, 2, H + F32, 64),
     Candidate(16, 32, 4, 1, F32 + F64, 256),
+    Candidate(16, 16, 4, 1, F64, 256),
+)
+# dQ: the query tile (BLOCK_M) is the matrix tile's M, the loop runs over key tiles of BLOCK_N.
+DQ_CANDIDATES = (
+    Candidate(128, 64, 8, 2, H, 128),
+    Candidate(128, 32, 8, 2, H, 128),
+    Candidate(64, 64, 4, 2, H, 64),
+    Candidate(64, 32, 4, 2, H + F32, 256),
+    Candidate(32, 32, 4, 2, H + F32, 256),
+    Candidate(32, 16, 4, 1, F32 + F64, 256),
     Candidate(16, 16, 4, 1, F64, 256),
 )
 # Class-only kernels are memory-bound loops over key tiles of BLOCK_N rows.
 CLASS_ONLY_CANDIDATES = (
-    Candidate(1, 32, 4, 2, H + F32, 256),
-    Candidate(1, 64, 4, 2, H + F32, 128),
-    Candidate(1, 16, 4, 2, H + F32 + F64, 1024),
-    Candidate(1, 64, 8, 2, H, 256),
+    Candidate(1, 32, 4, 2, H + F32, 128),
+    Candidate(1, 64, 8, 2, H + F32, 128),
     Candidate(1, 32, 8, 2, H + F32, 512),
     Candidate(1, 16, 8, 2, H + F32 + F64, 1024),
-    Candidate(1, 8, 4, 1, F64, 1024),
+    Candidate(1, 8, 4, 1, F64, 256),
 )
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -144,7 +151,8 @@ def _configs(candidates: Sequence[Candidate], tiled_m: bool) -> list[triton.Conf
 
 
 FWD_CONFIGS = _configs(FWD_CANDIDATES, tiled_m=True)
-BWD_CONFIGS = _configs(BWD_CANDIDATES, tiled_m=True)
+DKDV_CONFIGS = _configs(DKDV_CANDIDATES, tiled_m=True)
+DQ_CONFIGS = _configs(DQ_CANDIDATES, tiled_m=True)
 CLASS_ONLY_CONFIGS = _configs(CLASS_ONLY_CANDIDATES, tiled_m=False)
 
 #: Autotune keys (Triton appends the tensors' dtypes).
@@ -208,9 +216,15 @@ def prune_all_query_fwd(configs, named_args, **kwargs):
                   _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])))
 
 
-def prune_all_query_bwd(configs, named_args, **kwargs):
-    """``early_config_prune`` of the two all-query backward kernels."""
-    return _prune(configs, BWD_CANDIDATES, named_args["Q"].dtype, _arg(named_args, kwargs, "BLOCK_D"),
+def prune_all_query_dkdv(configs, named_args, **kwargs):
+    """``early_config_prune`` of the all-query dK/dV kernel."""
+    return _prune(configs, DKDV_CANDIDATES, named_args["Q"].dtype, _arg(named_args, kwargs, "BLOCK_D"),
+                  _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])))
+
+
+def prune_all_query_dq(configs, named_args, **kwargs):
+    """``early_config_prune`` of the all-query dQ kernel."""
+    return _prune(configs, DQ_CANDIDATES, named_args["Q"].dtype, _arg(named_args, kwargs, "BLOCK_D"),
                   _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])))
 
 

@@ -94,7 +94,8 @@ def all_query_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = valid_tokens(rows, Table, Lengths, b, Nq, NUM_MOD, HAS_LENGTHS)
-    q_off = bh * Nq * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    q_tile = rows[:, None] * HEAD_DIM + offs_d[None, :]  # int32 within one (b, h)
+    q_base = bh * Nq * HEAD_DIM
     if HEAD_DIM == BLOCK_D:
         io_mask = row_ok[:, None]
     else:
@@ -102,10 +103,11 @@ def all_query_fwd_kernel(
     if tl.max(row_ok.to(tl.int32), 0) > 0:
         qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
         dropout_scale = join_float(drop_hi, drop_lo, IS_FP64)
-        q = tl.load(Q + q_off, mask=io_mask, other=0.0)
-        if ROTATED:
-            q0 = tl.load(Q0 + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-            q = tl.where(rows[:, None] == 0, q0[None, :], q)
+        if ROTATED:  # row 0 from Q0; selecting pointers keeps q a plain load (shared-memory wgmma operand)
+            q = tl.load(tl.where(rows[:, None] == 0, Q0 + bh * HEAD_DIM + offs_d[None, :], Q + q_base + q_tile),
+                        mask=io_mask, other=0.0)
+        else:
+            q = tl.load(Q + q_base + q_tile, mask=io_mask, other=0.0)
         if DROPOUT:
             row_keys = dropout_row_keys(seed, b.to(tl.int32), (bh % H).to(tl.int32), rows)
         else:
@@ -114,15 +116,16 @@ def all_query_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         kv_base = bh * N * HEAD_DIM
-        for r in range(0, NUM_RUNS):
+        for r in tl.static_range(NUM_RUNS):  # unrolled: a runtime loop around the pipelined one costs registers
             lo, hi = run_bounds(Table, Lengths, b, r, N, NUM_MOD, HAS_LENGTHS)
             kv_off = (lo + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
             k_ptrs = K + kv_base + kv_off
             v_ptrs = V + kv_base + kv_off
-            full_end = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
-            for start_n in range(lo, full_end, BLOCK_N):
+            n_full = (hi - lo) // BLOCK_N
+            full_end = lo + n_full * BLOCK_N
+            for i in range(0, n_full):  # counted from 0: keeps the pipeline's buffer indices uniform
                 acc, l_i, m_i = _attend_tile(
-                    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n + offs_n, hi, offs_d, qk_scale, dropout_scale,
+                    acc, l_i, m_i, q, k_ptrs, v_ptrs, lo + i * BLOCK_N + offs_n, hi, offs_d, qk_scale, dropout_scale,
                     threshold, row_keys, False, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
                 )
                 k_ptrs += BLOCK_N * HEAD_DIM
@@ -132,6 +135,7 @@ def all_query_fwd_kernel(
                     acc, l_i, m_i, q, k_ptrs, v_ptrs, full_end + offs_n, hi, offs_d, qk_scale, dropout_scale,
                     threshold, row_keys, True, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC, EMULATE_BF16,
                 )
+        row_ok = valid_tokens(rows, Table, Lengths, b, Nq, NUM_MOD, HAS_LENGTHS)  # recomputed: not live in the loop
         out = tl.where(row_ok[:, None], acc / l_i[:, None], 0.0)
         lse = tl.where(row_ok, (m_i + tl.log2(l_i)) * LN2_K, 0.0)
     else:
@@ -142,5 +146,5 @@ def all_query_fwd_kernel(
         st_mask = row_in[:, None]
     else:
         st_mask = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=st_mask)
+    tl.store(Out + q_base + q_tile, out.to(Out.dtype.element_ty), mask=st_mask)
     tl.store(Lse + bh * Nq + rows, lse.to(tl.float32), mask=row_in)

@@ -241,8 +241,7 @@ def _class_only_fwd(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     )
     wrap_triton(class_only_combine_kernel)[(bh,)](
         part_ml, part_acc, part_seg, part_key, out, lse, key_mean, mass, table, lens, H, splits,
-        S_PAD=s_pad, M_PAD=triton.next_power_of_2(M), STATS=stats, WITH_V=with_v,
-        num_warps=4 if meta["BLOCK_D"] <= 256 else 8, **meta,
+        S_PAD=s_pad, M_PAD=triton.next_power_of_2(M), STATS=stats, WITH_V=with_v, num_warps=4, **meta,
     )
 
 

@@ -6,11 +6,11 @@ segment ``s`` spans ``[T[s], T[s + 1])``. The kernels read the lengths themselve
 table depends on the layout only.
 
 * Eager calls on plain tensors take it from a cache keyed by ``(segments, device)``. The
-  first call of a layout copies it to the device (one synchronising copy); every later call
-  copies nothing.
-* While a CUDA graph is being captured, or ``torch.compile`` traces the op (fake or
-  functional tensors), it is built on the device from scalar fills instead: no host tensor,
-  no copy, so the captured or compiled graph never synchronises.
+  first call of a layout copies it to the device (one synchronising copy); every later call,
+  a captured CUDA graph included, copies nothing.
+* When ``torch.compile`` traces the op (fake or functional tensors), or a CUDA graph is
+  captured before the layout was ever used, it is built on the device from scalar fills
+  instead: no host tensor, no copy, so the compiled or captured graph never synchronises.
 """
 
 from __future__ import annotations
@@ -43,19 +43,20 @@ def _built_on_device(offsets: list[int], like: torch.Tensor) -> torch.Tensor:
     """The table from one fill per entry: capturable and traceable, no host data."""
     table = like.new_empty((len(offsets),), dtype=torch.int32)
     for i, value in enumerate(offsets):
-        table[i] = value
+        table.select(0, i).fill_(value)  # a Python scalar: no host tensor enters the graph
     return table
 
 
 def segment_table(segments: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """The ``(M + 2,)`` int32 segment table on ``like``'s device (see the module docstring)."""
     offsets = segment_offsets(segments)
-    device = like.device
-    if not _is_plain(like) or _capturing(device):
+    if not _is_plain(like):  # traced: fake or functional tensors
         return _built_on_device(offsets, like)
-    key = (tuple(offsets), device)
+    key = (tuple(offsets), like.device)
     table = _TABLES.get(key)
     if table is None:
-        table = torch.tensor(offsets, dtype=torch.int32, device=device)
+        if _capturing(like.device):  # a copy from the host cannot be captured; not cached (graph memory)
+            return _built_on_device(offsets, like)
+        table = torch.tensor(offsets, dtype=torch.int32, device=like.device)
         _TABLES[key] = table
     return table
