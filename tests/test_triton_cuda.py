@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+_COLLECT_ONLY = os.environ.get("ROLLINGQ_COLLECT_ONLY") == "1"  # benchmarks/run_gpu.sh --dry-run lists the cases
+if not (torch.cuda.is_available() or _COLLECT_ONLY) or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)", allow_module_level=True)
 
 import rollingq_kernels  # noqa: E402

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if not _INTERPRET and not torch.cuda.is_available():
+_COLLECT_ONLY = os.environ.get("ROLLINGQ_COLLECT_ONLY") == "1"  # benchmarks/run_gpu.sh --dry-run lists the cases
+if not _INTERPRET and not torch.cuda.is_available() and not _COLLECT_ONLY:
     pytest.skip("needs TRITON_INTERPRET=1 (Triton's CPU interpreter) or a CUDA GPU", allow_module_level=True)
 
 from rollingq_kernels import dropout_mask, rollingq_attention  # noqa: E402

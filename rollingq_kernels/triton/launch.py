@@ -141,9 +141,13 @@ def _emulate_bf16(dtype: torch.dtype) -> bool:
 
 def _tables(segments: Sequence[int], lengths: torch.Tensor | None, q: torch.Tensor,
             needed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(table, lengths)`` pointers for the kernels (``q`` stands in for both when not read)."""
-    table = segment_table(segments, q) if needed else q
-    return table, (lengths if lengths is not None else q)
+    """``(table, lengths)`` pointers for the kernels.
+
+    When a kernel does not read one, a one-element tensor of the same dtype stands in, so every
+    call has the same kernel signature (one compilation, and a cache the GPU run can warm).
+    """
+    table = segment_table(segments, q) if needed else q.new_empty((1,), dtype=torch.int32)
+    return table, (lengths if lengths is not None else q.new_empty((1,), dtype=torch.int64))
 
 
 def _empty_stats(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
