@@ -60,11 +60,18 @@ class Variant:
     warps: int
     stages: int
     num_mod: int = 2
+    maxnreg: int | None = None
 
     @property
     def label(self) -> str:
         on = "+".join(k.lower() for k, v in self.flags if v) or "plain"
-        return f"{self.kernel} {self.dtype} Dh{self.head_dim} M{self.num_mod} {on} ({self.block_m},{self.block_n},{self.warps}w,{self.stages}s)"
+        cap = f",r{self.maxnreg}" if self.maxnreg else ""
+        return (f"{self.kernel} {self.dtype} Dh{self.head_dim} M{self.num_mod} {on} "
+                f"({self.block_m},{self.block_n},{self.warps}w,{self.stages}s{cap})")
+
+    @property
+    def config(self) -> tuple[int, int, int, int]:
+        return (self.block_m, self.block_n, self.warps, self.stages)
 
 
 @dataclass
@@ -108,16 +115,18 @@ def _torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[name]
 
 
-def _candidates(kernel: str, dtype: str, head_dim: int) -> list[tuple[int, int, int, int]]:
-    """Every configuration the autotuner may run ``kernel`` with for this dtype and head dimension."""
+def _candidates(kernel: str, dtype: str, head_dim: int, dropout: bool = False) -> list[dict]:
+    """Every configuration the autotuner may run ``kernel`` with (dtype, head dimension, dropout)."""
     from rollingq_kernels.triton import configs
 
     attr = KERNELS[kernel][2]
-    if attr is None:
-        return [(64, 0, 4, 1)] if kernel == "delta" else [(0, 0, 4, 1)]  # as rollingq_kernels.triton.launch runs them
+    if attr is None:  # as rollingq_kernels.triton.launch runs them
+        return [dict(block_m=64, block_n=0, warps=4, stages=1)] if kernel == "delta" else \
+            [dict(block_m=0, block_n=0, warps=4, stages=1)]
     chosen = configs.select_candidates(getattr(configs, attr), _torch_dtype(dtype), configs.block_dim(head_dim),
-                                       1 << 20, 1 << 20)
-    return [(c.block_m, c.block_n, c.warps, c.stages) for c in chosen]
+                                       1 << 20, 1 << 20, dropout)
+    return [dict(block_m=c.block_m, block_n=c.block_n, warps=c.warps, stages=c.stages, maxnreg=c.maxnreg)
+            for c in chosen]
 
 
 def variants(full: bool) -> list[Variant]:
@@ -132,8 +141,8 @@ def variants(full: bool) -> list[Variant]:
 
     def add(kernel, dtype, dh, flag_sets, m=2):
         for flags in flag_sets:
-            for cfg in _candidates(kernel, dtype, dh):
-                out.append(Variant(kernel, dtype, dh, tuple(flags.items()), *cfg, num_mod=m))
+            for cfg in _candidates(kernel, dtype, dh, flags.get("DROPOUT", False)):
+                out.append(Variant(kernel, dtype, dh, tuple(flags.items()), num_mod=m, **cfg))
 
     dtypes = ("bf16", "fp16", "fp32", "fp64") if full else ("bf16", "fp16")
     for m in (2, 3) if full else (2,):
@@ -239,7 +248,8 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
             fn, args, kwargs = _baseline_arguments(v)
         else:
             fn, args, kwargs = _arguments(v)
-        compiled = fn.warmup(*args, grid=(1,), num_warps=v.warps, num_stages=v.stages, **kwargs)
+        extra = {"maxnreg": v.maxnreg} if v.maxnreg else {}
+        compiled = fn.warmup(*args, grid=(1,), num_warps=v.warps, num_stages=v.stages, **kwargs, **extra)
         usage = _cubin.ptxas_usage(compiled.asm["ptx"], f"sm_{arch}a")
         sass = _cubin.sass_of(compiled.asm["cubin"])
     except Exception as exc:  # noqa: BLE001  (a compile error is a result of the gate)
@@ -282,7 +292,7 @@ def loop_comparison(results: Iterable[Result]) -> tuple[list[str], list[str]]:
     for r in results:
         v = r.variant
         if (v.kernel != "fwd" or v.dtype != "bf16" or not r.ok or v.num_mod != 2
-                or (v.block_m, v.block_n, v.warps, v.stages) != BASELINE_CONFIG or v.head_dim not in base):
+                or v.config != BASELINE_CONFIG or v.head_dim not in base):
             continue
         tut = base[v.head_dim].loops
         if not tut or not r.loops:

@@ -68,11 +68,10 @@ def warm_variants() -> list:
     out: dict = {}
 
     def add(kernel, dtype, dh, flag_sets, m, every_candidate):
-        cands = _candidates(kernel, dtype, dh)
         for flags in flag_sets:
+            cands = _candidates(kernel, dtype, dh, flags.get("DROPOUT", False))
             for cfg in cands if every_candidate else cands[:1]:
-                v = Variant(kernel, dtype, dh, tuple(flags.items()), *cfg, num_mod=m)
-                out[v] = None
+                out[Variant(kernel, dtype, dh, tuple(flags.items()), num_mod=m, **cfg)] = None
 
     # tests/test_triton_cuda.py (ROLLINGQ_TRITON_AUTOTUNE=0: the first candidate)
     for dtype in ("bf16", "fp16", "fp32"):
@@ -105,7 +104,8 @@ def _compile_only(v) -> tuple[str, bool, float, str]:
     start = time.perf_counter()
     try:
         fn, args, kwargs = _arguments(v)
-        fn.warmup(*args, grid=(1,), num_warps=v.warps, num_stages=v.stages, **kwargs)
+        extra = {"maxnreg": v.maxnreg} if v.maxnreg else {}
+        fn.warmup(*args, grid=(1,), num_warps=v.warps, num_stages=v.stages, **kwargs, **extra)
     except Exception as exc:  # noqa: BLE001  (reported, the run goes on)
         return v.label, False, time.perf_counter() - start, f"{type(exc).__name__}: {str(exc)[:200]}"
     return v.label, True, time.perf_counter() - start, ""

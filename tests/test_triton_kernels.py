@@ -277,8 +277,10 @@ def test_candidate_selection_fits_the_problem_and_dtype():
         return [(c.block_m, c.block_n, c.warps, c.stages) for c in cands]
 
     half = configs.select_candidates(configs.FWD_CANDIDATES, torch.bfloat16, 64, 2048, 2048)
-    assert blocks(half)[0] == (128, 64, 8, 3)  # the preferred Hopper tile comes first
+    assert blocks(half)[0] == (128, 64, 8, 3) and half[0].maxnreg == 128  # the preferred Hopper tile comes first
     assert all("half" in c.dtypes and c.max_head_dim >= 64 for c in half)
+    with_dropout = configs.select_candidates(configs.FWD_CANDIDATES, torch.bfloat16, 64, 2048, 2048, dropout=True)
+    assert with_dropout[0].maxnreg is None  # the register cap spills with the dropout hash
     small = configs.select_candidates(configs.FWD_CANDIDATES, torch.float16, 64, 32, 32)
     assert small and all(c.block_m <= 32 and c.block_n <= 32 for c in small)  # beyond next_pow2(20): padding
     fp32 = configs.select_candidates(configs.DKDV_CANDIDATES, torch.float32, 256, 4096, 4096)
@@ -476,3 +478,14 @@ def test_segment_table_is_cached_per_layout_and_device():
     b = tables.segment_table((5, 7, 4), torch.empty(3, device=DEVICE))
     assert a is b and a.tolist() == [0, 1, 6, 13, 17] and a.dtype == torch.int32
     assert tables.segment_table([5, 7], torch.empty(1, device=DEVICE)) is not a
+
+
+def test_value_checks_on_cuda_only_under_the_debug_flag(monkeypatch):
+    """Reading ``lengths``/``rotation`` back synchronises with the GPU: on CUDA only with ROLLINGQ_DEBUG_CHECKS=1."""
+    from rollingq_kernels import checks
+
+    monkeypatch.delenv(checks.DEBUG_CHECKS_ENV, raising=False)
+    assert checks._reads_values(torch.device("cpu"))
+    assert not checks._reads_values(torch.device("cuda", 0))
+    monkeypatch.setenv(checks.DEBUG_CHECKS_ENV, "1")
+    assert checks._reads_values(torch.device("cuda", 0))

@@ -85,10 +85,16 @@ class Candidate:
     stages: int
     dtypes: tuple[str, ...]
     max_head_dim: int
+    maxnreg: int | None = None  # a register cap (two programs of 8 warps per SM at 128)
+    with_dropout: bool = True  # False: not offered to dropout variants (they spill under the cap)
 
     def config(self, tiled_m: bool = True) -> triton.Config:
         kwargs = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n} if tiled_m else {"BLOCK_N": self.block_n}
-        return triton.Config(kwargs, num_warps=self.warps, num_stages=self.stages)
+        return triton.Config(kwargs, num_warps=self.warps, num_stages=self.stages, maxnreg=self.maxnreg)
+
+    @property
+    def key(self) -> tuple:
+        return (self.block_m, self.block_n, self.warps, self.stages, self.maxnreg)
 
 
 H, F32, F64 = ("half",), ("fp32",), ("fp64",)
@@ -97,8 +103,8 @@ H, F32, F64 = ("half",), ("fp32",), ("fp64",)
 # bounds BLOCK_D; candidates that spilled registers or ran past Hopper's shared memory in the
 # compile gate are not offered for that head dimension.
 FWD_CANDIDATES = (
+    Candidate(128, 64, 8, 3, H, 64, maxnreg=128, with_dropout=False),
     Candidate(128, 64, 8, 3, H, 128),
-    Candidate(128, 128, 8, 3, H, 64),
     Candidate(64, 64, 4, 2, H, 128),
     Candidate(64, 32, 4, 2, H + F32, 256),
     Candidate(64, 64, 4, 2, F32, 64),
@@ -130,7 +136,6 @@ DQ_CANDIDATES = (
 # Class-only kernels are memory-bound loops over key tiles of BLOCK_N rows.
 CLASS_ONLY_CANDIDATES = (
     Candidate(1, 32, 4, 2, H + F32, 128),
-    Candidate(1, 64, 8, 2, H + F32, 128),
     Candidate(1, 32, 8, 2, H + F32, 512),
     Candidate(1, 16, 8, 2, H + F32 + F64, 1024),
     Candidate(1, 8, 4, 1, F64, 256),
@@ -146,7 +151,7 @@ def _configs(candidates: Sequence[Candidate], tiled_m: bool) -> list[triton.Conf
         return [triton.Config(kwargs, num_warps=1, num_stages=1)]
     seen: dict[tuple, triton.Config] = {}
     for c in candidates:
-        seen.setdefault((c.block_m, c.block_n, c.warps, c.stages), c.config(tiled_m))
+        seen.setdefault(c.key, c.config(tiled_m))
     return list(seen.values())
 
 
@@ -173,18 +178,20 @@ def _size(x) -> int:
         return int(getattr(x, "node", x).hint)
 
 
-def _key_of(cfg: triton.Config) -> tuple[int, int, int, int]:
-    return (cfg.kwargs.get("BLOCK_M", 1), cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+def _key_of(cfg: triton.Config) -> tuple:
+    return (cfg.kwargs.get("BLOCK_M", 1), cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages,
+            getattr(cfg, "maxnreg", None))
 
 
 def select_candidates(candidates: Sequence[Candidate], dtype, block_d: int, max_m: int,
-                      max_n: int) -> list[Candidate]:
-    """Candidates offered for (dtype class, ``block_d``) whose blocks fit ``max_m`` x ``max_n``, in order.
+                      max_n: int, dropout: bool = False) -> list[Candidate]:
+    """Candidates offered for (dtype class, ``block_d``, dropout) whose blocks fit ``max_m`` x ``max_n``, in order.
 
     Never empty: when nothing fits, the smallest offered candidate stays.
     """
     cls = dtype_class(dtype)
-    offered = [c for c in candidates if cls in c.dtypes and block_d <= c.max_head_dim]
+    offered = [c for c in candidates
+               if cls in c.dtypes and block_d <= c.max_head_dim and (c.with_dropout or not dropout)]
     if not offered:
         raise ValueError(f"no Triton configuration for dtype {dtype} and BLOCK_D = {block_d}")
     fitting = [c for c in offered if c.block_m <= max_m and c.block_n <= max_n]
@@ -192,14 +199,14 @@ def select_candidates(candidates: Sequence[Candidate], dtype, block_d: int, max_
 
 
 def _prune(configs: list[triton.Config], candidates: Sequence[Candidate], dtype, block_d: int,
-           max_m: int, max_n: int) -> list[triton.Config]:
+           max_m: int, max_n: int, dropout: bool) -> list[triton.Config]:
     """The autotuner's configs of :func:`select_candidates`; only the first with autotuning off."""
     if triton_interpret():
         return configs[:1]
     by_key = {_key_of(c): c for c in configs}
     kept: list[triton.Config] = []
-    for c in select_candidates(candidates, dtype, block_d, max_m, max_n):
-        cfg = by_key[(c.block_m, c.block_n, c.warps, c.stages)]
+    for c in select_candidates(candidates, dtype, block_d, max_m, max_n, dropout):
+        cfg = by_key[c.key]
         if cfg not in kept:
             kept.append(cfg)
     return kept if autotune_enabled() else kept[:1]
@@ -213,25 +220,25 @@ def _cap(n: int) -> int:
 def prune_all_query_fwd(configs, named_args, **kwargs):
     """``early_config_prune`` of the all-query forward."""
     return _prune(configs, FWD_CANDIDATES, named_args["Q"].dtype, _arg(named_args, kwargs, "BLOCK_D"),
-                  _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])))
+                  _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])), bool(_arg(named_args, kwargs, "DROPOUT")))
 
 
 def prune_all_query_dkdv(configs, named_args, **kwargs):
     """``early_config_prune`` of the all-query dK/dV kernel."""
     return _prune(configs, DKDV_CANDIDATES, named_args["Q"].dtype, _arg(named_args, kwargs, "BLOCK_D"),
-                  _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])))
+                  _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])), bool(_arg(named_args, kwargs, "DROPOUT")))
 
 
 def prune_all_query_dq(configs, named_args, **kwargs):
     """``early_config_prune`` of the all-query dQ kernel."""
     return _prune(configs, DQ_CANDIDATES, named_args["Q"].dtype, _arg(named_args, kwargs, "BLOCK_D"),
-                  _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])))
+                  _cap(_size(named_args["Nq"])), _cap(_size(named_args["N"])), bool(_arg(named_args, kwargs, "DROPOUT")))
 
 
 def prune_class_only(configs, named_args, **kwargs):
     """``early_config_prune`` of the class-only kernels (depends on ``N``, never on the batch)."""
     return _prune(configs, CLASS_ONLY_CANDIDATES, named_args["K"].dtype, _arg(named_args, kwargs, "BLOCK_D"),
-                  1, _cap(_size(named_args["N"])))
+                  1, _cap(_size(named_args["N"])), bool(_arg(named_args, kwargs, "DROPOUT")))
 
 
 @functools.lru_cache(maxsize=8)
