@@ -125,8 +125,8 @@ def _candidates(kernel: str, dtype: str, head_dim: int, dropout: bool = False) -
             [dict(block_m=0, block_n=0, warps=4, stages=1)]
     chosen = configs.select_candidates(getattr(configs, attr), _torch_dtype(dtype), configs.block_dim(head_dim),
                                        1 << 20, 1 << 20, dropout)
-    return [dict(block_m=c.block_m, block_n=c.block_n, warps=c.warps, stages=c.stages, maxnreg=c.maxnreg)
-            for c in chosen]
+    unique = dict.fromkeys(c.key for c in chosen)  # one compilation per launch configuration
+    return [dict(zip(("block_m", "block_n", "warps", "stages", "maxnreg"), key)) for key in unique]
 
 
 def variants(full: bool) -> list[Variant]:

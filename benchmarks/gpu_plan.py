@@ -3,8 +3,9 @@
 ``python -m benchmarks.gpu_plan bench-ids`` prints the benchmark cases of the run (pytest node
 ids): every GPU shape and mode in bfloat16, the ``fwd`` and ``fwd_bwd`` passes, every provider
 (SDPA's flash and cuDNN backends and FlexAttention included; ``compile-eager`` and FlexAttention
-only on the shapes below, each of their cases compiles anew). fp16 and the backward-only pass
-are left to a longer run (``benchmarks/run_gpu.sh`` takes extra pytest arguments).
+only on the shapes below, each of their cases compiles anew; the eager reference only up to
+2048 keys). fp16 and the backward-only pass are left to a longer run (``benchmarks/run_gpu.sh``
+takes extra pytest arguments).
 
 ``python -m benchmarks.gpu_plan warm --jobs N`` compiles the Triton kernels the run will launch
 (the CUDA tests' fixed configurations, every autotune candidate of the benchmarked variants) in
@@ -25,6 +26,7 @@ BENCH_FILE = "benchmarks/test_attention.py"
 PLAN_DTYPES = ("bf16",)
 PLAN_PASSES = ("fwd", "fwd_bwd")
 FLEX_SHAPES = ("ks", "long-4k")  # FlexAttention compiles once per case
+EAGER_MAX_KEYS = 2048  # the eager reference materializes (B, H, Nq, N) scores: seconds per call beyond this
 
 
 def bench_cases() -> list:
@@ -39,6 +41,8 @@ def bench_cases() -> list:
         if case.dtype not in PLAN_DTYPES or case.pass_ not in PLAN_PASSES:
             continue
         if case.provider.startswith("flex") and case.shape.name not in FLEX_SHAPES:
+            continue
+        if case.provider == "eager" and case.shape.n_keys > EAGER_MAX_KEYS:
             continue
         cases.append(case)
     return cases

@@ -123,11 +123,15 @@ step "warm Triton's cache ($JOBS processes)" $(( $(left) < 100 ? $(left) : 100 )
     "$PYTHON" -m benchmarks.gpu_plan warm --jobs "$JOBS"
 
 # ----------------------------------------------------------------------------- 3. CUDA tests
-TESTS_LIMIT=$(( $(left) - 150 ))
+# tests/test_triton_cuda.py, then the contract tests of tests/test_triton_kernels.py on the GPU
+# (padding never read, empty batches, launcher errors, negative scale); fixed configurations
+TESTS_LIMIT=$(( $(left) - 190 ))
 TESTS_LIMIT=$(( TESTS_LIMIT > 150 ? 150 : TESTS_LIMIT ))
 ROLLINGQ_TRITON_AUTOTUNE=0 step "CUDA tests" "$TESTS_LIMIT" "$OUT/tests.log" \
-    "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$OUT/tests.xml" \
-    tests/test_triton_cuda.py tests/test_triton_kernels.py
+    "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$OUT/tests.xml" tests/test_triton_cuda.py
+ROLLINGQ_TRITON_AUTOTUNE=0 step "contract tests on the GPU" $(( $(left) < 200 ? $(left) - 160 : 40 )) \
+    "$OUT/tests.log" "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs tests/test_triton_kernels.py \
+    -k "padded or empty or launcher or negative or alias or deterministic"
 
 # ----------------------------------------------------------------------------- 4. benchmarks
 mapfile -t BENCH_IDS < <("$PYTHON" -m benchmarks.gpu_plan bench-ids)

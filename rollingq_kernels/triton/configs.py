@@ -133,11 +133,18 @@ DQ_CANDIDATES = (
     Candidate(32, 16, 4, 1, F32 + F64, 256),
     Candidate(16, 16, 4, 1, F64, 256),
 )
-# Class-only kernels are memory-bound loops over key tiles of BLOCK_N rows.
+# Class-only kernels are memory-bound loops over key tiles of BLOCK_N rows. With several warps the
+# reductions over the head dimension and over the keys cross warps (shared memory and barriers:
+# 12-22 per tile); one-warp programs reduce with shuffles only (no barrier, about 40 % fewer
+# instructions per key in the compile gate) but hold fewer loads in flight per program.
 CLASS_ONLY_CANDIDATES = (
     Candidate(1, 32, 4, 2, H + F32, 128),
     Candidate(1, 32, 8, 2, H + F32, 512),
     Candidate(1, 16, 8, 2, H + F32 + F64, 1024),
+    Candidate(1, 16, 1, 2, H + F32, 64),
+    Candidate(1, 4, 1, 2, H, 512),
+    Candidate(1, 4, 1, 2, F32, 256),
+    Candidate(1, 2, 1, 2, H, 1024),
     Candidate(1, 8, 4, 1, F64, 256),
 )
 

@@ -110,8 +110,9 @@ def _sms(device: torch.device) -> int:
 def class_only_splits(bh: int, n_keys: int, device: torch.device, min_keys_per_split: int = 64) -> int:
     """How many programs share one class row in the class-only kernels.
 
-    Enough that ``B·H·splits`` fills about two waves of the GPU, at least ``min_keys_per_split``
-    keys each. ``ROLLINGQ_TRITON_SPLITS`` (an int >= 1) overrides it (tests force the split path).
+    Enough that ``B·H·splits`` gives about four programs per multiprocessor (the one-warp
+    configurations need several to keep loads in flight), at least ``min_keys_per_split`` keys
+    each. ``ROLLINGQ_TRITON_SPLITS`` (an int >= 1) overrides it (tests force the split path).
     """
     forced = os.environ.get(SPLITS_ENV)
     if forced:
@@ -122,7 +123,7 @@ def class_only_splits(bh: int, n_keys: int, device: torch.device, min_keys_per_s
         if value < 1:
             raise ValueError(f"{SPLITS_ENV}: expected an int >= 1, got {forced!r}")
         return min(value, n_keys)
-    target = triton.cdiv(2 * _sms(device), max(bh, 1))
+    target = triton.cdiv(4 * _sms(device), max(bh, 1))
     most = max(1, triton.cdiv(n_keys, min_keys_per_split))
     return max(1, min(target, most))
 
