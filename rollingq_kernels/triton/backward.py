@@ -22,9 +22,11 @@ from .common import (
     dropout_keep,
     dropout_row_keys,
     join_float,
+    load_rows,
     mma,
     program_tile,
     run_bounds,
+    tile_mask,
     valid_tokens,
 )
 from .configs import ALL_QUERY_KEY, DKDV_CONFIGS, DQ_CONFIGS, autotune, prune_all_query_dkdv, prune_all_query_dq
@@ -51,20 +53,6 @@ def all_query_delta_kernel(Out, DO, Delta, Table, Lengths, H, Nq, NUM_MOD: tl.co
 
 
 @triton.jit
-def _load_tile(ptrs, idx, limit, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A ``(BLOCK, BLOCK_D)`` tile of rows; ``MASKED``: rows ``idx >= limit`` read as 0 (never loaded)."""
-    if MASKED:
-        if HEAD_DIM == BLOCK_D:
-            return tl.load(ptrs, mask=(idx < limit)[:, None], other=0.0)
-        else:
-            return tl.load(ptrs, mask=(idx < limit)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-
-
-@triton.jit
 def _load_vec(ptr, idx, limit, MASKED: tl.constexpr):
     if MASKED:
         return tl.load(ptr, mask=idx < limit, other=0.0)
@@ -83,8 +71,8 @@ def _dkdv_tile(
     Masked rows (``rows >= limit``) read as zero q, dO, lse and delta: their ``p`` is 1 and their
     ``dS`` and ``P·dO`` are 0, so they add nothing.
     """
-    q = _load_tile(q_ptrs, rows, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    do = _load_tile(do_ptrs, rows, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    q = load_rows(q_ptrs, rows, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    do = load_rows(do_ptrs, rows, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     lse2 = _load_vec(lse_ptr, rows, limit, MASKED).to(dk.dtype) * LOG2E_K
     delta = _load_vec(delta_ptr, rows, limit, MASKED).to(dk.dtype)
     s_t = mma(k, tl.trans(q), tl.zeros([k.shape[0], q.shape[0]], dk.dtype), DOT_PREC, EMULATE_BF16)
@@ -127,10 +115,7 @@ def all_query_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     col_ok = valid_tokens(cols, Table, Lengths, b, N, NUM_MOD, HAS_LENGTHS)
     kv_off = bh * N * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
-    if HEAD_DIM == BLOCK_D:
-        kv_mask = col_ok[:, None]
-    else:
-        kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    kv_mask = tile_mask(col_ok, offs_d, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     if tl.max(col_ok.to(tl.int32), 0) > 0:
@@ -184,11 +169,7 @@ def all_query_dkdv_kernel(
         scale = join_float(sc_hi, sc_lo, IS_FP64)
         dk = tl.where(col_ok[:, None], dk * scale, 0.0)
         dv = tl.where(col_ok[:, None], dv, 0.0)
-    col_in = cols < N
-    if HEAD_DIM == BLOCK_D:
-        st_mask = col_in[:, None]
-    else:
-        st_mask = col_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    st_mask = tile_mask(cols < N, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=st_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=st_mask)
 
@@ -200,8 +181,8 @@ def _dq_tile(
     DOT_PREC: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """One key tile's contribution to a query tile's ``dq`` (unscaled); masked keys add nothing."""
-    k = _load_tile(k_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    v = _load_tile(v_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    k = load_rows(k_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    v = load_rows(v_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     s = mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dq.dtype), DOT_PREC, EMULATE_BF16)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
@@ -234,10 +215,7 @@ def all_query_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = valid_tokens(rows, Table, Lengths, b, Nq, NUM_MOD, HAS_LENGTHS)
     q_off = bh * Nq * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    if HEAD_DIM == BLOCK_D:
-        io_mask = row_ok[:, None]
-    else:
-        io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    io_mask = tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     if tl.max(row_ok.to(tl.int32), 0) > 0:
         qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
@@ -274,9 +252,4 @@ def all_query_dq_kernel(
                               EMULATE_BF16)
         scale = join_float(sc_hi, sc_lo, IS_FP64)
         dq = tl.where(row_ok[:, None], dq * scale, 0.0)
-    row_in = rows < Nq
-    if HEAD_DIM == BLOCK_D:
-        st_mask = row_in[:, None]
-    else:
-        st_mask = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=st_mask)
+    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=tile_mask(rows < Nq, offs_d, HEAD_DIM, BLOCK_D))

@@ -23,24 +23,34 @@ from .common import (
     dropout_keep,
     dropout_row_keys,
     join_float,
+    load_rows,
     program_tile,
     segment_bounds,
+    tile_mask,
 )
 from .configs import CLASS_ONLY_BWD_KEY, CLASS_ONLY_CONFIGS, CLASS_ONLY_KEY, autotune, prune_class_only
 
 
 @triton.jit
-def _load_rows(ptrs, cols, limit, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A ``(BLOCK_N, BLOCK_D)`` tile of key or value rows; ``MASKED``: rows ``cols >= limit`` read as 0."""
-    if MASKED:
-        if HEAD_DIM == BLOCK_D:
-            return tl.load(ptrs, mask=(cols < limit)[:, None], other=0.0)
-        else:
-            return tl.load(ptrs, mask=(cols < limit)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        return tl.load(ptrs)
+def _class_row_prologue(Q0, H, N, CHUNK, SPLITS, seed, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr):
+    """What a class-only program owns: ``(split, bh, b, q, row_key, chunk_lo, chunk_hi, offs_d, offs_n)``.
+
+    ``q`` is the class row ``(BLOCK_D,)`` in ``ACC``; ``row_key`` its dropout key (row 0);
+    the program's keys are ``[chunk_lo, chunk_hi)``.
+    """
+    split, bh = program_tile(SPLITS)
+    b = bh // H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q0 + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(ACC)
+    if DROPOUT:
+        row_key = dropout_row_keys(seed, b.to(tl.int32), (bh % H).to(tl.int32), tl.zeros([1], tl.int32))
     else:
-        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        row_key = tl.zeros([1], tl.uint32)  # unused
+    chunk_lo = split * CHUNK
+    chunk_hi = tl.minimum(chunk_lo + CHUNK, N)
+    return split, bh, b, q, row_key, chunk_lo, chunk_hi, offs_d, offs_n
 
 
 @triton.jit
@@ -50,7 +60,7 @@ def _class_fwd_tile(
     STATS: tl.constexpr, WITH_V: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One key tile of the class row's online softmax (scores in scaled log2 units, ``c > 0``)."""
-    k = _load_rows(k_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(acc.dtype)
+    k = load_rows(k_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(acc.dtype)
     s = tl.sum(q[None, :] * k, axis=1)
     if MASKED:
         s = tl.where(cols < limit, s, float("-inf"))
@@ -66,7 +76,7 @@ def _class_fwd_tile(
         if DROPOUT:
             keep = dropout_keep(row_key, counter_hash(cols), threshold)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        v = _load_rows(v_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(acc.dtype)
+        v = load_rows(v_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(acc.dtype)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
     return acc, l_i, m_new, seg_sum, key_sum
 
@@ -89,20 +99,11 @@ def class_only_fwd_kernel(
     ``(B·H, SPLITS, M, Dh)`` (sums of valid keys per modality) when ``STATS``.
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    split, bh = program_tile(SPLITS)
-    b = bh // H
+    split, bh, b, q, row_key, chunk_lo, chunk_hi, offs_d, offs_n = _class_row_prologue(
+        Q0, H, N, CHUNK, SPLITS, seed, HEAD_DIM, BLOCK_D, BLOCK_N, DROPOUT, ACC)
     qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
     dropout_scale = join_float(drop_hi, drop_lo, IS_FP64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     s_idx = tl.arange(0, S_PAD)
-    q = tl.load(Q0 + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(ACC)
-    if DROPOUT:
-        row_key = dropout_row_keys(seed, b.to(tl.int32), (bh % H).to(tl.int32), tl.zeros([1], tl.int32))
-    else:
-        row_key = tl.zeros([1], tl.uint32)  # unused
-    chunk_lo = split * CHUNK
-    chunk_hi = tl.minimum(chunk_lo + CHUNK, N)
     m_i = tl.full([], float("-inf"), ACC)
     l_i = tl.zeros([], ACC)
     acc = tl.zeros([BLOCK_D], ACC)
@@ -210,25 +211,16 @@ def class_only_bwd_kernel(
     (compute dtype): the chunk's share of ``dq`` before the scale.
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    split, bh = program_tile(SPLITS)
-    b = bh // H
+    split, bh, b, q, row_key, chunk_lo, chunk_hi, offs_d, offs_n = _class_row_prologue(
+        Q0, H, N, CHUNK, SPLITS, seed, HEAD_DIM, BLOCK_D, BLOCK_N, DROPOUT, ACC)
     qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
     scale = join_float(sc_hi, sc_lo, IS_FP64)
     dropout_scale = join_float(drop_hi, drop_lo, IS_FP64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q0 + bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
     do = tl.load(DO + bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
     o = tl.load(Out + bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(ACC)
     delta = tl.sum(o * do, axis=0)
     lse2 = tl.load(Lse + bh).to(ACC) * LOG2E_K
-    if DROPOUT:
-        row_key = dropout_row_keys(seed, b.to(tl.int32), (bh % H).to(tl.int32), tl.zeros([1], tl.int32))
-    else:
-        row_key = tl.zeros([1], tl.uint32)  # unused
-    chunk_lo = split * CHUNK
-    chunk_hi = tl.minimum(chunk_lo + CHUNK, N)
     kv_base = bh * N * HEAD_DIM
     dq = tl.zeros([BLOCK_D], ACC)
     for seg in range(0, NUM_MOD + 1):
@@ -269,8 +261,8 @@ def _class_bwd_tile(
     DROPOUT: tl.constexpr,
 ):
     """One key tile of the class-only backward: writes its dK, dV rows, returns ``dq`` plus its share."""
-    k = _load_rows(k_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(dq.dtype)
-    v = _load_rows(v_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(dq.dtype)
+    k = load_rows(k_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(dq.dtype)
+    v = load_rows(v_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D).to(dq.dtype)
     s = tl.sum(q[None, :] * k, axis=1)
     p = tl.exp2(s * qk_scale - lse2)
     if MASKED:
@@ -284,10 +276,7 @@ def _class_bwd_tile(
         p_d = p
     ds = p * (dp - delta)
     if MASKED:
-        if HEAD_DIM == BLOCK_D:
-            st_mask = (cols < limit)[:, None]
-        else:
-            st_mask = (cols < limit)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        st_mask = tile_mask(cols < limit, offs_d, HEAD_DIM, BLOCK_D)
     elif HEAD_DIM == BLOCK_D:
         st_mask = None
     else:

@@ -98,6 +98,32 @@ def valid_tokens(idx, Table, Lengths, b, N, NUM_MOD: tl.constexpr, HAS_LENGTHS: 
     return ok
 
 
+# ----------------------------------------------------------------------------- tiles
+
+
+@triton.jit
+def tile_mask(idx_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(BLOCK, BLOCK_D)`` mask of rows ``idx_ok`` and the real head dimension (free when ``Dh == BLOCK_D``)."""
+    if HEAD_DIM == BLOCK_D:
+        return idx_ok[:, None]  # broadcast over the head dimension
+    else:
+        return idx_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def load_rows(ptrs, idx, limit, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A ``(BLOCK, BLOCK_D)`` tile of rows; ``MASKED``: rows ``idx >= limit`` read as 0 (never loaded).
+
+    Unmasked tiles of a power-of-two head dimension load without any mask (the fast path).
+    """
+    if MASKED:
+        return tl.load(ptrs, mask=tile_mask(idx < limit, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
 # ----------------------------------------------------------------------------- dropout hash
 
 

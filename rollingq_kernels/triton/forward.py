@@ -18,9 +18,11 @@ from .common import (
     dropout_keep,
     dropout_row_keys,
     join_float,
+    load_rows,
     mma,
     program_tile,
     run_bounds,
+    tile_mask,
     valid_tokens,
 )
 from .configs import ALL_QUERY_KEY, FWD_CONFIGS, autotune, prune_all_query_fwd
@@ -37,20 +39,10 @@ def _attend_tile(
     The scale is folded into the exponent (``exp2(s·c − m)``, one FMA per score) with the
     running max kept in scaled units; ``c > 0`` (the launcher flips the sign of q otherwise).
     """
-    if MASKED:
-        col_ok = cols < limit
-        if HEAD_DIM == BLOCK_D:
-            kv_mask = col_ok[:, None]
-        else:
-            kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    k = load_rows(k_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     s = mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], acc.dtype), DOT_PREC, EMULATE_BF16)
     if MASKED:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        s = tl.where((cols < limit)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -59,12 +51,7 @@ def _attend_tile(
     if DROPOUT:
         keep = dropout_keep(row_keys[:, None], counter_hash(cols)[None, :], threshold)
         p = tl.where(keep, p * dropout_scale, 0.0)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    v = load_rows(v_ptrs, cols, limit, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     acc = mma(p.to(v.dtype), v, acc, DOT_PREC, EMULATE_BF16)
     return acc, l_i, m_new
 
@@ -96,10 +83,7 @@ def all_query_fwd_kernel(
     row_ok = valid_tokens(rows, Table, Lengths, b, Nq, NUM_MOD, HAS_LENGTHS)
     q_tile = rows[:, None] * HEAD_DIM + offs_d[None, :]  # int32 within one (b, h)
     q_base = bh * Nq * HEAD_DIM
-    if HEAD_DIM == BLOCK_D:
-        io_mask = row_ok[:, None]
-    else:
-        io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    io_mask = tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
     if tl.max(row_ok.to(tl.int32), 0) > 0:
         qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
         dropout_scale = join_float(drop_hi, drop_lo, IS_FP64)
@@ -142,9 +126,5 @@ def all_query_fwd_kernel(
         out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lse = tl.zeros([BLOCK_M], tl.float32)
     row_in = rows < Nq
-    if HEAD_DIM == BLOCK_D:
-        st_mask = row_in[:, None]
-    else:
-        st_mask = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(Out + q_base + q_tile, out.to(Out.dtype.element_ty), mask=st_mask)
+    tl.store(Out + q_base + q_tile, out.to(Out.dtype.element_ty), mask=tile_mask(row_in, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(Lse + bh * Nq + rows, lse.to(tl.float32), mask=row_in)
