@@ -127,6 +127,8 @@ class Loop:
     mma: int  # matrix instructions per iteration (HGMMA/HMMA/DMMA/...)
     wgmma: int  # HGMMA per iteration
     innermost: bool
+    loads: int = 0  # global loads (LDG, LDGSTS) per iteration
+    barriers: int = 0  # block-wide barriers (BAR.SYNC/BAR.RED, not dependency barriers) per iteration
 
 
 def parse_sass(sass: str) -> list[tuple[int, str]]:
@@ -148,13 +150,16 @@ def sass_loops(sass: str) -> list[Loop]:
         ops = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
         inner = not any(s != start or e != end for s, e in spans if start <= s and e <= end and (s, e) != (start, end))
         loops.append(Loop(start, end, sum(not o.startswith("NOP") for o in ops),
-                          sum(o.startswith(MMA_OPS) for o in ops), sum(o.startswith("HGMMA") for o in ops), inner))
+                          sum(o.startswith(MMA_OPS) for o in ops), sum(o.startswith("HGMMA") for o in ops), inner,
+                          sum(o.startswith("LDG") for o in ops), sum(o.startswith("BAR.") for o in ops)))
     return sorted(loops, key=lambda lp: lp.end - lp.start)
 
 
 def main_loops(sass: str) -> list[Loop]:
-    """The innermost loops that hold matrix instructions (one per unrolled copy of a main loop)."""
-    return [lp for lp in sass_loops(sass) if lp.innermost and lp.mma > 0]
+    """The innermost loops that hold matrix instructions (one per unrolled copy of a main loop);
+    in a kernel without any, the innermost loops that load from global memory."""
+    inner = [lp for lp in sass_loops(sass) if lp.innermost]
+    return [lp for lp in inner if lp.mma > 0] or [lp for lp in inner if lp.loads > 0]
 
 
 def count_ops(sass: str, prefix: str) -> int:

@@ -89,6 +89,7 @@ class Result:
     wgmma: int = 0
     mma: int = 0
     loops: list[int] = field(default_factory=list)  # instructions per iteration of each main loop copy
+    barriers: list[int] = field(default_factory=list)  # block-wide barriers per iteration, likewise
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -260,7 +261,7 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
         v, ok=True, seconds=time.perf_counter() - start, registers=usage.registers,
         spill_stores=usage.spill_stores, spill_loads=usage.spill_loads, shared_bytes=int(compiled.metadata.shared),
         wgmma=_cubin.count_ops(sass, "HGMMA"), mma=sum(_cubin.count_ops(sass, op) for op in _cubin.MMA_OPS),
-        loops=[lp.instructions for lp in loops],
+        loops=[lp.instructions for lp in loops], barriers=[lp.barriers for lp in loops],
     ))
 
 
@@ -317,8 +318,9 @@ def _format(r: Result) -> str:
     if not r.ok:
         return f"{status:<4} {r.variant.label}: {r.error[:160]}"
     loops = ",".join(map(str, r.loops)) or "-"
+    bars = ",".join(map(str, r.barriers)) or "-"
     return (f"{status:<4} {r.variant.label:<72} regs {r.registers:>3}  spill {r.spill_stores:>4}/{r.spill_loads:<4} "
-            f"smem {r.shared_bytes / 1024:6.1f}K  hgmma {r.wgmma:>3}  loop {loops:<9} {r.seconds:5.1f}s"
+            f"smem {r.shared_bytes / 1024:6.1f}K  hgmma {r.wgmma:>3}  loop {loops:<9} bar {bars:<5} {r.seconds:5.1f}s"
             + ("  " + "; ".join(r.failures + r.warnings) if r.failures or r.warnings else ""))
 
 

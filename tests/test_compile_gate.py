@@ -24,6 +24,7 @@ _SASS = """
         /*0030*/                   NOP ;
         /*0040*/               @P0 FFMA R2, R3, R4, R5 ;
         /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0058*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0060*/              @!P1 BRA 0x20 ;
         /*0070*/                   IADD3 R6, R6, 0x1, RZ ;
         /*0080*/                   BRA 0x10 ;
@@ -36,9 +37,9 @@ def test_sass_loops_count_one_iteration_and_find_the_innermost():
     assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0x60), (0x10, 0x80)]
     inner, outer = loops
     assert inner.innermost and not outer.innermost
-    assert inner.instructions == 4  # NOP excluded, the predicated FFMA and the branch counted
-    assert inner.wgmma == inner.mma == 2
-    assert [lp.instructions for lp in _cubin.main_loops(_SASS)] == [4]
+    assert inner.instructions == 5  # NOP excluded, the predicated FFMA, the barrier and the branch counted
+    assert inner.wgmma == inner.mma == 2 and inner.barriers == 1
+    assert [lp.instructions for lp in _cubin.main_loops(_SASS)] == [5]
     assert _cubin.count_ops(_SASS, "HGMMA") == 2
 
 
