@@ -489,3 +489,20 @@ def test_value_checks_on_cuda_only_under_the_debug_flag(monkeypatch):
     assert not checks._reads_values(torch.device("cuda", 0))
     monkeypatch.setenv(checks.DEBUG_CHECKS_ENV, "1")
     assert checks._reads_values(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_triton_ops_schema_no_aliasing_no_mutation(class_only):
+    """``torch.library.opcheck``'s schema test: outputs never alias inputs (float32 class-only ``query``
+    included), inputs are not written."""
+    from rollingq_kernels.triton import register
+
+    segs = [3, 4]
+    nq = 1 if class_only else 8
+    q, k, v = (torch.randn(2, 2, n, 16, device=DEVICE) for n in (nq, 8, 8))
+    lengths = torch.tensor([[2, 4], [3, 1]], device=DEVICE)
+    fwd_args = (q, k, v, segs, lengths, None, 0.25, 0.1, 3, True)
+    torch.library.opcheck(register.triton_attention_fwd, fwd_args, test_utils=("test_schema",))
+    out, lse, *_ = register.triton_attention_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(q), q, k, v, out, lse, segs, lengths, None, 0.25, 0.1, 3)
+    torch.library.opcheck(register.triton_attention_bwd, bwd_args, test_utils=("test_schema",))
