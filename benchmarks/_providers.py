@@ -13,11 +13,14 @@ padding mask, padded query rows zeroed) on the same inputs:
   a separate no-grad pass over K computing the class row's scores
   (``scale · q0_rot · Kᵀ``, masked, softmax) for ``mass`` and the masked
   per-modality key sums for ``key_mean``, then ``finish_stats`` for the cosines;
-* ``compile-eager`` — ``torch.compile`` of the eager reference.
+* ``compile-eager`` — ``torch.compile`` of the eager reference;
+* ``sdpa-flash``, ``sdpa-cudnn`` — SDPA with the FlashAttention (valid tokens packed as
+  jagged tensors) or cuDNN backend forced (``_gpu_providers.py``; CUDA backends, math on CPU).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,9 +33,10 @@ from rollingq_kernels.ops import resolve_backend
 from rollingq_kernels.reference import key_valid_mask, modality_index
 from rollingq_kernels.stats import AttentionStats, finish_stats
 
+from ._gpu_providers import GPU_PROVIDERS, build_gpu_provider, gpu_skip_reason
 from ._shapes import COMPILE_SHAPES, BenchShape
 
-PROVIDERS = ("fused", "fused-nostats", "eager", "sdpa", "sdpa+stats", "compile-eager")
+PROVIDERS = ("fused", "fused-nostats", "eager", "sdpa", "sdpa+stats", "compile-eager") + GPU_PROVIDERS
 MODES = ("all-query", "class-only")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MATERIALIZING = ("eager", "compile-eager")
@@ -190,6 +194,7 @@ def build_provider(name: str) -> ProviderFn:
         "sdpa": lambda: sdpa,
         "sdpa+stats": lambda: sdpa_stats,
         "compile-eager": compiled_eager,
+        **{p: functools.partial(build_gpu_provider, p) for p in GPU_PROVIDERS},
     }
     if name not in table:
         raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
@@ -216,6 +221,9 @@ def skip_reason(
     ``memory_budget`` is the bytes the eager providers may spend on score
     matrices (they keep about four ``B·H·Nq·N`` float32 matrices for a backward).
     """
+    gpu_reason = gpu_skip_reason(provider, shape, mode, torch.bfloat16, device)
+    if gpu_reason:
+        return gpu_reason
     if provider == "compile-eager":
         if quick:
             return "compile-eager: not in --quick mode (compilation takes minutes)"
@@ -228,7 +236,7 @@ def skip_reason(
         return f"{provider}: needs about {need:.1f} GiB of score matrices, over the budget {budget:.1f} GiB"
     if provider.startswith("fused") and device.type == "cuda":
         try:
-            from rollingq_kernels import triton_attention  # noqa: F401
+            from rollingq_kernels import triton  # noqa: F401
         except ImportError as exc:
             return f"{provider}: the Triton kernels are not importable ({exc})"
     return None

@@ -100,13 +100,6 @@ def _setup_context(ctx, inputs, output) -> None:
     save_for_backward(ctx, inputs, output)
 
 
-def _backward(ctx, grad_out, *_unused):
-    if grad_out is None:  # only the statistics were used: no gradient flows
-        return (None,) * (3 + _NON_DIFFERENTIABLE_INPUTS)
-    dq, dk, dv = torch.ops.rollingq.attention_bwd(*backward_inputs(ctx, grad_out))
-    return (dq, dk, dv) + (None,) * _NON_DIFFERENTIABLE_INPUTS
-
-
 def _setup_backward_context(ctx, inputs, output) -> None:
     pass
 
@@ -115,10 +108,28 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
-torch.library.register_autograd("rollingq::attention_fwd", _backward, setup_context=_setup_context)
-# The backward op records a node only when a graph of the gradient is built (create_graph=True);
-# differentiating that node is the double backward the kernels do not implement.
-torch.library.register_autograd("rollingq::attention_bwd", _no_double_backward, setup_context=_setup_backward_context)
+def register_op_autograd(fwd_name: str, bwd_name: str) -> None:
+    """Register the op's autograd formula on a forward/backward pair of ops with the two schemas.
+
+    The forward's backward runs ``bwd_name`` on the saved ``q, k, v, out, lse``; the backward op's
+    own backward raises :data:`DOUBLE_BACKWARD_ERROR` (it records a node only when a graph of the
+    gradient is built, ``create_graph=True``; differentiating that node is the double backward the
+    kernels do not implement). Used for ``rollingq::attention_fwd/bwd`` here and for the Triton
+    ``triton_op`` twins in :mod:`rollingq_kernels.triton.register`.
+    """
+    namespace, name = bwd_name.split("::")
+
+    def backward(ctx, grad_out, *_unused):
+        if grad_out is None:  # only the statistics were used: no gradient flows
+            return (None,) * (3 + _NON_DIFFERENTIABLE_INPUTS)
+        dq, dk, dv = getattr(getattr(torch.ops, namespace), name)(*backward_inputs(ctx, grad_out))
+        return (dq, dk, dv) + (None,) * _NON_DIFFERENTIABLE_INPUTS
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
+    torch.library.register_autograd(bwd_name, _no_double_backward, setup_context=_setup_backward_context)
+
+
+register_op_autograd("rollingq::attention_fwd", "rollingq::attention_bwd")
 
 
 @torch.library.register_fake("rollingq::attention_fwd")

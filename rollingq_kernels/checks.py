@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,9 +47,24 @@ class OpShape:
         return self.n_query == 1
 
 
+#: Environment variable: ``1`` runs the value checks on CUDA too (each one synchronises with the host).
+DEBUG_CHECKS_ENV = "ROLLINGQ_DEBUG_CHECKS"
+
+
 def _tracing() -> bool:
     """Value checks (a host sync) are skipped while torch.compile traces; the kernels check again."""
     return torch.compiler.is_compiling()
+
+
+def _reads_values(device: torch.device) -> bool:
+    """Whether checks that read tensor values run for tensors on ``device``.
+
+    Never while tracing; on CUDA only with ``ROLLINGQ_DEBUG_CHECKS=1`` (reading a value back
+    synchronises with the GPU; the Triton kernels clamp ``lengths`` instead, see ``docs/op.md``).
+    """
+    if _tracing():
+        return False
+    return device.type != "cuda" or os.environ.get(DEBUG_CHECKS_ENV, "0") not in ("", "0")
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -119,12 +135,12 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def check_rotation_values(rotation: torch.Tensor | None) -> None:
-    """``rotation`` holds no NaN or inf (skipped while tracing: it reads values).
+    """``rotation`` holds no NaN or inf (skipped while tracing and, without the debug flag, on CUDA).
 
     Not part of :func:`check_inputs`: the C++ kernels make the same check on
     their own for free (on the rotated query), so the CPU path skips this one.
     """
-    if rotation is not None and not _tracing() and not _all_finite(rotation):
+    if rotation is not None and _reads_values(rotation.device) and not _all_finite(rotation):
         raise ValueError("rotation: expected finite values, got NaN or inf")
 
 
@@ -177,7 +193,7 @@ def check_inputs(
             raise ValueError(f"lengths: expected shape ({B}, {M}), got {_shape(lengths)}")
         if lengths.device != q.device:
             raise TypeError(f"lengths: expected device {q.device}, got {lengths.device}")
-        if lengths.numel() and not _tracing():
+        if lengths.numel() and _reads_values(lengths.device):
             caps = torch.tensor(segs, device=lengths.device, dtype=torch.int64)
             bad = (lengths.to(torch.int64) < 0) | (lengths.to(torch.int64) > caps)
             if bool(bad.any()):

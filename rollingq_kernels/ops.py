@@ -6,10 +6,13 @@ extension, fake kernels and the autograd formula: :mod:`rollingq_kernels._librar
 * ``rollingq::attention_fwd`` -> ``(out, lse, key_mean, mass, query)``
 * ``rollingq::attention_bwd`` -> ``(dq, dk, dv)``
 
-The C++ extension implements them for CPU, the Triton module for CUDA. The
-Triton module is imported at import only where CUDA is available (its
-tensors use the Triton backend), elsewhere on the first use of the Triton
-backend (:func:`load_triton`): importing Triton costs time, and
+The C++ extension implements them for CPU, the Triton package for CUDA, where
+:func:`rollingq_attention` calls its ``triton_op`` twins
+``rollingq::triton_attention_fwd/bwd`` (same schemas and autograd, traceable by
+``torch.compile``; :mod:`rollingq_kernels.triton.register`). The Triton package
+is imported at import only where CUDA is available (its tensors use the Triton
+backend), elsewhere on the first use of the Triton backend
+(:func:`load_triton`): importing Triton costs time, and
 ``TRITON_INTERPRET`` must be set before it. :func:`rollingq_attention`
 validates and dispatches; the eager reference is one more backend, called as
 is; Triton's CPU interpreter (tests) launches the Triton functions directly
@@ -68,9 +71,9 @@ def load_triton() -> ModuleType:
     if not has_triton():
         raise RuntimeError("backend='triton': Triton is not installed (it comes with torch's CUDA builds)")
     # The one optional first-party import of the kernel package (docs/architecture.md, "Optional imports").
-    from . import triton_attention
+    from . import triton as triton_kernels
 
-    return triton_attention
+    return triton_kernels
 
 
 if has_triton() and torch.cuda.is_available():  # a CUDA machine: Triton is the backend its tensors use
@@ -185,9 +188,11 @@ def rollingq_attention(
     args = (q, k, v, segs, lengths64, rotation, scale, dropout_p, seed, compute_stats)
     if chosen == "triton" and q.device.type == "cpu":  # the interpreter: not through the dispatcher
         out, _lse, key_mean, mass, query = _InterpretedTriton.apply(*args)
-    else:
-        if chosen == "triton" and not torch.compiler.is_compiling():
+    elif chosen == "triton":  # CUDA: the triton_op, so torch.compile traces into its kernels
+        if not torch.compiler.is_compiling():
             load_triton()  # a no-op after the first call (Python caches the module)
+        out, _lse, key_mean, mass, query = torch.ops.rollingq.triton_attention_fwd(*args)
+    else:
         out, _lse, key_mean, mass, query = torch.ops.rollingq.attention_fwd(*args)
     if not compute_stats:
         return out, None

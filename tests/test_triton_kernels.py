@@ -17,12 +17,14 @@ import pytest
 import torch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if not _INTERPRET and not torch.cuda.is_available():
+_COLLECT_ONLY = os.environ.get("ROLLINGQ_COLLECT_ONLY") == "1"  # benchmarks/run_gpu.sh --dry-run lists the cases
+if not _INTERPRET and not torch.cuda.is_available() and not _COLLECT_ONLY:
     pytest.skip("needs TRITON_INTERPRET=1 (Triton's CPU interpreter) or a CUDA GPU", allow_module_level=True)
 
 from rollingq_kernels import dropout_mask, rollingq_attention  # noqa: E402
-from rollingq_kernels import triton_attention as ta  # noqa: E402
-from rollingq_kernels._triton_utils import SPLITS_ENV  # noqa: E402
+from rollingq_kernels.triton import configs  # noqa: E402
+from rollingq_kernels.triton import launch as ta  # noqa: E402
+from rollingq_kernels.triton.launch import SPLITS_ENV  # noqa: E402
 
 pytestmark = pytest.mark.triton_interpret
 DEVICE = torch.device("cpu" if _INTERPRET else "cuda")
@@ -156,11 +158,11 @@ def test_class_only_split_path(monkeypatch, splits):
 
 def test_split_heuristic_fills_the_gpu(monkeypatch):
     monkeypatch.delenv(SPLITS_ENV, raising=False)
-    from rollingq_kernels._triton_utils import class_only_splits
+    from rollingq_kernels.triton.launch import class_only_splits
 
     cpu = torch.device("cpu")  # nominal 132 SMs off CUDA
-    assert class_only_splits(64, 373, cpu) == 5  # 373 keys allow at most ceil(373 / 64) splits
-    assert class_only_splits(64, 4097, cpu) == 5  # ceil(2 * 132 / 64) programs per row fill two waves
+    assert class_only_splits(64, 373, cpu) == 6  # 373 keys allow at most ceil(373 / 64) splits
+    assert class_only_splits(64, 4097, cpu) == 9  # ceil(4 * 132 / 64): about four programs per SM
     assert class_only_splits(1024, 4097, cpu) == 1  # B*H alone fills the GPU
     monkeypatch.setenv(SPLITS_ENV, "0")
     with pytest.raises(ValueError, match=SPLITS_ENV):
@@ -191,9 +193,12 @@ def test_lse_is_the_natural_log_sum_exp():
     from rollingq_kernels.reference import key_valid_mask
 
     scores = scale * q.double() @ k.double().transpose(-1, -2)
-    scores = scores.masked_fill(~key_valid_mask(LENGTHS_2, segments, 2, q.device)[:, None, None, :], float("-inf"))
+    valid = key_valid_mask(LENGTHS_2, segments, 2, q.device)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, N)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+    rows = valid[:, None, :].expand(2, 2, N)  # padded query rows: any finite value (the contract)
+    torch.testing.assert_close(lse.double()[rows], torch.logsumexp(scores, -1)[rows], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(lse).all()
 
 
 def test_deterministic():
@@ -268,25 +273,50 @@ def test_bf16_error_within_twice_eager(monkeypatch, class_only):
         assert rel(a, r) <= 2.0 * rel(e, r), (name, rel(a, r), rel(e, r))
 
 
-def test_autotune_pruning_drops_oversized_configs():
-    import triton
+def test_candidate_selection_fits_the_problem_and_dtype():
+    def blocks(cands):
+        return [(c.block_m, c.block_n, c.warps, c.stages) for c in cands]
 
-    def cfg(bm, bn, warps, stages):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    half = configs.select_candidates(configs.FWD_CANDIDATES, torch.bfloat16, 64, 2048, 2048)
+    assert blocks(half)[0] == (128, 64, 8, 3) and half[0].maxnreg == 128  # the preferred Hopper tile comes first
+    assert all("half" in c.dtypes and c.max_head_dim >= 64 for c in half)
+    with_dropout = configs.select_candidates(configs.FWD_CANDIDATES, torch.bfloat16, 64, 2048, 2048, dropout=True)
+    assert with_dropout[0].maxnreg is None  # the register cap spills with the dropout hash
+    small = configs.select_candidates(configs.FWD_CANDIDATES, torch.float16, 64, 32, 32)
+    assert small and all(c.block_m <= 32 and c.block_n <= 32 for c in small)  # beyond next_pow2(20): padding
+    fp32 = configs.select_candidates(configs.DKDV_CANDIDATES, torch.float32, 256, 4096, 4096)
+    assert fp32 and all("fp32" in c.dtypes and c.max_head_dim >= 256 for c in fp32)
+    tiny = configs.select_candidates(configs.FWD_CANDIDATES, torch.float64, 256, 1, 1)
+    assert len(tiny) == 1  # nothing fits: the smallest offered candidate stays
+    wide = configs.select_candidates(configs.CLASS_ONLY_CANDIDATES, torch.bfloat16, 1024, 1, 4096)
+    assert wide and all(c.max_head_dim >= 1024 for c in wide)
+    with pytest.raises(ValueError, match="BLOCK_D"):
+        configs.select_candidates(configs.FWD_CANDIDATES, torch.float16, 2048, 64, 64)
 
-    space = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(64, 64, 4, 3), cfg(32, 32, 4, 2)]
-    half = {"Nq": 1101, "N": 1101, "Q": torch.empty(1, dtype=torch.float16)}
-    kept = ta._prune_fwd(space, half, BLOCK_D=64)
-    assert [c.kwargs["BLOCK_M"] for c in kept] == [128, 128, 64, 32]  # Dh = 64 in fp16: everything fits
-    small = dict(half, Nq=20, N=20)  # blocks beyond next_pow2(20) = 32 are pure padding
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in ta._prune_fwd(space, small, BLOCK_D=64)] == [(32, 32)]
-    single = dict(half, Q=torch.empty(1, dtype=torch.float32))  # Dh = 256 in fp32: only the smallest tile fits
-    for prune in (ta._prune_fwd, ta._prune_bwd):
-        assert [(c.kwargs["BLOCK_M"], c.num_stages) for c in prune(space, single, BLOCK_D=256)] == [(32, 2)]
-        assert prune(space[:1], single, BLOCK_D=256) == space[:1]  # never empty: the smallest config is kept
-    decode = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 64) for w in (4, 8)]
-    kept = ta._prune_decode(decode, {"CHUNK": 75}, BLOCK_D=1024)
-    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(16, 8)]  # a 16x1024 key tile needs 8 warps
+
+_KEY_FREE = {"BLOCK_M", "BLOCK_N", "BLOCK_D", "S_PAD", "DOT_PREC", "IS_FP64", "EMULATE_BF16"}  # follow from the key
+
+
+@pytest.mark.parametrize("name", ["all_query_fwd_kernel", "all_query_dkdv_kernel", "all_query_dq_kernel",
+                                  "class_only_fwd_kernel", "class_only_bwd_kernel"])
+def test_autotune_keys_hold_every_variant_and_nothing_batch_dependent(name):
+    import importlib
+    import inspect
+
+    module = {"all_query_fwd_kernel": "forward", "class_only_fwd_kernel": "class_only",
+              "class_only_bwd_kernel": "class_only"}.get(name, "backward")
+    kernel = getattr(importlib.import_module(f"rollingq_kernels.triton.{module}"), name)
+    params = inspect.signature(kernel.base_fn).parameters
+    constexprs = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    assert constexprs - _KEY_FREE <= set(kernel.keys), (name, constexprs - _KEY_FREE - set(kernel.keys))
+    assert not {"B", "H", "CHUNK", "SPLITS"} & set(kernel.keys)
+
+
+def test_fixed_config_mode_picks_one_config(monkeypatch):
+    monkeypatch.setenv(configs.FIXED_ENV, "0")
+    assert not configs.autotune_enabled()
+    monkeypatch.setenv(configs.FIXED_ENV, "1")
+    assert configs.autotune_enabled()
 
 
 @pytest.mark.skipif(not _INTERPRET, reason="the GPU version is in tests/test_triton_cuda.py")
@@ -335,3 +365,145 @@ def test_backward_ignores_the_lse_of_padded_query_rows():
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _poison_padding(t: torch.Tensor, lengths: torch.Tensor, segments, value: float) -> torch.Tensor:
+    """``t`` ``(B, H, N, Dh)`` with every padded token's row set to ``value`` (a copy)."""
+    from rollingq_kernels.reference import key_valid_mask
+
+    valid = key_valid_mask(lengths, segments, t.shape[0], t.device)
+    return t.masked_fill(~valid[:, None, :, None], value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_padded_tokens_are_never_read(value, class_only):
+    """NaN/inf in padded q rows, keys and values leave every valid output, statistic and gradient
+    bitwise unchanged; padded query rows output exactly 0 and get zero gradients, as do padded keys."""
+    segments = [5, 7, 4]
+    N = 1 + sum(segments)
+    q, k, v, grad = (t.to(DEVICE) for t in _inputs(2, 2, N, 16, class_only, torch.float32, seed=41))
+    lengths = LENGTHS_3.to(DEVICE)
+    rot = _rotation("per_head", 2, 16, 42).to(DEVICE)
+    kw = dict(lengths=lengths, rotation=rot, dropout_p=0.2, seed=5)
+    clean = _run("triton", q, k, v, grad, segments, torch.float32, DEVICE, **kw)
+    poisoned_q = q if class_only else _poison_padding(q, lengths, segments, value)
+    poisoned_grad = grad if class_only else _poison_padding(grad, lengths, segments, value)
+    dirty = _run("triton", poisoned_q, _poison_padding(k, lengths, segments, value),
+                 _poison_padding(v, lengths, segments, value), poisoned_grad, segments, torch.float32, DEVICE, **kw)
+    from rollingq_kernels.reference import key_valid_mask
+
+    pad = ~key_valid_mask(lengths, segments, 2, DEVICE)[:, None, :, None]  # (B, 1, N, 1)
+    assert torch.equal(clean[0], dirty[0])
+    if not class_only:
+        assert torch.count_nonzero(dirty[0].masked_select(pad)) == 0
+    for name in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+        assert torch.equal(getattr(clean[1], name), getattr(dirty[1], name)), name
+    for name, a, b in zip(("dq", "dk", "dv"), clean[2], dirty[2]):
+        assert torch.equal(a, b), name
+        if name != "dq" or not class_only:
+            assert torch.count_nonzero(b.masked_select(pad)) == 0, name
+
+
+@pytest.mark.parametrize(("B", "H"), [(0, 2), (2, 0)])
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_empty_batch_or_heads_give_empty_outputs(B, H, class_only):
+    segments = [3, 4]
+    N = 1 + sum(segments)
+    q = torch.randn(B, H, 1 if class_only else N, 16, device=DEVICE)
+    k, v = torch.randn(B, H, N, 16, device=DEVICE), torch.randn(B, H, N, 16, device=DEVICE)
+    out, lse, key_mean, mass, query = ta.attention_fwd(q, k, v, segments, None, None, 0.25, 0.0, 0, True)
+    assert out.shape == q.shape and lse.shape == (B, H, q.shape[2])
+    assert key_mean.shape == (B, H, 2, 16) and mass.shape == (B, H, 3) and query.shape == (B, H, 16)
+    dq, dk, dv = ta.attention_bwd(torch.randn_like(q), q, k, v, out, lse, segments, None, None, 0.25, 0.0, 0)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_launcher_errors_name_the_argument():
+    segments = [3, 4]
+    q, k = torch.randn(1, 2, 8, 16, device=DEVICE), torch.randn(1, 2, 8, 16, device=DEVICE)
+    call = lambda **kw: ta.attention_fwd(**{**dict(q=q, k=k, v=k, segments=segments, lengths=None,  # noqa: E731
+                                                   rotation=None, scale=0.25, dropout_p=0.0, seed=0,
+                                                   compute_stats=True), **kw})
+    with pytest.raises(TypeError, match="q, k, v: expected one dtype"):
+        call(k=k.double())
+    with pytest.raises(TypeError, match="lengths: expected int64"):
+        call(lengths=torch.ones(1, 2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"lengths: expected shape \(1, 2\)"):
+        call(lengths=torch.ones(2, 2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="segments: expected"):
+        call(segments=[3, 5])
+    with pytest.raises(TypeError, match="rotation: expected float32 or float64"):
+        call(rotation=torch.eye(32, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="rotation: expected shape"):
+        call(rotation=torch.eye(16, device=DEVICE))
+    with pytest.raises(ValueError, match="q: expected shape"):
+        call(q=torch.randn(1, 2, 5, 16, device=DEVICE))
+
+
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_negative_scale(class_only):
+    """The kernels fold the scale into exp2 and need it positive: the launcher flips q's sign instead."""
+    segments = [5, 7, 4]
+    N = 1 + sum(segments)
+    q, k, v, grad = _inputs(2, 2, N, 24, class_only, torch.float32, seed=43)
+    rot = _rotation("global", 2, 24, 44)
+    kw = dict(lengths=LENGTHS_3, scale=-0.3, dropout_p=0.1, seed=9)
+    out, stats, grads = _run("triton", q, k, v, grad, segments, torch.float32, DEVICE, rotation=rot.float(), **kw)
+    r_out, r_stats, r_grads = _run("reference", q, k, v, grad, segments, torch.float64, torch.device("cpu"),
+                                   rotation=rot, **kw)
+    torch.testing.assert_close(out.cpu().double(), r_out, atol=1e-5, rtol=1e-5)
+    for a, r in zip(grads, r_grads):
+        torch.testing.assert_close(a.cpu().double(), r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.mass.cpu().double(), r_stats.mass.double(), atol=STATS_TOL, rtol=STATS_TOL)
+
+
+def test_outputs_never_alias_inputs_and_q_is_not_copied_for_the_rotation():
+    segments = [3, 4]
+    q = torch.randn(2, 2, 1, 16, device=DEVICE)
+    k = torch.randn(2, 2, 8, 16, device=DEVICE)
+    outs = ta.attention_fwd(q, k, k, segments, None, None, 0.25, 0.0, 0, True)  # fp32, class-only, no rotation
+    storages = {t.untyped_storage().data_ptr() for t in (q, k)}
+    assert all(t.untyped_storage().data_ptr() not in storages for t in outs)
+    q_all = torch.randn(2, 2, 8, 16, device=DEVICE)
+    before = q_all.clone()
+    rot = torch.linalg.qr(torch.randn(2, 16, 16, dtype=torch.float64))[0].float().to(DEVICE)
+    ta.attention_fwd(q_all, k, k, segments, None, rot, 0.25, 0.0, 0, True)
+    assert torch.equal(q_all, before)
+
+
+def test_segment_table_is_cached_per_layout_and_device():
+    from rollingq_kernels.triton import tables
+
+    a = tables.segment_table([5, 7, 4], torch.empty(1, device=DEVICE))
+    b = tables.segment_table((5, 7, 4), torch.empty(3, device=DEVICE))
+    assert a is b and a.tolist() == [0, 1, 6, 13, 17] and a.dtype == torch.int32
+    assert tables.segment_table([5, 7], torch.empty(1, device=DEVICE)) is not a
+
+
+def test_value_checks_on_cuda_only_under_the_debug_flag(monkeypatch):
+    """Reading ``lengths``/``rotation`` back synchronises with the GPU: on CUDA only with ROLLINGQ_DEBUG_CHECKS=1."""
+    from rollingq_kernels import checks
+
+    monkeypatch.delenv(checks.DEBUG_CHECKS_ENV, raising=False)
+    assert checks._reads_values(torch.device("cpu"))
+    assert not checks._reads_values(torch.device("cuda", 0))
+    monkeypatch.setenv(checks.DEBUG_CHECKS_ENV, "1")
+    assert checks._reads_values(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("class_only", [False, True], ids=["all_query", "class_only"])
+def test_triton_ops_schema_no_aliasing_no_mutation(class_only):
+    """``torch.library.opcheck``'s schema test: outputs never alias inputs (float32 class-only ``query``
+    included), inputs are not written."""
+    from rollingq_kernels.triton import register
+
+    segs = [3, 4]
+    nq = 1 if class_only else 8
+    q, k, v = (torch.randn(2, 2, n, 16, device=DEVICE) for n in (nq, 8, 8))
+    lengths = torch.tensor([[2, 4], [3, 1]], device=DEVICE)
+    fwd_args = (q, k, v, segs, lengths, None, 0.25, 0.1, 3, True)
+    torch.library.opcheck(register.triton_attention_fwd, fwd_args, test_utils=("test_schema",))
+    out, lse, *_ = register.triton_attention_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(q), q, k, v, out, lse, segs, lengths, None, 0.25, 0.1, 3)
+    torch.library.opcheck(register.triton_attention_bwd, bwd_args, test_utils=("test_schema",))
