@@ -23,11 +23,6 @@ DEVICE = "cpu" if _INTERPRET else "cuda"
 # float64 gradients are limited by the float32 log-sum-exp the forward saves (the contract's lse dtype)
 TRITON_TOL = {torch.float64: (1e-10, 2e-6), torch.float32: (2e-5, 2e-4)}
 SMALL = dict(max_batch=2, max_heads=2, head_dims=(1, 3, 8, 16), max_segment=12)
-TRITON_READS_PADDING = (
-    "known Triton defect (issue 13 item 5, fixed on the Triton branch): padded query rows and values are read, "
-    "so NaN there reaches valid outputs or gradients"
-)
-TRITON_EMPTY = "known Triton defect (issue 13 item 13, fixed on the Triton branch): B = 0 or H = 0 is not an empty call"
 
 
 @settings(max_examples=examples(12))
@@ -36,7 +31,6 @@ def test_triton_matches_the_float64_reference(case):
     compare("triton", case, make_inputs(case), device=DEVICE, tol=TRITON_TOL)
 
 
-@pytest.mark.xfail(strict=False, reason=TRITON_READS_PADDING)
 @settings(max_examples=examples(6))
 @given(case=cases(need_padding=True, **SMALL))
 def test_triton_with_nan_in_padding_matches_the_clean_reference(case):
@@ -44,7 +38,6 @@ def test_triton_with_nan_in_padding_matches_the_clean_reference(case):
     compare("triton", case, poison(clean), reference_inputs=clean, device=DEVICE, tol=TRITON_TOL)
 
 
-@pytest.mark.xfail(strict=False, reason=TRITON_EMPTY)
 @settings(max_examples=examples(4))
 @given(case=cases(**{**SMALL, "min_batch": 0, "max_batch": 0}) | cases(**{**SMALL, "min_heads": 0, "max_heads": 0}))
 def test_triton_empty_batch_or_heads(case):
