@@ -1,8 +1,9 @@
-"""The ``rollingq`` command: ``train``, ``eval``, ``report`` and ``demo``.
+"""The ``rollingq`` command: ``train``, ``eval``, ``report``, ``demo`` and ``prepare``.
 
 ``rollingq train --config CONFIG [key=value ...] [--out RUN_DIR]``,
 ``rollingq train --resume RUN_DIR``, ``rollingq eval --run RUN_DIR``,
-``rollingq report RUN_DIR [RUN_DIR ...]``, ``rollingq demo [--out DIR] [--epochs N]``.
+``rollingq report RUN_DIR [RUN_DIR ...]``, ``rollingq demo [--out DIR] [--epochs N]``,
+``rollingq prepare avdigits OUT [--seed S] [--overwrite]``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="vanilla MT vs vanilla MT + RollingQ on the synthetic default (CPU, minutes)")
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
+
+    pr = sub.add_parser("prepare", help="write a dataset that ships with the package as files (no download)")
+    pr.add_argument("dataset", choices=["avdigits"],
+                    help="avdigits: audio (class-specific vowels) + frames (scikit-learn's digit scans), CREMA-D layout")
+    pr.add_argument("out", metavar="OUT", help="the dataset folder to write (missing or empty)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--train-per-class", type=int, default=120, metavar="N")
+    pr.add_argument("--test-per-class", type=int, default=50, metavar="N")
+    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     return p
 
 
@@ -96,6 +106,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.avdigits import write_avdigits
+
+    try:
+        root = write_avdigits(args.out, seed=args.seed, train_per_class=args.train_per_class,
+                              test_per_class=args.test_per_class, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as exc:
+        raise SystemExit(f"rollingq prepare {args.dataset}: {exc}") from exc
+    print(root)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -105,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "demo": _cmd_demo}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "demo": _cmd_demo,
+                "prepare": _cmd_prepare}
     return commands[args.command](args)
 
 
