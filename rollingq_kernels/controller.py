@@ -13,6 +13,21 @@ query towards the balanced anchor (Ni et al., ICML 2025, Sec. 3.3, App. B):
    (Eq. 10), R_b maps E[q] to q_b (``method="plane"``: the minimal rotation;
    ``"svd"``: the paper's Eq. 12 construction), and ``R ← R_b @ R``.
 
+Indicator (``indicator=``): ``"cos"`` (default) decides on the paper's AIR
+above, which assumes equal token counts ``L^m`` and equal mean-key norms
+``‖k̄^m‖`` (Sec. 3.3). ``"score"`` weights each modality's mean cosine by its
+share of Eq. 3's summed score ``L^m·‖k̄^m‖·cos θ^m`` (normalised so that it is
+AIR when counts and norms are equal) and uses the weighted cosines for α too.
+The token counts come from the layers' training forwards (a forward pre-hook
+reads ``segments`` / ``lengths``); the norms are those of E[k̄^m].
+
+Assumption check: at every step the controller compares the indicator with
+the class-row attention mass. When the mass favours one modality by at least
+0.1 and the indicator points at another (for two modalities: their signs
+differ), it logs a warning naming the mass, the indicator, the token counts and
+the mean-key norms, and sets ``RotationRecord.assumption_warning``: a rotation
+would then move the query towards the modality that already has the attention.
+
 Defaults: the paper states no values for ρ and β (only ρ > 0) and caps the
 rotations at 1 (CREMA-D, MOSEI) or 3 (Kinetics-Sounds); we use ``rho=1.0``,
 ``beta=0.1`` and ``max_rotations=1``.
@@ -50,7 +65,11 @@ from .accumulator import (
     Window,
     WindowStatistics,
     all_reduce_sums,
+    check_indicator,
     check_window,
+    indicator_cosines,
+    indicator_value,
+    mass_disagreement,
     reduce_sums,
     zero_sums,
 )
@@ -85,6 +104,11 @@ class RotationRecord:
         num_rotations: the layer's rotations after this step.
         reason: ``"rotated"``, ``"below_threshold"``, ``"max_rotations"``,
             ``"no_samples"`` or ``"degenerate"``.
+        indicator: the indicator the decision used (``"cos"`` or ``"score"``).
+        value: its value (AIR for ``"cos"`` with two modalities; the spread for more).
+        tokens: mean valid tokens per sample per modality in the window's training forwards.
+        key_norm: ‖E[k̄^m]‖ per modality (heads concatenated).
+        assumption_warning: the indicator and the attention mass favour different modalities.
     """
 
     layer: str
@@ -100,6 +124,11 @@ class RotationRecord:
     count: int = 0
     num_rotations: int = 0
     reason: str = ""
+    indicator: str = "cos"
+    value: float = math.nan
+    tokens: list = field(default_factory=list)
+    key_norm: list = field(default_factory=list)
+    assumption_warning: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-friendly dict of the record."""
@@ -117,6 +146,24 @@ def _check_settings(rho: float, beta: float, max_rotations: int, method: str, es
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate: expected one of {ESTIMATES}, got {estimate!r}")
+
+
+def accuracy_guard(accuracy: float, majority: float, min_gain: float) -> str | None:
+    """The first-rotation guard: None when a rotation may happen, else why not.
+
+    A class query that has learned nothing has no preference worth correcting: rotating it (the paper
+    assumes trained encoders, Sec. 3.3) moves it by a large angle in an arbitrary direction. A rotation
+    is allowed only after an epoch whose training accuracy ``accuracy`` exceeds ``majority`` (the share
+    of the most frequent class among that epoch's training labels: the accuracy of a model that learned
+    only the class priors) by at least ``min_gain``. ``min_gain < 0`` switches the guard off.
+    """
+    for name, value in (("accuracy", accuracy), ("majority", majority), ("min_gain", min_gain)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if min_gain < 0 or accuracy >= majority + min_gain:
+        return None
+    return (f"training accuracy {accuracy:.3f} is below the majority-class share {majority:.3f} + "
+            f"min_accuracy_gain {min_gain:.3f}: the model has not learned enough to rotate its class query")
 
 
 def _as_named_layers(
@@ -138,6 +185,10 @@ def _as_named_layers(
 
 def _float_list(t: torch.Tensor) -> list:
     return t.detach().cpu().double().tolist()
+
+
+def _fmt(t: torch.Tensor, fmt: str = "{:.3f}") -> str:
+    return "[" + ", ".join(fmt.format(v) for v in _float_list(t)) + "]"
 
 
 @contextmanager
@@ -168,6 +219,7 @@ class RollingQ:
             it replaces the layers' own setting.
         method: ``"plane"`` (minimal rotation) or ``"svd"`` (paper Eq. 12).
         estimate: ``"accumulate"`` or ``"pass"`` (see the module docstring).
+        indicator: ``"cos"`` (the paper's AIR) or ``"score"`` (Eq. 3 weighted, see the module docstring).
     """
 
     def __init__(
@@ -179,8 +231,13 @@ class RollingQ:
         window: Window = "epoch",
         method: str = "plane",
         estimate: str = "accumulate",
+        indicator: str = "cos",
     ) -> None:
         _check_settings(rho, beta, max_rotations, method, estimate)
+        self.indicator = check_indicator(indicator)
+        self._token_sums: dict[str, list] = {}
+        self._step_tokens: dict[str, torch.Tensor | None] = {}
+        self._hooks: list = []
         self.rho = float(rho)
         self.beta = float(beta)
         self.max_rotations = max_rotations
@@ -205,11 +262,60 @@ class RollingQ:
         self.layers = _as_named_layers(modules)
         for layer in self.layers.values():
             layer.set_window(self.window)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = [layer.register_forward_pre_hook(self._token_hook(name), with_kwargs=True)
+                       for name, layer in self.layers.items()]
+        self._token_sums = {}
 
     def reset_statistics(self) -> None:
         """Start a fresh statistics window in every controlled layer."""
         for layer in self.layers.values():
             layer.reset_statistics()
+        self._token_sums = {}
+
+    # ------------------------------------------------------------------ token counts (for the indicator)
+    def _token_hook(self, name: str):
+        """A forward pre-hook adding a training forward's valid tokens per modality to the window's sums."""
+
+        def hook(module: FusedRollingQAttention, args: tuple, kwargs: dict) -> None:
+            if not (module.training and module.collect_statistics):
+                return
+            segments = args[1] if len(args) > 1 else kwargs.get("segments")
+            lengths = args[2] if len(args) > 2 else kwargs.get("lengths")
+            x = args[0] if args else kwargs.get("x")
+            if segments is None or x is None:
+                return
+            batch = int(x.shape[0])
+            if lengths is not None:
+                counts = lengths.detach().sum(0).to(torch.float64)  # (M,), stays on the device
+            else:
+                counts = torch.tensor([float(s) * batch for s in segments], dtype=torch.float64)
+            total = self._token_sums.get(name)
+            if total is None or total[0].device != counts.device:
+                self._token_sums[name] = [counts, batch]
+            else:
+                self._token_sums[name] = [total[0] + counts, total[1] + batch]
+
+        return hook
+
+    def token_counts(self, name: str) -> torch.Tensor | None:
+        """``(M,)`` float64 mean valid tokens per sample of layer ``name`` in the training forwards since the
+        last step (summed over ranks under ``torch.distributed``: a collective, every rank must call it), or None."""
+        total = self._token_sums.get(name)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            layer = self.layers[name]
+            flat = torch.zeros(layer.num_modalities + 1, dtype=torch.float64, device=layer.rotation.device)
+            if total is not None:
+                flat[:-1] = total[0].to(flat.device)
+                flat[-1] = float(total[1])
+            torch.distributed.all_reduce(flat)
+            counts, samples = flat[:-1].cpu(), float(flat[-1])
+        elif total is None:
+            return None
+        else:
+            counts, samples = total[0].detach().cpu(), float(total[1])
+        return None if samples == 0 else counts / samples
 
     # ------------------------------------------------------------------ the decision
     def _window_statistics(self, layer: FusedRollingQAttention) -> WindowStatistics | None:
@@ -232,7 +338,11 @@ class RollingQ:
             rec = RotationRecord(name, epoch, st.air, st.spread, _float_list(st.cos_mean),
                                  mass=_float_list(st.mass_mean.mean(0)), count=st.samples)
         rec.num_rotations = int(layer.num_rotations)
+        rec.indicator = self.indicator
         quantity = rec.air if M == 2 else rec.spread
+        if st is not None and not any(math.isnan(c) for c in rec.cos_mean):
+            quantity = self._check_indicator(name, st, rec, quantity)
+        rec.value = quantity
         if st is None or not math.isfinite(quantity) or any(math.isnan(c) for c in rec.cos_mean):
             rec.reason = "no_samples"
             logger.warning("RollingQ: layer %s: no usable statistics (AIR=%s, count=%d); not rotating",
@@ -245,13 +355,45 @@ class RollingQ:
             rec.reason = "due"
         return rec
 
+    def _check_indicator(self, name: str, st: WindowStatistics, rec: RotationRecord, air: float) -> float:
+        # ``air``: the paper's decision quantity (AIR for two modalities, the cosine spread for more)
+        """The decision quantity of ``self.indicator``; fills ``rec.tokens``/``key_norm`` and checks it against the mass."""
+        tokens = self.token_counts(name)
+        self._step_tokens[name] = tokens
+        key_norm = st.global_key_mean().norm(dim=-1)  # (M,)
+        rec.tokens = [] if tokens is None else _float_list(tokens)
+        rec.key_norm = _float_list(key_norm)
+        if self.indicator == "score" and tokens is None:
+            logger.warning("RollingQ: layer %s: indicator 'score' needs token counts but no training forward was "
+                           "seen since the last step; deciding on AIR", name)
+            values = st.cos_mean
+        else:
+            values = indicator_cosines(st.cos_mean, key_norm, tokens, self.indicator)
+        # "cos" keeps the paper's AIR exactly (E[cos_0 − cos_1] over samples with both modalities)
+        quantity = air if self.indicator == "cos" or values is st.cos_mean else indicator_value(values)
+        mass = st.mass_mean.mean(0)[1:]  # (M,), heads averaged, class token excluded
+        if mass_disagreement(values, mass):
+            rec.assumption_warning = True
+            logger.warning(
+                "RollingQ: layer %s: the indicator %r (%.3f; AIR %.3f) and the attention mass %s favour different "
+                "modalities: token counts %s, mean-key norms %s, mean cosines %s. The paper's AIR assumes equal "
+                "token counts and key norms (Sec. 3.3); a rotation would move the query towards the modality that "
+                "already has the attention", name, self.indicator, quantity, air, _fmt(mass),
+                "unknown" if tokens is None else _fmt(tokens, "{:.1f}"), _fmt(key_norm), _fmt(st.cos_mean))
+        return quantity
+
     def _rotation(self, layer: FusedRollingQAttention, st: WindowStatistics, rec: RotationRecord,
                   keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
         """R_b for one layer, or None (``rec`` explains why) when degenerate."""
         if layer.rotation_mode == "global":
             mean_keys, mean_query, cos_means = keys, query, st.cos_mean  # (M, C), (C,), (M,)
+            window_norm = st.global_key_mean().norm(dim=-1)
         else:
             mean_keys, mean_query, cos_means = keys, query, st.cos_head_mean  # (H, M, Dh), (H, Dh), (H, M)
+            window_norm = st.key_mean.norm(dim=-1)
+        tokens = self._step_tokens.get(rec.layer)
+        if self.indicator != "cos" and tokens is not None:
+            cos_means = indicator_cosines(cos_means, window_norm, tokens, self.indicator)
         q_norm = mean_query.norm(dim=-1)
         k_norm = mean_keys.norm(dim=-1)
         if bool((q_norm <= _EPS).any()) or bool((k_norm <= _EPS).any()) or not bool(torch.isfinite(cos_means).all()):
@@ -335,6 +477,7 @@ class RollingQ:
         for name, layer in self.layers.items():
             if self.window == "epoch" or records[name].rotated:
                 layer.reset_statistics()
+        self._token_sums, self._step_tokens = {}, {}
         out = list(records.values())
         self.records.extend(out)
         return out
@@ -353,6 +496,7 @@ class RollingQ:
             "window": self.window,
             "method": self.method,
             "estimate": self.estimate,
+            "indicator": self.indicator,
             "records": [r.to_dict() for r in self.records],
             "layers": list(self.layers),
             "num_rotations": {n: int(layer.num_rotations) for n, layer in self.layers.items()},
@@ -371,6 +515,7 @@ class RollingQ:
         self.rho, self.beta = float(state["rho"]), float(state["beta"])
         self.max_rotations = int(state["max_rotations"])
         self.window, self.method, self.estimate = check_window(state["window"]), state["method"], state["estimate"]
+        self.indicator = check_indicator(state.get("indicator", "cos"))
         self.records = [RotationRecord(**r) for r in state["records"]]
         for name, layer in self.layers.items():
             layer.statistics.load_state_dict(state["statistics"][name], device=layer.rotation.device)

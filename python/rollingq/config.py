@@ -56,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
         "method": "plane",
         "estimate": "accumulate",
         "start_epoch": 1,
+        # first-rotation guard: rotate only after an epoch whose training accuracy beats the
+        # majority-class share by this much (docs/training.md; negative: off)
+        "min_accuracy_gain": 0.05,
+        "indicator": "cos",  # cos: the paper's AIR | score: Eq. 3 weighted (token counts, key norms)
     },
     "ogm": {"alpha": 0.1, "start_epoch": 1, "end_epoch": 1000},
     "optim": {

@@ -94,6 +94,7 @@ def build_controller(cfg: dict, model: MultimodalModel):
         window=rq.get("window", "epoch"),
         method=rq.get("method", "plane"),
         estimate=rq.get("estimate", "accumulate"),
+        indicator=rq.get("indicator", "cos"),
     )
 
 
@@ -217,6 +218,7 @@ class Trainer:
         num_mod = len(cfg["data"]["modalities"])
         # loss sum, correct, count, probe correct: kept on the device (no host sync per step)
         totals = torch.zeros(3 + num_mod, dtype=torch.float64, device=self.device)
+        label_counts = torch.zeros(int(cfg["data"]["num_classes"]), dtype=torch.float64, device=self.device)
         stat_sums = None
         probe_w = float(cfg["train"].get("probe_loss_weight", 1.0))
         clip = cfg["train"].get("grad_clip")
@@ -246,6 +248,7 @@ class Trainer:
                 totals[0] += loss_main.detach().double() * n
                 totals[1] += (out.logits.argmax(1) == labels).sum()
                 totals[2] += n
+                label_counts += torch.bincount(labels, minlength=label_counts.numel())[: label_counts.numel()]
                 for m, p in enumerate(out.probe_logits):
                     totals[3 + m] += (p.argmax(1) == labels).sum()
                 if out.stats is not None:
@@ -254,10 +257,12 @@ class Trainer:
             if self.progress:
                 bar.set_postfix(loss=f"{float(loss_main):.3f}")
         totals = distributed.all_reduce_sum(totals).cpu()
+        label_counts = distributed.all_reduce_sum(label_counts).cpu()
         result = {
             "train_loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),
             "train_probe_acc": [float(totals[3 + m] / totals[2]) for m in range(num_mod)],
+            "train_majority": float(label_counts.max() / totals[2]),
             "air": None, "mass": None, "cos": None,
         }
         has_stats = self.model.fusion_attention is not None
@@ -274,13 +279,25 @@ class Trainer:
         with ctx:
             self.model(mods)
 
-    def _controller_step(self, epoch: int) -> list:
-        """Step the controller from epoch ``rollingq.start_epoch`` on (earlier windows are discarded);
-        with ``rollingq.estimate=pass`` it re-reads this rank's training shard (eval mode, no grad) to
-        estimate the anchor, as the official code does before a rotation."""
+    def _controller_step(self, epoch: int, row: dict | None = None) -> list:
+        """Step the controller from epoch ``rollingq.start_epoch`` on and once the epoch's training accuracy
+        clears the first-rotation guard (``rollingq.min_accuracy_gain``, see
+        :func:`rollingq_kernels.controller.accuracy_guard`); earlier windows are discarded. With
+        ``rollingq.estimate=pass`` it re-reads this rank's training shard (eval mode, no grad) to estimate
+        the anchor, as the official code does before a rotation."""
         if epoch < int(self.cfg["rollingq"].get("start_epoch", 1)):
             self.controller.reset_statistics()  # too early to rotate: start the next window afresh
             return []
+        if row is not None and "train_majority" in row:
+            from rollingq_kernels.controller import accuracy_guard
+
+            held = accuracy_guard(row["train_acc"], row["train_majority"],
+                                  float(self.cfg["rollingq"].get("min_accuracy_gain", 0.05)))
+            row["rollingq_guard"] = held
+            if held is not None:
+                logger.info("epoch %d: RollingQ does not rotate: %s", epoch, held)
+                self.controller.reset_statistics()
+                return []
         if self.cfg["rollingq"].get("estimate", "accumulate") != "pass":
             return self.controller.step(epoch=epoch)
         self.model.eval()
@@ -304,7 +321,7 @@ class Trainer:
             records, rotated = [], False
             if self.controller is not None:
                 before = int(self.model.fusion_attention.num_rotations)
-                records = [jsonable(r) for r in self._controller_step(epoch)]
+                records = [jsonable(r) for r in self._controller_step(epoch, row)]
                 rotated = int(self.model.fusion_attention.num_rotations) > before
             row["rollingq"], row["rotated"] = records, rotated
             row["num_rotations"] = (None if self.model.fusion_attention is None
