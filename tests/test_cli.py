@@ -112,6 +112,29 @@ def test_demo_prints_a_side_by_side_table(tmp_path):
         assert result["noise_modality"] == "audio" and f"{result['accuracy_noise_replaced']:.4f}" in noisy_row
 
 
+def test_demo_prints_the_phenomenon_and_paired_differences_over_seeds(tmp_path):
+    text, report = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, seeds=[3, 4])
+    assert "Vanilla MT (the paper's Figure 1c)" in text and text.count("collapse criteria met") == 2
+    assert "RollingQ - vanilla MT, paired over 2 seeds" in text and "accuracy, audio replaced by noise" in text
+    assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == [
+        "vanilla_mt_rollingq_seed3", "vanilla_mt_rollingq_seed4", "vanilla_mt_seed3", "vanilla_mt_seed4"]
+    assert os.path.isfile(report)
+    with pytest.raises(ValueError, match="dataset"):
+        run_demo(str(tmp_path / "x"), dataset="cifar")
+
+
+def test_demo_on_avdigits_goes_through_the_cremad_loader(tmp_path):
+    from rollingq.data.avdigits import write_avdigits
+
+    root = write_avdigits(str(tmp_path / "data"), train_per_class=3, test_per_class=2)
+    text, _ = run_demo(str(tmp_path / "demo"), epochs=1, dataset="avdigits",
+                       overrides=TINY_MODEL + [f"data.root={root}", "data.image_size=32", "train.batch_size=4"])
+    assert "test accuracy (audio = noise)" in text
+    with open(tmp_path / "demo" / "vanilla_mt" / "config.yaml") as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["data"]["name"] == "cremad" and cfg["data"]["root"] == root
+
+
 def test_python_dash_m_entry_point():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO]))
     out = subprocess.run([sys.executable, "-m", "rollingq", "demo", "--help"], env=env, capture_output=True,

@@ -42,9 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="report", metavar="DIR")
 
-    d = sub.add_parser("demo", help="vanilla MT vs vanilla MT + RollingQ on the synthetic default (CPU, minutes)")
+    d = sub.add_parser("demo", help="vanilla MT's attention collapse, and vanilla MT vs vanilla MT + RollingQ "
+                                    "(synthetic default: no data, about a minute on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
+    d.add_argument("--dataset", default="synthetic", choices=["synthetic", "avdigits"],
+                   help="synthetic (default, token task) or avdigits (real files through the CREMA-D loader, "
+                   "written under OUT/data first; several minutes)")
+    d.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
+                   help="seeds to train (two or more: paired differences with 95%% t-intervals)")
 
     pr = sub.add_parser("prepare", help="write a dataset that ships with the package as files (no download)")
     pr.add_argument("dataset", choices=["avdigits"],
@@ -100,7 +106,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    table, report = run_demo(args.out, epochs=args.epochs)
+    table, report = run_demo(args.out, epochs=args.epochs, dataset=args.dataset, seeds=args.seeds)
     print(table)
     print(f"\nreport: {report}")
     return 0
