@@ -28,7 +28,7 @@ SYNTHETIC_DEFAULTS: dict = {
     "sizes": {"train": 2048, "val": 512, "test": 1024},
     "tokens": [8, 8],
     "feature_dim": 16,
-    "strength": [1.25, 0.6],
+    "strength": [1.5, 0.6],
     "informative": [1.0, 1.0],
     "corrupt": {"train": 0.0, "val": 0.0, "test": 0.0},
 }
