@@ -100,7 +100,7 @@ def test_resume_refuses_extra_arguments(tmp_path):
 
 
 def test_demo_prints_a_side_by_side_table(tmp_path):
-    table, _ = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN)
+    table, _ = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, dataset="synthetic")
     assert "vanilla_mt+rollingq" in table and "test accuracy (audio = noise)" in table and "AIR epoch 1" in table
     assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == ["vanilla_mt",
                                                                                            "vanilla_mt_rollingq"]
@@ -113,7 +113,7 @@ def test_demo_prints_a_side_by_side_table(tmp_path):
 
 
 def test_demo_prints_the_phenomenon_and_paired_differences_over_seeds(tmp_path):
-    text, report = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, seeds=[3, 4])
+    text, report = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, seeds=[3, 4], dataset="synthetic")
     assert "Vanilla MT (the paper's Figure 1c)" in text and text.count("collapse criteria met") == 2
     assert "RollingQ - vanilla MT, paired over 2 seeds" in text and "accuracy, audio replaced by noise" in text
     assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == [
@@ -133,6 +133,20 @@ def test_demo_on_avdigits_goes_through_the_cremad_loader(tmp_path):
     with open(tmp_path / "demo" / "vanilla_mt" / "config.yaml") as f:
         cfg = yaml.safe_load(f)
     assert cfg["data"]["name"] == "cremad" and cfg["data"]["root"] == root
+
+
+def test_demo_default_runs_the_token_task_then_avdigits_files(tmp_path, monkeypatch):
+    import rollingq.demo
+
+    monkeypatch.setattr(rollingq.demo, "AVDIGITS_DEMO_SIZE", {"train_per_class": 3, "test_per_class": 2})
+    text, report = run_demo(str(tmp_path / "demo"), epochs=1,
+                            overrides=TINY_MODEL + ["train.batch_size=8", "data.image_size=32",
+                                                    "data.synthetic.sizes.train=67", "data.synthetic.sizes.val=23",
+                                                    "data.synthetic.sizes.test=19"])
+    assert text.index("=== synthetic token task") < text.index("=== avdigits: real files")
+    assert text.count("collapse criteria met") == 2 and report.startswith(str(tmp_path / "demo" / "synthetic"))
+    assert os.path.isfile(tmp_path / "demo" / "avdigits" / "data" / "avdigits" / "train.csv")
+    assert os.path.isfile(tmp_path / "demo" / "avdigits" / "report" / "report.md")
 
 
 def test_python_dash_m_entry_point():
