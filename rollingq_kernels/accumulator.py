@@ -45,6 +45,7 @@ SUM_FIELDS: tuple[str, ...] = (
     "key_sum",  # (H, M, Dh)  Σ per-sample mean key over samples where present
     "query_sum",  # (H, Dh)   Σ rotated class query
     "mass_sum",  # (H, M+1)   Σ class-row attention mass
+    "tokens_sum",  # (M,)     Σ valid tokens per modality
 )
 
 
@@ -100,7 +101,7 @@ def batch_sums(stats: AttentionStats) -> Sums:
     Args:
         stats: the op's statistics of a batch: ``cos (B, M)``, ``cos_per_head
             (B, H, M)``, ``key_mean (B, H, M, Dh)``, ``query (B, H, Dh)``,
-            ``mass (B, H, M+1)``, ``valid (B, M)`` bool.
+            ``mass (B, H, M+1)``, ``valid (B, M)`` bool, ``tokens (B, M)``.
 
     Returns:
         A dict of float64 tensors on the statistics' device; no host sync.
@@ -111,6 +112,7 @@ def batch_sums(stats: AttentionStats) -> Sums:
     sums["key_sum"] = stats.key_mean.detach().to(torch.float64).masked_fill(~valid[:, None, :, None], 0.0).sum(0)
     sums["query_sum"] = stats.query.detach().to(torch.float64).sum(0)
     sums["mass_sum"] = stats.mass.detach().to(torch.float64).sum(0)
+    sums["tokens_sum"] = stats.tokens.detach().to(torch.float64).sum(0)
     return sums
 
 
@@ -120,6 +122,7 @@ def zero_sums(num_heads: int, num_modalities: int, head_dim: int, device: torch.
     shapes = {
         "samples": (), "cos_sum": (M,), "cos_sq_sum": (M,), "present": (M,), "cos_head_sum": (H, M),
         "diff_sum": (), "diff_count": (), "key_sum": (H, M, Dh), "query_sum": (H, Dh), "mass_sum": (H, M + 1),
+        "tokens_sum": (M,),
     }
     return {name: torch.zeros(shapes[name], dtype=torch.float64, device=device) for name in SUM_FIELDS}
 
@@ -176,6 +179,7 @@ class WindowStatistics:
         query_mean: ``(H, Dh)`` E[rotated class query] (0 for an empty window).
         mass_mean: ``(H, M+1)`` mean class-row attention mass on
             [class, modality 1, …, M].
+        tokens_mean: ``(M,)`` mean valid tokens per sample of each modality.
     """
 
     samples: int
@@ -189,6 +193,7 @@ class WindowStatistics:
     key_mean: torch.Tensor
     query_mean: torch.Tensor
     mass_mean: torch.Tensor
+    tokens_mean: torch.Tensor
 
     def global_key_mean(self) -> torch.Tensor:
         """``(M, H·Dh)`` the mean keys with heads concatenated (a global rotation's space)."""
@@ -272,6 +277,7 @@ def reduce_sums(sums: Sums) -> WindowStatistics:
         key_mean=sums["key_sum"] / n[None, :, None],
         query_mean=sums["query_sum"] / max(samples, 1),
         mass_mean=sums["mass_sum"] / max(samples, 1),
+        tokens_mean=sums["tokens_sum"] / max(samples, 1),
     )
 
 
@@ -368,3 +374,94 @@ class StatisticsAccumulator:
             (move(s) for s in state["batches"]), maxlen=None if self.window == "epoch" else int(self.window)
         )
         self._count.fill_(int(state["num_batches"]))
+
+
+# ---------------------------------------------------------------------------- the imbalance indicators
+#: ``"cos"``: the paper's AIR (Eq. 9), cosines only. ``"score"``: each modality's cosine weighted by its share
+#: of the summed attention score of Eq. 3, ``L^m · ‖k̄^m‖ · cos θ^m`` (``L^m`` tokens, ``‖k̄^m‖`` the norm of
+#: the mean key), normalised so that it equals AIR when token counts and key norms are equal.
+INDICATORS: tuple[str, ...] = ("cos", "score")
+
+
+def check_indicator(indicator: str) -> str:
+    """Validate an indicator name (one of :data:`INDICATORS`); return it."""
+    if indicator not in INDICATORS:
+        raise ValueError(f"indicator: expected one of {INDICATORS}, got {indicator!r}")
+    return indicator
+
+
+def score_weights(key_norm: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Eq. 3's per-modality factor ``L^m·‖k̄^m‖`` divided by its mean over the modalities.
+
+    Args:
+        key_norm: ``(..., M)`` norms of the mean keys (float).
+        tokens: ``(M,)`` mean valid tokens per sample of each modality.
+
+    Returns:
+        ``(..., M)`` float64 weights with mean 1 over ``M`` (all ones where every factor is 0).
+    """
+    if tokens.shape[-1] != key_norm.shape[-1]:
+        raise ValueError(f"tokens: expected {key_norm.shape[-1]} modality counts, got shape {tuple(tokens.shape)}")
+    factor = key_norm.double() * tokens.double().to(key_norm.device)
+    mean = factor.mean(-1, keepdim=True)
+    return torch.where(mean > 0, factor / mean.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(factor))
+
+
+def indicator_cosines(cos_mean: torch.Tensor, key_norm: torch.Tensor, tokens: torch.Tensor | None,
+                      indicator: str) -> torch.Tensor:
+    """The per-modality values the indicator compares: ``cos`` itself, or ``score_weights · cos``.
+
+    Args:
+        cos_mean: ``(..., M)`` mean cosine per modality.
+        key_norm: ``(..., M)`` norms of the mean keys.
+        tokens: ``(M,)`` mean valid tokens per sample (needed for ``"score"``).
+        indicator: one of :data:`INDICATORS`.
+
+    Returns:
+        ``(..., M)`` float64. For ``M = 2`` the indicator is ``out[..., 0] − out[..., 1]`` (AIR for ``"cos"``);
+        the anchor weights are ``softmax(−2ρ·out)``.
+    """
+    check_indicator(indicator)
+    if indicator == "cos":
+        return cos_mean.double()
+    if tokens is None:
+        raise ValueError("tokens: the 'score' indicator needs the token counts per modality, got None")
+    return score_weights(key_norm, tokens) * cos_mean.double()
+
+
+def indicator_value(values: torch.Tensor) -> float:
+    """``values[0] − values[1]`` for two modalities, ``max − min`` for more (NaN entries ignored).
+
+    ``values`` is ``(M,)``.
+    """
+    if values.dim() != 1:
+        raise ValueError(f"values: expected an (M,) tensor, got shape {tuple(values.shape)}")
+    flat = values
+    if flat.numel() == 2:
+        return float(flat[0] - flat[1])
+    shown = flat[~torch.isnan(flat)]
+    return float(shown.max() - shown.min()) if shown.numel() >= 2 else math.nan
+
+
+def mass_disagreement(values: torch.Tensor, mass: torch.Tensor, margin: float = 0.1) -> bool:
+    """Does the indicator point at another modality than the class-row attention mass does?
+
+    Args:
+        values: ``(M,)`` the indicator's per-modality values (:func:`indicator_cosines`).
+        mass: ``(M,)`` mean attention mass per modality (class token excluded).
+        margin: only a mass lead of at least this much counts as an imbalance.
+
+    Returns:
+        True when the modality the mass favours (by at least ``margin`` over the runner-up) is not the one
+        with the largest indicator value (for ``M = 2``: the signs of the indicator and of
+        ``mass[0] − mass[1]`` differ).
+    """
+    if values.shape != mass.shape or values.dim() != 1 or values.numel() < 2:
+        raise ValueError(f"values, mass: expected two (M,) tensors with M >= 2, got {tuple(values.shape)} "
+                         f"and {tuple(mass.shape)}")
+    if bool(torch.isnan(values).any()) or bool(torch.isnan(mass).any()):
+        return False
+    top2 = torch.topk(mass.double(), 2)
+    if float(top2.values[0] - top2.values[1]) < margin:
+        return False
+    return int(torch.argmax(values)) != int(top2.indices[0])

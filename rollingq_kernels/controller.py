@@ -14,6 +14,25 @@ query towards the balanced anchor (Ni et al., ICML 2025, Sec. 3.3, App. B):
    (Eq. 10), R_b maps E[q] to q_b (``method="plane"``: the minimal rotation;
    ``"svd"``: the paper's Eq. 12 construction), and ``R ← R_b @ R``.
 
+Indicator (``indicator=``): ``"cos"`` (default) decides on the paper's AIR
+above, which assumes equal token counts ``L^m`` and equal mean-key norms
+``‖k̄^m‖`` (Sec. 3.3). ``"score"`` weights each modality's mean cosine by its
+share of Eq. 3's summed score ``L^m·‖k̄^m‖·cos θ^m`` (normalised so that it is
+AIR when counts and norms are equal) and uses the weighted cosines for α too.
+The token counts are the op's statistics (``AttentionStats.tokens``, summed in
+the layers' windows); the norms are those of E[k̄^m].
+
+Assumption check: at every step the controller compares the indicator with
+the class-row attention mass. When the mass favours one modality by at least
+0.1 and the indicator points at another (for two modalities: their signs
+differ), it logs a warning naming the mass, the indicator, the token counts and
+the mean-key norms, and sets ``RotationRecord.assumption_warning``: a rotation
+would then move the query towards the modality that already has the attention.
+
+First-rotation guard: :func:`accuracy_guard` (the trainer applies it with
+``rollingq.min_accuracy_gain``) keeps a class query that has learned nothing
+from being rotated.
+
 Defaults: the paper states no values for ρ and β (only ρ > 0) and caps the
 rotations at 1 (CREMA-D, MOSEI) or 3 (Kinetics-Sounds); we use ``rho=1.0``,
 ``beta=0.1`` and ``max_rotations=1``.
@@ -48,7 +67,18 @@ from typing import Any
 
 import torch
 
-from .accumulator import StatisticsAccumulator, Window, WindowStatistics, check_window, imbalance, synced_statistics
+from .accumulator import (
+    StatisticsAccumulator,
+    Window,
+    WindowStatistics,
+    check_indicator,
+    check_window,
+    imbalance,
+    indicator_cosines,
+    indicator_value,
+    mass_disagreement,
+    synced_statistics,
+)
 from .module import FusedRollingQAttention
 from .rebalance import EPS, balanced_anchor, plane_rotation, rotation_angle_degrees, svd_rotation
 
@@ -79,6 +109,11 @@ class RotationRecord:
         num_rotations: the layer's rotations after this step.
         reason: ``"rotated"``, ``"below_threshold"``, ``"max_rotations"``,
             ``"no_samples"`` or ``"degenerate"``.
+        indicator: the indicator the decision used (``"cos"`` or ``"score"``).
+        value: its value (AIR for ``"cos"`` with two modalities; the spread for more).
+        tokens: mean valid tokens per sample per modality in the window.
+        key_norm: ‖E[k̄^m]‖ per modality (heads concatenated).
+        assumption_warning: the indicator and the attention mass favour different modalities.
     """
 
     layer: str
@@ -94,6 +129,11 @@ class RotationRecord:
     count: int = 0
     num_rotations: int = 0
     reason: str = ""
+    indicator: str = "cos"
+    value: float = math.nan
+    tokens: list = field(default_factory=list)
+    key_norm: list = field(default_factory=list)
+    assumption_warning: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-friendly dict of the record."""
@@ -111,6 +151,24 @@ def _check_settings(rho: float, beta: float, max_rotations: int, method: str, es
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate: expected one of {ESTIMATES}, got {estimate!r}")
+
+
+def accuracy_guard(accuracy: float, majority: float, min_gain: float) -> str | None:
+    """The first-rotation guard: None when a rotation may happen, else why not.
+
+    A class query that has learned nothing has no preference worth correcting: rotating it (the paper
+    assumes trained encoders, Sec. 3.3) moves it by a large angle in an arbitrary direction. A rotation
+    is allowed only after an epoch whose training accuracy ``accuracy`` exceeds ``majority`` (the share
+    of the most frequent class among that epoch's training labels: the accuracy of a model that learned
+    only the class priors) by at least ``min_gain``. ``min_gain < 0`` switches the guard off.
+    """
+    for name, value in (("accuracy", accuracy), ("majority", majority), ("min_gain", min_gain)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if min_gain < 0 or accuracy >= majority + min_gain:
+        return None
+    return (f"training accuracy {accuracy:.3f} is below the majority-class share {majority:.3f} + "
+            f"min_accuracy_gain {min_gain:.3f}: the model has not learned enough to rotate its class query")
 
 
 def _as_named_layers(
@@ -163,6 +221,10 @@ def _float_list(t: torch.Tensor) -> list:
     return t.detach().cpu().double().tolist()
 
 
+def _fmt(t: torch.Tensor, fmt: str = "{:.3f}") -> str:
+    return "[" + ", ".join(fmt.format(v) for v in _float_list(t)) + "]"
+
+
 class RollingQ:
     """The RollingQ controller of a set of :class:`FusedRollingQAttention` layers.
 
@@ -178,6 +240,7 @@ class RollingQ:
             it replaces the layers' own setting.
         method: ``"plane"`` (minimal rotation) or ``"svd"`` (paper Eq. 12).
         estimate: ``"accumulate"`` or ``"pass"`` (see the module docstring).
+        indicator: ``"cos"`` (the paper's AIR) or ``"score"`` (Eq. 3 weighted, see the module docstring).
     """
 
     def __init__(
@@ -189,8 +252,10 @@ class RollingQ:
         window: Window = "epoch",
         method: str = "plane",
         estimate: str = "accumulate",
+        indicator: str = "cos",
     ) -> None:
         _check_settings(rho, beta, max_rotations, method, estimate)
+        self.indicator = check_indicator(indicator)
         self.rho = float(rho)
         self.beta = float(beta)
         self.max_rotations = max_rotations
@@ -231,7 +296,11 @@ class RollingQ:
             rec = RotationRecord(name, epoch, st.air, st.spread, _float_list(st.cos_mean),
                                  mass=_float_list(st.mass_mean.mean(0)), count=st.samples)
         rec.num_rotations = int(layer.num_rotations)
+        rec.indicator = self.indicator
         quantity = math.nan if st is None else imbalance(st)
+        if st is not None and not any(math.isnan(c) for c in rec.cos_mean):
+            quantity = self._check_indicator(name, st, rec, quantity)
+        rec.value = quantity
         if st is None or not math.isfinite(quantity) or any(math.isnan(c) for c in rec.cos_mean):
             rec.reason = "no_samples"
             logger.warning("RollingQ: layer %s: no usable statistics (AIR=%s, count=%d); not rotating",
@@ -244,13 +313,37 @@ class RollingQ:
             rec.reason = "due"
         return rec
 
+    def _check_indicator(self, name: str, st: WindowStatistics, rec: RotationRecord, air: float) -> float:
+        """The decision quantity of ``self.indicator``; fills ``rec.tokens``/``key_norm`` and checks it against
+        the attention mass (``air``: the paper's quantity, AIR for two modalities, the spread for more)."""
+        key_norm = st.global_key_mean().norm(dim=-1)  # (M,)
+        rec.tokens = _float_list(st.tokens_mean)
+        rec.key_norm = _float_list(key_norm)
+        values = indicator_cosines(st.cos_mean, key_norm, st.tokens_mean, self.indicator)
+        # "cos" keeps the paper's AIR exactly (E[cos_0 − cos_1] over samples with both modalities)
+        quantity = air if self.indicator == "cos" else indicator_value(values)
+        mass = st.mass_mean.mean(0)[1:]  # (M,), heads averaged, class token excluded
+        if mass_disagreement(values, mass):
+            rec.assumption_warning = True
+            logger.warning(
+                "RollingQ: layer %s: the indicator %r (%.3f; AIR %.3f) and the attention mass %s favour different "
+                "modalities: token counts %s, mean-key norms %s, mean cosines %s. The paper's AIR assumes equal "
+                "token counts and key norms (Sec. 3.3); a rotation would move the query towards the modality that "
+                "already has the attention", name, self.indicator, quantity, air, _fmt(mass),
+                _fmt(st.tokens_mean, "{:.1f}"), _fmt(key_norm), _fmt(st.cos_mean))
+        return quantity
+
     def _rebalancing_rotation(self, layer: FusedRollingQAttention, st: WindowStatistics, rec: RotationRecord,
-                  keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
+                              keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
         """R_b for one layer, or None (``rec`` explains why) when degenerate."""
         if layer.rotation_mode == "global":
             mean_keys, mean_query, cos_means = keys, query, st.cos_mean  # (M, C), (C,), (M,)
+            window_norm = st.global_key_mean().norm(dim=-1)
         else:
             mean_keys, mean_query, cos_means = keys, query, st.cos_head_mean  # (H, M, Dh), (H, Dh), (H, M)
+            window_norm = st.key_mean.norm(dim=-1)
+        if self.indicator != "cos":
+            cos_means = indicator_cosines(cos_means, window_norm, st.tokens_mean, self.indicator)
         q_norm = mean_query.norm(dim=-1)
         k_norm = mean_keys.norm(dim=-1)
         if bool((q_norm <= EPS).any()) or bool((k_norm <= EPS).any()) or not bool(torch.isfinite(cos_means).all()):
@@ -348,6 +441,7 @@ class RollingQ:
             "window": self.window,
             "method": self.method,
             "estimate": self.estimate,
+            "indicator": self.indicator,
             "records": [r.to_dict() for r in self.records],
             "layers": list(self.layers),
             "num_rotations": {n: int(layer.num_rotations) for n, layer in self.layers.items()},
@@ -364,11 +458,13 @@ class RollingQ:
                              f"but this controller has {sorted(self.layers)}")
         _check_settings(state["rho"], state["beta"], state["max_rotations"], state["method"], state["estimate"])
         check_window(state["window"])
+        indicator = check_indicator(state.get("indicator", "cos"))  # states saved before the setting: AIR
         for name, layer in self.layers.items():  # every check before anything changes
             _check_window_state(name, layer, state["statistics"][name])
         self.rho, self.beta = float(state["rho"]), float(state["beta"])
         self.max_rotations = int(state["max_rotations"])
         self.window, self.method, self.estimate = check_window(state["window"]), state["method"], state["estimate"]
+        self.indicator = indicator
         self.records = [RotationRecord(**r) for r in state["records"]]
         for name, layer in self.layers.items():
             layer.statistics.load_state_dict(state["statistics"][name], device=layer.rotation.device)

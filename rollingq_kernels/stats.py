@@ -23,6 +23,8 @@ class AttentionStats(NamedTuple):
         cos_per_head: ``(B, H, M)`` the same cosine per head.
         query: ``(B, H, Dh)`` the rotated class query.
         valid: ``(B, M)`` bool, modality non-empty.
+        tokens: ``(B, M)`` valid tokens per modality (``lengths``, or the
+            padded sizes ``segments`` without ``lengths``).
     """
 
     key_mean: torch.Tensor
@@ -31,6 +33,7 @@ class AttentionStats(NamedTuple):
     cos_per_head: torch.Tensor
     query: torch.Tensor
     valid: torch.Tensor
+    tokens: torch.Tensor
 
 
 def safe_cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
@@ -48,6 +51,15 @@ def valid_modalities(
     return lengths > 0
 
 
+def token_counts(
+    lengths: torch.Tensor | None, batch: int, segments: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """``(B, M)`` float32 valid tokens per modality: ``lengths``, or ``segments`` for every sample."""
+    if lengths is None:
+        return torch.tensor([float(s) for s in segments], device=device).expand(batch, len(segments))
+    return lengths.float()
+
+
 def finish_stats(
     key_mean: torch.Tensor,
     mass: torch.Tensor,
@@ -55,7 +67,7 @@ def finish_stats(
     lengths: torch.Tensor | None,
     segments: Sequence[int],
 ) -> AttentionStats:
-    """Derive ``cos``, ``cos_per_head`` and ``valid`` from the kernel outputs.
+    """Derive ``cos``, ``cos_per_head``, ``valid`` and ``tokens`` from the kernel outputs.
 
     Args:
         key_mean: ``(B, H, M, Dh)`` float32.
@@ -87,4 +99,5 @@ def finish_stats(
         cos_per_head=cos_per_head,
         query=query,
         valid=valid,
+        tokens=token_counts(lengths, B, segments, key_mean.device),
     )

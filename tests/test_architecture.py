@@ -62,6 +62,7 @@ LAYERS = {
     "rollingq.logs": TRAINING + 5,
     "rollingq.train": TRAINING + 5,
     "rollingq.evaluate": TRAINING + 6,
+    "rollingq.study": TRAINING + 6,
     "rollingq.analysis.runs": TRAINING + 6,
     "rollingq.analysis.plots": TRAINING + 6,
     "rollingq.analysis.report": TRAINING + 6,

@@ -37,7 +37,8 @@ def test_override_parsing():
 
 def test_every_packaged_config_loads():
     names = sorted(f[:-5] for f in os.listdir(packaged_config_dir()) if f.endswith(".yaml") and not f.startswith("_"))
-    assert len(names) == 29
+    assert len(names) == 31
+    assert {"avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq"} <= set(names)
     for dataset in ("cremad", "kinetics_sounds", "mosei"):
         for method in ("concat", "sum", "ogm_ge", "vanilla_mt", "vanilla_mt_rollingq", "vanilla_mt_star",
                        "vanilla_mt_star_rollingq"):
@@ -94,7 +95,7 @@ def test_resume_refuses_extra_arguments(tmp_path):
 
 
 def test_demo_prints_a_side_by_side_table(tmp_path):
-    table, _ = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN)
+    table, _ = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, dataset="synthetic")
     assert "vanilla_mt+rollingq" in table and "test accuracy (audio = noise)" in table and "AIR epoch 1" in table
     assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == ["vanilla_mt",
                                                                                            "vanilla_mt_rollingq"]
@@ -104,6 +105,44 @@ def test_demo_prints_a_side_by_side_table(tmp_path):
         with open(tmp_path / "demo" / run / "eval.json") as f:
             result = json.load(f)
         assert result["noise_modality"] == "audio" and f"{result['accuracy_noise_replaced']:.4f}" in noisy_row
+
+
+def test_demo_prints_the_phenomenon_and_paired_differences_over_seeds(tmp_path):
+    text, report = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, seeds=[3, 4], dataset="synthetic")
+    assert "Vanilla MT (the paper's Figure 1c)" in text and text.count("collapse criteria met") == 2
+    assert "RollingQ - vanilla MT, paired over 2 seeds" in text and "accuracy, audio replaced by noise" in text
+    assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == [
+        "vanilla_mt_rollingq_seed3", "vanilla_mt_rollingq_seed4", "vanilla_mt_seed3", "vanilla_mt_seed4"]
+    assert os.path.isfile(report)
+    with pytest.raises(ValueError, match="dataset"):
+        run_demo(str(tmp_path / "x"), dataset="cifar")
+
+
+def test_demo_on_avdigits_goes_through_the_cremad_loader(tmp_path):
+    from rollingq.prepare.avdigits import write_avdigits
+
+    root = write_avdigits(str(tmp_path / "data"), train_per_class=3, test_per_class=2)
+    text, _ = run_demo(str(tmp_path / "demo"), epochs=1, dataset="avdigits",
+                       overrides=TINY_MODEL + [f"data.root={root}", "data.image_size=32", "train.batch_size=4"])
+    assert "test accuracy (audio = noise)" in text
+    with open(tmp_path / "demo" / "vanilla_mt" / "config.yaml") as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["data"]["name"] == "cremad" and cfg["data"]["root"] == root
+
+
+def test_demo_default_runs_the_token_task_then_avdigits_files(tmp_path, monkeypatch):
+    import rollingq.demo
+
+    monkeypatch.setattr(rollingq.demo, "AVDIGITS_DEMO_SIZE", {"train_per_class": 3, "test_per_class": 2})
+    text, report = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_MODEL + ["train.batch_size=8"],
+                            task_overrides={"avdigits": ["data.image_size=32"],
+                                            "synthetic": ["data.synthetic.sizes.train=67",
+                                                          "data.synthetic.sizes.val=23",
+                                                          "data.synthetic.sizes.test=19"]})
+    assert text.index("=== synthetic token task") < text.index("=== avdigits: real files")
+    assert text.count("collapse criteria met") == 2 and report.startswith(str(tmp_path / "demo" / "synthetic"))
+    assert os.path.isfile(tmp_path / "demo" / "avdigits" / "data" / "avdigits" / "train.csv")
+    assert os.path.isfile(tmp_path / "demo" / "avdigits" / "report" / "report.md")
 
 
 def test_python_dash_m_entry_point():

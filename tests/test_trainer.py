@@ -47,7 +47,8 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 def test_train_writes_run_layout_and_metrics(tmp_path):
     cfg = load_config("synthetic_rollingq",
-                      TINY + ["train.epochs=2", "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=3"])
+                      TINY + ["train.epochs=2", "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=3",
+                             "rollingq.min_accuracy_gain=-1"])  # guard off: rotate after epoch 1 whatever the accuracy
     run = train(cfg, str(tmp_path / "run"))
     for rel in ("config.yaml", "metrics.jsonl", "train.log", "checkpoints/last.pt", "checkpoints/best.pt",
                 "tensorboard"):
@@ -211,7 +212,7 @@ def test_metrics_are_json_lines(tmp_path):
 
 def test_estimation_pass_before_a_rotation(tmp_path):
     cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=1", "rollingq.beta=0.0", "rollingq.start_epoch=1",
-                                                 "rollingq.estimate=pass"])
+                                                 "rollingq.estimate=pass", "rollingq.min_accuracy_gain=-1"])
     rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
     assert rows[0]["rotated"] and rows[0]["rollingq"][0]["reason"] == "rotated"
 

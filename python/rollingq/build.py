@@ -88,4 +88,4 @@ def build_controller(cfg: ConfigLike, model: MultimodalModel) -> RollingQ | None
     if not rq.enabled:
         return None
     return RollingQ([model.fusion_attention], rho=rq.rho, beta=rq.beta, max_rotations=rq.max_rotations,
-                    window=rq.window, method=rq.method, estimate=rq.estimate)
+                    window=rq.window, method=rq.method, estimate=rq.estimate, indicator=rq.indicator)

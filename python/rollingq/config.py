@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from rollingq_kernels.accumulator import INDICATORS
 from rollingq_kernels.checks import BACKENDS
 from rollingq_kernels.controller import ESTIMATES, METHODS
 from rollingq_kernels.module import ROTATION_MODES
@@ -187,8 +188,13 @@ class RollingQConfig(Section):
 
     Attributes:
         enabled: control the model's last active fusion attention.
-        rho, beta, max_rotations, window, method, estimate: the controller's arguments.
+        rho, beta, max_rotations, window, method, estimate, indicator: the controller's arguments
+            (``indicator``: ``cos``, the paper's AIR, or ``score``, Eq. 3 weighted by token counts and
+            mean-key norms; ``docs/synthetic_study.md``).
         start_epoch: the first epoch at whose end it may rotate (earlier windows are discarded).
+        min_accuracy_gain: the first-rotation guard: rotate only after an epoch whose training accuracy
+            beats the majority-class share by this much (a negative value switches it off;
+            :func:`rollingq_kernels.controller.accuracy_guard`).
     """
 
     enabled: bool = False
@@ -199,6 +205,8 @@ class RollingQConfig(Section):
     method: str = option("plane", choices=METHODS)
     estimate: str = option("accumulate", choices=ESTIMATES)
     start_epoch: int = option(1, ge=1)
+    min_accuracy_gain: float = option(0.05, le=1.0)
+    indicator: str = option("cos", choices=INDICATORS)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rollingq_kernels.accumulator import StatisticsAccumulator, imbalance, synced_statistics
+from rollingq_kernels.controller import accuracy_guard
 
 from . import distributed
 from .build import build_controller, build_dataset, build_model, build_optimizer, make_loader
@@ -327,6 +328,7 @@ class Trainer:
         num_mod = len(cfg.data.modalities)
         # loss sum, correct, count, probe correct: kept on the device (no host sync per step)
         totals = torch.zeros(3 + num_mod, dtype=torch.float64, device=self.device)
+        label_counts = torch.zeros(cfg.data.num_classes, dtype=torch.float64, device=self.device)
         ogm_on = cfg.model.fusion == "ogm_ge" and cfg.ogm.start_epoch <= epoch <= cfg.ogm.end_epoch
         layer = self.model.fusion_attention
         epoch_statistics = StatisticsAccumulator("epoch")
@@ -357,6 +359,7 @@ class Trainer:
                     totals[0] += loss_main.detach().double() * n
                     totals[1] += (out.logits.argmax(1) == labels).sum()
                     totals[2] += n
+                    label_counts += torch.bincount(labels, minlength=label_counts.numel())[: label_counts.numel()]
                     for m, p in enumerate(out.probe_logits):
                         totals[3 + m] += (p.argmax(1) == labels).sum()
                 if self.progress or board is not None:
@@ -366,10 +369,12 @@ class Trainer:
                     if board is not None:
                         board.log_step((epoch - 1) * steps + step, value, lr)
         totals = distributed.all_reduce_sum(totals).cpu()
+        label_counts = distributed.all_reduce_sum(label_counts).cpu()
         result = {
             "train_loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),
             "train_probe_acc": [float(totals[3 + m] / totals[2]) for m in range(num_mod)],
+            "train_majority": float(label_counts.max() / totals[2]),
             "air": None, "mass": None, "cos": None,
         }
         window = None if layer is None else synced_statistics(epoch_statistics.sums(), layer.zero_sums)
@@ -384,12 +389,20 @@ class Trainer:
         with self._autocast():
             self.model(mods)
 
-    def _controller_step(self, epoch: int) -> list:
-        """Step the controller from epoch ``rollingq.start_epoch`` on (earlier windows are discarded);
-        with ``rollingq.estimate=pass`` it re-reads this rank's training shard (eval mode, no grad) to
-        estimate the anchor, as the official code does before a rotation."""
+    def _controller_step(self, epoch: int, row: dict) -> list:
+        """Step the controller from epoch ``rollingq.start_epoch`` on and once the epoch's training accuracy
+        clears the first-rotation guard (``rollingq.min_accuracy_gain``, see
+        :func:`rollingq_kernels.controller.accuracy_guard`); earlier windows are discarded. With
+        ``rollingq.estimate=pass`` it re-reads this rank's training shard (eval mode, no grad) to estimate
+        the anchor, as the official code does before a rotation."""
         if epoch < self.cfg.rollingq.start_epoch:
             self.controller.reset_statistics()  # too early to rotate: start the next window afresh
+            return []
+        held = accuracy_guard(row["train_acc"], row["train_majority"], self.cfg.rollingq.min_accuracy_gain)
+        row["rollingq_guard"] = held
+        if held is not None:
+            logger.info("epoch %d: RollingQ does not rotate: %s", epoch, held)
+            self.controller.reset_statistics()
             return []
         if self.cfg.rollingq.estimate != "pass":
             return self.controller.step(epoch=epoch)
@@ -426,7 +439,7 @@ class Trainer:
         records, rotated = [], False
         if self.controller is not None:
             before = int(layer.num_rotations)
-            records = [jsonable(r) for r in self._controller_step(epoch)]
+            records = [jsonable(r) for r in self._controller_step(epoch, row)]
             rotated = int(layer.num_rotations) > before
         row["rollingq"], row["rotated"] = records, rotated
         row["num_rotations"] = None if layer is None else int(layer.num_rotations)

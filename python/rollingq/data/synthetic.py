@@ -54,7 +54,7 @@ class SyntheticOptions(Section):
     sizes: SplitSizes = option(factory=SplitSizes)
     tokens: int | list[int] = option(factory=lambda: [8, 8])
     feature_dim: int = option(16, ge=1)
-    strength: float | list[float] = option(factory=lambda: [1.0, 0.6])
+    strength: float | list[float] = option(factory=lambda: [1.5, 0.6])
     informative: float | list[float] = option(factory=lambda: [1.0, 1.0])
     corrupt: SplitFractions = option(factory=SplitFractions)
 

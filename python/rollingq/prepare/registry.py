@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import cremad, kinetics, mosei
+from . import avdigits, cremad, kinetics, mosei
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Preparer:
 
 
 PREPARERS: dict[str, Preparer] = {
+    "avdigits": Preparer(avdigits.HELP, avdigits.add_arguments, avdigits.run),
     "cremad": Preparer(cremad.HELP, cremad.add_arguments, cremad.run),
     "kinetics-sounds": Preparer(kinetics.HELP, kinetics.add_arguments, kinetics.run),
     "mosei": Preparer(mosei.HELP, mosei.add_arguments, mosei.run),

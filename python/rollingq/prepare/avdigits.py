@@ -1,0 +1,259 @@
+"""AV-digits: a small audio-visual dataset written as files in the CREMA-D layout.
+
+``write_avdigits(root)`` (the command ``rollingq prepare avdigits ROOT``) writes::
+
+    ROOT/AudioWAV/<clip>.wav            1 s, 22,050 Hz, 16-bit mono
+    ROOT/Image-01-FPS/<clip>/frame_00000.jpg
+    ROOT/train.csv, ROOT/test.csv       rows "clip,EMOTION" (CREMA-D's six labels)
+    ROOT/avdigits.json                  what was written and from which settings
+
+so that the unmodified CREMA-D loader (:class:`~rollingq.data.cremad.CremaDDataset`:
+WAV -> STFT -> ViT patches, JPEG -> ViT patches) reads it. It uses only what the
+installed packages ship, nothing is downloaded:
+
+* **Frames (the weak modality)**: real scans, scikit-learn's bundled handwritten
+  digits (``sklearn.datasets.load_digits``: 8x8 grey levels 0..16, UCI
+  Optical Recognition of Handwritten Digits). Digits 0..5 are the six classes;
+  each clip gets its own scan, enlarged x4 to 32x32 pixels, with random
+  contrast, background level and Gaussian pixel noise. The training
+  loader's random resized crop (as for CREMA-D) often cuts part of the digit away.
+* **Audio (the dominant, easy modality)**: one synthetic "spoken vowel" per
+  clip: a harmonic tone whose pitch (f0) and two formants (F1, F2) are specific
+  to the class (jittered per clip), 0.25-0.6 s long at a random onset, in
+  white + brown background noise at a random SNR (-5 to 10 dB by default).
+
+Label ``k`` (digit ``k``) is written as ``EMOTIONS[k]`` (NEU, HAP, SAD, FEA, DIS, ANG).
+Everything is a pure function of ``seed``: the same seed writes byte-identical
+files. The folder is written into a temporary sibling and renamed into place;
+a non-empty ``root`` is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from ..data.cremad import EMOTIONS
+from ..extras import require
+
+logger = logging.getLogger("rollingq.data")
+
+SAMPLE_RATE = 22050
+FORMAT_VERSION = 1
+NUM_CLASSES = len(EMOTIONS)
+CANVAS = 32
+"""Side of the written frames (pixels); the loader resizes them to ``data.image_size``."""
+
+#: Per class (digit 0..5): fundamental frequency f0 and the two formants F1, F2 (Hz), roughly the
+#: vowels /a/, /i/, /u/, /e/, /o/, /ae/ at different pitches.
+VOICES: tuple[tuple[float, float, float], ...] = (
+    (110.0, 730.0, 1090.0),
+    (140.0, 270.0, 2290.0),
+    (175.0, 300.0, 870.0),
+    (220.0, 530.0, 1840.0),
+    (275.0, 570.0, 840.0),
+    (345.0, 660.0, 1720.0),
+)
+
+
+def _check_count(value: int, name: str, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if value > most:
+        raise ValueError(f"{name}: expected at most {most} (scans per digit in scikit-learn's digits), got {value}")
+    return value
+
+
+def load_digit_scans() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digit scans 0..5: float64 ``(N, 8, 8)`` grey levels 0..16 and int ``(N,)`` labels."""
+    datasets = require("sklearn.datasets", "prepare", "the avdigits frames (scikit-learn's bundled digit scans)")
+    digits = datasets.load_digits()
+    keep = digits.target < NUM_CLASSES
+    return digits.images[keep].astype(np.float64), digits.target[keep].astype(np.int64)
+
+
+def digit_frame(scan: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One frame: ``scan`` (8x8, 0..16) enlarged x4 to 32x32, random contrast, background and pixel noise;
+    uint8 RGB ``(32, 32, 3)``."""
+    big = np.kron(scan / 16.0, np.ones((CANVAS // 8, CANVAS // 8)))  # (32, 32) in [0, 1]
+    contrast = rng.uniform(0.5, 1.0)
+    background = rng.uniform(0.0, 0.3)
+    grey = background + contrast * big + rng.normal(0.0, rng.uniform(0.05, 0.15), size=big.shape)
+    grey = np.clip(np.round(grey * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def vowel_clip(label: int, rng: np.random.Generator, seconds: float = 1.0,
+               snr_db: tuple[float, float] = (-5.0, 10.0)) -> np.ndarray:
+    """One clip of class ``label``: a class-specific vowel in background noise.
+
+    Returns float32 ``(seconds * 22050,)`` in [-1, 1].
+    """
+    if not 0 <= label < NUM_CLASSES:
+        raise ValueError(f"label: expected 0..{NUM_CLASSES - 1}, got {label}")
+    n = int(round(seconds * SAMPLE_RATE))
+    f0, f1, f2 = VOICES[label]
+    f0 *= rng.uniform(0.97, 1.03)
+    f1 *= rng.uniform(0.95, 1.05)
+    f2 *= rng.uniform(0.95, 1.05)
+    duration = min(rng.uniform(0.25, 0.6), 0.9 * seconds)
+    length = int(duration * SAMPLE_RATE)
+    onset = int(rng.integers(0, n - length + 1))
+    t = np.arange(length) / SAMPLE_RATE
+    glide = 1.0 + rng.uniform(-0.08, 0.08) * t / duration  # a slight pitch glide
+    phase = 2.0 * np.pi * f0 * np.cumsum(glide) / SAMPLE_RATE
+    voice = np.zeros(length)
+    for h in range(1, int(5000 // f0) + 1):
+        freq = h * f0
+        gain = np.exp(-0.5 * ((freq - f1) / 90.0) ** 2) + 0.7 * np.exp(-0.5 * ((freq - f2) / 120.0) ** 2) + 0.02
+        voice += gain * np.sin(h * phase + rng.uniform(0, 2 * np.pi))
+    ramp = min(length // 4, int(0.03 * SAMPLE_RATE))
+    envelope = np.ones(length)
+    envelope[:ramp] = np.linspace(0.0, 1.0, ramp)
+    envelope[length - ramp :] = np.linspace(1.0, 0.0, ramp)
+    voice *= envelope
+    voice /= np.sqrt(np.mean(voice**2)) + 1e-12
+    white = rng.standard_normal(n)
+    brown = np.cumsum(rng.standard_normal(n))
+    brown -= np.linspace(brown[0], brown[-1], n)  # no drift
+    noise = white / white.std() + 0.5 * brown / (brown.std() + 1e-12)
+    noise /= np.sqrt(np.mean(noise**2))
+    snr = rng.uniform(*snr_db)
+    signal = np.zeros(n)
+    signal[onset : onset + length] = voice * 10.0 ** (snr / 20.0)
+    mix = signal + noise
+    mix *= rng.uniform(0.2, 0.6) / np.max(np.abs(mix))
+    return mix.astype(np.float32)
+
+
+def _split_indices(labels: np.ndarray, train_per_class: int, test_per_class: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    train, test = [], []
+    for c in range(NUM_CLASSES):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test.extend(idx[:test_per_class].tolist())
+        train.extend(idx[test_per_class : test_per_class + train_per_class].tolist())
+    return rng.permutation(np.array(train)), rng.permutation(np.array(test))
+
+
+def _prepare_target(root: str, overwrite: bool) -> None:
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise FileExistsError(f"root: {root!r} exists and is not a folder")
+    if os.path.isdir(root) and os.listdir(root) and not overwrite:
+        raise FileExistsError(f"root: {root!r} is not empty; choose another folder or pass overwrite=True "
+                              "(--overwrite)")
+
+
+def write_avdigits(
+    root: str,
+    seed: int = 0,
+    train_per_class: int = 120,
+    test_per_class: int = 50,
+    clip_seconds: float = 1.0,
+    snr_db: tuple[float, float] = (-5.0, 10.0),
+    overwrite: bool = False,
+) -> str:
+    """Write the AV-digits dataset into ``root`` (CREMA-D layout, see the module docstring); returns ``root``.
+
+    Args:
+        root: the dataset folder (created; must be missing or empty unless ``overwrite``).
+        seed: every random choice (split, frame placement, audio) derives from it.
+        train_per_class, test_per_class: clips per class in ``train.csv`` / ``test.csv``
+            (at most 177 together: the scans of the rarest digit).
+        clip_seconds: audio length (the loader tiles clips shorter than 3 s).
+        snr_db: the range of the background-noise SNR of the audio, in dB.
+        overwrite: replace a non-empty ``root``.
+    """
+    scans, labels = load_digit_scans()
+    most = int(np.bincount(labels, minlength=NUM_CLASSES).min())
+    _check_count(train_per_class, "train_per_class", most)
+    _check_count(test_per_class, "test_per_class", most)
+    if train_per_class + test_per_class > most:
+        raise ValueError(f"train_per_class + test_per_class: expected at most {most}, got "
+                         f"{train_per_class} + {test_per_class}")
+    if not 0.3 <= float(clip_seconds) <= 3.0:
+        raise ValueError(f"clip_seconds: expected 0.3..3.0, got {clip_seconds!r}")
+    lo, hi = (float(v) for v in snr_db)
+    if not lo <= hi:
+        raise ValueError(f"snr_db: expected (low, high) with low <= high, got {snr_db!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    root = os.path.abspath(root)
+    _prepare_target(root, overwrite)
+
+    soundfile = require("soundfile", "audio", "writing the avdigits WAV files")
+    image = require("PIL.Image", "train", "writing the avdigits JPEG frames")
+
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.", suffix=".tmp", dir=parent)
+    try:
+        os.makedirs(os.path.join(tmp, "AudioWAV"))
+        split_rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD161]))
+        train_idx, test_idx = _split_indices(labels, train_per_class, test_per_class, split_rng)
+        for split, indices in (("train", train_idx), ("test", test_idx)):
+            lines = []
+            for i, scan_index in enumerate(indices.tolist()):
+                label = int(labels[scan_index])
+                clip = f"{split}{i:04d}_D{label}_{EMOTIONS[label]}"
+                rng = np.random.default_rng(np.random.SeedSequence([seed, 1 if split == "train" else 2, i]))
+                audio = vowel_clip(label, rng, float(clip_seconds), (lo, hi))
+                soundfile.write(os.path.join(tmp, "AudioWAV", clip + ".wav"), audio, SAMPLE_RATE, subtype="PCM_16")
+                folder = os.path.join(tmp, "Image-01-FPS", clip)
+                os.makedirs(folder)
+                image.fromarray(digit_frame(scans[scan_index], rng)).save(
+                    os.path.join(folder, "frame_00000.jpg"), quality=95)
+                lines.append(f"{clip},{EMOTIONS[label]}")
+            with open(os.path.join(tmp, f"{split}.csv"), "w", encoding="utf-8", newline="\n") as f:
+                f.write("clip,label\n" + "\n".join(lines) + "\n")
+        manifest = {
+            "dataset": "avdigits", "format_version": FORMAT_VERSION, "seed": seed,
+            "train": int(train_idx.size), "test": int(test_idx.size), "classes": list(EMOTIONS),
+            "digits": list(range(NUM_CLASSES)), "clip_seconds": float(clip_seconds), "snr_db": [lo, hi],
+            "sample_rate": SAMPLE_RATE, "frame_size": CANVAS,
+            "frames": "scikit-learn load_digits (UCI Optical Recognition of Handwritten Digits), digits 0-5",
+        }
+        with open(os.path.join(tmp, "avdigits.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        _install(tmp, root, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("avdigits: wrote %d training and %d test clips into %s", train_idx.size, test_idx.size, root)
+    return root
+
+
+def _install(tmp: str, root: str, overwrite: bool) -> None:
+    """Move the finished ``tmp`` folder to ``root`` (rename; an old ``root`` is removed only after)."""
+    _prepare_target(root, overwrite)  # again: something may have appeared meanwhile
+    old = None
+    if os.path.isdir(root):
+        old = root + ".old-" + os.path.basename(tmp)
+        os.rename(root, old)
+    os.rename(tmp, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+HELP = "write the AV-digits set (generated audio + scikit-learn's digit scans) in the CREMA-D layout"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``rollingq prepare avdigits``."""
+    parser.add_argument("out", metavar="OUT", help="the dataset folder to write (missing or empty)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-per-class", type=int, default=120, metavar="N")
+    parser.add_argument("--test-per-class", type=int, default=50, metavar="N")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+
+def run(args: argparse.Namespace) -> str:
+    """``rollingq prepare avdigits``: write the set; returns its folder."""
+    return write_avdigits(args.out, seed=args.seed, train_per_class=args.train_per_class,
+                          test_per_class=args.test_per_class, overwrite=args.overwrite)
