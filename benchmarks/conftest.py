@@ -86,7 +86,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if not session.recorder.rows and not session.end_to_end:
         return
     session.recorder.fill_ratios()
-    gates = evaluate_gates(session.recorder, session.config.device.type)
+    gates = evaluate_gates(session.recorder, session.config.device.type, session.paired)
     tr = terminalreporter
     quick = session.config.quick
     if session.recorder.rows:
@@ -101,6 +101,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     metadata["partial"] = bool(config.getoption("keyword") or config.getoption("markexpr"))
     metadata["warmup"] = session.config.warmup
     metadata["input_sets"] = session.config.input_sets
+    metadata["gate_pairs"] = session.config.gate_pairs
     metadata["min_rounds"], metadata["max_rounds"] = session.config.rounds, session.config.max_rounds
     metadata["loadavg_start"], metadata["loadavg_end"] = session.loadavg_start, load_average()
     path = write_results(

@@ -89,7 +89,9 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     for (const Tile& t : layout.keys_of(bh / p.H)) keys += t.size;
     cost[bh] = rows * keys;
   }
-  const std::vector<int64_t> bounds = balance_tasks(cost, at::get_num_threads());
+  double flops = 0;  // the five GEMMs: 10 Dh flops per (row, key)
+  for (int64_t c : cost) flops += 10.0 * static_cast<double>(c) * static_cast<double>(Dh);
+  const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
 
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;

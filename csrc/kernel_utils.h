@@ -125,8 +125,8 @@ constexpr int64_t kMinSkippedGap = 32;
 // position. Padding is skipped (varlen): a gap is kept inside a tile only when
 // it is short (<= max(kMinSkippedGap, the shorter neighbouring valid run)), so
 // heavily fragmented layouts still get large tiles. Every span of valid runs
-// is cut into tiles of max_tile positions and a remainder (with every token
-// valid: the same fixed tiling as a dense kernel).
+// is cut into the fewest tiles of at most max_tile positions, of about equal
+// sizes (with every token valid: the same fixed tiling as a dense kernel).
 inline std::vector<Tile> plan_tiles(const uint8_t* valid, int64_t n, int64_t max_tile) {
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) of maximal valid runs
   for (int64_t i = 0; i < n;) {
@@ -152,13 +152,25 @@ inline std::vector<Tile> plan_tiles(const uint8_t* valid, int64_t n, int64_t max
   }
   std::vector<Tile> tiles;
   for (const auto& [begin, end] : spans) {
-    for (int64_t t0 = begin; t0 < end; t0 += max_tile) {
-      Tile t{t0, std::min(max_tile, end - t0), true};
+    // as few tiles as max_tile allows, of about equal sizes (multiples of 16 but the last):
+    // no small remainder tile, which runs its GEMMs at a lower rate
+    const int64_t count = (end - begin + max_tile - 1) / max_tile;
+    const int64_t size = std::min(max_tile, ((end - begin + count - 1) / count + 15) / 16 * 16);
+    for (int64_t t0 = begin; t0 < end; t0 += size) {
+      Tile t{t0, std::min(size, end - t0), true};
       for (int64_t i = t.start; i < t.start + t.size; ++i) t.all_valid = t.all_valid && valid[i];
       tiles.push_back(t);
     }
   }
   return tiles;
+}
+
+// How many threads to split `flops` of work over: at most `threads`, and at most one per
+// kMinFlopsPerThread, so a small call runs on the calling thread alone (waking a thread pool
+// costs microseconds on idle cores and milliseconds when the other cores are busy).
+constexpr double kMinFlopsPerThread = 2e7;  // about half a millisecond of one core
+inline int64_t worker_count(double flops, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(flops / kMinFlopsPerThread)));
 }
 
 // Deterministic load balancing of independent tasks with unequal costs: the

@@ -19,13 +19,16 @@ namespace {
 // Y = X @ A for B rows, A an n x n block of the rotation read in place: the
 // rows of X and Y are n-element slices with leading dimension ld. A is mem^T
 // when a_is_mem_transposed, else mem (mem row-major, n x n).
-// Column blocks of Y are fixed (kColumnBlock) and run in parallel, one serial
-// BLAS call each: the result is bitwise the same for any thread count.
+// Column blocks of Y are fixed (kColumnBlock) and run in parallel (when the
+// product is large enough to be worth it), one serial BLAS call each: the
+// result is bitwise the same for any thread count.
 constexpr int64_t kColumnBlock = 64;
 template <typename T>
 void rows_times(const T* x, const T* mem, bool a_is_mem_transposed, int64_t rows, int64_t n, int64_t ld, T* y) {
   const int64_t blocks = (n + kColumnBlock - 1) / kColumnBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+  const int64_t workers = worker_count(2.0 * static_cast<double>(rows * n) * static_cast<double>(n),
+                                       at::get_num_threads());
+  at::parallel_for(0, blocks, (blocks + workers - 1) / workers, [&](int64_t i0, int64_t i1) {
     SerialBlasGuard serial_blas;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c0 = i * kColumnBlock, nc = std::min(kColumnBlock, n - c0);

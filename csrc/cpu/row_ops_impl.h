@@ -50,13 +50,13 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 inline float hmax(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }, v);
 }
 
 // exp(x): the Cephes polynomial of scalar_math.h; 0 below -87 (including -inf), NaN for NaN.
 inline Vec exp(const Vec& x) {
   const Vec lo(-87.0f);
-  const Vec xc = at::vec::minimum(at::vec::maximum(x, lo), Vec(88.0f));
+  const Vec xc = at::vec::clamp(x, lo, Vec(88.0f));  // NaN stays NaN
   // t = 1.5 * 2**23 + round(xc / ln 2): a float of ulp 1, whose low bits hold the integer
   const Vec magic(12582912.0f);
   const Vec t = xc * Vec(1.44269504088896341f) + magic;
@@ -86,28 +86,30 @@ inline Vec keep_factor(uint32_t row_key, const uint32_t* col_hash, uint32_t thre
   return Vec::blendv(Vec(0.0f), inv_keep, Vec::loadu(bits));
 }
 
+// The max ignores NaN (clamp_min keeps one operand); a NaN score still reaches the
+// output through exp_sum, where NaN stays NaN.
 float masked_max(float* s, const uint32_t* mask, int64_t n) {
   const Vec neg_inf(-std::numeric_limits<float>::infinity());
   Vec m0 = neg_inf, m1 = neg_inf;
   int64_t j = 0;
   if (mask == nullptr) {
     for (; j + 2 * kW <= n; j += 2 * kW) {
-      m0 = at::vec::maximum(m0, Vec::loadu(s + j));
-      m1 = at::vec::maximum(m1, Vec::loadu(s + j + kW));
+      m0 = at::vec::clamp_min(Vec::loadu(s + j), m0);
+      m1 = at::vec::clamp_min(Vec::loadu(s + j + kW), m1);
     }
     for (; j < n; j += kW) {
       const int64_t c = std::min(kW, n - j);
-      m0 = at::vec::maximum(m0, Vec::set(neg_inf, Vec::loadu(s + j, c), c));
+      m0 = at::vec::clamp_min(Vec::set(neg_inf, Vec::loadu(s + j, c), c), m0);
     }
   } else {
     for (; j < n; j += kW) {
       const int64_t c = std::min(kW, n - j);
       const Vec x = Vec::blendv(neg_inf, Vec::loadu(s + j, c), load_mask(mask + j, c));
       x.store(s + j, c);
-      m0 = at::vec::maximum(m0, x);
+      m0 = at::vec::clamp_min(x, m0);
     }
   }
-  return hmax(at::vec::maximum(m0, m1));
+  return hmax(at::vec::clamp_min(m0, m1));
 }
 
 float exp_sum(float* s, int64_t n, float shift) {
