@@ -110,8 +110,9 @@ def _extension_setup() -> dict:
     }
 
 
-setup(
-    packages=["rollingq_kernels"] + find_packages("python"),
-    package_dir={"rollingq_kernels": "rollingq_kernels", "": "python"},
-    **_extension_setup(),
-)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__ too; tests import it
+    setup(
+        packages=["rollingq_kernels"] + find_packages("python"),
+        package_dir={"rollingq_kernels": "rollingq_kernels", "": "python"},
+        **_extension_setup(),
+    )
