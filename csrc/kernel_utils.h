@@ -86,17 +86,8 @@ inline void gemm_ptx(int64_t nr, int64_t nk, int64_t d, T alpha, const T* p, int
   gemm(false, true, d, nk, nr, alpha, x, d, p, ldp, T(1), c, d);
 }
 
-// exp(x) for float, branch-free so loops over it vectorize (Cephes expf
-// polynomial, relative error ~2e-7); exactly 0 for x < -87 (including -inf).
-inline float exp_vec(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float y = cephes_exp_reduced(xc, n);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  const float pow2 = __builtin_bit_cast(float, bits);
-  return x < -87.0f ? 0.0f : y * pow2;
-}
-
+// exp in the compute dtype: the Cephes polynomial for float (scalar_math.h), std::exp for double.
+inline float exp_vec(float x) { return exp_float(x); }
 inline double exp_vec(double x) { return std::exp(x); }
 
 inline uint32_t counter_hash(uint64_t i) { return mix32(static_cast<uint32_t>(i) + 0x9e3779b9u); }

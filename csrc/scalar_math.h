@@ -31,6 +31,19 @@ inline T cephes_exp_reduced(const T& xc, const T& n) {
   return madd(p * r, r, r) + T(1.0f);
 }
 
+// exp(x) for float with the polynomial above (the scalar twin of the vector code in
+// csrc/cpu/row_ops_impl.h): relative error ~2e-7, exactly 0 below -87 (-inf included), NaN for
+// NaN; the rounding by the 1.5 * 2**23 trick, 2**n from the bits of that float.
+inline float exp_float(float x) {
+  float xc = x < -87.0f ? -87.0f : x;  // NaN stays NaN
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2**23 + round(xc / ln 2)
+  const float n = t - 12582912.0f;
+  const float y = cephes_exp_reduced(xc, n);
+  const uint32_t pow2 = (__builtin_bit_cast(uint32_t, t) - (0x4B400000u - 127u)) << 23;
+  return x < -87.0f ? 0.0f : y * __builtin_bit_cast(float, pow2);
+}
+
 // The 32-bit finalizer `mix` of docs/op.md (wrapping unsigned arithmetic).
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;

@@ -54,7 +54,7 @@ inline float hmax(const Vec& v) {
 }
 
 // exp(x): the Cephes polynomial of scalar_math.h; 0 below -87 (including -inf), NaN for NaN.
-inline Vec exp(const Vec& x) {
+C10_ALWAYS_INLINE Vec exp(const Vec& x) {
   const Vec lo(-87.0f);
   const Vec xc = at::vec::clamp(x, lo, Vec(88.0f));  // NaN stays NaN
   // t = 1.5 * 2**23 + round(xc / ln 2): a float of ulp 1, whose low bits hold the integer
