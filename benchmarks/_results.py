@@ -116,7 +116,7 @@ class Recorder:
 
 # Environment variables that change what runs: recorded in every results file.
 RUN_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "ROLLINGQ_HUGE_PAGES",
-           "THP_MEM_ALLOC_ENABLE")
+           "THP_MEM_ALLOC_ENABLE", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def cpu_flags() -> list[str]:

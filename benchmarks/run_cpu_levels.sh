@@ -30,7 +30,9 @@ for level in ${LEVELS:-$default_levels}; do
     *) mkl=SSE4_2 ;;
   esac
   echo "=== level $level (ATEN_CPU_CAPABILITY=$level MKL_ENABLE_INSTRUCTIONS=$mkl), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  # one TorchInductor cache per level (conftest.py explains why)
   ATEN_CPU_CAPABILITY=$level MKL_ENABLE_INSTRUCTIONS=$mkl \
+    TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/torchinductor_$(id -un)_rollingq_$level" \
     python -m pytest benchmarks/ --bench-device cpu -q -p no:cacheprovider --benchmark-disable "$@" || status=1
 done
 python -m benchmarks.update_readme
