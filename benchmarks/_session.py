@@ -85,7 +85,7 @@ class BenchConfig:
             return cls(device, True, warmup=1, rounds=7, max_rounds=15, target_s=0.1, input_sets=2, gate_pairs=3)
         if use_cuda:
             return cls(device, False, warmup=3, rounds=20, max_rounds=200, target_s=0.5, input_sets=3, gate_pairs=21)
-        return cls(device, False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3, gate_pairs=7)
+        return cls(device, False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3, gate_pairs=9)
 
     def rounds_for(self, seconds_per_call: float) -> int:
         """Timed rounds for a case whose warm-up call took ``seconds_per_call``."""

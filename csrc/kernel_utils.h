@@ -117,7 +117,7 @@ constexpr int64_t kMinSkippedGap = 32;
 // it is short (<= max(kMinSkippedGap, the shorter neighbouring valid run)), so
 // heavily fragmented layouts still get large tiles. Every span of valid runs
 // is cut into the fewest tiles of at most max_tile positions, of about equal
-// sizes (with every token valid: the same fixed tiling as a dense kernel).
+// sizes (with every token valid: one fixed plan, shared by every sample).
 inline std::vector<Tile> plan_tiles(const uint8_t* valid, int64_t n, int64_t max_tile) {
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) of maximal valid runs
   for (int64_t i = 0; i < n;) {
@@ -143,8 +143,8 @@ inline std::vector<Tile> plan_tiles(const uint8_t* valid, int64_t n, int64_t max
   }
   std::vector<Tile> tiles;
   for (const auto& [begin, end] : spans) {
-    // as few tiles as max_tile allows, of about equal sizes (multiples of 16 but the last):
-    // no small remainder tile, which runs its GEMMs at a lower rate
+    // as few tiles as max_tile allows, of about equal sizes (multiples of 16 but the last),
+    // rather than full tiles and a small remainder: tasks of even cost
     const int64_t count = (end - begin + max_tile - 1) / max_tile;
     const int64_t size = std::min(max_tile, ((end - begin + count - 1) / count + 15) / 16 * 16);
     for (int64_t t0 = begin; t0 < end; t0 += size) {
