@@ -6,7 +6,11 @@ Environment flags:
 
 * ``ROLLINGQ_SKIP_EXTENSION=1`` — install without compiling; CPU calls then run
   the eager reference (the package says so once, with how to build).
-* ``ROLLINGQ_NATIVE=0`` — do not pass ``-march=native`` (portable binaries).
+* ``ROLLINGQ_NATIVE=1`` — compile everything with ``-march=native`` (a binary for
+  this CPU only). Off by default: the float row kernels are compiled once per
+  instruction set (``csrc/cpu/``: DEFAULT, and on x86-64 AVX2 and AVX512, each
+  with its own flags, as ATen builds its kernels) and the fastest one the CPU
+  runs is chosen at run time, so a default build is portable and fast.
 * ``MAX_JOBS=N`` — parallel compile jobs (read by torch's ninja build).
 * ``CXX`` — the C++ compiler to use (default ``c++``).
 
@@ -19,12 +23,26 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The per-instruction-set translation units of the float row kernels and the
+# flags each is compiled with (ATen's flags for its CPU_CAPABILITY builds). The
+# DEFAULT one is compiled with the common flags; the others only on x86-64.
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _isa_source(level: str) -> str:
+    return os.path.join("csrc", "cpu", f"row_ops_{level}.cpp")
 
 
 def _flag(name: str, default: str = "0") -> bool:
@@ -50,10 +68,11 @@ def _extension_setup() -> dict:
             "Install g++ (Debian/Ubuntu: `apt-get install g++`) or set ROLLINGQ_SKIP_EXTENSION=1 "
             "to install without the CPU kernels."
         )
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + [_isa_source("default")]
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]  # torch adds its own -std (C++20 for torch 2.14)
-    if _flag("ROLLINGQ_NATIVE", "1"):
-        cxx_flags.append("-march=native")
+    if _flag("ROLLINGQ_NATIVE", "0"):
+        cxx_flags += ["-march=native", "-DROLLINGQ_MARCH_NATIVE=1"]
+    isa_levels = {level: flags for level, flags in ISA_FLAGS.items() if X86_64}
     ext = CppExtension(
         name="rollingq_kernels._C",
         sources=sources,
@@ -61,15 +80,39 @@ def _extension_setup() -> dict:
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
+        # every file under csrc/: an edited header or ISA unit rebuilds the extension
+        depends=sorted(glob.glob(os.path.join("csrc", "**", "*.[ch]*"), recursive=True)),
     )
+
+    class BuildWithIsaUnits(BuildExtension):
+        """torch's ninja build, plus the per-instruction-set units compiled with their own flags.
+
+        torch's ninja file has one set of flags for every source, so each ISA unit is
+        compiled by its own call (one small file each) and linked in after the
+        baseline objects: where an inline function of a shared header is emitted by
+        both, the linker keeps the baseline copy.
+        """
+
+        def build_extension(self, extension):
+            base = list(extension.extra_compile_args["cxx"])  # with the flags torch added
+            objects = []
+            for level, flags in isa_levels.items():
+                objects += self.compiler.compile(
+                    [_isa_source(level)], output_dir=self.build_temp, include_dirs=extension.include_dirs,
+                    extra_postargs={"cxx": base + flags}, depends=extension.depends,
+                )
+            extension.extra_objects = objects
+            super().build_extension(extension)
+
     return {
         "ext_modules": [ext],
-        "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True, no_python_abi_suffix=False)},
+        "cmdclass": {"build_ext": BuildWithIsaUnits.with_options(use_ninja=True, no_python_abi_suffix=False)},
     }
 
 
-setup(
-    packages=["rollingq_kernels"] + find_packages("python"),
-    package_dir={"rollingq_kernels": "rollingq_kernels", "": "python"},
-    **_extension_setup(),
-)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__ too; tests import it
+    setup(
+        packages=["rollingq_kernels"] + find_packages("python"),
+        package_dir={"rollingq_kernels": "rollingq_kernels", "": "python"},
+        **_extension_setup(),
+    )

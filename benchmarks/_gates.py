@@ -5,6 +5,13 @@ against another provider measured in the same run: ``ratio = t_other / t_fused``
 must be ``>= threshold``. Ratios, not absolute times, so the gates survive
 machine and run-to-run drift.
 
+The ratio of a gate with a threshold is re-measured by ``test_gates.py`` in
+alternating pairs (fused, other, fused, other, ...) on the rows' shape: the
+median of the per-pair ratios, which a slow drift of the machine's load cannot
+bias the way it can bias two medians measured minutes apart. The ratio of the
+two rows' medians is reported next to it (``row_ratio``); where no pairs were
+measured, the gate uses it.
+
 Outcomes: ``PASS``, ``FAIL``, ``INFO`` (no threshold: reported only),
 ``SKIP`` (a row is missing, or fused ran the eager fallback because no compiled
 kernel exists). In ``--quick`` mode gates are reported but never fail the run
@@ -15,6 +22,7 @@ fails for every ``FAIL``.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +87,11 @@ GATES: tuple[Gate, ...] = (
 
 @dataclass
 class GateResult:
-    """The outcome of one gate for one dtype."""
+    """The outcome of one gate for one dtype.
+
+    ``ratio`` is what the gate judges: the median of ``pair_ratios`` when pairs were
+    measured, else ``row_ratio`` (the ratio of the two rows' medians).
+    """
 
     gate: Gate
     dtype: str
@@ -87,16 +99,21 @@ class GateResult:
     ratio: float
     status: str
     reason: str = ""
+    row_ratio: float = math.nan
+    pair_ratios: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
+        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
         return {
             "name": self.gate.name,
             "dtype": self.dtype,
             "shape": self.shape,
             "pass": self.gate.pass_,
             "threshold": self.gate.threshold,
-            "ratio": self.ratio if math.isfinite(self.ratio) else None,
+            "ratio": finite(self.ratio),
+            "row_ratio": finite(self.row_ratio),
+            "pair_ratios": [finite(r) for r in self.pair_ratios],
             "status": self.status,
             "reason": self.reason,
             "source": self.gate.source,
@@ -114,8 +131,27 @@ def _shapes_with_role(rows: list[Row], role: str) -> list[str]:
     return sorted({r.shape for r in rows if role in r.roles})
 
 
-def evaluate_gates(recorder: Recorder, device_type: str) -> list[GateResult]:
-    """Evaluate every gate of ``device_type`` on the recorded rows (one result per shape and dtype)."""
+# (gate name, shape, dtype) -> the per-pair ratios t_other / t_fused of the alternating re-measurement
+PairedRatios = dict[tuple[str, str, str], list[float]]
+
+
+def gate_cases(recorder: Recorder, device_type: str) -> list[tuple[Gate, str, str]]:
+    """``(gate, shape, dtype)`` of every gate with a threshold whose two rows were measured with a compiled kernel."""
+    cases = []
+    for gate in (g for g in GATES if g.device_type == device_type and g.threshold is not None):
+        for shape in _shapes_with_role(recorder.rows, gate.role):
+            for dtype in sorted({r.dtype for r in recorder.rows}):
+                fused = recorder.find(gate.fused_provider, shape, gate.fused_mode, dtype, gate.pass_)
+                other = recorder.find(gate.other, shape, gate.other_mode, dtype, gate.pass_)
+                if fused is not None and other is not None and not (fused.fallback or other.fallback):
+                    cases.append((gate, shape, dtype))
+    return cases
+
+
+def evaluate_gates(recorder: Recorder, device_type: str, paired: PairedRatios | None = None) -> list[GateResult]:
+    """Evaluate every gate of ``device_type`` on the recorded rows (one result per shape and dtype),
+    judging the alternating-pair ratios of ``paired`` where they were measured."""
+    paired = paired or {}
     results: list[GateResult] = []
     rows = recorder.rows
     dtypes = sorted({r.dtype for r in rows})
@@ -126,11 +162,11 @@ def evaluate_gates(recorder: Recorder, device_type: str) -> list[GateResult]:
             continue
         for shape in shapes:
             for dtype in dtypes:
-                results.append(_evaluate_one(recorder, gate, shape, dtype))
+                results.append(_evaluate_one(recorder, gate, shape, dtype, paired.get((gate.name, shape, dtype), [])))
     return results
 
 
-def _evaluate_one(recorder: Recorder, gate: Gate, shape: str, dtype: str) -> GateResult:
+def _evaluate_one(recorder: Recorder, gate: Gate, shape: str, dtype: str, pair_ratios: list[float]) -> GateResult:
     fused = recorder.find(gate.fused_provider, shape, gate.fused_mode, dtype, gate.pass_)
     other = recorder.find(gate.other, shape, gate.other_mode, dtype, gate.pass_)
     missing = [
@@ -141,10 +177,14 @@ def _evaluate_one(recorder: Recorder, gate: Gate, shape: str, dtype: str) -> Gat
     if missing:
         return GateResult(gate, dtype, shape, math.nan, "SKIP", "not measured: " + ", ".join(missing))
     assert fused is not None and other is not None
-    ratio = speedup(other.median_s, fused.median_s)
+    row_ratio = speedup(other.median_s, fused.median_s)
+    ratio = statistics.median(pair_ratios) if pair_ratios else row_ratio
+    pairs = tuple(pair_ratios)
     if fused.fallback or other.fallback:
-        return GateResult(gate, dtype, shape, ratio, "SKIP", "fused ran the eager fallback (no compiled kernel)")
-    return GateResult(gate, dtype, shape, ratio, judge(ratio, gate.threshold))
+        return GateResult(gate, dtype, shape, ratio, "SKIP", "fused ran the eager fallback (no compiled kernel)",
+                          row_ratio, pairs)
+    reason = f"median of {len(pairs)} alternating pairs" if pairs else "ratio of the rows' medians"
+    return GateResult(gate, dtype, shape, ratio, judge(ratio, gate.threshold), reason, row_ratio, pairs)
 
 
 def failing(results: list[GateResult]) -> list[GateResult]:

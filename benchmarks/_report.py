@@ -7,16 +7,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._gates import GateResult
+from ._providers import PROVIDERS
 from ._results import Row
 
 PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
-PROVIDER_ORDER = {
-    p: i for i, p in enumerate(("fused", "fused-nostats", "eager", "sdpa", "sdpa+stats", "compile-eager"))
-}
+PROVIDER_ORDER = {p: i for i, p in enumerate(PROVIDERS)}
 
 ROW_HEADER = ("shape", "mode", "dtype", "pass", "provider", "median ms", "x fused", "TFLOP/s", "GB/s",
               "% copy BW", "% matmul", "peak MiB")
-GATE_HEADER = ("gate", "shape", "dtype", "ratio", "threshold", "status", "note")
+GATE_HEADER = ("gate", "shape", "dtype", "ratio", "rows' ratio", "threshold", "status", "note")
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -52,9 +51,10 @@ def gate_cells(g: GateResult | dict[str, Any]) -> list[str]:
     """The cells of one gate result (object or its ``to_dict``), in :data:`GATE_HEADER` order."""
     d = g.to_dict() if isinstance(g, GateResult) else g
     thr = d["threshold"]
+    note = "; ".join(x for x in (d.get("reason", ""), d.get("source", "")) if x)
     return [
-        d["name"], d["shape"], d["dtype"], _num(d["ratio"], ".2f"),
-        "-" if thr is None else f">= {thr:g}", d["status"], d.get("reason", "") or d.get("source", ""),
+        d["name"], d["shape"], d["dtype"], _num(d["ratio"], ".2f"), _num(d.get("row_ratio"), ".2f"),
+        "-" if thr is None else f">= {thr:g}", d["status"], note,
     ]
 
 

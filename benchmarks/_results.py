@@ -1,7 +1,10 @@
 """Result rows, same-run ratios, run metadata and the results JSON files.
 
-One JSON file per machine and date: ``benchmarks/results/<device-slug>-<YYYY-MM-DD>.json``
-with ``{"metadata": {...}, "machine": {...}, "rows": [...], "gates": [...]}``.
+One JSON file per machine, instruction-set level and date:
+``benchmarks/results/<device-slug>[-<level>]-<YYYY-MM-DD>.json`` with
+``{"metadata": {...}, "machine": {...}, "rows": [...], "gates": [...]}``. On CPU
+``<level>`` is the instruction set the C++ kernels ran with (``default``,
+``avx2``, ``avx512``; ``ATEN_CPU_CAPABILITY`` forces it for them and ATen alike).
 """
 
 from __future__ import annotations
@@ -111,6 +114,36 @@ class Recorder:
             r.ratio_to_fused = None if f is None else speedup(r.median_s, f.median_s)
 
 
+# Environment variables that change what runs: recorded in every results file.
+RUN_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "ROLLINGQ_HUGE_PAGES",
+           "THP_MEM_ALLOC_ENABLE", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``, as ``lscpu`` shows them); empty where unavailable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """The instruction sets in use: the C++ kernels' (None without them) and ATen's, and the build's."""
+    kernels, supported, native = None, [], None
+    try:
+        from rollingq_kernels import _C
+
+        kernels, supported, native = _C.cpu_capability(), list(_C.supported_cpu_capabilities()), _C.MARCH_NATIVE
+    except (ImportError, AttributeError):
+        pass
+    return {"kernels": kernels, "kernels_supported": supported, "kernels_march_native": native,
+            "aten": torch.backends.cpu.get_cpu_capability()}
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -168,6 +201,9 @@ def run_metadata(device: torch.device, quick: bool, note: str, has_cpp: bool) ->
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_commit": _git_commit(RESULTS_DIR.parent.parent),
         "note": note,
+        "cpu_capability": cpu_capabilities(),
+        "cpu_flags": cpu_flags(),
+        "env": {name: os.environ.get(name) for name in RUN_ENV},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -176,13 +212,16 @@ def run_metadata(device: torch.device, quick: bool, note: str, has_cpp: bool) ->
 
 
 def results_path(directory: Path, metadata: dict[str, Any]) -> Path:
-    """``<directory>/<device-slug>-<YYYY-MM-DD>[-quick][-partial].json``.
+    """``<directory>/<device-slug>[-<level>]-<YYYY-MM-DD>[-quick][-partial].json``.
 
-    A quick or partial (``-k``/``-m`` selected) run gets its own suffix, so it never
-    replaces the day's full run of the same machine.
+    ``<level>`` is the C++ kernels' instruction set on CPU (one file per level); a quick or
+    partial (``-k``/``-m`` selected) run gets its own suffix, so it never replaces the day's
+    full run of the same machine and level.
     """
+    level = (metadata.get("cpu_capability") or {}).get("kernels") if metadata.get("device_type") == "cpu" else None
+    machine = slugify(metadata["device_name"]) + (f"-{slugify(level)}" if level else "")
     suffix = ("-quick" if metadata.get("quick") else "") + ("-partial" if metadata.get("partial") else "")
-    return directory / f"{slugify(metadata['device_name'])}-{metadata['date'][:10]}{suffix}.json"
+    return directory / f"{machine}-{metadata['date'][:10]}{suffix}.json"
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -11,14 +11,25 @@ from dataclasses import dataclass
 import torch
 
 from ._arith import PASSES, OpDims, attention_bytes, attention_flops, fraction, gbps, median_seconds, tflops
-from ._providers import DTYPES, MODES, PROVIDERS, OpInputs, build_provider, fused_backend, make_inputs
+from ._gates import Gate, PairedRatios
+from ._providers import (
+    DTYPES,
+    MODES,
+    PROVIDERS,
+    OpInputs,
+    build_provider,
+    compiled_flex,
+    flex_provider,
+    fused_backend,
+    make_inputs,
+)
 from ._results import Recorder, Row
 from ._shapes import BenchShape, dtypes_for, shapes_for
-from ._timing import MachineRates, measure_machine
+from ._timing import MachineRates, measure_machine, time_rounds
 
 logger = logging.getLogger("benchmarks")
 
-STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "compile-eager")
+STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "flex+stats", "compile-eager")
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class BenchConfig:
         max_rounds, target_s: fast cases get more rounds, up to ``max_rounds`` or about
             ``target_s`` seconds of timed calls, so the median resists scheduler noise.
         input_sets: distinct random input sets cycled through the rounds (so caches do not flatter).
+        gate_pairs: alternating (fused, other) pairs of the gates' re-measurement (``_gates.py``).
     """
 
     device: torch.device
@@ -58,6 +70,7 @@ class BenchConfig:
     max_rounds: int
     target_s: float
     input_sets: int
+    gate_pairs: int
 
     @classmethod
     def create(cls, device_opt: str, quick: bool) -> BenchConfig:
@@ -69,10 +82,10 @@ class BenchConfig:
         use_cuda = device_opt == "cuda" or (device_opt == "auto" and torch.cuda.is_available())
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         if quick:
-            return cls(device, True, warmup=1, rounds=7, max_rounds=15, target_s=0.1, input_sets=2)
+            return cls(device, True, warmup=1, rounds=7, max_rounds=15, target_s=0.1, input_sets=2, gate_pairs=3)
         if use_cuda:
-            return cls(device, False, warmup=3, rounds=20, max_rounds=200, target_s=0.5, input_sets=3)
-        return cls(device, False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3)
+            return cls(device, False, warmup=3, rounds=20, max_rounds=200, target_s=0.5, input_sets=3, gate_pairs=21)
+        return cls(device, False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3, gate_pairs=9)
 
     def rounds_for(self, seconds_per_call: float) -> int:
         """Timed rounds for a case whose warm-up call took ``seconds_per_call``."""
@@ -120,8 +133,9 @@ class BenchSession:
         self._inputs_key: tuple | None = None
         self._inputs: list[OpInputs] = []
         self.end_to_end: list[dict] = []
+        self.paired: PairedRatios = {}
         self.loadavg_start = load_average()
-        self._compiled: dict[tuple[str, str, str], Callable] = {}
+        self._compiled: dict[tuple[str, str, str, str], Callable] = {}
 
     @property
     def machine(self) -> MachineRates:
@@ -144,14 +158,40 @@ class BenchSession:
         return self._inputs
 
     def provider(self, case: Case) -> Callable:
-        """The provider's callable; ``compile-eager`` is compiled once per (shape, mode, dtype), so the
-        ``bwd`` and ``fwd_bwd`` cases share one compilation (``fwd`` under no_grad adds a second graph)."""
-        if case.provider != "compile-eager":
-            return build_provider(case.provider)
-        key = (case.shape.name, case.mode, case.dtype)
-        if key not in self._compiled:
-            self._compiled[key] = build_provider("compile-eager")
-        return self._compiled[key]
+        """The provider's callable. ``compile-eager`` is compiled once per (shape, mode, dtype), so the
+        ``bwd`` and ``fwd_bwd`` cases share one compilation (``fwd`` under no_grad adds a second graph);
+        ``flex`` and ``flex+stats`` share one compiled ``flex_attention`` per (shape, mode, dtype)."""
+        if case.provider == "compile-eager":
+            key = ("compile-eager", case.shape.name, case.mode, case.dtype)
+            if key not in self._compiled:
+                self._compiled[key] = build_provider("compile-eager")
+            return self._compiled[key]
+        if case.provider in ("flex", "flex+stats"):
+            key = ("flex", case.shape.name, case.mode, case.dtype)
+            if key not in self._compiled:
+                self._compiled[key] = compiled_flex()
+            return flex_provider(self._compiled[key], stats=case.provider == "flex+stats")
+        return build_provider(case.provider)
+
+    def paired_ratios(self, gate: Gate, shape_name: str, dtype: str) -> list[float]:
+        """Re-measures one gate in ``config.gate_pairs`` alternating pairs (fused, then the other provider,
+        each after its untimed setup) following one warm-up call of each; returns t_other / t_fused per pair."""
+        shape = next(s for s in shapes_for(self.config.device.type, self.config.quick) if s.name == shape_name)
+        sides = []
+        for provider, mode in ((gate.fused_provider, gate.fused_mode), (gate.other, gate.other_mode)):
+            sets = [
+                make_inputs(shape, mode, DTYPES[dtype], self.config.device, seed=1009 * i + 17, requires_grad=True)
+                for i in range(2)
+            ]
+            setup, target = pass_functions(gate.pass_, self.provider(Case(provider, shape, mode, dtype, gate.pass_)),
+                                           sets)
+            time_rounds(target, setup, self.config.device, warmup=1, rounds=0)
+            sides.append((setup, target))
+        ratios = []
+        for _ in range(self.config.gate_pairs):
+            fused_s, other_s = (time_rounds(target, setup, self.config.device, 0, 1)[0] for setup, target in sides)
+            ratios.append(other_s / fused_s)
+        return ratios
 
     def make_row(self, case: Case, samples: list[float], peak_mem: int) -> Row:
         """A :class:`Row` with the derived columns of ``case`` measured as ``samples`` seconds."""
@@ -162,7 +202,7 @@ class BenchSession:
         )
         med = median_seconds(samples)
         flops = attention_flops(dims, case.pass_)
-        nbytes = attention_bytes(dims, case.pass_, stats=case.provider in STATS_PROVIDERS)
+        nbytes = attention_bytes(dims, case.pass_, stats=case.provider in STATS_PROVIDERS, lengths=s.padded)
         achieved_tflops, achieved_gbps = tflops(flops, med), gbps(nbytes, med)
         backend = fused_backend(self.config.device) if case.provider.startswith("fused") else case.provider
         return Row(

@@ -26,6 +26,8 @@ class BenchShape:
         batch, heads, head_dim: ``B, H, Dh``.
         segments: padded modality sizes; ``N = 1 + sum(segments)``.
         roles: gate roles this shape plays (see module docstring).
+        padded: per-sample lengths of 60–100 % of each segment (masking exercised); False: every
+            token valid and ``lengths = None`` (the providers run without a mask).
     """
 
     name: str
@@ -34,6 +36,7 @@ class BenchShape:
     head_dim: int
     segments: tuple[int, ...]
     roles: tuple[str, ...] = field(default=())
+    padded: bool = True
 
     def __post_init__(self) -> None:
         if len(self.segments) < 2 or any(s < 1 for s in self.segments):
@@ -47,7 +50,7 @@ class BenchShape:
     @property
     def label(self) -> str:
         """Human-readable ``B×H×N×Dh``."""
-        return f"B{self.batch} H{self.heads} N{self.n_keys} Dh{self.head_dim}"
+        return f"B{self.batch} H{self.heads} N{self.n_keys} Dh{self.head_dim}" + ("" if self.padded else " unpadded")
 
 
 GPU_SHAPES = (
@@ -62,6 +65,8 @@ GPU_SHAPES = (
 CPU_SHAPES = (
     BenchShape("cremad-b8", 8, 12, 64, CREMAD_SEGMENTS),
     BenchShape("ks-b8", 8, 12, 64, KS_SEGMENTS, roles=(ROLE_GATE_ALL_QUERY,)),
+    # every token valid: no mask for any provider, so nothing is skipped and SDPA pays no masking
+    BenchShape("ks-b4-unpadded", 4, 12, 64, KS_SEGMENTS, roles=(ROLE_GATE_ALL_QUERY,), padded=False),
     BenchShape("cremad-1head", 64, 1, 768, CREMAD_SEGMENTS, roles=(ROLE_GATE_CLASS_ONLY,)),
 )
 

@@ -16,12 +16,15 @@ Options:
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 
 import rollingq_kernels
 
@@ -33,6 +36,31 @@ from ._session import BenchConfig, BenchSession, load_average
 logger = logging.getLogger("benchmarks")
 
 _SESSION_KEY = pytest.StashKey[BenchSession]()
+
+
+def _configure_compilers() -> None:
+    """Settings for the compiled providers (compile-eager, flex), before anything compiles.
+
+    * TorchInductor's on-disk cache does not key its CPU kernels on ``ATEN_CPU_CAPABILITY``: in
+      torch 2.14 a kernel compiled in an AVX-512 run and loaded by an AVX2-forced run computed
+      wrong indices ("index out of bounds", an abort). One cache per ATen level keeps the runs of
+      different levels apart (an explicit ``TORCHINDUCTOR_CACHE_DIR`` wins).
+    * Every shape and mode compiles ``flex_attention`` anew (``dynamic=False``); past dynamo's
+      default of 8 recompilations it would silently run Flex unfused (eager), which is not what a
+      Flex user runs.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    level = torch.backends.cpu.get_cpu_capability().lower()
+    # inductor writes its default into the environment on first use: only that value is replaced
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_rollingq_{level}"
+        )
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+_configure_compilers()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -86,7 +114,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if not session.recorder.rows and not session.end_to_end:
         return
     session.recorder.fill_ratios()
-    gates = evaluate_gates(session.recorder, session.config.device.type)
+    gates = evaluate_gates(session.recorder, session.config.device.type, session.paired)
     tr = terminalreporter
     quick = session.config.quick
     if session.recorder.rows:
@@ -101,6 +129,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     metadata["partial"] = bool(config.getoption("keyword") or config.getoption("markexpr"))
     metadata["warmup"] = session.config.warmup
     metadata["input_sets"] = session.config.input_sets
+    metadata["gate_pairs"] = session.config.gate_pairs
     metadata["min_rounds"], metadata["max_rounds"] = session.config.rounds, session.config.max_rounds
     metadata["loadavg_start"], metadata["loadavg_end"] = session.loadavg_start, load_average()
     path = write_results(

@@ -24,12 +24,16 @@ def test_results_file_and_readme_round_trip(tmp_path: Path) -> None:
             "x_fused": 1.0, "rotations": 2, "train_size": 512, "batch_size": 64, "segments": [176, 196], "dim": 128}]
     older = {"device_name": "Test CPU (2 cores)", "date": "2026-01-01T00:00:00Z", "torch": "x", "has_cpp": True,
              "quick": False}
-    newer = {**older, "date": "2026-02-03T10:00:00Z", "note": "shared cores"}
+    newer = {**older, "date": "2026-02-03T10:00:00Z", "note": "shared cores", "device_type": "cpu",
+             "cpu_capability": {"kernels": "avx2", "kernels_supported": ["default", "avx2"], "aten": "AVX2",
+                                "kernels_march_native": False},
+             "cpu_flags": ["fpu", "avx", "avx2", "fma"],
+             "env": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": None}}
     machine = {"copy_gbps": 10.0, "matmul_tflops": {"fp32": 0.1}}
     write_results(tmp_path, older, machine, rec.rows[:1], [], [])
     path = write_results(tmp_path, newer, machine, rec.rows, gates, e2e)
-    assert path.name == "test-cpu-2-cores-2026-02-03.json"
-    assert latest_per_machine(tmp_path) == [path]
+    assert path.name == "test-cpu-2-cores-avx2-2026-02-03.json"  # one file per instruction-set level
+    assert sorted(latest_per_machine(tmp_path)) == sorted([path, tmp_path / "test-cpu-2-cores-2026-01-01.json"])
 
     back = load_results(path)
     assert [r.provider for r in back["rows"]] == ["fused", "eager"]
@@ -41,5 +45,8 @@ def test_results_file_and_readme_round_trip(tmp_path: Path) -> None:
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "STALE-TABLE" not in text
     assert "| ks-b8 | all-query | fp32 | fwd | eager | 1500.000 | 6.00 |" in text
-    assert "| cpu fwd vs eager | ks-b8 | fp32 | 6.00 | >= 3.5 | PASS |" in text
+    assert "| cpu fwd vs eager | ks-b8 | fp32 | 6.00 | - | >= 3.5 | PASS |" in text
     assert "shared cores" in text and "fused class-only" in text and "2026-02-03" in text
+    assert "### Test CPU (2 cores) — avx2 — 2026-02-03" in text
+    assert "C++ kernels **avx2** (supported here: default, avx2; -march=native: False), ATen **AVX2**" in text
+    assert "CPU vector flags: avx avx2 fma; environment: ATEN_CPU_CAPABILITY=avx2." in text

@@ -1,8 +1,10 @@
 """Regenerate the results section of ``benchmarks/README.md`` from ``benchmarks/results/*.json``.
 
-For every machine (the file name without its date) the latest file is shown:
-its metadata, the machine's measured rates, the gates, the end-to-end records
-and every row. Run ``python -m benchmarks.update_readme`` from the repository root.
+For every machine and instruction-set level (the file name without its date) the
+latest file is shown: its metadata, the instruction sets the kernels and ATen ran
+with, the CPU's vector flags, the machine's measured rates, the gates, the
+end-to-end records and every row. Run ``python -m benchmarks.update_readme`` from
+the repository root.
 """
 
 from __future__ import annotations
@@ -39,20 +41,44 @@ def _machine_line(machine: dict[str, Any]) -> str:
     return f"measured by the suite: copy bandwidth {machine.get('copy_gbps', float('nan')):.1f} GB/s; matmul {mm}"
 
 
+# The flags that decide which vector code can run (the full list is in the results file).
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "amx_tile", "neon", "asimd", "sve")
+
+
+def _isa_line(meta: dict[str, Any]) -> str | None:
+    cap = meta.get("cpu_capability")
+    if not cap:
+        return None
+    flags = [f for f in VECTOR_FLAGS if f in set(meta.get("cpu_flags") or [])]
+    env = {k: v for k, v in (meta.get("env") or {}).items() if v is not None}
+    return (
+        f"Instruction sets: C++ kernels **{cap.get('kernels')}** (supported here: "
+        f"{', '.join(cap.get('kernels_supported') or []) or '-'}; -march=native: {cap.get('kernels_march_native')}), "
+        f"ATen **{cap.get('aten')}**; CPU vector flags: {' '.join(flags) or '-'}; "
+        f"environment: {', '.join(f'{k}={v}' for k, v in env.items()) or 'none set'}."
+    )
+
+
 def section(path: Path) -> str:
     """The Markdown section of one results file."""
     payload = load_results(path)
     meta = payload["metadata"]
+    level = (meta.get("cpu_capability") or {}).get("kernels")
+    title = meta["device_name"] + (f" — {level}" if level else "")
+    isa = _isa_line(meta)
     lines = [
-        f"### {meta['device_name']} — {meta['date']}",
+        f"### {title} — {meta['date']}",
         "",
         f"`{path.name}`: torch {meta['torch']}, triton {meta.get('triton')}, C++ kernels built: {meta['has_cpp']}, "
         f"{meta.get('cpu_count')} CPU cores, {meta.get('torch_threads')} torch threads, "
         f"{meta.get('min_rounds')}–{meta.get('max_rounds')} rounds after {meta.get('warmup')} warm-up "
-        f"({meta.get('input_sets')} input sets), load average {meta.get('loadavg_start')} → {meta.get('loadavg_end')}, "
+        f"({meta.get('input_sets')} input sets), {meta.get('gate_pairs', 0)} alternating pairs per gate, "
+        f"load average {meta.get('loadavg_start')} → {meta.get('loadavg_end')}, "
         f"quick: {meta['quick']}, commit {meta.get('git_commit')}."
         + (f" Note: {meta['note']}" if meta.get("note") else ""),
         "",
+        *([isa, ""] if isa else []),
         _machine_line(payload.get("machine", {})),
         "",
         "#### Gates",

@@ -7,6 +7,9 @@
 // saved log-sum-exp (never stored): with D_i = rowsum(dO_i * O_i),
 //   P = exp(scale q k^T - lse), P_d = P * Z (dropout), dV += P_d^T dO,
 //   dS = P * (Z * dO V^T - D), dQ += scale dS K, dK += scale dS^T Q.
+// Padded positions inside a tile are never used in arithmetic: the q, dO, k
+// and v rows of padded tokens enter the GEMMs as zeros and their P and dS
+// entries are set to 0, so NaN or inf stored there cannot reach a gradient.
 #include <ATen/Parallel.h>
 
 #include "attention_kernels.h"
@@ -22,8 +25,9 @@ inline void store_rows(const acc_t* src, int64_t n, scalar_t* dst) {
 }
 
 // lse[i] = log sum_j exp(scale q_i k_j) over the valid keys, in double.
-inline void exact_lse(const double* qt, const double* k, const uint8_t* key_valid, const std::vector<Tile>& key_tiles,
-                      int64_t nr, int64_t Dh, int64_t kvB, double scale, double* scores, double* lse) {
+inline void exact_lse(const double* qt, const double* k, const uint8_t* key_valid, const uint32_t* key_mask,
+                      const std::vector<Tile>& key_tiles, int64_t nr, int64_t Dh, int64_t kvB, double scale,
+                      double* scores, double* lse) {
   std::vector<double> mx(nr, -std::numeric_limits<double>::infinity()), sum(nr, 0.0);
   for (const Tile& ktile : key_tiles) {
     const int64_t j0 = ktile.start, nk = ktile.size;
@@ -31,9 +35,9 @@ inline void exact_lse(const double* qt, const double* k, const uint8_t* key_vali
     gemm_abt<double>(nr, nk, Dh, scale, qt, k + j0 * Dh, scores, kvB);
     for (int64_t i = 0; i < nr; ++i) {
       double* s = scores + i * kvB;
-      if (!ktile.all_valid) mask_invalid(s, key_valid + j0, nk);
-      const double m_new = std::max(mx[i], row_max(s, nk));
-      sum[i] = sum[i] * std::exp(mx[i] - m_new) + exp_shift_sum(s, nk, m_new);
+      const uint32_t* mask = ktile.all_valid ? nullptr : key_mask + j0;
+      const double m_new = std::max(mx[i], RowOps<double>::masked_max(s, mask, nk));
+      sum[i] = sum[i] * std::exp(mx[i] - m_new) + RowOps<double>::exp_sum(s, nk, m_new);
       mx[i] = m_new;
     }
   }
@@ -56,6 +60,7 @@ template <typename scalar_t>
 void backward_impl(const Problem& p, const BackwardBuffers& buf) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  const RowOps<acc_t> ops;
   const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
   const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
   // Varlen: only the valid query rows and keys are visited; padded rows and keys keep a zero gradient.
@@ -84,12 +89,14 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     for (const Tile& t : layout.keys_of(bh / p.H)) keys += t.size;
     cost[bh] = rows * keys;
   }
-  const std::vector<int64_t> bounds = balance_tasks(cost, at::get_num_threads());
+  double flops = 0;  // the five GEMMs: 10 Dh flops per (row, key)
+  for (int64_t c : cost) flops += 10.0 * static_cast<double>(c) * static_cast<double>(Dh);
+  const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
 
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), dobuf(qB * Dh), obuf(convert ? qB * Dh : 0);
-    std::vector<acc_t> kbuf(convert ? kvB * Dh : 0), vbuf(convert ? kvB * Dh : 0);
+    std::vector<acc_t> kbuf(kvB * Dh), vbuf(kvB * Dh);
     std::vector<acc_t> scores(qB * kvB), dp(qB * kvB), delta(qB), lse(qB);
     std::vector<uint32_t> row_keys(qB);
     const bool full_buffers = convert && all_query;
@@ -102,15 +109,16 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     // no accumulation into them, no BLAS call with a single row.
     auto class_row_backward = [&](int64_t b, int64_t h, int64_t bh) {
       const uint8_t* key_valid = layout.valid_row(b);
+      const uint32_t* key_mask = layout.mask_row(b);
       const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Dh, q0rot ? q0rot + bh * Dh : nullptr, 0, 1, Dh,
-                                                         qbuf.data());
+                                                         key_valid, true, qbuf.data());
       const acc_t* dot = load_rows<scalar_t, acc_t>(go + bh * Dh, 0, 1, Dh, dobuf.data());
       const acc_t* ot = load_rows<scalar_t, acc_t>(o + bh * Dh, 0, 1, Dh, obuf.data());
-      const acc_t delta0 = rollingq::dot(dot, ot, Dh);
+      const acc_t delta0 = ops.dot(dot, ot, Dh);
       const std::vector<Tile>& key_tiles = layout.keys_of(b);
       acc_t lse0 = static_cast<acc_t>(buf.lse[bh]);
       if constexpr (std::is_same_v<acc_t, double>)  // see the all-query path
-        exact_lse(qt, k + bh * N * Dh, key_valid, key_tiles, 1, Dh, kvB, scale, scores.data(), &lse0);
+        exact_lse(qt, k + bh * N * Dh, key_valid, key_mask, key_tiles, 1, Dh, kvB, scale, scores.data(), &lse0);
       const uint32_t row_key = dropout ? dropout_row_key(p.seed, b, h, 0) : 0;
       scalar_t* dK = dk_out + bh * N * Dh;
       scalar_t* dV = dv_out + bh * N * Dh;
@@ -125,16 +133,16 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         written = j0 + nk;
         const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
         const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
-        for (int64_t j = 0; j < nk; ++j) {  // padded keys: P = 0 below, their values never read
-          scores[j] = tile_valid[j] ? scale * rollingq::dot(qt, kt + j * Dh, Dh) : acc_t(0);
-          dp[j] = tile_valid[j] ? rollingq::dot(dot, vt + j * Dh, Dh) : acc_t(0);
+        for (int64_t j = 0; j < nk; ++j) {  // padded keys: P = 0 below, their keys and values never read
+          scores[j] = tile_valid[j] ? scale * ops.dot(qt, kt + j * Dh, Dh) : acc_t(0);
+          dp[j] = tile_valid[j] ? ops.dot(dot, vt + j * Dh, Dh) : acc_t(0);
         }
-        backward_row(scores.data(), dp.data(), tile_valid, nk, lse0, delta0,
-                     dropout ? layout.col_hash.data() + j0 : nullptr, row_key, threshold, inv_keep);
+        ops.backward_row(scores.data(), dp.data(), ktile.all_valid ? nullptr : key_mask + j0, nk, lse0, delta0,
+                         dropout ? layout.col_hash.data() + j0 : nullptr, row_key, threshold, inv_keep);
         for (int64_t j = 0; j < nk; ++j) {  // scores = P_d, dp = dS
           write_scaled_row(dV + (j0 + j) * Dh, scores[j], dot, Dh);
           write_scaled_row(dK + (j0 + j) * Dh, scale * dp[j], qt, Dh);
-          if (dp[j] != acc_t(0)) axpy(scale * dp[j], kt + j * Dh, dq_row.data(), Dh);
+          if (dp[j] != acc_t(0)) ops.axpy(scale * dp[j], kt + j * Dh, dq_row.data(), Dh);
         }
       }
       zero_rows(dK, written, N, Dh);
@@ -146,6 +154,7 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     for (int64_t bh = bounds[w]; bh < bounds[w + 1]; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const uint8_t* key_valid = layout.valid_row(b);
+      const uint32_t* key_mask = layout.mask_row(b);
       if (!all_query) {  // class-only: one query row, see class_row_backward
         class_row_backward(b, h, bh);
         continue;
@@ -160,27 +169,30 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
       const std::vector<Tile>& key_tiles = layout.keys_of(b);
       for (const Tile& qtile : layout.queries_of(b)) {
         const int64_t r0 = qtile.start, nr = qtile.size;
+        // padded query rows enter the GEMMs as zeros (q and dO), whatever the tensors hold there
         const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
-                                                           nr, Dh, qbuf.data());
-        const acc_t* dot = load_rows<scalar_t, acc_t>(go + bh * Nq * Dh, r0, nr, Dh, dobuf.data());
+                                                           nr, Dh, key_valid + r0, qtile.all_valid, qbuf.data());
+        const acc_t* dot = load_valid_rows<scalar_t, acc_t>(go + bh * Nq * Dh, r0, nr, Dh, key_valid + r0,
+                                                            qtile.all_valid, dobuf.data());
         const acc_t* ot = load_rows<scalar_t, acc_t>(o + bh * Nq * Dh, r0, nr, Dh, obuf.data());
         for (int64_t i = 0; i < nr; ++i) {
-          acc_t d = 0;
-          for (int64_t c = 0; c < Dh; ++c) d += dot[i * Dh + c] * ot[i * Dh + c];
-          delta[i] = d;
+          delta[i] = key_valid[r0 + i] ? ops.dot(dot + i * Dh, ot + i * Dh, Dh) : acc_t(0);
           lse[i] = static_cast<acc_t>(buf.lse[bh * Nq + r0 + i]);
           if (dropout) row_keys[i] = dropout_row_key(p.seed, b, h, r0 + i);
         }
         // float64: the saved float32 lse would cap the gradients' precision near 1e-7,
         // so recompute the log-sum-exp in double (one extra q k^T pass, float64 only).
         if constexpr (std::is_same_v<acc_t, double>)
-          exact_lse(qt, k + bh * N * Dh, key_valid, key_tiles, nr, Dh, kvB, scale, scores.data(), lse.data());
+          exact_lse(qt, k + bh * N * Dh, key_valid, key_mask, key_tiles, nr, Dh, kvB, scale, scores.data(),
+                    lse.data());
         for (const Tile& ktile : key_tiles) {
           const int64_t j0 = ktile.start, nk = ktile.size;
           const uint8_t* tile_valid = key_valid + j0;
           if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
-          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
-          const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
+          const acc_t* kt = load_valid_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, tile_valid,
+                                                             ktile.all_valid, kbuf.data());
+          const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
+                                                             ktile.all_valid, vbuf.data());
           gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
           gemm_abt<acc_t>(nr, nk, Dh, acc_t(1), dot, vt, dp.data(), kvB);
           for (int64_t i = 0; i < nr; ++i) {
@@ -191,8 +203,8 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
               std::fill(dpi, dpi + nk, acc_t(0));
               continue;
             }
-            backward_row(s, dpi, tile_valid, nk, lse[i], delta[i], dropout ? layout.col_hash.data() + j0 : nullptr,
-                         row_keys[i], threshold, inv_keep);
+            ops.backward_row(s, dpi, ktile.all_valid ? nullptr : key_mask + j0, nk, lse[i], delta[i],
+                             dropout ? layout.col_hash.data() + j0 : nullptr, row_keys[i], threshold, inv_keep);
           }
           gemm_ptx<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, dot, dV + j0 * Dh);
           gemm_pv<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, kt, acc_t(1), dQ + r0 * Dh);

@@ -2,10 +2,12 @@
 // tiling with an online softmax, parallel over (batch, head, query block).
 // Varlen: with lengths, only the valid query rows and keys are visited (tiles
 // of the original positions, see plan_tiles), padded rows are written as 0.
+// Padded positions inside a tile are never used in arithmetic: their scores
+// are replaced by -inf, their value rows by zeros, their output rows by 0, so
+// NaN or inf stored there cannot reach a valid result.
 // The task holding query row 0 (the class row) also accumulates the RollingQ
 // statistics while it reads K: per-modality sums of the valid keys and
 // per-segment exp-sums rescaled by the running max like the softmax denominator.
-// Also the rotation of the class query (a tiny GEMM before the main pass).
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -49,10 +51,6 @@ struct ClassRowStats {
   acc_t* key_sum_of(bool valid, int32_t segment, int64_t dh) {
     return segment > 0 && valid ? key_sum.data() + (segment - 1) * dh : nullptr;
   }
-  // Adds key j (dh,) to its modality's sum if it is a valid modality key.
-  void add_key(const acc_t* key, bool valid, int32_t segment, int64_t dh) {
-    if (acc_t* sum = key_sum_of(valid, segment, dh)) axpy(acc_t(1), key, sum, dh);
-  }
   void write(const Problem& p, int64_t b, acc_t denom, float* mass_out, float* key_mean_out) const {
     for (int64_t s = 0; s <= p.M; ++s) mass_out[s] = static_cast<float>(mass[s] / denom);
     for (int64_t m = 0; m < p.M; ++m) {
@@ -63,15 +61,15 @@ struct ClassRowStats {
   }
 };
 
-// Online-softmax update of one score row s (nk,) in place: s becomes exp(s - new max);
-// returns the factor that rescales the row's previous accumulator and sum.
+// Online-softmax update of one score row s (nk,) in place: padded keys (mask
+// 0) become -inf, s becomes exp(s - new max); returns the factor that rescales
+// the row's previous accumulator and sum.
 template <typename acc_t>
-inline acc_t softmax_row_update(acc_t* s, const uint8_t* valid, bool all_valid, int64_t nk, acc_t& row_max,
-                                acc_t& row_sum) {
-  if (!all_valid) mask_invalid(s, valid, nk);
-  const acc_t m_new = std::max(row_max, rollingq::row_max(s, nk));  // finite: tile 0 holds the class key
+inline acc_t softmax_row_update(const RowOps<acc_t>& ops, acc_t* s, const uint32_t* mask, int64_t nk,
+                                acc_t& row_max, acc_t& row_sum) {
+  const acc_t m_new = std::max(row_max, ops.masked_max(s, mask, nk));  // finite: tile 0 holds the class key
   const acc_t alpha = exp_vec(row_max - m_new);
-  row_sum = row_sum * alpha + exp_shift_sum(s, nk, m_new);
+  row_sum = row_sum * alpha + ops.exp_sum(s, nk, m_new);
   row_max = m_new;
   return alpha;
 }
@@ -94,6 +92,7 @@ void zero_uncovered_rows(const std::vector<Tile>& tiles, int64_t nq, int64_t dh,
 template <typename scalar_t>
 void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   using acc_t = acc_type<scalar_t>;
+  const RowOps<acc_t> ops;
   const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
   const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
   // Varlen: only the valid query rows and keys are visited, in tiles of the original positions.
@@ -104,7 +103,6 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
-  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
 
   const auto* q = static_cast<const scalar_t*>(buf.q);
   const auto* k = static_cast<const scalar_t*>(buf.k);
@@ -123,11 +121,13 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       cost.push_back(query_tiles[t].size * keys);
     }
   }
-  const std::vector<int64_t> bounds = balance_tasks(cost, at::get_num_threads());
+  double flops = 0;  // the two GEMMs: 4 Dh flops per (row, key)
+  for (int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(Dh);
+  const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
 
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
-    std::vector<acc_t> qbuf(qB * Dh), kbuf(convert ? kvB * Dh : 0), vbuf(convert ? kvB * Dh : 0);
+    std::vector<acc_t> qbuf(qB * Dh), kbuf(kvB * Dh), vbuf(kvB * Dh);
     std::vector<acc_t> scores(qB * kvB), acc(qB * Dh);
     RowState<acc_t> rows(qB);
     std::vector<uint32_t> row_keys(qB);
@@ -139,11 +139,14 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       const Tile& qtile = query_tiles[tasks[task].second];
       const int64_t r0 = qtile.start, nr = qtile.size;
       const uint8_t* key_valid = layout.valid_row(b);
+      const uint32_t* key_mask = layout.mask_row(b);
       if (tasks[task].second == 0) zero_uncovered_rows(query_tiles, Nq, Dh, out + bh * Nq * Dh, buf.lse + bh * Nq);
       scalar_t* out_rows = out + (bh * Nq + r0) * Dh;
       float* lse_rows = buf.lse + bh * Nq + r0;
+      // padded query rows inside the tile are zeros: their scores stay finite whatever q holds there
       const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
-                                                         nr, Dh, qbuf.data());
+                                                         nr, Dh, key_valid + r0, qtile.all_valid || !all_query,
+                                                         qbuf.data());
       const bool class_tile = want_stats && r0 == 0;
       const bool single_row = nr == 1;
       rows.reset(nr);
@@ -156,47 +159,53 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
         const int64_t j0 = ktile.start, nk = ktile.size;
         const uint8_t* tile_valid = key_valid + j0;
         if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
-        bool all_valid = ktile.all_valid;
-        const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
-        if (single_row) {  // one streaming pass over the keys: scores and key sums together
+        const uint32_t* mask = ktile.all_valid ? nullptr : key_mask + j0;
+        if (single_row) {  // one streaming pass over the valid keys: scores and key sums together
+          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
           for (int64_t j = 0; j < nk; ++j) {
             const acc_t* kj = kt + j * Dh;
             acc_t* key_sum = class_tile ? stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh) : nullptr;
             scores[j] = !tile_valid[j] ? -std::numeric_limits<acc_t>::infinity()
-                        : key_sum    ? scale * dot_and_add(qt, kj, key_sum, Dh)
-                                     : scale * dot(qt, kj, Dh);
+                        : key_sum    ? scale * ops.dot_and_add(qt, kj, key_sum, Dh)
+                                     : scale * ops.dot(qt, kj, Dh);
           }
-          all_valid = true;  // invalid keys are already -inf
+          mask = nullptr;  // padded keys are already -inf
         } else {
+          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
           gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
+          if (class_tile)
+            for (int64_t j = 0; j < nk; ++j)
+              if (acc_t* key_sum = stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh))
+                ops.axpy(acc_t(1), kt + j * Dh, key_sum, Dh);
         }
         for (int64_t i = 0; i < nr; ++i) {
           acc_t* s = scores.data() + i * kvB;
-          const acc_t alpha = softmax_row_update(s, tile_valid, all_valid, nk, rows.max[i], rows.sum[i]);
+          const acc_t alpha = softmax_row_update(ops, s, mask, nk, rows.max[i], rows.sum[i]);
           if (class_tile && i == 0) stats.add_mass(s, alpha, layout.segment_of.data() + j0, nk);
-          if (dropout) dropout_row(s, row_keys[i], layout.col_hash.data() + j0, nk, threshold, inv_keep);
-          if (alpha != acc_t(1)) {
-            acc_t* a = acc.data() + i * Dh;
-#pragma omp simd
-            for (int64_t d = 0; d < Dh; ++d) a[d] *= alpha;
-          }
+          if (dropout) ops.dropout(s, nk, row_keys[i], layout.col_hash.data() + j0, threshold, inv_keep);
+          if (alpha != acc_t(1)) ops.scale(acc.data() + i * Dh, alpha, Dh);
         }
-        const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
-        if (single_row) {
+        if (single_row) {  // padded keys have probability 0: their value rows are never read
+          const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
           for (int64_t j = 0; j < nk; ++j)
-            if (scores[j] != acc_t(0)) axpy(scores[j], vt + j * Dh, acc.data(), Dh);
+            if (scores[j] != acc_t(0)) ops.axpy(scores[j], vt + j * Dh, acc.data(), Dh);
         } else {
+          const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
+                                                             ktile.all_valid, vbuf.data());
           gemm_pv<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, vt, acc_t(1), acc.data());
         }
-        if (class_tile && !single_row)
-          for (int64_t j = 0; j < nk; ++j) stats.add_key(kt + j * Dh, tile_valid[j], layout.segment_of[j0 + j], Dh);
       }
 
       for (int64_t i = 0; i < nr; ++i) {
-        const bool row_valid = !all_query || key_valid[r0 + i];
-        const acc_t inv = row_valid ? acc_t(1) / rows.sum[i] : acc_t(0);
-        for (int64_t d = 0; d < Dh; ++d) out_rows[i * Dh + d] = static_cast<scalar_t>(acc[i * Dh + d] * inv);
-        lse_rows[i] = row_valid ? static_cast<float>(rows.max[i] + std::log(rows.sum[i])) : 0.0f;
+        scalar_t* o = out_rows + i * Dh;
+        if (all_query && !key_valid[r0 + i]) {  // a padded query row: exactly 0
+          std::fill(o, o + Dh, scalar_t(0));
+          lse_rows[i] = 0.0f;
+          continue;
+        }
+        const acc_t inv = acc_t(1) / rows.sum[i];
+        for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(acc[i * Dh + d] * inv);
+        lse_rows[i] = static_cast<float>(rows.max[i] + std::log(rows.sum[i]));
       }
       if (class_tile)
         stats.write(p, b, rows.sum[0], buf.mass + bh * (p.M + 1), buf.key_mean + bh * p.M * Dh);
@@ -204,118 +213,10 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   });
 }
 
-// Y = X @ A for B rows, A an n x n block of the rotation read in place: the
-// rows of X and Y are n-element slices with leading dimension ld. A is mem^T
-// when a_is_mem_transposed, else mem (mem row-major, n x n).
-// Column blocks of Y are fixed (kColumnBlock) and run in parallel, one serial
-// BLAS call each: the result is bitwise the same for any thread count.
-constexpr int64_t kColumnBlock = 64;
-template <typename T>
-void rows_times(const T* x, const T* mem, bool a_is_mem_transposed, int64_t rows, int64_t n, int64_t ld, T* y) {
-  const int64_t blocks = (n + kColumnBlock - 1) / kColumnBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-    SerialBlasGuard serial_blas;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c0 = i * kColumnBlock, nc = std::min(kColumnBlock, n - c0);
-      if (a_is_mem_transposed)  // Y[:, c0:] = X @ mem[c0:, :]^T
-        gemm(true, false, nc, rows, n, T(1), mem + c0 * n, n, x, ld, T(0), y + c0, ld);
-      else  // Y[:, c0:] = X @ mem[:, c0:]
-        gemm(false, false, nc, rows, n, T(1), mem + c0, n, x, ld, T(0), y + c0, ld);
-    }
-  });
-}
-
-// Y (B, H*Dh) = X @ A for the global rotation, or X[:, h] @ A_h per head.
-template <typename T>
-void apply_rotation(const Problem& p, const T* x, const T* mem, bool a_is_mem_transposed, bool global, T* y) {
-  const int64_t HD = p.H * p.Dh, Dh = p.Dh;
-  if (global) {
-    rows_times(x, mem, a_is_mem_transposed, p.B, HD, HD, y);
-  } else {
-    for (int64_t h = 0; h < p.H; ++h)
-      rows_times(x + h * Dh, mem + h * Dh * Dh, a_is_mem_transposed, p.B, Dh, HD, y + h * Dh);
-  }
-}
-
-// Gathers q[:, :, 0, :] into a (B, H*Dh) matrix of the compute dtype.
-template <typename scalar_t, typename acc_t>
-std::vector<acc_t> gather_class_rows(const Problem& p, const scalar_t* q) {
-  const int64_t HD = p.H * p.Dh;
-  std::vector<acc_t> rows(p.B * HD);
-  for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t h = 0; h < p.H; ++h)
-      for (int64_t d = 0; d < p.Dh; ++d)
-        rows[b * HD + h * p.Dh + d] = static_cast<acc_t>(q[((b * p.H + h) * p.Nq) * p.Dh + d]);
-  return rows;
-}
-
-// True if no element of x (n,) is NaN or inf; a reduction the compiler vectorizes.
-template <typename T>
-bool all_finite(const T* x, int64_t n) {
-  int bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= !(std::abs(x[i]) <= std::numeric_limits<T>::max());
-  return bad == 0;
-}
-
-template <typename scalar_t>
-void rotate_impl(const Problem& p, const void* q_ptr, const Rotation& rotation, void* q0rot_ptr, float* query_stat) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t HD = p.H * p.Dh;
-  const std::vector<acc_t> q0 = gather_class_rows<scalar_t, acc_t>(p, static_cast<const scalar_t*>(q_ptr));
-  std::vector<acc_t> rotated(p.B * HD);
-  // rows @ R^T: A = R^T is mem^T when the memory holds R, mem when it holds R^T
-  apply_rotation(p, q0.data(), static_cast<const acc_t*>(rotation.data), !rotation.transposed, rotation.global,
-                 rotated.data());
-  // A NaN or inf in R reaches every rotated row, so checking the small result is
-  // enough to know R is finite; R itself (up to H*Dh x H*Dh) is scanned only then.
-  if (!all_finite(rotated.data(), p.B * HD)) {
-    const int64_t r_size = rotation.global ? HD * HD : p.H * p.Dh * p.Dh;
-    TORCH_CHECK_VALUE(all_finite(static_cast<const acc_t*>(rotation.data), r_size),
-                      "rotation: expected finite values, got NaN or inf");
-  }
-  auto* q0rot = static_cast<scalar_t*>(q0rot_ptr);  // (B, H, Dh) == (B, H*Dh)
-  for (int64_t i = 0; i < p.B * HD; ++i) {
-    q0rot[i] = static_cast<scalar_t>(rotated[i]);
-    if (query_stat) query_stat[i] = static_cast<float>(q0rot[i]);
-  }
-}
-
-template <typename scalar_t>
-void rotate_grad_impl(const Problem& p, const void* dq0rot, const Rotation& rotation, void* dq_ptr) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t HD = p.H * p.Dh, Dh = p.Dh;
-  std::vector<acc_t> grad(p.B * HD);
-  // rows @ R: A = R is mem when the memory holds R, mem^T when it holds R^T
-  apply_rotation(p, static_cast<const acc_t*>(dq0rot), static_cast<const acc_t*>(rotation.data),
-                 rotation.transposed, rotation.global, grad.data());
-  auto* dq = static_cast<scalar_t*>(dq_ptr);
-  for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t h = 0; h < p.H; ++h)
-      for (int64_t d = 0; d < Dh; ++d)
-        dq[((b * p.H + h) * p.Nq) * Dh + d] = static_cast<scalar_t>(grad[b * HD + h * Dh + d]);
-}
-
 }  // namespace
 
 void attention_forward(const Problem& p, const ForwardBuffers& buf) {
   dispatch_dtype(p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(p, buf); });
-}
-
-void rotate_class_query(const Problem& p, const void* q, const Rotation& rotation, void* q0rot, float* query_stat) {
-  dispatch_dtype(p.dtype, [&](auto tag) { rotate_impl<decltype(tag)>(p, q, rotation, q0rot, query_stat); });
-}
-
-void class_query_stat(const Problem& p, const void* q, float* query_stat) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const auto* src = static_cast<const scalar_t*>(q);
-    for (int64_t bh = 0; bh < p.B * p.H; ++bh)
-      for (int64_t d = 0; d < p.Dh; ++d) query_stat[bh * p.Dh + d] = static_cast<float>(src[bh * p.Nq * p.Dh + d]);
-  });
-}
-
-void rotate_class_grad(const Problem& p, const void* dq0rot, const Rotation& rotation, void* dq) {
-  dispatch_dtype(p.dtype, [&](auto tag) { rotate_grad_impl<decltype(tag)>(p, dq0rot, rotation, dq); });
 }
 
 }  // namespace rollingq

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "attention_kernels.h"
+#include "scalar_math.h"
 
 // The BLAS that libtorch_cpu exports (MKL in the x86 wheels); LP64 Fortran ABI.
 extern "C" {
@@ -85,46 +86,9 @@ inline void gemm_ptx(int64_t nr, int64_t nk, int64_t d, T alpha, const T* p, int
   gemm(false, true, d, nk, nr, alpha, x, d, p, ldp, T(1), c, d);
 }
 
-// The Cephes expf kernel: exp(xc) / 2**n for xc clamped to [-87, 88] and
-// n = round(xc / ln 2), i.e. exp of the reduced argument r = xc - n ln 2 by a
-// degree-5 polynomial. T is float or a GCC float vector (row_ops.h simd::vf).
-template <typename T>
-inline T cephes_exp_reduced(T xc, T n) {
-  T r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  T p = T{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return p * r * r + r + 1.0f;
-}
-
-// exp(x) for float, branch-free so loops over it vectorize (Cephes expf
-// polynomial, relative error ~2e-7); exactly 0 for x < -87 (including -inf).
-inline float exp_vec(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float y = cephes_exp_reduced(xc, n);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  const float pow2 = __builtin_bit_cast(float, bits);
-  return x < -87.0f ? 0.0f : y * pow2;
-}
-
+// exp in the compute dtype: the Cephes polynomial for float (scalar_math.h), std::exp for double.
+inline float exp_vec(float x) { return exp_float(x); }
 inline double exp_vec(double x) { return std::exp(x); }
-
-// The 32-bit finalizer `mix` of docs/op.md (wrapping unsigned arithmetic).
-// U is uint32_t or a GCC vector of uint32_t (row_ops.h simd::vu), lane-wise.
-template <typename U>
-inline U mix32(U x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
 
 inline uint32_t counter_hash(uint64_t i) { return mix32(static_cast<uint32_t>(i) + 0x9e3779b9u); }
 
@@ -152,8 +116,8 @@ constexpr int64_t kMinSkippedGap = 32;
 // position. Padding is skipped (varlen): a gap is kept inside a tile only when
 // it is short (<= max(kMinSkippedGap, the shorter neighbouring valid run)), so
 // heavily fragmented layouts still get large tiles. Every span of valid runs
-// is cut into tiles of max_tile positions and a remainder (with every token
-// valid: the same fixed tiling as a dense kernel).
+// is cut into the fewest tiles of at most max_tile positions, of about equal
+// sizes (with every token valid: one fixed plan, shared by every sample).
 inline std::vector<Tile> plan_tiles(const uint8_t* valid, int64_t n, int64_t max_tile) {
   std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) of maximal valid runs
   for (int64_t i = 0; i < n;) {
@@ -179,13 +143,25 @@ inline std::vector<Tile> plan_tiles(const uint8_t* valid, int64_t n, int64_t max
   }
   std::vector<Tile> tiles;
   for (const auto& [begin, end] : spans) {
-    for (int64_t t0 = begin; t0 < end; t0 += max_tile) {
-      Tile t{t0, std::min(max_tile, end - t0), true};
+    // as few tiles as max_tile allows, of about equal sizes (multiples of 16 but the last),
+    // rather than full tiles and a small remainder: tasks of even cost
+    const int64_t count = (end - begin + max_tile - 1) / max_tile;
+    const int64_t size = std::min(max_tile, ((end - begin + count - 1) / count + 15) / 16 * 16);
+    for (int64_t t0 = begin; t0 < end; t0 += size) {
+      Tile t{t0, std::min(size, end - t0), true};
       for (int64_t i = t.start; i < t.start + t.size; ++i) t.all_valid = t.all_valid && valid[i];
       tiles.push_back(t);
     }
   }
   return tiles;
+}
+
+// How many threads to split `flops` of work over: at most `threads`, and at most one per
+// kMinFlopsPerThread, so a small call runs on the calling thread alone (waking a thread pool
+// costs microseconds on idle cores and milliseconds when the other cores are busy).
+constexpr double kMinFlopsPerThread = 2e7;  // about half a millisecond of one core
+inline int64_t worker_count(double flops, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(flops / kMinFlopsPerThread)));
 }
 
 // Deterministic load balancing of independent tasks with unequal costs: the
@@ -213,6 +189,7 @@ inline std::vector<int64_t> balance_tasks(const std::vector<int64_t>& cost, int6
 struct Layout {
   std::vector<int32_t> segment_of;  // (N,): 0 for the class token, m + 1 for modality m
   std::vector<uint8_t> valid;       // (B, N): key j of sample b is valid
+  std::vector<uint32_t> mask;       // (B, N): valid as row-op masks (all ones / 0), see row_ops.h
   std::vector<uint32_t> col_hash;   // (N,): c(col), only with dropout
   // Key tiles (at most kv_tile keys) and query tiles (at most q_tile rows) per
   // sample; one shared plan when every token is valid (lengths == nullptr).
@@ -229,6 +206,8 @@ struct Layout {
             valid[b * p.N + j] = static_cast<uint8_t>(j - p.offsets[m] < len);
         }
     }
+    mask.resize(valid.size());
+    for (size_t i = 0; i < valid.size(); ++i) mask[i] = valid[i] ? 0xFFFFFFFFu : 0u;
     if (p.dropout_p > 0.0) {
       col_hash.resize(p.N);
       for (int64_t j = 0; j < p.N; ++j) col_hash[j] = counter_hash(static_cast<uint64_t>(j));
@@ -243,6 +222,7 @@ struct Layout {
   }
 
   const uint8_t* valid_row(int64_t b) const { return valid.data() + b * static_cast<int64_t>(segment_of.size()); }
+  const uint32_t* mask_row(int64_t b) const { return mask.data() + b * static_cast<int64_t>(segment_of.size()); }
   const std::vector<Tile>& keys_of(int64_t b) const { return key_tiles[key_tiles.size() == 1 ? 0 : b]; }
   const std::vector<Tile>& queries_of(int64_t b) const { return query_tiles[query_tiles.size() == 1 ? 0 : b]; }
 };
@@ -266,13 +246,33 @@ inline const acc_t* load_rows(const scalar_t* src, int64_t r0, int64_t nr, int64
   }
 }
 
-// Query tile in the compute dtype, with row 0 replaced by the rotated class query.
+// The same rows with every row i whose valid[i] is 0 replaced by zeros (in
+// scratch), so that whatever a padded position holds (NaN, inf) never enters a
+// GEMM; all_valid: a pointer into src as load_rows. valid points at row r0's flag.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_valid_rows(const scalar_t* src, int64_t r0, int64_t nr, int64_t d, const uint8_t* valid,
+                                    bool all_valid, acc_t* scratch) {
+  if (all_valid) return load_rows<scalar_t, acc_t>(src, r0, nr, d, scratch);
+  const scalar_t* s = src + r0 * d;
+  for (int64_t i = 0; i < nr; ++i) {
+    acc_t* row = scratch + i * d;
+    if (valid[i])
+      for (int64_t c = 0; c < d; ++c) row[c] = static_cast<acc_t>(s[i * d + c]);
+    else
+      std::fill(row, row + d, acc_t(0));
+  }
+  return scratch;
+}
+
+// Query tile in the compute dtype, with row 0 replaced by the rotated class
+// query and (valid != nullptr, all_valid false) padded rows replaced by zeros.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* load_query_tile(const scalar_t* q, const scalar_t* q0rot, int64_t r0, int64_t nr, int64_t d,
-                                    acc_t* scratch) {
-  if (q0rot == nullptr || r0 != 0) return load_rows<scalar_t, acc_t>(q, r0, nr, d, scratch);
-  for (int64_t c = 0; c < d; ++c) scratch[c] = static_cast<acc_t>(q0rot[c]);
-  for (int64_t i = d; i < nr * d; ++i) scratch[i] = static_cast<acc_t>(q[i]);
+                                    const uint8_t* valid, bool all_valid, acc_t* scratch) {
+  if (q0rot == nullptr || r0 != 0) return load_valid_rows<scalar_t, acc_t>(q, r0, nr, d, valid, all_valid, scratch);
+  const acc_t* rows = load_valid_rows<scalar_t, acc_t>(q, 0, nr, d, valid, all_valid, scratch);
+  if (rows != scratch) std::copy(rows + d, rows + nr * d, scratch + d);
+  for (int64_t c = 0; c < d; ++c) scratch[c] = static_cast<acc_t>(q0rot[c]);  // the class row is always valid
   return scratch;
 }
 

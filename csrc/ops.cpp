@@ -31,13 +31,21 @@ bool supported_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// Argument errors: TORCH_CHECK_VALUE (Python ValueError) for shapes, sizes and
+// values, TORCH_CHECK_TYPE (TypeError) for dtypes, devices and undefined
+// tensors; every message starts with the argument's name.
 void check_tensor(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.device().is_cpu(), name, ": the rollingq CPU kernels expect a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-d tensor (B, H, N, Dh), got shape ", t.sizes());
-  TORCH_CHECK(supported_dtype(t.scalar_type()), name,
-              ": expected dtype float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.defined(), name, ": expected a tensor, got an undefined one");
+  TORCH_CHECK_TYPE(t.device().is_cpu(), name, ": the rollingq CPU kernels expect a CPU tensor, got device ",
+                   t.device());
+  TORCH_CHECK_VALUE(t.dim() == 4, name, ": expected a 4-d tensor (B, H, N, Dh), got shape ", t.sizes());
+  TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), name,
+                   ": expected dtype float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
+
+// N * Dh must stay below this bound (the rows of one (batch, head) are indexed
+// with 32-bit BLAS leading dimensions and offsets).
+constexpr int64_t kMaxRowElements = int64_t{1} << 31;
 
 // Checks every argument the two ops share and returns the call's sizes.
 Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c10::IntArrayRef segments,
@@ -46,10 +54,10 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c10::Int
   check_tensor(q, "q");
   check_tensor(k, "k");
   check_tensor(v, "v");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k, v: expected one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ",
-              v.scalar_type());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "q, k, v: expected one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
   Problem p;
   p.B = k.size(0);
   p.H = k.size(1);
@@ -58,42 +66,43 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c10::Int
   p.Nq = q.size(2);
   p.M = static_cast<int64_t>(segments.size());
   p.dtype = q.scalar_type();
-  TORCH_CHECK(p.B >= 1 && p.H >= 1 && p.Dh >= 1, "k: expected B, H, Dh >= 1, got shape ", k.sizes());
-  TORCH_CHECK(q.size(0) == p.B && q.size(1) == p.H && q.size(3) == p.Dh && (p.Nq == p.N || p.Nq == 1),
-              "q: expected shape (", p.B, ", ", p.H, ", ", p.N, ", ", p.Dh, ") (all-query) or (", p.B, ", ", p.H,
-              ", 1, ", p.Dh, ") (class-only), got ", q.sizes());
-  TORCH_CHECK(p.M >= 2, "segments: expected at least 2 modalities, got ", segments);
+  // B = 0 or H = 0 are fine: the ops return empty results, as SDPA does
+  TORCH_CHECK_VALUE(p.Dh >= 1, "k: expected Dh >= 1, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(q.size(0) == p.B && q.size(1) == p.H && q.size(3) == p.Dh && (p.Nq == p.N || p.Nq == 1),
+                    "q: expected shape (", p.B, ", ", p.H, ", ", p.N, ", ", p.Dh, ") (all-query) or (", p.B, ", ", p.H,
+                    ", 1, ", p.Dh, ") (class-only), got ", q.sizes());
+  TORCH_CHECK_VALUE(p.M >= 2, "segments: expected at least 2 modalities, got ", segments);
   p.offsets.assign(1, 1);
   for (int64_t m = 0; m < p.M; ++m) {
-    TORCH_CHECK(segments[m] >= 1 && segments[m] <= p.N, "segments: every padded size must be in [1, N = ", p.N,
-                "], got ", segments);
+    TORCH_CHECK_VALUE(segments[m] >= 1 && segments[m] <= p.N, "segments: every padded size must be in [1, N = ", p.N,
+                      "], got ", segments);
     p.offsets.push_back(p.offsets.back() + segments[m]);
   }
-  TORCH_CHECK(p.offsets.back() == p.N, "segments: N must equal 1 + sum(segments) = ", p.offsets.back(),
-              " for segments ", segments, ", but k has N = ", p.N);
-  TORCH_CHECK(p.N <= (int64_t{1} << 31) / std::max<int64_t>(p.Dh, 1), "k: N * Dh must be below 2**31, got shape ",
-              k.sizes());
+  TORCH_CHECK_VALUE(p.offsets.back() == p.N, "segments: N must equal 1 + sum(segments) = ", p.offsets.back(),
+                    " for segments ", segments, ", but k has N = ", p.N);
+  TORCH_CHECK_VALUE(p.N * p.Dh < kMaxRowElements,  // no overflow: k.numel() = B * H * N * Dh fits in int64
+                    "k: N * Dh must be below 2**31, got N * Dh = ", p.N * p.Dh, " for shape ", k.sizes());
   if (lengths.has_value() && lengths->defined()) {
     const Tensor& len = *lengths;
-    TORCH_CHECK(len.scalar_type() == at::kLong, "lengths: expected dtype int64, got ", len.scalar_type());
-    TORCH_CHECK(len.device().is_cpu(), "lengths: expected a CPU tensor, got device ", len.device());
-    TORCH_CHECK(len.dim() == 2 && len.size(0) == p.B && len.size(1) == p.M, "lengths: expected shape (", p.B, ", ",
-                p.M, "), got ", len.sizes());
+    TORCH_CHECK_TYPE(len.scalar_type() == at::kLong, "lengths: expected dtype int64, got ", len.scalar_type());
+    TORCH_CHECK_TYPE(len.device().is_cpu(), "lengths: expected a CPU tensor, got device ", len.device());
+    TORCH_CHECK_VALUE(len.dim() == 2 && len.size(0) == p.B && len.size(1) == p.M, "lengths: expected shape (", p.B,
+                      ", ", p.M, "), got ", len.sizes());
   }
   if (rotation.has_value() && rotation->defined()) {
     const Tensor& r = *rotation;
     const int64_t hd = p.H * p.Dh;
-    TORCH_CHECK(r.scalar_type() == at::kFloat || r.scalar_type() == at::kDouble,
-                "rotation: expected float32 or float64, got ", r.scalar_type());
-    TORCH_CHECK(r.device().is_cpu(), "rotation: expected a CPU tensor, got device ", r.device());
+    TORCH_CHECK_TYPE(r.scalar_type() == at::kFloat || r.scalar_type() == at::kDouble,
+                     "rotation: expected float32 or float64, got ", r.scalar_type());
+    TORCH_CHECK_TYPE(r.device().is_cpu(), "rotation: expected a CPU tensor, got device ", r.device());
     const bool global = r.dim() == 2 && r.size(0) == hd && r.size(1) == hd;
     const bool per_head = r.dim() == 3 && r.size(0) == p.H && r.size(1) == p.Dh && r.size(2) == p.Dh;
-    TORCH_CHECK(global || per_head, "rotation: expected shape (", hd, ", ", hd, ") (global) or (", p.H, ", ", p.Dh,
-                ", ", p.Dh, ") (per head), got ", r.sizes());
+    TORCH_CHECK_VALUE(global || per_head, "rotation: expected shape (", hd, ", ", hd, ") (global) or (", p.H, ", ",
+                      p.Dh, ", ", p.Dh, ") (per head), got ", r.sizes());
   }
-  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite float, got ", scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a float in [0, 1), got ", dropout_p);
-  TORCH_CHECK(seed >= 0 && seed < (int64_t{1} << 31), "seed: expected an int in [0, 2**31), got ", seed);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite float, got ", scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a float in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(seed >= 0 && seed < (int64_t{1} << 31), "seed: expected an int in [0, 2**31), got ", seed);
   p.scale = scale;
   p.dropout_p = dropout_p;
   p.seed = static_cast<uint32_t>(seed);
@@ -137,9 +146,9 @@ Tensor checked_lengths(const std::optional<Tensor>& lengths, Problem& p) {
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t m = 0; m < p.M; ++m) {
       const int64_t cap = p.offsets[m + 1] - p.offsets[m];
-      TORCH_CHECK(data[b * p.M + m] >= 0 && data[b * p.M + m] <= cap,
-                  "lengths: expected 0 <= lengths[b, m] <= segments[m]; lengths[", b, ", ", m,
-                  "] = ", data[b * p.M + m], " with segments[", m, "] = ", cap);
+      TORCH_CHECK_VALUE(data[b * p.M + m] >= 0 && data[b * p.M + m] <= cap,
+                        "lengths: expected 0 <= lengths[b, m] <= segments[m]; lengths[", b, ", ", m,
+                        "] = ", data[b * p.M + m], " with segments[", m, "] = ", cap);
     }
   p.lengths = data;
   return len;
@@ -192,6 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   Tensor key_mean = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.M, p.Dh}) : c10::IntArrayRef({0}), f32);
   Tensor mass = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.M + 1}) : c10::IntArrayRef({0}), f32);
   Tensor query = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.Dh}) : c10::IntArrayRef({0}), f32);
+  if (p.B * p.H == 0) return {with_strides_of(out, q), lse, key_mean, mass, query};  // empty, as SDPA
   float* query_stat = compute_stats ? query.mutable_data_ptr<float>() : nullptr;
 
   Tensor q0rot;
@@ -221,20 +231,21 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, con
                                                      double dropout_p, int64_t seed) {
   Problem p = make_problem(q, k, v, segments, lengths, rotation, scale, dropout_p, seed);
   for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    TORCH_CHECK(t.defined() && t.device().is_cpu(), name, ": expected a defined CPU tensor");
-    TORCH_CHECK(t.sizes() == q.sizes(), name, ": expected the shape of q ", q.sizes(), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(), ", got ",
-                t.scalar_type());
+    TORCH_CHECK_TYPE(t.defined() && t.device().is_cpu(), name, ": expected a defined CPU tensor");
+    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, ": expected the shape of q ", q.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(), ", got ",
+                     t.scalar_type());
   }
-  TORCH_CHECK(lse.defined() && lse.device().is_cpu(), "lse: expected a defined CPU tensor");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.Nq,
-              "lse: expected shape (", p.B, ", ", p.H, ", ", p.Nq, "), got ", lse.sizes());
+  TORCH_CHECK_TYPE(lse.defined() && lse.device().is_cpu(), "lse: expected a defined CPU tensor");
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == p.Nq,
+                    "lse: expected shape (", p.B, ", ", p.H, ", ", p.Nq, "), got ", lse.sizes());
   const Tensor len = checked_lengths(lengths, p);
   const RotationInput rot = rotation_in_compute_dtype(rotation, p);
   const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const Tensor gc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
   Tensor dq = new_output(qc, qc.sizes()), dk = new_output(kc, kc.sizes()), dv = new_output(vc, vc.sizes());
+  if (p.B * p.H == 0) return {with_strides_of(dq, q), with_strides_of(dk, k), with_strides_of(dv, v)};
 
   Tensor q0rot, dq0rot;
   if (rot.storage.defined()) {

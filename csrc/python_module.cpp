@@ -1,14 +1,87 @@
-// The Python module rollingq_kernels._C: empty on purpose. Loading the shared
-// library runs the static TORCH_LIBRARY registrations of ops.cpp, which is all
-// `import rollingq_kernels._C` needs to do (no pybind11, no torch/extension.h).
+// The Python module rollingq_kernels._C. Loading the shared library runs the
+// static TORCH_LIBRARY registrations of ops.cpp, which is what
+// `import rollingq_kernels._C` is for (no pybind11, no torch/extension.h).
+// The module itself only reports and sets the instruction set of the float
+// row kernels (cpu_capability.h):
+//
+//   cpu_capability() -> str                       "default", "avx2" or "avx512": the level in use
+//   supported_cpu_capabilities() -> tuple[str]    the levels this build and CPU can run, lowest first
+//   _set_cpu_capability(name: str) -> str         use `name` from now on (tests); returns the previous
+//   MARCH_NATIVE: bool                            built with -march=native (ROLLINGQ_NATIVE=1)
 #include <Python.h>
 
-static struct PyModuleDef rollingq_module = {
+#include <string>
+
+#include "cpu_capability.h"
+
+#ifndef ROLLINGQ_MARCH_NATIVE
+#define ROLLINGQ_MARCH_NATIVE 0
+#endif
+
+namespace {
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(rollingq::capability_name(rollingq::cpu_capability()));
+}
+
+PyObject* supported_cpu_capabilities(PyObject*, PyObject*) {
+  const auto levels = rollingq::supported_capabilities();
+  PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(levels.size()));
+  if (names == nullptr) return nullptr;
+  for (size_t i = 0; i < levels.size(); ++i)
+    PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), PyUnicode_FromString(rollingq::capability_name(levels[i])));
+  return names;
+}
+
+PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name == nullptr) {
+    PyErr_Format(PyExc_TypeError, "name: expected a str, got %s", Py_TYPE(arg)->tp_name);
+    return nullptr;
+  }
+  rollingq::CpuCapability level;
+  if (!rollingq::parse_capability(name, &level)) {
+    PyErr_Format(PyExc_ValueError, "name: expected 'default', 'avx2' or 'avx512', got '%s'", name);
+    return nullptr;
+  }
+  std::string supported;
+  bool runs = false;
+  for (rollingq::CpuCapability c : rollingq::supported_capabilities()) {
+    supported += std::string(supported.empty() ? "" : ", ") + rollingq::capability_name(c);
+    runs = runs || c == level;
+  }
+  if (!runs) {
+    PyErr_Format(PyExc_ValueError, "name: this build and CPU cannot run '%s' kernels (supported: %s)", name,
+                 supported.c_str());
+    return nullptr;
+  }
+  return PyUnicode_FromString(rollingq::capability_name(rollingq::set_cpu_capability(level)));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The instruction set of the float row kernels in use."},
+    {"supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS,
+     "The instruction sets this build and CPU can run, lowest first."},
+    {"_set_cpu_capability", set_cpu_capability, METH_O,
+     "Use the given instruction set from now on (for tests); returns the previous one."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+struct PyModuleDef rollingq_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "rollingq CPU kernels: importing registers torch.ops.rollingq.attention_fwd / attention_bwd.",
     -1,
-    nullptr,
+    methods,
 };
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&rollingq_module); }
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&rollingq_module);
+  if (module != nullptr && PyModule_AddObject(module, "MARCH_NATIVE", PyBool_FromLong(ROLLINGQ_MARCH_NATIVE)) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

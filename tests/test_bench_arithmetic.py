@@ -26,8 +26,8 @@ from benchmarks._arith import (  # noqa: E402
     stats_output_bytes,
     tflops,
 )
-from benchmarks._gates import judge  # noqa: E402
-from benchmarks._results import Recorder, Row, slugify  # noqa: E402
+from benchmarks._gates import GATES, evaluate_gates, gate_cases, judge  # noqa: E402
+from benchmarks._results import Recorder, Row, results_path, slugify  # noqa: E402
 
 # B=3, H=5, N=1+7+11=19, Dh=13, M=2, fp32
 ALLQ = OpDims(batch=3, heads=5, n_keys=19, head_dim=13, n_queries=19, num_modalities=2, itemsize=4)
@@ -141,8 +141,53 @@ def test_rounds_grow_for_fast_cases_within_bounds() -> None:
 
     from benchmarks._session import BenchConfig
 
-    cfg = BenchConfig(torch.device("cpu"), quick=False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3)
+    cfg = BenchConfig(torch.device("cpu"), quick=False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3,
+                      gate_pairs=7)
     assert cfg.rounds_for(1.3) == 4  # ceil(5 / 1.3)
     assert cfg.rounds_for(10.0) == 3  # never below the minimum
     assert cfg.rounds_for(0.01) == 30  # never above the maximum
     assert cfg.rounds_for(0.0) == 30
+
+
+def test_unpadded_shapes_read_no_lengths() -> None:
+    # an unpadded call passes lengths=None: the (B, M) int64 tensor is not read
+    assert attention_bytes(ALLQ, "fwd", stats=False, lengths=False) == attention_bytes(ALLQ, "fwd", stats=False) - 48
+
+
+def _gate_row(provider: str, pass_: str, median_s: float, backend: str = "cpp") -> Row:
+    return Row(provider, "ks-b8", "B8 H12 N1101 Dh64", [512, 588], "all-query", "fp32", pass_, "cpu", backend,
+               median_s, median_s, 5, 1, 1, 1.0, 1.0, 1.0, 1.0, 0, ["gate-all-query"])
+
+
+def test_gates_judge_the_median_of_alternating_pairs_and_report_the_rows_ratio() -> None:
+    rec = Recorder()
+    rec.add(_gate_row("fused", "fwd", 0.20))
+    rec.add(_gate_row("sdpa", "fwd", 0.18))  # rows measured minutes apart: 0.90
+    rec.add(_gate_row("eager", "fwd", 1.00))
+    gate = next(g for g in GATES if g.name == "cpu fwd vs sdpa")
+    assert (gate, "ks-b8", "fp32") in gate_cases(rec, "cpu")
+    assert all(g.threshold is not None for g, _, _ in gate_cases(rec, "cpu"))
+
+    def result(paired):
+        return next(r for r in evaluate_gates(rec, "cpu", paired) if r.gate.name == "cpu fwd vs sdpa")
+
+    without = result(None)
+    assert without.status == "FAIL" and without.ratio == pytest.approx(0.9) and without.pair_ratios == ()
+    with_pairs = result({("cpu fwd vs sdpa", "ks-b8", "fp32"): [1.2, 0.95, 1.1]})
+    assert with_pairs.status == "PASS" and with_pairs.ratio == pytest.approx(1.1)
+    assert with_pairs.row_ratio == pytest.approx(0.9) and with_pairs.to_dict()["pair_ratios"] == [1.2, 0.95, 1.1]
+    assert result({("cpu fwd vs sdpa", "ks-b8", "fp32"): [0.99, 0.9, 1.5]}).status == "FAIL"
+
+    rec.add(_gate_row("fused", "fwd", 0.20, backend="fallback"))  # no compiled kernel: nothing to re-measure
+    assert not gate_cases(rec, "cpu")
+
+
+def test_results_file_names_carry_the_cpu_instruction_set() -> None:
+    meta = {"device_type": "cpu", "device_name": "AMD EPYC (2 cores)", "date": "2026-11-29T10:00:00Z",
+            "cpu_capability": {"kernels": "avx2", "aten": "AVX2"}}
+    assert results_path(Path("r"), meta) == Path("r/amd-epyc-2-cores-avx2-2026-11-29.json")
+    assert results_path(Path("r"), {**meta, "quick": True}).name == "amd-epyc-2-cores-avx2-2026-11-29-quick.json"
+    no_kernels = {**meta, "cpu_capability": {"kernels": None, "aten": "AVX2"}}
+    assert results_path(Path("r"), no_kernels).name == "amd-epyc-2-cores-2026-11-29.json"
+    gpu = {**meta, "device_type": "cuda", "device_name": "NVIDIA H100"}
+    assert results_path(Path("r"), gpu).name == "nvidia-h100-2026-11-29.json"

@@ -5,11 +5,19 @@ layouts (all-query / class-only, lengths with empty and one-token modalities,
 M = 3, rotations, dropout), gradcheck, opcheck of both registered ops,
 bitwise determinism across runs and thread counts, torch.compile, reduced
 precision, the registered schemas and the kernels' own argument checks.
+
+The float row kernels exist once per instruction set (DEFAULT, AVX2, AVX512;
+csrc/cpu/) and are chosen at run time: the ``cpu_level`` fixture runs a test at
+every level this build and CPU support, switching in-process with
+``_C._set_cpu_capability``.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +30,24 @@ from rollingq_kernels import _library, rollingq_attention
 
 pytestmark = pytest.mark.skipif(not rollingq_kernels.HAS_CPP, reason="rollingq_kernels._C (C++ kernels) not built")
 
+if rollingq_kernels.HAS_CPP:
+    from rollingq_kernels import _C
+
+    LEVELS = _C.supported_cpu_capabilities()
+else:
+    LEVELS = ()
+
 STAT_FIELDS = ("key_mean", "mass", "cos", "cos_per_head", "query", "valid")
+
+
+@pytest.fixture(params=LEVELS)
+def cpu_level(request):
+    """Runs the test with the float row kernels of one instruction set, then restores the previous one."""
+    previous = _C._set_cpu_capability(request.param)
+    try:
+        yield request.param
+    finally:
+        _C._set_cpu_capability(previous)
 
 
 def make_inputs(B, H, N, Dh, dtype, class_only=False, gen_seed=0):
@@ -88,9 +113,7 @@ def case_inputs(name, dtype):
     return q, k, v, list(segs), lengths_t, random_rotation(rot, H, Dh)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_forward_stats_and_grads_match_float64_reference(name, dtype):
+def check_against_float64_reference(name, dtype):
     q, k, v, segs, lengths, rotation = case_inputs(name, dtype)
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     kw = dict(lengths=lengths, rotation=rotation)
@@ -105,9 +128,19 @@ def test_forward_stats_and_grads_match_float64_reference(name, dtype):
         assert_close(a, e, tol[1], rtol=tol[1], what=f"d{name_g}")
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float64_forward_stats_and_grads_match_reference(name):
+    check_against_float64_reference(name, torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float32_forward_stats_and_grads_match_float64_reference_at_every_level(name, cpu_level):
+    check_against_float64_reference(name, torch.float32)
+
+
 @pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "aq-varlen-gaps"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_padded_query_rows_output_zero_and_get_no_gradient(name, dropout_p):
+def test_padded_query_rows_output_zero_and_get_no_gradient(name, dropout_p, cpu_level):
     q, k, v, segs, lengths, rotation = case_inputs(name, torch.float32)
     g = torch.randn(q.shape)
     out, _, (dq, dk, dv) = run("cpp", q, k, v, segs, grad_out=g, lengths=lengths, rotation=rotation,
@@ -145,23 +178,35 @@ def test_huge_page_advice_off_gives_bitwise_the_same_results(tmp_path):
         assert torch.equal(a, b)
 
 
+# Padded positions are never read: whatever q (padded query rows), k, v and grad_out (padded rows)
+# hold there, every valid output, statistic and gradient is bitwise the same, padded query rows
+# output exactly 0 and every padded row gets a zero gradient. "aq-varlen-gaps" keeps a 1-token gap
+# inside a tile (computed and masked, not skipped); "aq-multi-tile" and "aq-lengths-empty-modality"
+# end tiles in padding.
+@pytest.mark.parametrize("garbage", ["nan", "inf"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_class_only_never_reads_padded_keys(dropout_p):
-    # The class-row paths skip padded keys (scores, key sums and V rows) instead of masking them
-    # after the fact, so garbage there (NaN, inf) cannot reach any output or gradient.
-    q, k, v, segs, lengths, rotation = case_inputs("co-lengths-M3", torch.float32)
-    valid = rollingq_kernels.reference.key_valid_mask(lengths, segs, q.shape[0], q.device)  # (B, N)
-    pad = ~valid[:, None, :, None].expand_as(k)
-    k_bad, v_bad = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf"))
-    g = torch.randn(q.shape)
-    kw = dict(lengths=lengths, rotation=rotation, dropout_p=dropout_p, seed=5)
-    clean = run("cpp", q, k, v, segs, grad_out=g, **kw)
-    dirty = run("cpp", q, k_bad, v_bad, segs, grad_out=g, **kw)
-    assert torch.equal(clean[0], dirty[0])
-    for field in STAT_FIELDS:
-        assert torch.equal(getattr(clean[1], field), getattr(dirty[1], field)), field
-    for a, b in zip(clean[2], dirty[2]):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize(
+    "name", ["co-lengths-M3", "aq-varlen-gaps", "aq-lengths-empty-modality", "aq-multi-tile", "aq-M3-odd"]
+)
+def test_padding_is_never_read(name, dropout_p, garbage, cpu_level):
+    for dtype in (torch.float32, torch.float64):
+        q, k, v, segs, lengths, rotation = case_inputs(name, dtype)
+        valid = rollingq_kernels.reference.key_valid_mask(lengths, segs, q.shape[0], q.device)  # (B, N)
+        pad_kv = ~valid[:, None, :, None].expand_as(k)
+        pad_q = pad_kv[:, :, : q.shape[2]]  # class-only: row 0, always valid
+        g = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=dtype)
+        value = float(garbage)
+        dirty_inputs = [t.masked_fill(pad, value) for t, pad in ((q, pad_q), (k, pad_kv), (v, pad_kv), (g, pad_q))]
+        kw = dict(lengths=lengths, rotation=rotation, dropout_p=dropout_p, seed=5)
+        clean = run("cpp", q, k, v, segs, grad_out=g, **kw)
+        dirty = run("cpp", *dirty_inputs[:3], segs, grad_out=dirty_inputs[3], **kw)
+        assert torch.equal(clean[0], dirty[0]), f"{dtype}: out"
+        assert (dirty[0][pad_q] == 0).all(), f"{dtype}: padded query rows must output 0"
+        for field in STAT_FIELDS:
+            assert torch.equal(getattr(clean[1], field), getattr(dirty[1], field)), f"{dtype}: stats.{field}"
+        for name_g, a, b, pad in zip("qkv", clean[2], dirty[2], (pad_q, pad_kv, pad_kv)):
+            assert torch.equal(a, b), f"{dtype}: d{name_g}"
+            assert (b[pad] == 0).all(), f"{dtype}: d{name_g} of padded rows must be 0"
 
 
 @pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "co-lengths-M3", "aq-multi-tile", "aq-varlen-gaps"])
@@ -246,7 +291,7 @@ def _fwd_bwd(name, dtype, dropout_p=0.3):
 
 
 @pytest.mark.parametrize("name", ["aq-multi-tile", "co-multi-tile", "aq-varlen-gaps"])
-def test_bitwise_deterministic_across_runs_and_thread_counts(name):
+def test_bitwise_deterministic_across_runs_and_thread_counts(name, cpu_level):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -347,36 +392,76 @@ def _good_args():
                 scale=0.5, dropout_p=0.0, seed=0, compute_stats=True)
 
 
+# case -> (override, the argument the message names, the Python exception: ValueError for shapes,
+# sizes and values, TypeError for dtypes; TORCH_CHECK_VALUE / TORCH_CHECK_TYPE in csrc/ops.cpp)
 BAD_INPUTS = {
-    "q rank": (dict(q=torch.randn(2, 3, 8)), "q"),
-    "k rank": (dict(k=torch.randn(2, 3, 8, 4, 1)), "k"),
-    "v shape": (dict(v=torch.randn(2, 3, 7, 4)), "v"),
-    "q shape": (dict(q=torch.randn(2, 3, 5, 4)), "q"),
-    "dtype mismatch": (dict(v=torch.randn(2, 3, 8, 4, dtype=torch.float64)), "q, k, v"),
-    "int dtype": (dict(q=torch.ones(2, 3, 8, 4, dtype=torch.int32)), "q"),
-    "N mismatch": (dict(segments=[3, 5]), "segments"),
-    "one modality": (dict(segments=[7]), "segments"),
-    "zero segment": (dict(segments=[7, 0]), "segments"),
-    "negative segment": (dict(segments=[9, -2]), "segments"),
-    "lengths too long": (dict(lengths=torch.tensor([[3, 5], [0, 1]])), "lengths"),
-    "lengths negative": (dict(lengths=torch.tensor([[3, 4], [-1, 1]])), "lengths"),
-    "lengths shape": (dict(lengths=torch.tensor([[3, 4, 1], [0, 1, 1]])), "lengths"),
-    "lengths dtype": (dict(lengths=torch.tensor([[3, 4], [0, 1]], dtype=torch.int32)), "lengths"),
-    "rotation shape": (dict(rotation=torch.eye(4)), "rotation"),
-    "rotation per-head shape": (dict(rotation=torch.randn(2, 4, 4)), "rotation"),
-    "rotation dtype": (dict(rotation=torch.eye(12, dtype=torch.float16)), "rotation"),
-    "dropout_p": (dict(dropout_p=1.0), "dropout_p"),
-    "seed": (dict(seed=-1), "seed"),
-    "scale": (dict(scale=float("nan")), "scale"),
+    "q rank": (dict(q=torch.randn(2, 3, 8)), "q", ValueError),
+    "k rank": (dict(k=torch.randn(2, 3, 8, 4, 1)), "k", ValueError),
+    "v shape": (dict(v=torch.randn(2, 3, 7, 4)), "v", ValueError),
+    "q shape": (dict(q=torch.randn(2, 3, 5, 4)), "q", ValueError),
+    "dtype mismatch": (dict(v=torch.randn(2, 3, 8, 4, dtype=torch.float64)), "q, k, v", TypeError),
+    "int dtype": (dict(q=torch.ones(2, 3, 8, 4, dtype=torch.int32)), "q", TypeError),
+    "N mismatch": (dict(segments=[3, 5]), "segments", ValueError),
+    "one modality": (dict(segments=[7]), "segments", ValueError),
+    "zero segment": (dict(segments=[7, 0]), "segments", ValueError),
+    "negative segment": (dict(segments=[9, -2]), "segments", ValueError),
+    "lengths too long": (dict(lengths=torch.tensor([[3, 5], [0, 1]])), "lengths", ValueError),
+    "lengths negative": (dict(lengths=torch.tensor([[3, 4], [-1, 1]])), "lengths", ValueError),
+    "lengths shape": (dict(lengths=torch.tensor([[3, 4, 1], [0, 1, 1]])), "lengths", ValueError),
+    "lengths dtype": (dict(lengths=torch.tensor([[3, 4], [0, 1]], dtype=torch.int32)), "lengths", TypeError),
+    "rotation shape": (dict(rotation=torch.eye(4)), "rotation", ValueError),
+    "rotation per-head shape": (dict(rotation=torch.randn(2, 4, 4)), "rotation", ValueError),
+    "rotation dtype": (dict(rotation=torch.eye(12, dtype=torch.float16)), "rotation", TypeError),
+    "dropout_p": (dict(dropout_p=1.0), "dropout_p", ValueError),
+    "seed": (dict(seed=-1), "seed", ValueError),
+    "scale": (dict(scale=float("nan")), "scale", ValueError),
+    "zero head dim": (dict(q=torch.randn(2, 3, 8, 0), k=torch.randn(2, 3, 8, 0), v=torch.randn(2, 3, 8, 0)), "k",
+                      ValueError),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_forward_op_rejects_bad_input_naming_the_argument(case):
-    override, name = BAD_INPUTS[case]
+    override, name, error = BAD_INPUTS[case]
     args = {**_good_args(), **override}
-    with pytest.raises(RuntimeError, match=rf"\b{name}\b"):
+    with pytest.raises(error, match=rf"^{re.escape(name)}: "):
         torch.ops.rollingq.attention_fwd(*args.values())
+
+
+def test_size_bound_message_matches_the_check():
+    # N * Dh = 2**31 exactly must be refused ("below 2**31"). Expanded views: no memory is allocated,
+    # and the size check runs before the lengths check (whose bad shape would fail any later).
+    Dh, segs = 2**16, [2**14 - 1, 2**14]
+    N = 1 + sum(segs)
+    assert N * Dh == 2**31
+    k = torch.zeros(1).expand(1, 1, N, Dh)
+    q = torch.zeros(1).expand(1, 1, 1, Dh)
+    bad_lengths = torch.zeros(3, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"^k: N \* Dh must be below 2\*\*31, got N \* Dh = 2147483648"):
+        torch.ops.rollingq.attention_fwd(q, k, k, segs, bad_lengths, None, 1.0, 0.0, 0, True)
+    k = torch.zeros(1).expand(1, 1, N - 1, Dh)  # 2**31 - Dh: within the bound, so the lengths check speaks
+    with pytest.raises(ValueError, match=r"^lengths: expected shape"):
+        torch.ops.rollingq.attention_fwd(q, k, k, [segs[0] - 1, segs[1]], bad_lengths, None, 1.0, 0.0, 0, True)
+
+
+@pytest.mark.parametrize("class_only", [False, True])
+@pytest.mark.parametrize("B,H", [(0, 3), (2, 0), (0, 0)])
+def test_empty_batch_or_heads_give_empty_results(B, H, class_only):
+    N, Dh, segs = 8, 4, [3, 4]
+    nq = 1 if class_only else N
+    q, k, v = torch.randn(B, H, nq, Dh), torch.randn(B, H, N, Dh), torch.randn(B, H, N, Dh)
+    lengths = torch.zeros(B, 2, dtype=torch.int64)
+    rotation = torch.eye(H * Dh)
+    out, lse, key_mean, mass, query = torch.ops.rollingq.attention_fwd(q, k, v, segs, lengths, rotation, 0.5, 0.1,
+                                                                        3, True)
+    assert out.shape == (B, H, nq, Dh) and out.dtype == q.dtype
+    assert lse.shape == (B, H, nq) and key_mean.shape == (B, H, 2, Dh)
+    assert mass.shape == (B, H, 3) and query.shape == (B, H, Dh)
+    g = torch.randn(B, H, nq, Dh)
+    dq, dk, dv = torch.ops.rollingq.attention_bwd(g, q, k, v, out, lse, segs, lengths, rotation, 0.5, 0.1, 3)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    nostats = torch.ops.rollingq.attention_fwd(q, k, v, segs, None, None, 0.5, 0.0, 0, False)
+    assert nostats[0].shape == (B, H, nq, Dh) and all(t.shape == (0,) for t in nostats[2:])
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -398,21 +483,105 @@ def test_ops_reject_a_non_finite_rotation_with_a_value_error(per_head):
 
 
 @pytest.mark.parametrize(
-    "override,name",
+    "override,name,error",
     [
-        (dict(lse=torch.zeros(2, 3, 7)), "lse"),
-        (dict(lse=torch.zeros(2, 3, 8, dtype=torch.float64)), "lse"),
-        (dict(grad_out=torch.zeros(2, 3, 1, 4)), "grad_out"),
-        (dict(out=torch.zeros(2, 3, 8, 4, dtype=torch.float64)), "out"),
-        (dict(segments=[2, 4]), "segments"),
-        (dict(lengths=torch.tensor([[4, 4], [0, 1]])), "lengths"),
+        (dict(lse=torch.zeros(2, 3, 7)), "lse", ValueError),
+        (dict(lse=torch.zeros(2, 3, 8, dtype=torch.float64)), "lse", TypeError),
+        (dict(grad_out=torch.zeros(2, 3, 1, 4)), "grad_out", ValueError),
+        (dict(out=torch.zeros(2, 3, 8, 4, dtype=torch.float64)), "out", TypeError),
+        (dict(segments=[2, 4]), "segments", ValueError),
+        (dict(lengths=torch.tensor([[4, 4], [0, 1]])), "lengths", ValueError),
     ],
 )
-def test_backward_op_rejects_bad_input_naming_the_argument(override, name):
+def test_backward_op_rejects_bad_input_naming_the_argument(override, name, error):
     a = _good_args()
     out, lse, *_ = torch.ops.rollingq.attention_fwd(*a.values())
     args = dict(grad_out=torch.randn_like(out), q=a["q"], k=a["k"], v=a["v"], out=out, lse=lse,
                 segments=a["segments"], lengths=a["lengths"], rotation=None, scale=0.5, dropout_p=0.0, seed=0)
     args.update(override)
-    with pytest.raises(RuntimeError, match=rf"\b{name}\b"):
+    with pytest.raises(error, match=rf"^{name}: "):
         torch.ops.rollingq.attention_bwd(*args.values())
+
+
+# ---- run-time instruction-set dispatch (csrc/cpu_capability.cpp) --------------------------------
+
+_REPORT_LEVELS = (
+    "import warnings, torch\n"
+    "warnings.simplefilter('always')\n"
+    "from rollingq_kernels import _C\n"
+    "print(_C.cpu_capability(), torch.backends.cpu.get_cpu_capability())\n"
+)
+
+
+def _levels_in_subprocess(value):
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if value is not None:
+        env["ATEN_CPU_CAPABILITY"] = value
+    res = subprocess.run([sys.executable, "-c", _REPORT_LEVELS], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split(), res.stderr
+
+
+def test_aten_cpu_capability_forces_the_kernels_and_aten_alike():
+    best = LEVELS[-1]
+    assert _levels_in_subprocess(None)[0][0] == best  # unset: the best level the CPU runs
+    for level in LEVELS:
+        (ours, aten), _ = _levels_in_subprocess(level)
+        assert ours == level and aten == level.upper()
+    (ours, _), err = _levels_in_subprocess("sse9")  # ATen's rule: an unknown value is ignored, with a warning
+    assert ours == best and "ignoring invalid value for ATEN_CPU_CAPABILITY: sse9" in err
+
+
+def test_set_cpu_capability_rejects_unknown_or_unsupported_levels():
+    with pytest.raises(ValueError, match=r"^name: expected 'default', 'avx2' or 'avx512', got 'avx1024'"):
+        _C._set_cpu_capability("avx1024")
+    with pytest.raises(TypeError, match=r"^name: expected a str"):
+        _C._set_cpu_capability(2)
+    for level in {"default", "avx2", "avx512"} - set(LEVELS):
+        with pytest.raises(ValueError, match=rf"cannot run '{level}' kernels"):
+            _C._set_cpu_capability(level)
+
+
+@pytest.mark.parametrize("class_only", [False, True])
+def test_every_level_drops_exactly_the_contract_mask(class_only, cpu_level):
+    # v = the identity (N <= Dh), so out[b, h, i, j] = P_d[b, h, i, j]: zero exactly where dropped.
+    B, H, segs, p = 2, 3, [13, 18], 0.4
+    N = 1 + sum(segs)
+    q = torch.randn(B, H, 1 if class_only else N, N)
+    k = torch.randn(B, H, N, N)
+    v = torch.eye(N).expand(B, H, N, N).contiguous()
+    out, _ = rollingq_attention(q, k, v, segs, dropout_p=p, seed=1234, backend="cpp", compute_stats=False)
+    keep = rollingq_kernels.dropout_mask(1234, B, H, q.shape[2], N, p)
+    assert torch.equal(out != 0, keep)
+
+
+# where a level's code lives: our units' namespaces and ATen's per-level vector namespaces (a
+# function name may start with its return type: "void rollingq::AVX2::...")
+ISA_NAMESPACE = re.compile(r"(^|[\s(<,])(rollingq|at::vec)::AVX(2|512)::")
+
+
+def _vector_instructions_outside_isa_units(library):
+    """Functions of `library` whose code uses ymm/zmm registers and are not in an ISA unit's namespace."""
+    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(library)], capture_output=True,
+                          text=True, timeout=300, check=True).stdout
+    offenders, function = set(), None
+    for line in dump.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif function and re.search(r"%[yz]mm\d", line) and not ISA_NAMESPACE.search(function):
+            offenders.add(function)
+    return sorted(offenders)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
+                    reason="x86-64 with objdump only")
+def test_only_the_isa_units_contain_avx_code():
+    # A default build runs on any x86-64 CPU: AVX2 and AVX-512 instructions appear only in the
+    # per-level units (csrc/cpu/, namespaces rollingq::AVX2 / rollingq::AVX512), never in code the
+    # baseline calls (e.g. an inline function of a shared header kept from an AVX unit).
+    if _C.MARCH_NATIVE:
+        pytest.skip("built with ROLLINGQ_NATIVE=1 (-march=native): every unit may use the CPU's instructions")
+    offenders = _vector_instructions_outside_isa_units(Path(_C.__file__))
+    assert not offenders, f"AVX code outside the ISA units: {offenders[:10]}"

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import platform
+import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +67,51 @@ def test_without_the_extension_the_package_warns_once_and_runs_the_reference():
     assert res.stderr.count("the C++ CPU kernels are missing") == 1, res.stderr
     assert "pip install --no-build-isolation -e ." in res.stderr
     assert "CPP-ERROR backend='cpp': the C++ kernels are not built" in res.stdout
+
+
+def _extension_config(monkeypatch, **env):
+    """setup.py's extension settings under `env` (setup.py imported, not run)."""
+    for name in ("ROLLINGQ_SKIP_EXTENSION", "ROLLINGQ_NATIVE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    module = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    config = module["_extension_setup"]()
+    return module, config["ext_modules"][0], config["cmdclass"]["build_ext"]
+
+
+def test_default_build_is_portable_and_compiles_every_isa_unit(monkeypatch):
+    module, ext, build_ext = _extension_config(monkeypatch)
+    flags = ext.extra_compile_args["cxx"]
+    assert "-march=native" not in flags and "-DROLLINGQ_MARCH_NATIVE=1" not in flags
+    assert os.path.join("csrc", "cpu", "row_ops_default.cpp") in ext.sources  # baseline flags
+    assert not any("avx" in src for src in ext.sources)  # built by build_ext with their own flags
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert module["ISA_FLAGS"]["avx2"] == ["-mavx2", "-mfma"]
+        assert "-mavx512f" in module["ISA_FLAGS"]["avx512"]
+    assert any(c.__name__ == "BuildWithIsaUnits" for c in build_ext.__mro__)
+
+
+def test_native_flag_opts_in_to_march_native(monkeypatch):
+    _, ext, _ = _extension_config(monkeypatch, ROLLINGQ_NATIVE="1")
+    assert {"-march=native", "-DROLLINGQ_MARCH_NATIVE=1"} <= set(ext.extra_compile_args["cxx"])
+
+
+AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
+
+
+@pytest.mark.skipif(AARCH64_CXX is None, reason="no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+@pytest.mark.parametrize("source", ["csrc/cpu/row_ops_default.cpp", "csrc/cpu_capability.cpp", "csrc/forward.cpp"])
+def test_baseline_units_compile_for_aarch64(source, tmp_path):
+    # The DEFAULT level is plain C++ (ATen's Vectorized<float> is NEON there) and the dispatcher
+    # knows no x86 level off x86: the portable part of the kernels builds for ARM.
+    import torch
+
+    include = Path(torch.__file__).parent / "include"
+    res = subprocess.run(
+        [AARCH64_CXX, "-std=c++20", "-O1", "-fopenmp", "-DNDEBUG", f"-I{ROOT / 'csrc'}", f"-I{include}", "-c",
+         str(ROOT / source), "-o", str(tmp_path / "unit.o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -1,7 +1,8 @@
 // ctest: calls rollingq::attention_fwd / attention_bwd through the dispatcher on
-// small float64 cases (all-query with lengths, class-only with a per-head
-// rotation) and compares every output with a naive softmax attention written
-// here. Exits non-zero on any mismatch.
+// small cases (all-query with lengths, class-only with a per-head rotation) in
+// float64, and in float32 at every instruction-set level of the float row
+// kernels this CPU runs, and compares every output with a naive float64
+// softmax attention written here. Exits non-zero on any mismatch.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/randn.h>
@@ -14,6 +15,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cpu_capability.h"
 
 namespace {
 
@@ -136,14 +139,23 @@ Naive naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const s
   return r;
 }
 
+// Tolerances of one dtype: the output, the statistics, the gradients.
+struct Tolerance {
+  double out, stats, grad;
+};
+
 void run_case(const std::string& name, int64_t B, int64_t H, int64_t Dh, const std::vector<int64_t>& segs,
-              bool class_only, const Tensor& lengths, const Tensor& rot) {
-  std::printf("-- %s\n", name.c_str());
+              bool class_only, const Tensor& lengths, const Tensor& rot, at::ScalarType dtype = at::kDouble) {
+  std::printf("-- %s (%s)\n", name.c_str(), c10::toString(dtype));
   int64_t N = 1;
   for (int64_t s : segs) N += s;
   const auto opt = at::TensorOptions().dtype(at::kDouble);
-  const Tensor q = at::randn({B, H, class_only ? 1 : N, Dh}, opt), k = at::randn({B, H, N, Dh}, opt),
-               v = at::randn({B, H, N, Dh}, opt), g = at::randn(q.sizes(), opt);
+  // inputs rounded to dtype, the naive reference in float64 on the rounded values
+  const Tensor q = at::randn({B, H, class_only ? 1 : N, Dh}, opt).to(dtype).to(at::kDouble),
+               k = at::randn({B, H, N, Dh}, opt).to(dtype).to(at::kDouble),
+               v = at::randn({B, H, N, Dh}, opt).to(dtype).to(at::kDouble),
+               g = at::randn(q.sizes(), opt).to(dtype).to(at::kDouble);
+  const Tolerance tol = dtype == at::kDouble ? Tolerance{1e-12, 1e-6, 1e-10} : Tolerance{2e-5, 2e-5, 1e-4};
   const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
   static auto fwd =
       c10::Dispatcher::singleton().findSchemaOrThrow("rollingq::attention_fwd", "").typed<Fwd>();
@@ -151,16 +163,17 @@ void run_case(const std::string& name, int64_t B, int64_t H, int64_t Dh, const s
       c10::Dispatcher::singleton().findSchemaOrThrow("rollingq::attention_bwd", "").typed<Bwd>();
   const std::optional<Tensor> len = lengths.defined() ? std::optional<Tensor>(lengths) : std::nullopt;
   const std::optional<Tensor> r = rot.defined() ? std::optional<Tensor>(rot) : std::nullopt;
-  auto [out, lse, key_mean, mass, query] = fwd.call(q, k, v, segs, len, r, scale, 0.0, 0, true);
-  auto [dq, dk, dv] = bwd.call(g, q, k, v, out, lse, segs, len, r, scale, 0.0, 0);
+  const Tensor qd = q.to(dtype), kd = k.to(dtype), vd = v.to(dtype), gd = g.to(dtype);
+  auto [out, lse, key_mean, mass, query] = fwd.call(qd, kd, vd, segs, len, r, scale, 0.0, 0, true);
+  auto [dq, dk, dv] = bwd.call(gd, qd, kd, vd, out, lse, segs, len, r, scale, 0.0, 0);
   const Naive ref = naive_attention(q, k, v, segs, lengths, rot, scale, g);
-  expect_close("out", out, ref.out, 1e-12);
-  expect_close("key_mean", key_mean, ref.key_mean, 1e-6);
-  expect_close("mass", mass, ref.mass, 1e-6);
-  expect_close("query", query, ref.query, 1e-6);
-  expect_close("dq", dq, ref.dq, 1e-10);
-  expect_close("dk", dk, ref.dk, 1e-10);
-  expect_close("dv", dv, ref.dv, 1e-10);
+  expect_close("out", out, ref.out, tol.out);
+  expect_close("key_mean", key_mean, ref.key_mean, tol.stats);
+  expect_close("mass", mass, ref.mass, tol.stats);
+  expect_close("query", query, ref.query, tol.stats);
+  expect_close("dq", dq, ref.dq, tol.grad);
+  expect_close("dk", dk, ref.dk, tol.grad);
+  expect_close("dv", dv, ref.dv, tol.grad);
   // lse of padded query rows is unspecified: compare valid rows only (row 0 always valid)
   expect_close("lse[row 0]", lse.select(2, 0), ref.lse.select(2, 0), 1e-5);
 }
@@ -189,6 +202,15 @@ int main() {
   for (int64_t h = 0; h < 2; ++h)
     for (int64_t e = 0; e < 6; ++e) rot[h][e][(e + 1 + h) % 6] = (e % 2 ? -1.0 : 1.0);  // signed permutation
   run_case("class-only, per-head rotation, M = 3", 3, 2, 6, {3, 1, 4}, true, Tensor(), rot);
+  // float32 goes through the float row kernels of the chosen instruction set: run every level
+  const rollingq::CpuCapability chosen = rollingq::cpu_capability();
+  for (rollingq::CpuCapability level : rollingq::supported_capabilities()) {
+    rollingq::set_cpu_capability(level);
+    const std::string tag = std::string(" [") + rollingq::capability_name(level) + "]";
+    run_case("all-query, lengths (empty modality)" + tag, 2, 3, 37, {5, 7}, false, lengths, Tensor(), at::kFloat);
+    run_case("class-only, per-head rotation, M = 3" + tag, 3, 2, 6, {3, 1, 4}, true, Tensor(), rot, at::kFloat);
+  }
+  rollingq::set_cpu_capability(chosen);
   expect_error_naming("lengths", at::tensor(std::vector<int64_t>{3, 3}).reshape({1, 2}));
   std::printf(failures ? "%d FAILURES\n" : "all passed\n", failures);
   return failures ? 1 : 0;

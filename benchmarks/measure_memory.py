@@ -2,8 +2,8 @@
 
 Peak resident-set growth (VmHWM) of one forward and one backward call of the
 registered ops at fp32 B=1, H=12, Dh=64, N=8193, minus the bytes of the ops'
-outputs, compared with one N x N fp32 matrix. Run it in a fresh process:
-``python csrc/test/measure_memory.py``.
+outputs, compared with one N x N fp32 matrix. Run it in a fresh process from the
+repository root: ``python -m benchmarks.measure_memory``.
 """
 
 from __future__ import annotations

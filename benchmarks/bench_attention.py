@@ -9,7 +9,10 @@ per-provider medians and their ratios. Shapes are the issue's targets:
 * class-only fp32 B=64, H=1, Dh=768, segments (176, 196) vs the eager
   reference's all-query attention.
 
-Usage: python csrc/test/bench_attention.py [--rounds 7] [--threads 2]
+Usage (repository root): python -m benchmarks.bench_attention [--rounds 7] [--threads 2]
+
+The instruction set of the C++ kernels (and ATen's) follows ATEN_CPU_CAPABILITY;
+the first log line says which ran.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import rollingq_kernels as rk
+
+from ._results import cpu_capabilities
 
 logger = logging.getLogger("bench_attention")
 
@@ -68,6 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    caps = cpu_capabilities()
+    logger.info("C++ kernels: %s, ATen: %s, threads: %d", caps["kernels"], caps["aten"], args.threads)
     torch.manual_seed(0)
 
     B, H, Dh, segs = 8, 12, 64, (512, 588)
