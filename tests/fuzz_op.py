@@ -144,7 +144,9 @@ def make_inputs(case: Case) -> Inputs:
     k = torch.randn(case.B, case.H, case.N, case.Dh, generator=g, dtype=torch.float64).to(case.dtype)
     v = torch.randn(case.B, case.H, case.N, case.Dh, generator=g, dtype=torch.float64).to(case.dtype)
     grad = torch.randn(q.shape, generator=g, dtype=torch.float64).to(case.dtype)
-    lengths = None if case.lengths is None else torch.tensor(case.lengths, dtype=torch.int64).view(case.B, -1)
+    lengths = None
+    if case.lengths is not None:  # (B, M); explicit M so that B = 0 reshapes
+        lengths = torch.tensor(case.lengths, dtype=torch.int64).view(case.B, len(case.segments))
     pad = ~key_valid_mask(lengths, case.segments, case.B, torch.device("cpu"))[:, None, :, None]
     return Inputs(q, k, v, grad, lengths, _rotation(case, g), pad)
 

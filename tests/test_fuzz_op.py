@@ -15,11 +15,6 @@ from hypothesis import given, settings
 import rollingq_kernels
 
 needs_cpp = pytest.mark.skipif(not rollingq_kernels.HAS_CPP, reason="rollingq_kernels._C (C++ kernels) not built")
-CPP_READS_PADDING = (
-    "known C++ defect (issue 13 item 5, fixed on the C++ branch): the kernels read padded query rows and "
-    "padded values, so NaN there reaches valid outputs and dk"
-)
-CPP_EMPTY = "known C++ defect (issue 13 item 13, fixed on the C++ branch): B = 0 or H = 0 raises instead of empty"
 
 
 @needs_cpp
@@ -44,7 +39,6 @@ def test_reference_never_reads_padding_fuzz(case):
 
 
 @needs_cpp
-@pytest.mark.xfail(strict=False, reason=CPP_READS_PADDING)
 @settings(max_examples=examples(30))
 @given(case=cases(need_padding=True))
 def test_cpp_with_nan_in_padding_matches_the_clean_reference(case):
@@ -53,7 +47,6 @@ def test_cpp_with_nan_in_padding_matches_the_clean_reference(case):
 
 
 @needs_cpp
-@pytest.mark.xfail(strict=False, reason=CPP_EMPTY)
 @settings(max_examples=examples(10))
 @given(case=cases(min_batch=0, max_batch=0) | cases(min_heads=0, max_heads=0))
 def test_cpp_empty_batch_or_heads(case):
