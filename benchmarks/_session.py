@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from ._timing import MachineRates, measure_machine, time_rounds
 
 logger = logging.getLogger("benchmarks")
 
+# the most calls one side of a gate pair is timed with (its median counts; see paired_ratios)
+PAIR_MAX_CALLS = 15
 STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "flex+stats", "compile-eager")
 
 
@@ -175,7 +178,12 @@ class BenchSession:
 
     def paired_ratios(self, gate: Gate, shape_name: str, dtype: str) -> list[float]:
         """Re-measures one gate in ``config.gate_pairs`` alternating pairs (fused, then the other provider,
-        each after its untimed setup) following one warm-up call of each; returns t_other / t_fused per pair."""
+        each after its untimed setup) following one warm-up call of each; returns t_other / t_fused per pair.
+
+        Within a pair each side is timed for about as long as the slower side's warm-up call: a side
+        k times faster runs up to ``PAIR_MAX_CALLS`` calls and counts their median, so that one
+        scheduler hiccup on a 5 ms call (the class-only gate against a 0.4 s eager call) cannot
+        decide the pair."""
         shape = next(s for s in shapes_for(self.config.device.type, self.config.quick) if s.name == shape_name)
         sides = []
         for provider, mode in ((gate.fused_provider, gate.fused_mode), (gate.other, gate.other_mode)):
@@ -186,10 +194,16 @@ class BenchSession:
             setup, target = pass_functions(gate.pass_, self.provider(Case(provider, shape, mode, dtype, gate.pass_)),
                                            sets)
             time_rounds(target, setup, self.config.device, warmup=1, rounds=0)
-            sides.append((setup, target))
+            first = time_rounds(target, setup, self.config.device, warmup=0, rounds=1)[0]
+            sides.append((setup, target, first))
+        longest = max(first for _, _, first in sides)
+        calls = [min(PAIR_MAX_CALLS, max(1, round(longest / max(first, 1e-9)))) for _, _, first in sides]
         ratios = []
         for _ in range(self.config.gate_pairs):
-            fused_s, other_s = (time_rounds(target, setup, self.config.device, 0, 1)[0] for setup, target in sides)
+            fused_s, other_s = (
+                statistics.median(time_rounds(target, setup, self.config.device, 0, n))
+                for (setup, target, _), n in zip(sides, calls)
+            )
             ratios.append(other_s / fused_s)
         return ratios
 
