@@ -1,8 +1,9 @@
 // Registration of rollingq::attention_fwd / attention_bwd and their CPU
 // implementations: argument checks (every message names the argument),
 // contiguous copies, output allocation and the class-query rotation around the
-// raw-pointer kernels of forward.cpp / backward.cpp. Schemas are copied
-// verbatim from rollingq_kernels/ops.py (FWD_SCHEMA, BWD_SCHEMA).
+// raw-pointer kernels of forward.cpp / backward.cpp. The schemas are those of
+// rollingq_kernels/_library.py (FWD_SCHEMA, BWD_SCHEMA), the one definition;
+// tests/test_cpp_kernels.py fails when the two differ.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
