@@ -54,9 +54,14 @@ def valid_modalities(
 def token_counts(
     lengths: torch.Tensor | None, batch: int, segments: Sequence[int], device: torch.device
 ) -> torch.Tensor:
-    """``(B, M)`` float32 valid tokens per modality: ``lengths``, or ``segments`` for every sample."""
+    """``(B, M)`` float32 valid tokens per modality: ``lengths``, or ``segments`` for every sample.
+
+    Without ``lengths`` the counts are filled on ``device`` (no host-to-device copy), so the call
+    never waits for the GPU and can be captured in a CUDA graph (``docs/op.md``, no host syncs).
+    """
     if lengths is None:
-        return torch.tensor([float(s) for s in segments], device=device).expand(batch, len(segments))
+        columns = [torch.full((batch,), float(s), dtype=torch.float32, device=device) for s in segments]
+        return torch.stack(columns, dim=1)
     return lengths.float()
 
 

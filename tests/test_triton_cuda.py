@@ -270,9 +270,9 @@ def test_registered_ops_dispatch_to_triton_on_cuda():
             assert torch.equal(a, b)
 
 
-def _training_step(case, dtype=torch.bfloat16, seed=91):
-    """``(step, leaves, grad)``: one forward + backward of the op on fixed inputs (lengths, rotation, dropout)."""
-    segments, kw = _variant_kwargs(case, "three_modalities_empty_per_head", seed=seed)
+def _training_step(case, variant="three_modalities_empty_per_head", dtype=torch.bfloat16, seed=91):
+    """``(step, leaves, grad)``: one forward + backward of the op on fixed inputs of ``variant``."""
+    segments, kw = _variant_kwargs(case, variant, seed=seed)
     q, k, v, grad = _problem(case["B"], case["H"], case["Dh"], case["class_only"], segments, dtype, seed=seed + 1)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
@@ -284,10 +284,11 @@ def _training_step(case, dtype=torch.bfloat16, seed=91):
     return step, leaves, grad
 
 
+@pytest.mark.parametrize("variant", ["three_modalities_empty_per_head", "plain"])  # lengths / None
 @pytest.mark.parametrize("case", [ALL_QUERY, CLASS_ONLY], ids=["all_query", "class_only"])
-def test_no_host_synchronisation_per_call(case):
+def test_no_host_synchronisation_per_call(case, variant):
     """After the first calls (autotuning, the segment table), a forward + backward never waits for the GPU."""
-    step, _, _ = _training_step(case)
+    step, _, _ = _training_step(case, variant)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -299,10 +300,11 @@ def test_no_host_synchronisation_per_call(case):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("variant", ["three_modalities_empty_per_head", "plain"])  # lengths / None
 @pytest.mark.parametrize("case", [ALL_QUERY, CLASS_ONLY], ids=["all_query", "class_only"])
-def test_cuda_graph_capture_of_forward_and_backward(case):
+def test_cuda_graph_capture_of_forward_and_backward(case, variant):
     """fwd + bwd captured in one CUDA graph; replays on new inputs equal eager calls bitwise."""
-    step, leaves, _ = _training_step(case)
+    step, leaves, _ = _training_step(case, variant)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: autotuning and the segment table happen here, not in the capture
