@@ -448,8 +448,13 @@ class RollingQ:
             "statistics": {n: layer.statistics.state_dict() for n, layer in self.layers.items()},
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (settings, records, open windows)."""
+    def load_state_dict(self, state: Mapping[str, Any], settings: bool = True) -> None:
+        """Restore :meth:`state_dict`: records, open windows and, with ``settings``, the settings.
+
+        With ``settings=False`` this controller keeps its own settings (those it was built with,
+        e.g. from an edited config) and logs each one that differs from the saved state; a layer
+        whose saved window setting differs from this controller's starts its window empty.
+        """
         for key in ("rho", "beta", "max_rotations", "window", "method", "estimate", "records", "statistics"):
             if key not in state:
                 raise ValueError(f"state: missing key {key!r}; expected a RollingQ.state_dict()")
@@ -461,13 +466,21 @@ class RollingQ:
         indicator = check_indicator(state.get("indicator", "cos"))  # states saved before the setting: AIR
         for name, layer in self.layers.items():  # every check before anything changes
             _check_window_state(name, layer, state["statistics"][name])
-        self.rho, self.beta = float(state["rho"]), float(state["beta"])
-        self.max_rotations = int(state["max_rotations"])
-        self.window, self.method, self.estimate = check_window(state["window"]), state["method"], state["estimate"]
-        self.indicator = indicator
+        saved_settings = {"rho": float(state["rho"]), "beta": float(state["beta"]),
+                 "max_rotations": int(state["max_rotations"]), "window": check_window(state["window"]),
+                 "method": state["method"], "estimate": state["estimate"], "indicator": indicator}
+        if settings:
+            for key, value in saved_settings.items():
+                setattr(self, key, value)
+        else:
+            for key, value in saved_settings.items():
+                if getattr(self, key) != value:
+                    logger.warning("RollingQ: keeping %s=%r; the loaded state was saved with %r",
+                                   key, getattr(self, key), value)
         self.records = [RotationRecord(**r) for r in state["records"]]
         for name, layer in self.layers.items():
             layer.statistics.load_state_dict(state["statistics"][name], device=layer.rotation.device)
+            layer.set_window(self.window)  # a changed setting starts the window empty
             saved = state.get("num_rotations", {}).get(name)
             if saved is not None and saved != int(layer.num_rotations):
                 logger.warning("RollingQ: layer %s has %d rotations but the controller state says %d; "

@@ -161,6 +161,24 @@ def test_resume_refuses_an_edited_config_yaml_naming_the_key(tmp_path):
     assert [r["epoch"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))] == [1, 2]
 
 
+def test_force_resume_runs_the_controller_with_the_edited_config(tmp_path, monkeypatch, caplog):
+    """--resume --force: config.yaml wins for RollingQ's settings too, and each changed one is logged."""
+    run = train_mod.train(_cfg("train.epochs=1", "rollingq.enabled=true", "rollingq.beta=0.1"), str(tmp_path / "run"))
+    save_config(_cfg("train.epochs=2", "rollingq.enabled=true", "rollingq.beta=0.7"), os.path.join(run, "config.yaml"))
+    used = []
+    real = train_mod.Trainer.train_epoch
+
+    def train_epoch(self, epoch, board=None):
+        used.append(self.controller.beta)
+        return real(self, epoch, board)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", train_epoch)
+    with caplog.at_level("WARNING", logger="rollingq_kernels"):
+        train_mod.resume(run, force=True)
+    assert used == [0.7]
+    assert "keeping beta=0.7; the loaded state was saved with 0.1" in caplog.text
+
+
 def test_force_without_resume_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit, match="--force goes with --resume"):
         main(["train", "--config", "synthetic", "--out", str(tmp_path / "r"), "--force"])

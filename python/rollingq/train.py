@@ -237,7 +237,8 @@ class Trainer:
         if self.controller is not None:
             if state.get("controller") is None:
                 raise CheckpointError("checkpoint has no RollingQ controller state but rollingq.enabled is true")
-            self.controller.load_state_dict(state["controller"])
+            # config.yaml's settings win (they equal the saved ones unless --resume --force)
+            self.controller.load_state_dict(state["controller"], settings=False)
         self.start_epoch = int(state["epoch"]) + 1
         self.history = list(state["history"])
         self.best_val = float(state["best_val"])
