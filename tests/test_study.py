@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,10 @@ def test_collapse_checks():
     assert collapse_checks(_run(0, 0.98, 0.3)) == {"mass": True, "static": True, "air_grows": True, "probe_gap": True}
     bad = collapse_checks(_run(0, 0.98, 0.65, mass=0.6, mass_repl=0.3, air=(0.5, 0.2), probe=0.7))
     assert bad == {"mass": False, "static": False, "air_grows": False, "probe_gap": False}
+    # the dominant modality second of two: AIR = cos_0 - cos_1 falls as the collapse grows
+    second = dataclasses.replace(_run(0, 0.98, 0.3, air=(-0.3, -0.9)), dominant="visual", weak="audio", air_sign=-1)
+    assert collapse_checks(second)["air_grows"] is True
+    assert collapse_checks(dataclasses.replace(second, air_sign=1))["air_grows"] is False
 
 
 def test_pairs_match_seeds_and_rows_are_differences():
@@ -58,5 +63,8 @@ def test_summarize_run_reads_eval_and_metrics(tmp_path):
     got = (r.seed, r.dominant, r.weak, r.probe_weak, r.mass_clean, r.mass_replaced)
     assert got == (4, "audio", "visual", 0.7, 0.99, 0.98)
     assert r.rotations == [2] and r.mass_epochs == pytest.approx([0.7, 0.8, 0.9])
-    assert math.isclose(r.air_epochs[-1], 0.3)
+    assert math.isclose(r.air_epochs[-1], 0.3) and r.air_sign == 1
+    result["noise_modality"] = "visual"  # dominant second of two: AIR points the other way
+    (tmp_path / "eval.json").write_text(json.dumps(result))
+    assert summarize_run(str(tmp_path)).air_sign == -1
     assert os.path.basename(r.run_dir) == os.path.basename(str(tmp_path))

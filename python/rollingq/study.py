@@ -38,6 +38,8 @@ class RunSummary:
         air_epochs, mass_epochs: AIR and the mass on ``dominant`` per training epoch (training batches).
         val_epochs: validation accuracy per epoch.
         rotations: epochs at whose end the query was rotated.
+        air_sign: +1 when a growing AIR means a growing lean toward ``dominant`` (it is the first of two
+            modalities, or there are more than two: the spread), -1 when it is the second of two.
     """
 
     name: str
@@ -58,6 +60,7 @@ class RunSummary:
     mass_epochs: list[float | None]
     val_epochs: list[float]
     rotations: list[int]
+    air_sign: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +99,7 @@ def summarize_run(run_dir: str, split: str = "test") -> RunSummary:
         mass_epochs=[None if row.get("mass") is None else row["mass"][1 + m] for row in history],
         val_epochs=[float(row["val_acc"]) for row in history],
         rotations=[int(row["epoch"]) for row in history if row.get("rotated")],
+        air_sign=-1 if len(mods) == 2 and m == 1 else 1,
     )
 
 
@@ -105,7 +109,8 @@ def collapse_checks(run: RunSummary) -> dict[str, bool | None]:
 
     * ``mass``: the class token gives ≥ 0.70 of its attention to the dominant modality (clean test);
     * ``static``: that mass moves by ≤ 0.05 when the dominant modality is replaced by noise;
-    * ``air_grows``: AIR of the last training epoch exceeds AIR of the first;
+    * ``air_grows``: AIR of the last training epoch exceeds AIR of the first, AIR taken toward the
+      dominant modality (``run.air_sign``: AIR = cos(q, k̄_0) − cos(q, k̄_1) falls as modality 1 takes over);
     * ``probe_gap``: accuracy with the dominant modality replaced is ≥ 0.10 below the weak modality's probe.
     """
     air = [a for a in run.air_epochs if a is not None]
@@ -113,7 +118,7 @@ def collapse_checks(run: RunSummary) -> dict[str, bool | None]:
         "mass": None if run.mass_clean is None else run.mass_clean >= MIN_DOMINANT_MASS,
         "static": None if run.mass_clean is None or run.mass_replaced is None
         else abs(run.mass_replaced - run.mass_clean) <= MAX_MASS_SHIFT,
-        "air_grows": None if len(air) < 2 else air[-1] > air[0],
+        "air_grows": None if len(air) < 2 else run.air_sign * air[-1] > run.air_sign * air[0],
         "probe_gap": None if run.probe_weak is None else run.accuracy_replaced <= run.probe_weak - MIN_PROBE_GAP,
     }
 
