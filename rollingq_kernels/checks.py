@@ -71,6 +71,16 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+def check_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``q, k, v`` share one dtype and one device, and ``v`` has the shape of ``k`` (every backend's rule)."""
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise TypeError(f"q, k, v: expected one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {_shape(k)}, got {_shape(v)}")
+
+
 def check_segments(segments: Sequence[int], n_keys: int | None = None) -> tuple[int, ...]:
     """Validate ``segments`` (M ≥ 2 positive ints) and, if given, ``N == 1 + sum``."""
     if isinstance(segments, torch.Tensor):
@@ -166,12 +176,7 @@ def check_inputs(
             raise TypeError(
                 f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}"
             )
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise TypeError(f"q, k, v: expected one device, got q {q.device}, k {k.device}, v {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected the shape of k {_shape(k)}, got {_shape(v)}")
+    check_alike(q, k, v)
     B, H, N, Dh = k.shape
     if Dh < 1:
         raise ValueError(f"k: expected Dh >= 1 (B = 0 or H = 0 are accepted), got shape {_shape(k)}")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_gloo_ranks
 
 from rollingq_kernels.controller import RollingQ
 from rollingq_kernels.module import FusedRollingQAttention
@@ -45,23 +43,16 @@ def _run(layer: FusedRollingQAttention, ctl: RollingQ, ranks: list[int]) -> list
     return records
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        layer = _layer()
-        ctl = RollingQ(layer, beta=0.0, max_rotations=2, method="plane")
-        records = _run(layer, ctl, [rank])
-        torch.save({"rotation": layer.rotation, "records": records}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int) -> dict:
+    layer = _layer()
+    ctl = RollingQ(layer, beta=0.0, max_rotations=2, method="plane")
+    records = _run(layer, ctl, [rank])
+    return {"rotation": layer.rotation, "records": records}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_rotate_identically_as_the_union_of_their_data(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    got = run_on_gloo_ranks(_worker, tmp_path, WORLD)
     assert torch.equal(got[0]["rotation"], got[1]["rotation"])
     assert got[0]["records"] == got[1]["records"]
 

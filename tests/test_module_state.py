@@ -4,12 +4,11 @@ constructor arguments fail with an error that names them (issue 13, items 1, 3, 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_gloo_ranks
 from torch import nn
 
 from rollingq_kernels import HAS_CPP
@@ -90,25 +89,18 @@ def test_load_state_dict_with_assign_and_to_keep_the_rotation():
     torch.testing.assert_close(fresh.eval()(_x(1)), rotated, rtol=0, atol=1e-12)
 
 
-def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        layer = _layer(seed=0)
-        if rank == 0:  # only rank 0 holds the rotation; DDP broadcasts rank 0's buffers at each forward
-            layer.apply_rotation(_rotation(30, 2))
-        model = nn.parallel.DistributedDataParallel(layer, broadcast_buffers=True)
-        out = model(_x(1))
-        torch.save({"out": out.detach(), "rotation": layer.rotation}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int) -> dict:
+    layer = _layer(seed=0)
+    if rank == 0:  # only rank 0 holds the rotation; DDP broadcasts rank 0's buffers at each forward
+        layer.apply_rotation(_rotation(30, 2))
+    model = nn.parallel.DistributedDataParallel(layer, broadcast_buffers=True)
+    out = model(_x(1))
+    return {"out": out.detach(), "rotation": layer.rotation}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_buffer_broadcast_reaches_the_forward(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    got = run_on_gloo_ranks(_ddp_worker, tmp_path, WORLD)
     _, _, plain, rotated = _unrotated_and_rotated()
     torch.testing.assert_close(got[1]["rotation"], got[0]["rotation"], rtol=0, atol=0)
     for rank in range(WORLD):

@@ -22,12 +22,14 @@ from .common import (
     dropout_keep,
     dropout_row_keys,
     join_float,
+    key_run,
+    load_query_tile,
     load_rows,
     mma,
-    program_tile,
+    row_dropout_keys,
     run_bounds,
     tile_mask,
-    valid_tokens,
+    token_tile,
 )
 from .configs import ALL_QUERY_KEY, DKDV_CONFIGS, DQ_CONFIGS, autotune, prune_all_query_dkdv, prune_all_query_dq
 
@@ -41,10 +43,8 @@ def all_query_delta_kernel(Out, DO, Delta, Table, Lengths, H, Nq, NUM_MOD: tl.co
     Padded rows are not read (their delta is 0).
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    tile, bh = program_tile(tl.cdiv(Nq, BLOCK_M))
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, _, rows, row_ok = token_tile(Table, Lengths, H, Nq, NUM_MOD, HAS_LENGTHS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = valid_tokens(rows, Table, Lengths, bh // H, Nq, NUM_MOD, HAS_LENGTHS)
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     off = bh * Nq * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
     o = tl.load(Out + off, mask=mask, other=0.0).to(ACC)
@@ -107,13 +107,10 @@ def all_query_dkdv_kernel(
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     NUM_RUNS: tl.constexpr = NUM_MOD if HAS_LENGTHS else 1
-    tile, bh = program_tile(tl.cdiv(N, BLOCK_N))
-    b = bh // H
+    bh, b, cols, col_ok = token_tile(Table, Lengths, H, N, NUM_MOD, HAS_LENGTHS, BLOCK_N)
     h = bh % H
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
-    col_ok = valid_tokens(cols, Table, Lengths, b, N, NUM_MOD, HAS_LENGTHS)
     kv_off = bh * N * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
     kv_mask = tile_mask(col_ok, offs_d, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -208,38 +205,24 @@ def all_query_dq_kernel(
     """dQ of the rotated q for one query tile; DQ ``(B·H, Nq, Dh)`` in the input dtype (padded rows: 0)."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     NUM_RUNS: tl.constexpr = NUM_MOD if HAS_LENGTHS else 1
-    tile, bh = program_tile(tl.cdiv(Nq, BLOCK_M))
-    b = bh // H
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, rows, row_ok = token_tile(Table, Lengths, H, Nq, NUM_MOD, HAS_LENGTHS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    row_ok = valid_tokens(rows, Table, Lengths, b, Nq, NUM_MOD, HAS_LENGTHS)
     q_off = bh * Nq * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
     io_mask = tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     if tl.max(row_ok.to(tl.int32), 0) > 0:
         qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
         dropout_scale = join_float(drop_hi, drop_lo, IS_FP64)
-        if ROTATED:  # row 0 from Q0 (pointer select: q stays a plain load)
-            q = tl.load(tl.where(rows[:, None] == 0, Q0 + bh * HEAD_DIM + offs_d[None, :], Q + q_off),
-                        mask=io_mask, other=0.0)
-        else:
-            q = tl.load(Q + q_off, mask=io_mask, other=0.0)
+        q = load_query_tile(Q + q_off, Q0 + bh * HEAD_DIM, rows, offs_d, io_mask, ROTATED)
         do = tl.load(DO + q_off, mask=io_mask, other=0.0)
         lse2 = tl.load(Lse + bh * Nq + rows, mask=row_ok, other=0.0).to(ACC) * LOG2E_K
         delta = tl.load(Delta + bh * Nq + rows, mask=row_ok, other=0.0).to(ACC)
-        if DROPOUT:
-            row_keys = dropout_row_keys(seed, b.to(tl.int32), (bh % H).to(tl.int32), rows)
-        else:
-            row_keys = rows.to(tl.uint32)  # unused
+        row_keys = row_dropout_keys(seed, b, bh % H, rows, DROPOUT)
         kv_base = bh * N * HEAD_DIM
         for r in tl.static_range(NUM_RUNS):
-            lo, hi = run_bounds(Table, Lengths, b, r, N, NUM_MOD, HAS_LENGTHS)
-            kv_off = (lo + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-            k_ptrs = K + kv_base + kv_off
-            v_ptrs = V + kv_base + kv_off
-            n_full = (hi - lo) // BLOCK_N
-            full_end = lo + n_full * BLOCK_N
+            k_ptrs, v_ptrs, lo, hi, n_full, full_end = key_run(
+                K, V, kv_base, Table, Lengths, b, r, N, offs_n, offs_d, NUM_MOD, HAS_LENGTHS, HEAD_DIM, BLOCK_N)
             for i in range(0, n_full):  # counted from 0: keeps the pipeline's buffer indices uniform
                 dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, lo + i * BLOCK_N + offs_n, hi, offs_d, row_keys,
                               qk_scale, dropout_scale, threshold, False, HEAD_DIM, BLOCK_D, DROPOUT, DOT_PREC,

@@ -21,10 +21,10 @@ from .common import (
     LOG2E_K,
     counter_hash,
     dropout_keep,
-    dropout_row_keys,
     join_float,
     load_rows,
     program_tile,
+    row_dropout_keys,
     segment_bounds,
     tile_mask,
 )
@@ -44,10 +44,7 @@ def _class_row_prologue(Q0, H, N, CHUNK, SPLITS, seed, HEAD_DIM: tl.constexpr, B
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(Q0 + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(ACC)
-    if DROPOUT:
-        row_key = dropout_row_keys(seed, b.to(tl.int32), (bh % H).to(tl.int32), tl.zeros([1], tl.int32))
-    else:
-        row_key = tl.zeros([1], tl.uint32)  # unused
+    row_key = row_dropout_keys(seed, b, bh % H, tl.zeros([1], tl.int32), DROPOUT)
     chunk_lo = split * CHUNK
     chunk_hi = tl.minimum(chunk_lo + CHUNK, N)
     return split, bh, b, q, row_key, chunk_lo, chunk_hi, offs_d, offs_n

@@ -98,6 +98,34 @@ def valid_tokens(idx, Table, Lengths, b, N, NUM_MOD: tl.constexpr, HAS_LENGTHS: 
     return ok
 
 
+@triton.jit
+def token_tile(Table, Lengths, H, n, NUM_MOD: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of ``BLOCK`` token indices among the ``n`` of its ``(b, h)``: ``(bh, b, idx, idx_ok)``.
+
+    The grid is :func:`program_tile`'s with ``cdiv(n, BLOCK)`` tiles; ``bh``, ``b`` int64; ``idx`` int32
+    ``(BLOCK,)``; ``idx_ok`` its valid tokens (:func:`valid_tokens`).
+    """
+    tile, bh = program_tile(tl.cdiv(n, BLOCK))
+    b = bh // H
+    idx = tile * BLOCK + tl.arange(0, BLOCK)
+    return bh, b, idx, valid_tokens(idx, Table, Lengths, b, n, NUM_MOD, HAS_LENGTHS)
+
+
+@triton.jit
+def key_run(K, V, kv_base, Table, Lengths, b, r, N, offs_n, offs_d, NUM_MOD: tl.constexpr,
+            HAS_LENGTHS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Run ``r`` of valid keys for a loop over its key tiles: ``(k_ptrs, v_ptrs, lo, hi, n_full, full_end)``.
+
+    ``k_ptrs``, ``v_ptrs`` ``(BLOCK_N, BLOCK_D)`` point at the run's first tile (``kv_base`` is the
+    ``(b, h)`` slice's offset); the run ``[lo, hi)`` holds ``n_full`` full tiles up to ``full_end``, then
+    a masked tail when ``full_end < hi``.
+    """
+    lo, hi = run_bounds(Table, Lengths, b, r, N, NUM_MOD, HAS_LENGTHS)
+    kv_off = (lo + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    n_full = (hi - lo) // BLOCK_N
+    return K + kv_base + kv_off, V + kv_base + kv_off, lo, hi, n_full, lo + n_full * BLOCK_N
+
+
 # ----------------------------------------------------------------------------- tiles
 
 
@@ -122,6 +150,18 @@ def load_rows(ptrs, idx, limit, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.const
         return tl.load(ptrs)
     else:
         return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def load_query_tile(q_ptrs, q0_ptr, rows, offs_d, mask, ROTATED: tl.constexpr):
+    """The query tile at ``q_ptrs`` (``mask``ed rows read as 0); ``ROTATED``: row 0 from ``q0_ptr + offs_d``.
+
+    ``q0_ptr`` points at this ``(b, h)``'s rotated class row. Selecting pointers keeps q one plain load
+    (a shared-memory wgmma operand); q itself is never copied.
+    """
+    if ROTATED:
+        q_ptrs = tl.where(rows[:, None] == 0, q0_ptr + offs_d[None, :], q_ptrs)
+    return tl.load(q_ptrs, mask=mask, other=0.0)
 
 
 # ----------------------------------------------------------------------------- dropout hash
@@ -149,6 +189,15 @@ def dropout_row_keys(seed, b, h, rows):
     """Per-row key ``r = mix(mix(mix(seed ^ c(b)) ^ c(h)) ^ c(row))``; ``rows`` int32 ``(BLOCK,)`` -> uint32."""
     key_bh = mix32(mix32(seed.to(tl.uint32) ^ counter_hash(b)) ^ counter_hash(h))
     return mix32(key_bh ^ counter_hash(rows))
+
+
+@triton.jit
+def row_dropout_keys(seed, b, h, rows, DROPOUT: tl.constexpr):
+    """:func:`dropout_row_keys` of ``rows`` (int32) of head ``(b, h)`` when ``DROPOUT``; otherwise unused."""
+    if DROPOUT:
+        return dropout_row_keys(seed, b.to(tl.int32), h.to(tl.int32), rows)
+    else:
+        return rows.to(tl.uint32)  # unused
 
 
 @triton.jit

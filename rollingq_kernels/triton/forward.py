@@ -16,13 +16,14 @@ from .common import (
     LN2_K,
     counter_hash,
     dropout_keep,
-    dropout_row_keys,
     join_float,
+    key_run,
+    load_query_tile,
     load_rows,
     mma,
-    program_tile,
-    run_bounds,
+    row_dropout_keys,
     tile_mask,
+    token_tile,
     valid_tokens,
 )
 from .configs import ALL_QUERY_KEY, FWD_CONFIGS, autotune, prune_all_query_fwd
@@ -75,38 +76,24 @@ def all_query_fwd_kernel(
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     NUM_RUNS: tl.constexpr = NUM_MOD if HAS_LENGTHS else 1
-    tile, bh = program_tile(tl.cdiv(Nq, BLOCK_M))
-    b = bh // H
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, rows, row_ok = token_tile(Table, Lengths, H, Nq, NUM_MOD, HAS_LENGTHS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    row_ok = valid_tokens(rows, Table, Lengths, b, Nq, NUM_MOD, HAS_LENGTHS)
     q_tile = rows[:, None] * HEAD_DIM + offs_d[None, :]  # int32 within one (b, h)
     q_base = bh * Nq * HEAD_DIM
     io_mask = tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
     if tl.max(row_ok.to(tl.int32), 0) > 0:
         qk_scale = join_float(qk_hi, qk_lo, IS_FP64)
         dropout_scale = join_float(drop_hi, drop_lo, IS_FP64)
-        if ROTATED:  # row 0 from Q0; selecting pointers keeps q a plain load (shared-memory wgmma operand)
-            q = tl.load(tl.where(rows[:, None] == 0, Q0 + bh * HEAD_DIM + offs_d[None, :], Q + q_base + q_tile),
-                        mask=io_mask, other=0.0)
-        else:
-            q = tl.load(Q + q_base + q_tile, mask=io_mask, other=0.0)
-        if DROPOUT:
-            row_keys = dropout_row_keys(seed, b.to(tl.int32), (bh % H).to(tl.int32), rows)
-        else:
-            row_keys = rows.to(tl.uint32)  # unused
+        q = load_query_tile(Q + q_base + q_tile, Q0 + bh * HEAD_DIM, rows, offs_d, io_mask, ROTATED)
+        row_keys = row_dropout_keys(seed, b, bh % H, rows, DROPOUT)
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         l_i = tl.zeros([BLOCK_M], ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         kv_base = bh * N * HEAD_DIM
         for r in tl.static_range(NUM_RUNS):  # unrolled: a runtime loop around the pipelined one costs registers
-            lo, hi = run_bounds(Table, Lengths, b, r, N, NUM_MOD, HAS_LENGTHS)
-            kv_off = (lo + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-            k_ptrs = K + kv_base + kv_off
-            v_ptrs = V + kv_base + kv_off
-            n_full = (hi - lo) // BLOCK_N
-            full_end = lo + n_full * BLOCK_N
+            k_ptrs, v_ptrs, lo, hi, n_full, full_end = key_run(
+                K, V, kv_base, Table, Lengths, b, r, N, offs_n, offs_d, NUM_MOD, HAS_LENGTHS, HEAD_DIM, BLOCK_N)
             for i in range(0, n_full):  # counted from 0: keeps the pipeline's buffer indices uniform
                 acc, l_i, m_i = _attend_tile(
                     acc, l_i, m_i, q, k_ptrs, v_ptrs, lo + i * BLOCK_N + offs_n, hi, offs_d, qk_scale, dropout_scale,

@@ -26,6 +26,7 @@ import triton
 from torch.library import wrap_triton
 
 from .._library import triton_interpret
+from ..checks import INDEX_LIMIT, SUPPORTED_DTYPES, check_alike
 from ..class_query import rotate_class_query, rotation_chain_rule
 from ..dropout import dropout_threshold
 from .backward import all_query_delta_kernel, all_query_dkdv_kernel, all_query_dq_kernel
@@ -37,9 +38,7 @@ from .tables import segment_table
 
 logger = logging.getLogger("rollingq_kernels")
 
-SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SPLITS_ENV = "ROLLINGQ_TRITON_SPLITS"
-_INT32_LIMIT = 2**31
 
 
 # ----------------------------------------------------------------------------- checks
@@ -49,16 +48,11 @@ def check_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
                     lengths: torch.Tensor | None, rotation: torch.Tensor | None) -> None:
     """What the kernels rely on, checked without reading values: ``TypeError`` / ``ValueError`` naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in SUPPORTED:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-d (B, H, N, Dh) tensor, got shape {tuple(t.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise TypeError(f"q, k, v: expected one device, got q {q.device}, k {k.device}, v {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_alike(q, k, v)
     B, H, N, Dh = k.shape
     if q.shape[2] not in (1, N) or q.shape[:2] != k.shape[:2] or q.shape[3] != Dh:
         raise ValueError(f"q: expected shape ({B}, {H}, {N} or 1, {Dh}), got {tuple(q.shape)}")
@@ -87,7 +81,7 @@ def check_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
             f"q: backend='triton' supports head dim Dh <= {limit} in {mode} mode, got Dh = {Dh}; "
             "use backend='cpp' or backend='reference', which support any Dh"
         )
-    if N * Dh >= _INT32_LIMIT:
+    if N * Dh >= INDEX_LIMIT:
         raise ValueError(f"k: backend='triton' needs N·Dh < 2**31 per (b, h), got N = {N}, Dh = {Dh}")
 
 

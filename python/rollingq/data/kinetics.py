@@ -74,15 +74,19 @@ def input_specs(modalities: list[str], options: KineticsOptions) -> list[InputSp
     return audio_visual_specs("kinetics_sounds", modalities, audio, options.num_frames, options.image_size)
 
 
-def check_spectrogram(path: str, bins: int) -> str | None:
-    """None if ``path`` holds a ``(bins, T)`` spectrogram array, else what is wrong (the spectrogram layout)."""
+def check_features(path: str, bins: int, time_first: bool) -> str | None:
+    """None if ``path`` holds an audio feature array with ``bins`` bins and at least one time frame, else
+    what is wrong. ``time_first``: an fbank ``(T, bins)``; otherwise a spectrogram ``(bins, T)``."""
     if not os.path.isfile(path):
         return "missing"
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
         return f"unreadable ({type(exc).__name__}: {exc})"
-    if arr.ndim != 2 or arr.shape[0] != bins or arr.shape[1] < 1:
+    time_axis = 0 if time_first else 1
+    if arr.ndim != 2 or arr.shape[1 - time_axis] != bins or arr.shape[time_axis] < 1:
+        if time_first:
+            return f"expected an fbank array (frames, {bins}), got shape {arr.shape}"
         return (f"expected a spectrogram array ({bins}, frames) (data.audio_features=spectrogram), "
                 f"got shape {arr.shape}")
     return None
@@ -201,16 +205,8 @@ class KineticsSoundsDataset(AudioVisualDataset):
 
     def check_audio(self, path: str) -> str | None:
         if self.audio_features == "spectrogram":
-            return check_spectrogram(path, self.spectrogram_shape[0])
-        if not os.path.isfile(path):
-            return "missing"
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as exc:
-            return f"unreadable ({type(exc).__name__}: {exc})"
-        if arr.ndim != 2 or arr.shape[1] != self.fbank_shape[1] or arr.shape[0] < 1:
-            return f"expected an fbank array (frames, {self.fbank_shape[1]}), got shape {arr.shape}"
-        return None
+            return check_features(path, self.spectrogram_shape[0], time_first=False)
+        return check_features(path, self.fbank_shape[1], time_first=True)
 
     def load_audio(self, path: str) -> torch.Tensor:
         """The fbank ``(fbank_frames, fbank_bins)`` or the spectrogram ``(spectrogram_bins, spectrogram_frames)``,
