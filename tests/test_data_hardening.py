@@ -69,6 +69,24 @@ def test_an_fbank_with_non_finite_values_names_the_file_or_is_skipped(tmp_path, 
     assert [r[0] for r in skipping.rows] == ["test_000", "test_002"]
 
 
+def test_a_spectrogram_with_non_finite_values_names_the_file_or_is_skipped(tmp_path):
+    root = write_tiny_kinetics(str(tmp_path / "ks"), n_train=5, n_test=3)
+    rng = np.random.default_rng(1)
+    for name in os.listdir(os.path.join(root, "audio")):  # the paper's layout: (bins, frames) spectrograms
+        np.save(os.path.join(root, "audio", name), rng.standard_normal((32, 50)).astype(np.float32))
+    path = os.path.join(root, "audio", "test_002.npy")
+    spectrogram = rng.standard_normal((32, 50)).astype(np.float32)
+    spectrogram[5, 7] = np.nan
+    np.save(path, spectrogram)
+    layout = ("data.audio_features=spectrogram", "data.spectrogram_bins=32", "data.spectrogram_frames=40")
+    ds = build_dataset(_av_cfg("kinetics_sounds", root, *layout), "test")
+    assert torch.isfinite(ds[0][0][0]).all()
+    with pytest.raises(DataError, match=rf"spectrogram file '{path}' holds 1 non-finite value\(s\).*index \(5, 7\)"):
+        ds[2]
+    skipping = build_dataset(_av_cfg("kinetics_sounds", root, *layout, "data.skip_bad=true"), "test")
+    assert [r[0] for r in skipping.rows] == ["test_000", "test_001"]
+
+
 # ---------------------------------------------------------------- train/test leaks (item 7)
 def test_a_cremad_clip_in_train_and_test_is_a_leak_naming_files_and_clip(tmp_path):
     root = write_tiny_cremad(str(tmp_path / "cremad"), n_train=7, n_test=4)

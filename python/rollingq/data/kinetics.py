@@ -98,6 +98,7 @@ def load_spectrogram(path: str, frames: int) -> torch.Tensor:
         arr = np.load(path, allow_pickle=False).astype(np.float32)
     except Exception as exc:
         raise DataError(f"cannot read spectrogram file {path!r}: {type(exc).__name__}: {exc}") from exc
+    ensure_finite(arr, path, "spectrogram file")
     if arr.shape[1] >= frames:
         arr = arr[:, :frames]
     else:
