@@ -21,7 +21,7 @@ try:
     import rollingq_kernels  # noqa: F401  (installed with `pip install --no-build-isolation -e .`)
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rollingq_kernels.controller import RollingQ  # noqa: E402
+from rollingq_kernels.controller import RollingQ, accuracy_guard  # noqa: E402
 from rollingq_kernels.module import FusedRollingQAttention  # noqa: E402
 
 LA, LV, DIM, CLASSES, EPOCHS = 12, 12, 64, 5, 6
@@ -51,7 +51,9 @@ def main() -> None:
     audio = torch.randn(n, LA, 16) + 1.5 * nn.functional.one_hot(labels, 16)[:, None]  # the easy modality
     visual = torch.randn(n, LV, 32) + 0.3 * nn.functional.one_hot(labels, 32)[:, None]
     model = TwoModalityModel()
-    # rotate at most once, when |AIR| >= 0.1, not before epoch 3 (the query must have learned something first)
+    # rotate at most once, when |AIR| >= 0.1, not before epoch 3 and only once the model beats the majority
+    # class by 0.05 (accuracy_guard: a query that has learned nothing has no preference worth correcting),
+    # as `rollingq train` does with rollingq.start_epoch and rollingq.min_accuracy_gain
     controller = RollingQ(model.fusion, rho=1.0, beta=0.1, max_rotations=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for epoch in range(1, EPOCHS + 1):
@@ -64,11 +66,13 @@ def main() -> None:
             loss.backward()
             opt.step()
             correct += int((logits.argmax(1) == labels[i : i + 32]).sum())
-        if epoch < 3:
+        majority = float(torch.bincount(labels, minlength=CLASSES).max()) / n
+        held = "too early" if epoch < 3 else accuracy_guard(correct / n, majority, min_gain=0.05)
+        if held is not None:
             stats = model.fusion.window_statistics()
             controller.reset_statistics()
-            log.info("epoch %d: acc %.3f mass [%s] AIR %+.3f (too early to rotate)", epoch, correct / n,
-                     ", ".join(f"{m:.3f}" for m in stats.mass_mean.mean(0).tolist()), stats.air)
+            log.info("epoch %d: acc %.3f mass [%s] AIR %+.3f (no rotation: %s)", epoch, correct / n,
+                     ", ".join(f"{m:.3f}" for m in stats.mass_mean.mean(0).tolist()), stats.air, held)
             continue
         for rec in controller.step(epoch):
             log.info("epoch %d: acc %.3f mass [%s] AIR %+.3f tokens %s |E k| [%s] -> %s%s", epoch, correct / n,

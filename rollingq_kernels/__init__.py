@@ -10,11 +10,13 @@ The public surface:
 * :mod:`rollingq_kernels.rebalance` — RollingQ's math (anchor, rotations);
 * :class:`FusedRollingQAttention` — a drop-in, timm-compatible attention module
   that gathers the statistics while it trains, and :class:`RollingQ`, the
-  controller that rotates its class query (the paper's Algorithm 1).
+  controller that rotates its class query (the paper's Algorithm 1), with
+  :func:`accuracy_guard`, the check that the model has learned something
+  before its first rotation.
 """
 
 from ._library import HAS_CPP
-from .controller import RollingQ, RotationRecord
+from .controller import RollingQ, RotationRecord, accuracy_guard
 from .dropout import dropout_mask
 from .module import FusedRollingQAttention
 from .ops import rollingq_attention
@@ -26,6 +28,7 @@ __all__ = [
     "FusedRollingQAttention",
     "RollingQ",
     "RotationRecord",
+    "accuracy_guard",
     "HAS_CPP",
     "dropout_mask",
     "rollingq_attention",

@@ -12,6 +12,7 @@ from rollingq.config import load_config, packaged_config_dir
 from rollingq.records import read_metrics
 from rollingq.train import train
 
+import rollingq_kernels
 from rollingq_kernels.accumulator import indicator_cosines, indicator_value, mass_disagreement, score_weights
 from rollingq_kernels.controller import RollingQ, accuracy_guard
 from rollingq_kernels.module import FusedRollingQAttention
@@ -167,6 +168,7 @@ def test_accuracy_guard():
     assert accuracy_guard(0.10, 0.25, -1.0) is None  # switched off
     with pytest.raises(ValueError, match="accuracy"):
         accuracy_guard(float("nan"), 0.25, 0.05)
+    assert rollingq_kernels.accuracy_guard is accuracy_guard  # public, next to RollingQ
 
 
 TINY = ["data.synthetic.sizes.train=240", "data.synthetic.sizes.val=40", "data.synthetic.sizes.test=30",
