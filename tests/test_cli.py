@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from fake_data import write_tiny_cremad, write_tiny_kinetics, write_tiny_mosei
 from rollingq.cli import main
@@ -178,6 +179,10 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2_and_no_run_folder(tmp_pa
                  *TINY_MODEL]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert not out.exists()  # the run folder is made only after the config, the data and the model are built
+    if not torch.cuda.is_available():  # a device this machine lacks is a user mistake too
+        assert main(["train", "--config", "synthetic", "--out", str(out), "device=cuda"]) == 2
+        assert "device: 'cuda' was requested" in capsys.readouterr().err
+        assert not out.exists()
     assert main(["eval", "--run", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
     for argv in (["--debug", "train", "--config", "synthetic", "train.epochs=abc"],

@@ -35,7 +35,8 @@ def choose_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested not in DEVICES:
         raise ValueError(f"device: expected one of {DEVICES}, got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was requested but torch.cuda.is_available() is False")
+        raise ValueError("device: 'cuda' was requested but this machine has no usable CUDA device "
+                         "(torch.cuda.is_available() is False); use device=auto or device=cpu")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
