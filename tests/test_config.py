@@ -59,11 +59,28 @@ def test_bad_values_name_the_dotted_key(config, override, message):
     (["data.modalities=[audio]", "data.synthetic.tokens=8"],
      "data.modalities: attention fusion (model.fusion='vanilla_mt') needs >= 2"),
     (["rollingq.enabled=true", "model.fusion=sum"], "rollingq.enabled: RollingQ needs an attention fusion"),
+    (["ogm.start_epoch=5", "ogm.end_epoch=4"], "ogm.start_epoch: 5 is after ogm.end_epoch 4"),
 ])
 def test_rules_across_keys_are_checked_at_load_time(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config("synthetic", overrides)
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollingq.enabled=true", "rollingq.start_epoch=9", "train.epochs=8"], "RollingQ never rotates"),
+    (["model.progressive_epochs=3"], "has no effect with model.fusion='vanilla_mt'"),
+    (["model.fusion=vanilla_mt_star", "model.progressive_epochs=8", "train.epochs=8"],
+     "the second fusion block never trains"),
+])
+def test_settings_that_cannot_act_are_logged(overrides, message, caplog):
+    with caplog.at_level(logging.WARNING, logger="rollingq.config"):
+        load_config("synthetic", overrides)
+    assert message in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rollingq.config"):
+        load_config("synthetic", ["rollingq.enabled=true", "rollingq.start_epoch=2", "train.epochs=8"])
+    assert caplog.text == ""
 
 
 def test_a_misspelled_key_in_a_file_is_rejected(tmp_path):

@@ -326,6 +326,22 @@ class Config(Section):
         if self.rollingq.enabled and not attention:
             raise ConfigError(f"rollingq.enabled: RollingQ needs an attention fusion {ATTENTION_FUSIONS}, "
                               f"got model.fusion={m.fusion!r}")
+        if self.ogm.start_epoch > self.ogm.end_epoch:
+            raise ConfigError(f"ogm.start_epoch: {self.ogm.start_epoch} is after ogm.end_epoch {self.ogm.end_epoch}")
+        self._warn_inert_settings()
+
+    def _warn_inert_settings(self) -> None:
+        """Log settings that are valid but can have no effect in this run (e.g. after an override)."""
+        m, epochs = self.model, self.train.epochs
+        if self.rollingq.enabled and self.rollingq.start_epoch > epochs:
+            logger.warning("rollingq.start_epoch %d is after the last epoch (train.epochs=%d): RollingQ never rotates",
+                           self.rollingq.start_epoch, epochs)
+        if m.progressive_epochs and m.fusion != "vanilla_mt_star":
+            logger.warning("model.progressive_epochs=%d has no effect with model.fusion=%r (only vanilla_mt_star "
+                           "trains progressively)", m.progressive_epochs, m.fusion)
+        elif m.progressive_epochs >= epochs > 0 and m.fusion == "vanilla_mt_star":
+            logger.warning("model.progressive_epochs=%d >= train.epochs=%d: the second fusion block never trains",
+                           m.progressive_epochs, epochs)
 
 
 def _apply_renames(raw: Any) -> Any:
