@@ -6,6 +6,7 @@ the audio is a pure tone (decoding and resampling), each class has its own colou
 
 from __future__ import annotations
 
+import logging
 import os
 import wave
 
@@ -157,7 +158,7 @@ def test_prepare_cremad_end_to_end_into_a_training_run(tmp_path, capsys):
     assert row["air"] is not None and np.isfinite(row["train_loss"])
 
 
-def test_prepare_cremad_with_the_given_lists_and_a_broken_clip(tmp_path, capsys):
+def test_prepare_cremad_with_the_given_lists_and_a_broken_clip(tmp_path, capsys, caplog):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     clips = _cremad_raw(raw)
     lists = tmp_path / "lists"
@@ -170,7 +171,9 @@ def test_prepare_cremad_with_the_given_lists_and_a_broken_clip(tmp_path, capsys)
     assert main(["prepare", "cremad", raw, out, "--lists", str(lists)]) == 2
     err = capsys.readouterr().err
     assert "1 clip(s) could not be prepared: " in err and "1003_IEO_SAD_HI.mp4" in err and "--skip-bad" in err
-    assert main(["prepare", "cremad", raw, out, "--lists", str(lists), "--skip-bad"]) == 0
+    with caplog.at_level(logging.WARNING, logger="rollingq.prepare"):
+        assert main(["prepare", "cremad", raw, out, "--lists", str(lists), "--skip-bad"]) == 0
+    assert "test.csv: 1 listed clip(s) were not prepared" in caplog.text and "1003_DFA_ANG_XX" in caplog.text
     assert open(os.path.join(out, "train.csv")).read().split() == [f"{c},{c.split('_')[2]}" for c in clips[:8]]
     assert open(os.path.join(out, "test.csv")).read().split() == [f"{c},{c.split('_')[2]}" for c in clips[8:]]
 

@@ -134,8 +134,15 @@ def prepare_cremad(raw: str, out: str, *, lists: str | None = None, test_fractio
     check_problems(problems, skip_bad, f"prepare cremad {raw}")
     done = [j.clip for j in job_list if os.path.isfile(j.out_wav) and os.path.isdir(j.out_frames)]
     if lists:
-        train, test = ([clip for clip, _ in read_cremad_list(os.path.join(lists, name)) if clip in done]
-                       for name in ("train.csv", "test.csv"))
+        prepared = set(done)
+        train, test = [], []
+        for name, kept in (("train.csv", train), ("test.csv", test)):
+            listed = [clip for clip, _ in read_cremad_list(os.path.join(lists, name))]
+            kept.extend(clip for clip in listed if clip in prepared)
+            missing = [clip for clip in listed if clip not in prepared]
+            if missing:
+                logger.warning("%s: %d listed clip(s) were not prepared (no video in %s, or skipped) and are left "
+                               "out, e.g. %s", os.path.join(lists, name), len(missing), raw, ", ".join(missing[:3]))
     else:
         train, test = split_clips(done, test_fraction, seed)
     for name, clips in (("train.csv", train), ("test.csv", test)):
