@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "isa_namespace.h"  // first: in an ISA unit rollingq::<its level> is an inline namespace
+
 namespace rollingq {
 
 struct FloatRowOps {

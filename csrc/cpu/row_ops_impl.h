@@ -4,10 +4,12 @@
 // row_ops_avx512.cpp define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and
 // CPU_CAPABILITY_<LEVEL>, include this file, and get the level's compiler
 // flags from setup.py / CMakeLists.txt. Everything here sits in
-// rollingq::CPU_CAPABILITY (and ATen's vectors in at::vec::CPU_CAPABILITY), so
-// the copies never collide. Include nothing else with ISA flags: an inline
-// function of a shared header compiled here could be the copy the linker keeps
-// for the baseline code (tests/test_cpp_kernels.py checks the binary for this).
+// rollingq::CPU_CAPABILITY, an inline namespace (isa_namespace.h) that also
+// holds this unit's copy of scalar_math.h, and ATen's vectors in
+// at::vec::CPU_CAPABILITY, so the copies never collide. Include nothing else
+// with ISA flags: an inline function of a shared header outside those
+// namespaces could be the copy the linker keeps for the baseline code
+// (tests/test_cpp_kernels.py checks the objects and the binary for this).
 //
 // Tails (n not a multiple of the vector width) use partial loads and stores of
 // the same vector code, so every element goes through the same arithmetic.
@@ -27,6 +29,7 @@
 #include "../scalar_math.h"
 
 namespace rollingq {
+namespace CPU_CAPABILITY {  // the inline namespace of isa_namespace.h: scalar_math.h's code is here too
 
 template <>
 struct MulAdd<at::vec::Vectorized<float>> {
@@ -36,7 +39,6 @@ struct MulAdd<at::vec::Vectorized<float>> {
   }
 };
 
-namespace CPU_CAPABILITY {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
