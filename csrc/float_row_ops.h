@@ -10,6 +10,9 @@
 namespace rollingq {
 
 struct FloatRowOps {
+  // The level this table was compiled for, from its unit's CPU_CAPABILITY: "DEFAULT", "AVX2" or
+  // "AVX512" (tests check it against cpu_capability(), so a level switch provably switches code).
+  const char* level;
   // s[j] = -inf where mask[j] == 0; returns max_j s[j] (NaN if a kept s[j] is NaN).
   float (*masked_max)(float* s, const uint32_t* mask, int64_t n);
   // s[j] = exp(s[j] - shift); returns sum_j s[j].

@@ -45,6 +45,9 @@ def cpu_level(request):
     """Runs the test with the float row kernels of one instruction set, then restores the previous one."""
     previous = _C._set_cpu_capability(request.param)
     try:
+        assert _C.cpu_capability() == request.param
+        # the table the kernels now call was compiled for this level (its unit's CPU_CAPABILITY)
+        assert _C._row_ops_level() == request.param
         yield request.param
     finally:
         _C._set_cpu_capability(previous)

@@ -242,7 +242,8 @@ void scale(float* x, float alpha, int64_t n) {
 }  // namespace
 
 const FloatRowOps& float_row_ops() {
-  static const FloatRowOps ops{masked_max, exp_sum, dropout, backward_row, dot, dot_and_add, axpy, scale};
+  static const FloatRowOps ops{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot,
+                               dot_and_add, axpy, scale};
   return ops;
 }
 
