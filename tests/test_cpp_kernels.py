@@ -560,22 +560,65 @@ def test_every_level_drops_exactly_the_contract_mask(class_only, cpu_level):
 
 
 # where a level's code lives: our units' namespaces and ATen's per-level vector namespaces (a
-# function name may start with its return type: "void rollingq::AVX2::...")
+# function name may start with its return type: "void rollingq::AVX2::..."; a name that mentions
+# a level's namespace in its arguments is as unique to that level, so it counts too)
 ISA_NAMESPACE = re.compile(r"(^|[\s(<,])(rollingq|at::vec)::AVX(2|512)::")
+AVX512_NAMESPACE = re.compile(r"(^|[\s(<,])(rollingq|at::vec)::AVX512::")
+_PREFIXES = {"lock", "rep", "repz", "repnz", "repe", "repne", "notrack", "bnd", "data16", "addr32"}
+# AVX-512 state: zmm, the mask registers, and xmm/ymm 16-31 (EVEX only)
+_AVX512_OPERAND = re.compile(r"%zmm\d|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b")
+_AVX_OPERAND = re.compile(r"%ymm\d|" + _AVX512_OPERAND.pattern)
 
 
-def _vector_instructions_outside_isa_units(library):
-    """Functions of `library` whose code uses ymm/zmm registers and are not in an ISA unit's namespace."""
-    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(library)], capture_output=True,
-                          text=True, timeout=300, check=True).stdout
-    offenders, function = set(), None
+def _isa_violations(dump: str) -> dict[str, set[str]]:
+    """Functions of an ``objdump -d -C --no-show-raw-insn`` listing that use instructions their
+    namespace may not: outside the ISA namespaces any VEX/EVEX instruction (mnemonic v...), any
+    mask instruction (k...), ymm/zmm, %k0-7 or xmm/ymm 16-31; in the AVX2 namespaces any AVX-512
+    state (zmm, %k, xmm/ymm 16-31, k... instructions). Maps function -> offending mnemonics."""
+    offenders: dict[str, set[str]] = {}
+    function = None
     for line in dump.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if header:
             function = header.group(1)
-        elif function and re.search(r"%[yz]mm\d", line) and not ISA_NAMESPACE.search(function):
-            offenders.add(function)
-    return sorted(offenders)
+            continue
+        fields = line.split("\t")
+        if function is None or len(fields) < 2 or not re.fullmatch(r"\s*[0-9a-f]+:", fields[0]):
+            continue
+        words = fields[1].split()
+        while words and words[0] in _PREFIXES:
+            words = words[1:]
+        if not words:
+            continue
+        mnemonic, operands = words[0], " ".join(words[1:]).split("<")[0]  # not the <symbol> comment
+        if not ISA_NAMESPACE.search(function):
+            bad = mnemonic.startswith(("v", "k")) or _AVX_OPERAND.search(operands)
+        elif not AVX512_NAMESPACE.search(function):  # AVX2
+            bad = mnemonic.startswith("k") or _AVX512_OPERAND.search(operands)
+        else:
+            bad = False
+        if bad:
+            offenders.setdefault(function, set()).add(mnemonic)
+    return offenders
+
+
+def test_isa_check_flags_avx_outside_and_avx512_inside_avx2_code():
+    # the checker itself: each rule must fire on a line that breaks it, and only there
+    def dump(function, insn):
+        return f"0000000000001000 <{function}>:\n    1000:\t{insn}\n"
+
+    base, avx2, avx512 = "rollingq::base::mix32(unsigned int)", "rollingq::AVX2::dot(float const*)", \
+        "void at::vec::AVX512::foo()"
+    for insn, mnemonic in (("vmovss (%rdi),%xmm0", "vmovss"), ("vfmadd231ps %xmm1,%xmm2,%xmm3", "vfmadd231ps"),
+                           ("kmovw %eax,%k1", "kmovw"), ("movaps %xmm17,%xmm0", "movaps"),
+                           ("addps %ymm0,%ymm1", "addps"), ("notrack vzeroupper", "vzeroupper")):
+        assert _isa_violations(dump(base, insn)) == {base: {mnemonic}}, insn
+    for insn in ("vaddps %zmm0,%zmm1,%zmm2", "kmovw %k1,%eax", "vmovups %ymm16,(%rdi)",
+                 "vmovups %xmm0,%xmm31{%k1}"):
+        assert avx2 in _isa_violations(dump(avx2, insn)), insn
+    for function, insn in ((base, "movaps %xmm15,%xmm0"), (base, "call 10 <void rollingq::AVX2::x()>"),
+                           (avx2, "vfmadd231ps %ymm1,%ymm2,%ymm15"), (avx512, "vaddps %zmm0,%zmm31,%zmm2{%k1}")):
+        assert _isa_violations(dump(function, insn)) == {}, insn
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
@@ -583,8 +626,14 @@ def _vector_instructions_outside_isa_units(library):
 def test_only_the_isa_units_contain_avx_code():
     # A default build runs on any x86-64 CPU: AVX2 and AVX-512 instructions appear only in the
     # per-level units (csrc/cpu/, namespaces rollingq::AVX2 / rollingq::AVX512), never in code the
-    # baseline calls (e.g. an inline function of a shared header kept from an AVX unit).
+    # baseline calls (e.g. an inline function of a shared header kept from an AVX unit), and the
+    # AVX2 level never touches AVX-512 state. Only our library is disassembled (libtorch is linked
+    # dynamically, not into it).
     if _C.MARCH_NATIVE:
         pytest.skip("built with ROLLINGQ_NATIVE=1 (-march=native): every unit may use the CPU's instructions")
-    offenders = _vector_instructions_outside_isa_units(Path(_C.__file__))
-    assert not offenders, f"AVX code outside the ISA units: {offenders[:10]}"
+    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(Path(_C.__file__))],
+                          capture_output=True, text=True, timeout=300, check=True).stdout
+    assert re.search(r"\tvfmadd\w+ .*%zmm", dump) and re.search(r"\tvfmadd\w+ .*%ymm", dump), \
+        "the AVX2 and AVX512 units must be in the library (FMA on ymm and zmm)"
+    offenders = _isa_violations(dump)
+    assert not offenders, f"instructions outside their level: {sorted(offenders.items())[:10]}"
