@@ -457,11 +457,25 @@ def test_size_bound_message_matches_the_check():
     k = torch.zeros(1).expand(1, 1, N, Dh)
     q = torch.zeros(1).expand(1, 1, 1, Dh)
     bad_lengths = torch.zeros(3, 3, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"^k: N \* Dh must be below 2\*\*31, got N \* Dh = 2147483648"):
+    with pytest.raises(ValueError, match=r"^k: N \* Dh must be below 2\*\*31, got N \* Dh = 32768 \* 65536 = "
+                                         r"2147483648 for shape"):
         torch.ops.rollingq.attention_fwd(q, k, k, segs, bad_lengths, None, 1.0, 0.0, 0, True)
     k = torch.zeros(1).expand(1, 1, N - 1, Dh)  # 2**31 - Dh: within the bound, so the lengths check speaks
     with pytest.raises(ValueError, match=r"^lengths: expected shape"):
         torch.ops.rollingq.attention_fwd(q, k, k, [segs[0] - 1, segs[1]], bad_lengths, None, 1.0, 0.0, 0, True)
+
+
+@pytest.mark.parametrize("Dh", [2**31, 2**40])
+def test_size_bound_holds_when_n_times_dh_overflows_int64_on_an_empty_batch(Dh):
+    # B = 0: no elements, so any N and Dh make a valid tensor; N * Dh = 2**64 (0 when wrapped) or
+    # 2**73 must still be refused, and the message must not print a wrapped product
+    segs = [2**32, 2**33 - 2**32 - 1]
+    N = 1 + sum(segs)
+    k = torch.zeros(1).expand(0, 1, N, Dh)
+    q = torch.zeros(1).expand(0, 1, 1, Dh)
+    with pytest.raises(ValueError, match=rf"^k: N \* Dh must be below 2\*\*31, got N \* Dh = {N} \* {Dh} = "
+                                         r"more than 2\*\*63 for shape"):
+        torch.ops.rollingq.attention_fwd(q, k, k, segs, None, None, 1.0, 0.0, 0, False)
 
 
 @pytest.mark.parametrize("class_only", [False, True])
