@@ -88,8 +88,9 @@ inline Vec keep_factor(uint32_t row_key, const uint32_t* col_hash, uint32_t thre
   return Vec::blendv(Vec(0.0f), inv_keep, Vec::loadu(bits));
 }
 
-// The max ignores NaN (clamp_min keeps one operand); a NaN score still reaches the
-// output through exp_sum, where NaN stays NaN.
+// With NaN in a kept score the max is unspecified (clamp_min keeps one operand, which one
+// depends on the level and the lane), as float_row_ops.h says; the NaN score still reaches
+// the output through exp_sum, where NaN stays NaN.
 float masked_max(float* s, const uint32_t* mask, int64_t n) {
   const Vec neg_inf(-std::numeric_limits<float>::infinity());
   Vec m0 = neg_inf, m1 = neg_inf;
