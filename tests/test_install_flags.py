@@ -115,7 +115,8 @@ AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
 
 
 @pytest.mark.skipif(AARCH64_CXX is None, reason="no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
-@pytest.mark.parametrize("source", ["csrc/cpu/row_ops_default.cpp", "csrc/cpu_capability.cpp", "csrc/forward.cpp"])
+@pytest.mark.parametrize("source", ["csrc/cpu/row_ops_default.cpp", "csrc/cpu_capability.cpp", "csrc/forward.cpp",
+                                    "csrc/backward.cpp", "csrc/rotation.cpp", "csrc/ops.cpp"])
 def test_baseline_units_compile_for_aarch64(source, tmp_path):
     # The DEFAULT level is plain C++ (ATen's Vectorized<float> is NEON there) and the dispatcher
     # knows no x86 level off x86: the portable part of the kernels builds for ARM.
