@@ -72,7 +72,9 @@ def _extension_setup() -> dict:
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]  # torch adds its own -std (C++20 for torch 2.14)
     if _flag("ROLLINGQ_NATIVE", "0"):
         cxx_flags += ["-march=native", "-DROLLINGQ_MARCH_NATIVE=1"]
-    isa_levels = {level: flags for level, flags in ISA_FLAGS.items() if X86_64}
+    isa_units = {level: flags for level, flags in ISA_FLAGS.items() if X86_64}
+    if isa_units:  # the dispatcher (cpu_capability.cpp) offers the x86 levels exactly when they are compiled
+        cxx_flags.append("-DROLLINGQ_X86_LEVELS=1")
     ext = CppExtension(
         name="rollingq_kernels._C",
         sources=sources,
@@ -89,14 +91,16 @@ def _extension_setup() -> dict:
 
         torch's ninja file has one set of flags for every source, so each ISA unit is
         compiled by its own call (one small file each) and linked in after the
-        baseline objects: where an inline function of a shared header is emitted by
-        both, the linker keeps the baseline copy.
+        baseline objects. Shared header code they include lives in a per-level inline
+        namespace (csrc/isa_namespace.h), so no copy is shared whatever the link order.
         """
+
+        isa_levels = isa_units  # level -> its flags: the ISA units this build compiles (tests read it)
 
         def build_extension(self, extension):
             base = list(extension.extra_compile_args["cxx"])  # with the flags torch added
             objects = []
-            for level, flags in isa_levels.items():
+            for level, flags in self.isa_levels.items():
                 objects += self.compiler.compile(
                     [_isa_source(level)], output_dir=self.build_temp, include_dirs=extension.include_dirs,
                     extra_postargs={"cxx": base + flags}, depends=extension.depends,

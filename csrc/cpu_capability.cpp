@@ -10,10 +10,14 @@
 
 #include "float_row_ops.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define ROLLINGQ_X86_LEVELS 1
-#else
+// The build defines ROLLINGQ_X86_LEVELS=1 exactly when it compiles the AVX2 and
+// AVX512 units (setup.py, CMakeLists.txt), so the dispatcher never offers a
+// level whose table is not linked in, and never misses one that is.
+#ifndef ROLLINGQ_X86_LEVELS
 #define ROLLINGQ_X86_LEVELS 0
+#endif
+#if ROLLINGQ_X86_LEVELS && !(defined(__x86_64__) || defined(_M_X64))
+#error "ROLLINGQ_X86_LEVELS=1 (the AVX2 and AVX512 units) needs an x86-64 target"
 #endif
 
 namespace rollingq {

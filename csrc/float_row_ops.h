@@ -5,10 +5,17 @@
 
 #include <cstdint>
 
+#include "isa_namespace.h"  // first: in an ISA unit rollingq::<its level> is an inline namespace
+
 namespace rollingq {
 
 struct FloatRowOps {
-  // s[j] = -inf where mask[j] == 0; returns max_j s[j] (NaN if a kept s[j] is NaN).
+  // The level this table was compiled for, from its unit's CPU_CAPABILITY: "DEFAULT", "AVX2" or
+  // "AVX512" (tests check it against cpu_capability(), so a level switch provably switches code).
+  const char* level;
+  // s[j] = -inf where mask[j] == 0; returns max_j s[j]. With NaN in a kept s[j] the returned max
+  // is unspecified (NaN or the max of the others; it may differ between levels), but the NaN
+  // still reaches the output through exp_sum, where exp(NaN - shift) is NaN.
   float (*masked_max)(float* s, const uint32_t* mask, int64_t n);
   // s[j] = exp(s[j] - shift); returns sum_j s[j].
   float (*exp_sum)(float* s, int64_t n, float shift);

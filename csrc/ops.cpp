@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <optional>
 #include <tuple>
@@ -48,6 +49,11 @@ void check_tensor(const Tensor& t, const char* name) {
 // with 32-bit BLAS leading dimensions and offsets).
 constexpr int64_t kMaxRowElements = int64_t{1} << 31;
 
+// N * Dh for the size error's message: the product where it fits in int64, else a bound.
+std::string row_elements_text(int64_t n, int64_t dh) {
+  return n <= std::numeric_limits<int64_t>::max() / dh ? std::to_string(n * dh) : std::string("more than 2**63");
+}
+
 // Checks every argument the two ops share and returns the call's sizes.
 Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c10::IntArrayRef segments,
                      const std::optional<Tensor>& lengths, const std::optional<Tensor>& rotation, double scale,
@@ -81,8 +87,10 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c10::Int
   }
   TORCH_CHECK_VALUE(p.offsets.back() == p.N, "segments: N must equal 1 + sum(segments) = ", p.offsets.back(),
                     " for segments ", segments, ", but k has N = ", p.N);
-  TORCH_CHECK_VALUE(p.N * p.Dh < kMaxRowElements,  // no overflow: k.numel() = B * H * N * Dh fits in int64
-                    "k: N * Dh must be below 2**31, got N * Dh = ", p.N * p.Dh, " for shape ", k.sizes());
+  // N * Dh < 2**31 tested as N <= (2**31 - 1) / Dh, never by forming N * Dh: with B = 0 or H = 0
+  // the tensors hold no elements, so N and Dh may be any int64 sizes and the product may overflow.
+  TORCH_CHECK_VALUE(p.N <= (kMaxRowElements - 1) / p.Dh, "k: N * Dh must be below 2**31, got N * Dh = ", p.N, " * ",
+                    p.Dh, " = ", row_elements_text(p.N, p.Dh), " for shape ", k.sizes());
   if (lengths.has_value() && lengths->defined()) {
     const Tensor& len = *lengths;
     TORCH_CHECK_TYPE(len.scalar_type() == at::kLong, "lengths: expected dtype int64, got ", len.scalar_type());

@@ -7,12 +7,16 @@
 //   cpu_capability() -> str                       "default", "avx2" or "avx512": the level in use
 //   supported_cpu_capabilities() -> tuple[str]    the levels this build and CPU can run, lowest first
 //   _set_cpu_capability(name: str) -> str         use `name` from now on (tests); returns the previous
+//   _row_ops_level() -> str                       the level the dispatched table was compiled for, in
+//                                                 cpu_capability()'s spelling (tests: equal to it)
 //   MARCH_NATIVE: bool                            built with -march=native (ROLLINGQ_NATIVE=1)
 #include <Python.h>
 
+#include <cctype>
 #include <string>
 
 #include "cpu_capability.h"
+#include "float_row_ops.h"
 
 #ifndef ROLLINGQ_MARCH_NATIVE
 #define ROLLINGQ_MARCH_NATIVE 0
@@ -58,12 +62,20 @@ PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
   return PyUnicode_FromString(rollingq::capability_name(rollingq::set_cpu_capability(level)));
 }
 
+PyObject* row_ops_level(PyObject*, PyObject*) {
+  std::string level = rollingq::float_row_ops().level;  // "AVX2": the unit's CPU_CAPABILITY
+  for (char& ch : level) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return PyUnicode_FromString(level.c_str());
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "The instruction set of the float row kernels in use."},
     {"supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS,
      "The instruction sets this build and CPU can run, lowest first."},
     {"_set_cpu_capability", set_cpu_capability, METH_O,
      "Use the given instruction set from now on (for tests); returns the previous one."},
+    {"_row_ops_level", row_ops_level, METH_NOARGS,
+     "The instruction set the dispatched float row kernels were compiled for (for tests)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

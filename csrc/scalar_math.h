@@ -1,12 +1,17 @@
 // Arithmetic shared by the scalar code and the per-level vector code
 // (csrc/cpu/row_ops_impl.h): the Cephes exp polynomial and the dropout hash of
 // docs/op.md. Plain C++ with no includes beyond <cstdint>, so the
-// per-instruction-set translation units can include it.
+// per-instruction-set translation units can include it; everything here is in
+// the per-unit inline namespace of isa_namespace.h, so a unit compiled with
+// AVX flags never shares a copy with the baseline.
 #pragma once
 
 #include <cstdint>
 
+#include "isa_namespace.h"
+
 namespace rollingq {
+inline namespace ROLLINGQ_ISA_NS {
 
 // a * b + c. The vector code specializes it with a fused multiply-add.
 template <typename T>
@@ -60,4 +65,5 @@ inline bool dropout_keep(uint32_t row_key, uint32_t col_hash, uint32_t threshold
   return (mix32(row_key ^ col_hash) >> 8) >= threshold;
 }
 
+}  // namespace ROLLINGQ_ISA_NS
 }  // namespace rollingq

@@ -45,6 +45,9 @@ def cpu_level(request):
     """Runs the test with the float row kernels of one instruction set, then restores the previous one."""
     previous = _C._set_cpu_capability(request.param)
     try:
+        assert _C.cpu_capability() == request.param
+        # the table the kernels now call was compiled for this level (its unit's CPU_CAPABILITY)
+        assert _C._row_ops_level() == request.param
         yield request.param
     finally:
         _C._set_cpu_capability(previous)
@@ -223,6 +226,23 @@ def test_dropout_matches_reference_with_same_seed(name, dropout_p):
         assert_close(a, e, 1e-10, rtol=1e-10, what="grad")
     other, _, _ = run("cpp", q, k, v, segs, **{**kw, "seed": 99})
     assert (other - out).abs().max() > 1e-3, "a different seed must give a different mask"
+
+
+@pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "co-lengths-M3", "aq-multi-tile", "aq-varlen-gaps"])
+@pytest.mark.parametrize("dropout_p", [0.17, 0.5])
+def test_float32_dropout_matches_float64_reference_at_every_level(name, dropout_p, cpu_level):
+    # float32 runs the level's vector dropout (the hash in lanes, partial tails); the float64
+    # reference with the same seed drops the same scores, so only rounding separates them
+    q, k, v, segs, lengths, rotation = case_inputs(name, torch.float32)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    kw = dict(lengths=lengths, rotation=rotation, dropout_p=dropout_p, seed=123457)
+    out, stats, grads = run("cpp", q, k, v, segs, grad_out=g, **kw)
+    ref_out, ref_stats, ref_grads = run("reference", q.double(), k.double(), v.double(), segs, grad_out=g, **kw)
+    assert out.dtype == torch.float32 and grads[0].dtype == torch.float32
+    assert_close(out, ref_out, 2e-5, what="out")
+    assert_close(stats.mass, ref_stats.mass, 2e-5, what="mass (before dropout)")
+    for name_g, a, e in zip("qkv", grads, ref_grads):
+        assert_close(a, e, 1e-4, rtol=1e-4, what=f"d{name_g}")
 
 
 @pytest.mark.parametrize("class_only", [False, True])
@@ -437,11 +457,25 @@ def test_size_bound_message_matches_the_check():
     k = torch.zeros(1).expand(1, 1, N, Dh)
     q = torch.zeros(1).expand(1, 1, 1, Dh)
     bad_lengths = torch.zeros(3, 3, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"^k: N \* Dh must be below 2\*\*31, got N \* Dh = 2147483648"):
+    with pytest.raises(ValueError, match=r"^k: N \* Dh must be below 2\*\*31, got N \* Dh = 32768 \* 65536 = "
+                                         r"2147483648 for shape"):
         torch.ops.rollingq.attention_fwd(q, k, k, segs, bad_lengths, None, 1.0, 0.0, 0, True)
     k = torch.zeros(1).expand(1, 1, N - 1, Dh)  # 2**31 - Dh: within the bound, so the lengths check speaks
     with pytest.raises(ValueError, match=r"^lengths: expected shape"):
         torch.ops.rollingq.attention_fwd(q, k, k, [segs[0] - 1, segs[1]], bad_lengths, None, 1.0, 0.0, 0, True)
+
+
+@pytest.mark.parametrize("Dh", [2**31, 2**40])
+def test_size_bound_holds_when_n_times_dh_overflows_int64_on_an_empty_batch(Dh):
+    # B = 0: no elements, so any N and Dh make a valid tensor; N * Dh = 2**64 (0 when wrapped) or
+    # 2**73 must still be refused, and the message must not print a wrapped product
+    segs = [2**32, 2**33 - 2**32 - 1]
+    N = 1 + sum(segs)
+    k = torch.zeros(1).expand(0, 1, N, Dh)
+    q = torch.zeros(1).expand(0, 1, 1, Dh)
+    with pytest.raises(ValueError, match=rf"^k: N \* Dh must be below 2\*\*31, got N \* Dh = {N} \* {Dh} = "
+                                         r"more than 2\*\*63 for shape"):
+        torch.ops.rollingq.attention_fwd(q, k, k, segs, None, None, 1.0, 0.0, 0, False)
 
 
 @pytest.mark.parametrize("class_only", [False, True])
@@ -530,7 +564,8 @@ def test_aten_cpu_capability_forces_the_kernels_and_aten_alike():
         (ours, aten), _ = _levels_in_subprocess(level)
         assert ours == level and aten == level.upper()
     (ours, _), err = _levels_in_subprocess("sse9")  # ATen's rule: an unknown value is ignored, with a warning
-    assert ours == best and "ignoring invalid value for ATEN_CPU_CAPABILITY: sse9" in err
+    # our own warning (cpu_capability.cpp), not ATen's, which says the same without the prefix
+    assert ours == best and "rollingq: ignoring invalid value for ATEN_CPU_CAPABILITY: sse9" in err
 
 
 def test_set_cpu_capability_rejects_unknown_or_unsupported_levels():
@@ -546,7 +581,7 @@ def test_set_cpu_capability_rejects_unknown_or_unsupported_levels():
 @pytest.mark.parametrize("class_only", [False, True])
 def test_every_level_drops_exactly_the_contract_mask(class_only, cpu_level):
     # v = the identity (N <= Dh), so out[b, h, i, j] = P_d[b, h, i, j]: zero exactly where dropped.
-    B, H, segs, p = 2, 3, [13, 18], 0.4
+    B, H, segs, p = 2, 3, [13, 19], 0.4  # N = 33: every vector width (4, 8, 16) leaves a tail
     N = 1 + sum(segs)
     q = torch.randn(B, H, 1 if class_only else N, N)
     k = torch.randn(B, H, N, N)
@@ -557,22 +592,65 @@ def test_every_level_drops_exactly_the_contract_mask(class_only, cpu_level):
 
 
 # where a level's code lives: our units' namespaces and ATen's per-level vector namespaces (a
-# function name may start with its return type: "void rollingq::AVX2::...")
+# function name may start with its return type: "void rollingq::AVX2::..."; a name that mentions
+# a level's namespace in its arguments is as unique to that level, so it counts too)
 ISA_NAMESPACE = re.compile(r"(^|[\s(<,])(rollingq|at::vec)::AVX(2|512)::")
+AVX512_NAMESPACE = re.compile(r"(^|[\s(<,])(rollingq|at::vec)::AVX512::")
+_PREFIXES = {"lock", "rep", "repz", "repnz", "repe", "repne", "notrack", "bnd", "data16", "addr32"}
+# AVX-512 state: zmm, the mask registers, and xmm/ymm 16-31 (EVEX only)
+_AVX512_OPERAND = re.compile(r"%zmm\d|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b")
+_AVX_OPERAND = re.compile(r"%ymm\d|" + _AVX512_OPERAND.pattern)
 
 
-def _vector_instructions_outside_isa_units(library):
-    """Functions of `library` whose code uses ymm/zmm registers and are not in an ISA unit's namespace."""
-    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(library)], capture_output=True,
-                          text=True, timeout=300, check=True).stdout
-    offenders, function = set(), None
+def _isa_violations(dump: str) -> dict[str, set[str]]:
+    """Functions of an ``objdump -d -C --no-show-raw-insn`` listing that use instructions their
+    namespace may not: outside the ISA namespaces any VEX/EVEX instruction (mnemonic v...), any
+    mask instruction (k...), ymm/zmm, %k0-7 or xmm/ymm 16-31; in the AVX2 namespaces any AVX-512
+    state (zmm, %k, xmm/ymm 16-31, k... instructions). Maps function -> offending mnemonics."""
+    offenders: dict[str, set[str]] = {}
+    function = None
     for line in dump.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if header:
             function = header.group(1)
-        elif function and re.search(r"%[yz]mm\d", line) and not ISA_NAMESPACE.search(function):
-            offenders.add(function)
-    return sorted(offenders)
+            continue
+        fields = line.split("\t")
+        if function is None or len(fields) < 2 or not re.fullmatch(r"\s*[0-9a-f]+:", fields[0]):
+            continue
+        words = fields[1].split()
+        while words and words[0] in _PREFIXES:
+            words = words[1:]
+        if not words:
+            continue
+        mnemonic, operands = words[0], " ".join(words[1:]).split("<")[0]  # not the <symbol> comment
+        if not ISA_NAMESPACE.search(function):
+            bad = mnemonic.startswith(("v", "k")) or _AVX_OPERAND.search(operands)
+        elif not AVX512_NAMESPACE.search(function):  # AVX2
+            bad = mnemonic.startswith("k") or _AVX512_OPERAND.search(operands)
+        else:
+            bad = False
+        if bad:
+            offenders.setdefault(function, set()).add(mnemonic)
+    return offenders
+
+
+def test_isa_check_flags_avx_outside_and_avx512_inside_avx2_code():
+    # the checker itself: each rule must fire on a line that breaks it, and only there
+    def dump(function, insn):
+        return f"0000000000001000 <{function}>:\n    1000:\t{insn}\n"
+
+    base, avx2, avx512 = "rollingq::base::mix32(unsigned int)", "rollingq::AVX2::dot(float const*)", \
+        "void at::vec::AVX512::foo()"
+    for insn, mnemonic in (("vmovss (%rdi),%xmm0", "vmovss"), ("vfmadd231ps %xmm1,%xmm2,%xmm3", "vfmadd231ps"),
+                           ("kmovw %eax,%k1", "kmovw"), ("movaps %xmm17,%xmm0", "movaps"),
+                           ("addps %ymm0,%ymm1", "addps"), ("notrack vzeroupper", "vzeroupper")):
+        assert _isa_violations(dump(base, insn)) == {base: {mnemonic}}, insn
+    for insn in ("vaddps %zmm0,%zmm1,%zmm2", "kmovw %k1,%eax", "vmovups %ymm16,(%rdi)",
+                 "vmovups %xmm0,%xmm31{%k1}"):
+        assert avx2 in _isa_violations(dump(avx2, insn)), insn
+    for function, insn in ((base, "movaps %xmm15,%xmm0"), (base, "call 10 <void rollingq::AVX2::x()>"),
+                           (avx2, "vfmadd231ps %ymm1,%ymm2,%ymm15"), (avx512, "vaddps %zmm0,%zmm31,%zmm2{%k1}")):
+        assert _isa_violations(dump(function, insn)) == {}, insn
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
@@ -580,8 +658,14 @@ def _vector_instructions_outside_isa_units(library):
 def test_only_the_isa_units_contain_avx_code():
     # A default build runs on any x86-64 CPU: AVX2 and AVX-512 instructions appear only in the
     # per-level units (csrc/cpu/, namespaces rollingq::AVX2 / rollingq::AVX512), never in code the
-    # baseline calls (e.g. an inline function of a shared header kept from an AVX unit).
+    # baseline calls (e.g. an inline function of a shared header kept from an AVX unit), and the
+    # AVX2 level never touches AVX-512 state. Only our library is disassembled (libtorch is linked
+    # dynamically, not into it).
     if _C.MARCH_NATIVE:
         pytest.skip("built with ROLLINGQ_NATIVE=1 (-march=native): every unit may use the CPU's instructions")
-    offenders = _vector_instructions_outside_isa_units(Path(_C.__file__))
-    assert not offenders, f"AVX code outside the ISA units: {offenders[:10]}"
+    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(Path(_C.__file__))],
+                          capture_output=True, text=True, timeout=300, check=True).stdout
+    assert re.search(r"\tvfmadd\w+ .*%zmm", dump) and re.search(r"\tvfmadd\w+ .*%ymm", dump), \
+        "the AVX2 and AVX512 units must be in the library (FMA on ymm and zmm)"
+    offenders = _isa_violations(dump)
+    assert not offenders, f"instructions outside their level: {sorted(offenders.items())[:10]}"

@@ -90,7 +90,20 @@ def test_default_build_is_portable_and_compiles_every_isa_unit(monkeypatch):
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert module["ISA_FLAGS"]["avx2"] == ["-mavx2", "-mfma"]
         assert "-mavx512f" in module["ISA_FLAGS"]["avx512"]
+        assert build_ext.isa_levels == module["ISA_FLAGS"]
+        assert "-DROLLINGQ_X86_LEVELS=1" in flags  # the dispatcher offers the levels it is given
     assert any(c.__name__ == "BuildWithIsaUnits" for c in build_ext.__mro__)
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "AMD64", "aarch64", "arm64", "ppc64le"])
+def test_x86_levels_macro_is_passed_exactly_when_the_avx_units_are_compiled(machine, monkeypatch):
+    # csrc/cpu_capability.cpp offers AVX2 / AVX512 only under ROLLINGQ_X86_LEVELS=1: the build's
+    # one decision (platform.machine()) sets both, so the dispatcher and the linked units agree.
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    _, ext, build_ext = _extension_config(monkeypatch)
+    x86 = machine.lower() in ("x86_64", "amd64")
+    assert sorted(build_ext.isa_levels) == (["avx2", "avx512"] if x86 else [])
+    assert ("-DROLLINGQ_X86_LEVELS=1" in ext.extra_compile_args["cxx"]) == x86
 
 
 def test_native_flag_opts_in_to_march_native(monkeypatch):
@@ -102,7 +115,8 @@ AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
 
 
 @pytest.mark.skipif(AARCH64_CXX is None, reason="no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
-@pytest.mark.parametrize("source", ["csrc/cpu/row_ops_default.cpp", "csrc/cpu_capability.cpp", "csrc/forward.cpp"])
+@pytest.mark.parametrize("source", ["csrc/cpu/row_ops_default.cpp", "csrc/cpu_capability.cpp", "csrc/forward.cpp",
+                                    "csrc/backward.cpp", "csrc/rotation.cpp", "csrc/ops.cpp"])
 def test_baseline_units_compile_for_aarch64(source, tmp_path):
     # The DEFAULT level is plain C++ (ATen's Vectorized<float> is NEON there) and the dispatcher
     # knows no x86 level off x86: the portable part of the kernels builds for ARM.

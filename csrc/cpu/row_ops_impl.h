@@ -4,10 +4,12 @@
 // row_ops_avx512.cpp define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and
 // CPU_CAPABILITY_<LEVEL>, include this file, and get the level's compiler
 // flags from setup.py / CMakeLists.txt. Everything here sits in
-// rollingq::CPU_CAPABILITY (and ATen's vectors in at::vec::CPU_CAPABILITY), so
-// the copies never collide. Include nothing else with ISA flags: an inline
-// function of a shared header compiled here could be the copy the linker keeps
-// for the baseline code (tests/test_cpp_kernels.py checks the binary for this).
+// rollingq::CPU_CAPABILITY, an inline namespace (isa_namespace.h) that also
+// holds this unit's copy of scalar_math.h, and ATen's vectors in
+// at::vec::CPU_CAPABILITY, so the copies never collide. Include nothing else
+// with ISA flags: an inline function of a shared header outside those
+// namespaces could be the copy the linker keeps for the baseline code
+// (tests/test_cpp_kernels.py checks the objects and the binary for this).
 //
 // Tails (n not a multiple of the vector width) use partial loads and stores of
 // the same vector code, so every element goes through the same arithmetic.
@@ -27,6 +29,7 @@
 #include "../scalar_math.h"
 
 namespace rollingq {
+namespace CPU_CAPABILITY {  // the inline namespace of isa_namespace.h: scalar_math.h's code is here too
 
 template <>
 struct MulAdd<at::vec::Vectorized<float>> {
@@ -36,7 +39,6 @@ struct MulAdd<at::vec::Vectorized<float>> {
   }
 };
 
-namespace CPU_CAPABILITY {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -86,8 +88,9 @@ inline Vec keep_factor(uint32_t row_key, const uint32_t* col_hash, uint32_t thre
   return Vec::blendv(Vec(0.0f), inv_keep, Vec::loadu(bits));
 }
 
-// The max ignores NaN (clamp_min keeps one operand); a NaN score still reaches the
-// output through exp_sum, where NaN stays NaN.
+// With NaN in a kept score the max is unspecified (clamp_min keeps one operand, which one
+// depends on the level and the lane), as float_row_ops.h says; the NaN score still reaches
+// the output through exp_sum, where NaN stays NaN.
 float masked_max(float* s, const uint32_t* mask, int64_t n) {
   const Vec neg_inf(-std::numeric_limits<float>::infinity());
   Vec m0 = neg_inf, m1 = neg_inf;
@@ -240,7 +243,8 @@ void scale(float* x, float alpha, int64_t n) {
 }  // namespace
 
 const FloatRowOps& float_row_ops() {
-  static const FloatRowOps ops{masked_max, exp_sum, dropout, backward_row, dot, dot_and_add, axpy, scale};
+  static const FloatRowOps ops{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot,
+                               dot_and_add, axpy, scale};
   return ops;
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <optional>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "cpu_capability.h"
+#include "float_row_ops.h"
 
 namespace {
 
@@ -207,6 +209,12 @@ int main() {
   for (rollingq::CpuCapability level : rollingq::supported_capabilities()) {
     rollingq::set_cpu_capability(level);
     const std::string tag = std::string(" [") + rollingq::capability_name(level) + "]";
+    std::string table = rollingq::float_row_ops().level;  // the unit's CPU_CAPABILITY, upper case
+    for (char& ch : table) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    const bool switched = table == rollingq::capability_name(level);
+    std::printf("%s the float row table of%s is the %s unit's\n", switched ? "ok  " : "FAIL", tag.c_str(),
+                table.c_str());
+    if (!switched) ++failures;
     run_case("all-query, lengths (empty modality)" + tag, 2, 3, 37, {5, 7}, false, lengths, Tensor(), at::kFloat);
     run_case("class-only, per-head rotation, M = 3" + tag, 3, 2, 6, {3, 1, 4}, true, Tensor(), rot, at::kFloat);
   }
