@@ -380,7 +380,8 @@ class Trainer:
         }
         window = None if layer is None else synced_statistics(epoch_statistics.sums(), layer.zero_sums)
         if window is not None:
-            result["air"] = imbalance(window)  # AIR, or the spread for M > 2: what the controller decides on
+            # AIR, or the spread for M > 2 (the controller decides on another value with indicator=score)
+            result["air"] = imbalance(window)
             result["mass"] = window.mass_mean.mean(0).tolist()
             result["cos"] = window.cos_mean.tolist()
         return result
