@@ -32,7 +32,6 @@ LAYERS = {
     "rollingq_kernels.checks": 1,
     "rollingq_kernels.reference": 1,
     "rollingq_kernels.triton": 1,
-    "rollingq_kernels._triton": 1,
     "rollingq_kernels.accumulator": 1,
     "rollingq_kernels.ops": 2,
     "rollingq_kernels.module": 3,

@@ -179,6 +179,16 @@ def test_force_resume_runs_the_controller_with_the_edited_config(tmp_path, monke
     assert "keeping beta=0.7; the loaded state was saved with 0.1" in caplog.text
 
 
+def test_training_leaves_the_callers_thread_count_as_it_was(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_mod.train(_cfg("train.epochs=1", "train.num_threads=1"), str(tmp_path / "run"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_force_without_resume_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit, match="--force goes with --resume"):
         main(["train", "--config", "synthetic", "--out", str(tmp_path / "r"), "--force"])

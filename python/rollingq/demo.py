@@ -40,7 +40,6 @@ DEMO_TASKS: dict[str, tuple[str, str]] = {
     "synthetic": ("synthetic", "synthetic_rollingq"),
     "avdigits": ("avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq"),
 }
-DEMO_CONFIGS = DEMO_TASKS["synthetic"]
 NOISE_MODALITY = "audio"
 """The dominant modality of both demo tasks, replaced by noise in every evaluation."""
 CHECKPOINT = "last"

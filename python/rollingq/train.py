@@ -468,6 +468,7 @@ class Trainer:
 
 def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False) -> str:
     info = distributed.setup(cfg.device)
+    threads = torch.get_num_threads()  # restored afterwards: a library caller's process keeps its setting
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     held = hold_records() if info.is_main else None  # until train.log exists
@@ -495,6 +496,7 @@ def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False)
             logger.info("training %s into %s on %s (world size %d)", cfg.name, run_dir, info.device, info.world_size)
         trainer.fit()
     finally:
+        torch.set_num_threads(threads)
         for h in (held, handler):
             if h is not None:
                 detach(h)
