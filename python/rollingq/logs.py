@@ -139,10 +139,15 @@ def _number(value: Any, fmt: str) -> str:
 def record_summary(record: dict) -> str:
     """One line of a controller record (``RotationRecord`` as a dict): what it decided and why."""
     what = "rotated" if record.get("rotated") else f"not rotated ({record.get('reason') or 'no reason'})"
-    parts = [f"AIR {_number(record.get('air'), '{:+.4f}')}", f"samples {record.get('count')}"]
+    parts = [f"AIR {_number(record.get('air'), '{:+.4f}')}"]
+    if record.get("indicator", "cos") != "cos":
+        parts.append(f"{record['indicator']} {_number(record.get('value'), '{:+.4f}')}")
+    parts.append(f"samples {record.get('count')}")
     if record.get("rotated"):
         parts.append(f"angle {_number(record.get('angle_deg'), '{:.2f}')} deg")
     parts.append(f"rotations {record.get('num_rotations')}")
+    if record.get("assumption_warning"):
+        parts.append("the indicator and the attention mass favour different modalities")
     return f"layer {record.get('layer')} {what}: " + ", ".join(parts)
 
 
