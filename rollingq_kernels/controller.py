@@ -210,8 +210,11 @@ def _check_window_state(name: str, layer: FusedRollingQAttention, state: Any) ->
             where = (f"layer {name!r} (num_heads={layer.num_heads}, num_modalities={layer.num_modalities}, "
                      f"head_dim={layer.head_dim})")
             if got is None or got.keys() != expected.keys():
-                raise ValueError(f"state['statistics'][{name!r}]: expected the sums {sorted(expected)} of {where}, "
-                                 f"got {sorted(got) if got else type(sums).__name__}")
+                missing, extra = sorted(expected.keys() - (got or {}).keys()), sorted((got or {}).keys() - expected)
+                detail = (f"missing {missing}" + (f", unexpected {extra}" if extra else "")) if got else \
+                    f"got {type(sums).__name__}"
+                raise ValueError(f"state['statistics'][{name!r}]: expected the sums {sorted(expected)} of {where}; "
+                                 f"{detail} (a state written by another version of rollingq_kernels?)")
             field = next(k for k in expected if got[k] != expected[k])
             raise ValueError(f"state['statistics'][{name!r}]: saved for another layer size: {field} has shape "
                              f"{got[field]}, {where} expects {expected[field]}")

@@ -160,6 +160,12 @@ def test_controller_state_of_another_model_size_is_rejected_at_load():
         big_ctl.load_state_dict(state)
     assert big.statistics.num_batches == 0  # nothing was loaded
     RollingQ(_layer(dim=30, heads=3), beta=0.0).load_state_dict(state)  # the right size loads
+    old = copy.deepcopy(state)  # a state written before the `tokens` statistic existed
+    for sums in [old["statistics"]["0"]["total"], *old["statistics"]["0"]["batches"]]:
+        if sums is not None:
+            sums.pop("tokens_sum")
+    with pytest.raises(ValueError, match=r"missing \['tokens_sum'\] \(a state written by another version"):
+        RollingQ(_layer(dim=30, heads=3), beta=0.0).load_state_dict(old)
 
 
 # --------------------------------------------------------------------------------------------- item 11

@@ -48,8 +48,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     except Exception as exc:  # torch raises several types for torn zip files
         size = os.path.getsize(path)
         raise CheckpointError(
-            f"checkpoint {path!r} ({size} bytes) cannot be read: it is truncated or corrupt "
-            f"({type(exc).__name__}: {exc})"
+            f"checkpoint {path!r} ({size} bytes) cannot be read with weights_only=True: it is truncated or "
+            f"corrupt, or holds Python objects beyond tensors and plain containers ({type(exc).__name__}: {exc})"
         ) from exc
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(
