@@ -30,8 +30,7 @@ from .config import load_config
 from .evaluate import evaluate_run
 from .prepare.avdigits import write_avdigits
 from .records import read_metrics
-from .study import collapse_checks, pair_by_seed, paired_rows
-from .study import summarize_run as study_summary
+from .study import collapse_checks, pair_by_seed, paired_rows, summarize_run
 from .train import train
 
 logger = logging.getLogger("rollingq.demo")
@@ -60,10 +59,11 @@ def _fmt(values, fmt: str = "{:.2f}") -> str:
     return " ".join("n/a" if v is None else fmt.format(v) for v in values)
 
 
-def summarize_run(run_dir: str, noise_modality: str = NOISE_MODALITY, checkpoint: str = CHECKPOINT) -> dict:
+def evaluate_for_table(run_dir: str, noise_modality: str = NOISE_MODALITY, checkpoint: str = CHECKPOINT) -> dict:
     """Evaluate a run's ``checkpoint`` on the test split with :func:`rollingq.evaluate.evaluate_run`
     (writes ``eval.json``; ``noise_modality``'s input replaced by noise of each sample's own statistics,
-    the paper's Figure 1c protocol) and gather what the demo table shows."""
+    the paper's Figure 1c protocol) and gather what the demo's side-by-side table shows (the per-seed
+    criteria and paired differences read :func:`rollingq.study.summarize_run` of the same eval.json)."""
     result = evaluate_run(run_dir, split="test", noise_modality=noise_modality, checkpoint=checkpoint)
     history = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     modalities = list(result["modalities"])
@@ -97,7 +97,7 @@ def summarize_run(run_dir: str, noise_modality: str = NOISE_MODALITY, checkpoint
 
 
 def format_table(summaries: list[dict]) -> str:
-    """A plain-text side-by-side table of :func:`summarize_run` results."""
+    """A plain-text side-by-side table of :func:`evaluate_for_table` results."""
     mods = summaries[0]["modalities"]
     noisy_name = summaries[0]["noise_modality"]
     rows = [
@@ -132,7 +132,7 @@ def format_phenomenon(run_dirs: list[str]) -> str:
     epoch, accuracy with the dominant modality replaced vs the weak modality's probe, and the criteria met."""
     lines = ["Vanilla MT (the paper's Figure 1c): attention on audio, clean test vs audio replaced by noise"]
     for run_dir in run_dirs:
-        r = study_summary(run_dir)
+        r = summarize_run(run_dir)
         checks = collapse_checks(r)
         air = [a for a in r.air_epochs if a is not None]
         met = sum(1 for v in checks.values() if v)
@@ -149,7 +149,7 @@ def format_phenomenon(run_dirs: list[str]) -> str:
 
 def format_paired(vanilla_dirs: list[str], rollingq_dirs: list[str]) -> str:
     """RollingQ − vanilla per quantity (same seed), mean and 95 % t-interval, for two or more seeds."""
-    pairs = pair_by_seed([study_summary(d) for d in vanilla_dirs], [study_summary(d) for d in rollingq_dirs])
+    pairs = pair_by_seed([summarize_run(d) for d in vanilla_dirs], [summarize_run(d) for d in rollingq_dirs])
     if len(pairs) < 2:
         return ""
     rows = [(label, stat.text()) for label, stat in paired_rows(pairs) if "epoch" not in label]
@@ -223,7 +223,7 @@ def run_demo(out: str = "runs/demo", epochs: int | None = None, overrides: list[
     if threads:
         torch.set_num_threads(threads)
     vanilla, rollingq = (runs[name] for name in DEMO_TASKS[dataset])
-    summaries = [summarize_run(r) for pair in zip(vanilla, rollingq) for r in pair]
+    summaries = [evaluate_for_table(r) for pair in zip(vanilla, rollingq) for r in pair]
     parts = [format_phenomenon(vanilla), "", format_table(summaries)]
     paired = format_paired(vanilla, rollingq)
     if paired:
