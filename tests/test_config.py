@@ -70,6 +70,7 @@ def test_rules_across_keys_are_checked_at_load_time(overrides, message):
 @pytest.mark.parametrize("overrides, message", [
     (["rollingq.enabled=true", "rollingq.start_epoch=9", "train.epochs=8"], "RollingQ never rotates"),
     (["model.progressive_epochs=3"], "has no effect with model.fusion='vanilla_mt'"),
+    (["data.skip_bad=true"], "data.skip_bad=True has no effect with data.name='synthetic'"),
     (["model.fusion=vanilla_mt_star", "model.progressive_epochs=8", "train.epochs=8"],
      "the second fusion block never trains"),
 ])

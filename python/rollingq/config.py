@@ -12,6 +12,7 @@ Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import re
@@ -333,6 +334,12 @@ class Config(Section):
     def _warn_inert_settings(self) -> None:
         """Log settings that are valid but can have no effect in this run (e.g. after an override)."""
         m, epochs = self.model, self.train.epochs
+        taken = DATASETS[self.data.name].common
+        defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+        for key in ("root", "val_fraction", "skip_bad"):
+            if key not in taken and getattr(self.data, key) != defaults[key]:
+                logger.warning("data.%s=%r has no effect with data.name=%r (it does not read it)",
+                               key, getattr(self.data, key), self.data.name)
         if self.rollingq.enabled and self.rollingq.start_epoch > epochs:
             logger.warning("rollingq.start_epoch %d is after the last epoch (train.epochs=%d): RollingQ never rotates",
                            self.rollingq.start_epoch, epochs)
