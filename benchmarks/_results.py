@@ -178,6 +178,11 @@ def _git_commit(repo: Path) -> str | None:
         return None
 
 
+#: HEAD when the suite was imported, i.e. when the run started: the code the run measured (a commit made
+#: while a long run is under way must not be recorded as the measured one)
+START_COMMIT = _git_commit(RESULTS_DIR.parent.parent)
+
+
 def run_metadata(device: torch.device, quick: bool, note: str, has_cpp: bool) -> dict[str, Any]:
     """What a results file says about the run: device, versions, settings."""
     try:
@@ -199,7 +204,7 @@ def run_metadata(device: torch.device, quick: bool, note: str, has_cpp: bool) ->
         "has_cpp": has_cpp,
         "quick": quick,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": _git_commit(RESULTS_DIR.parent.parent),
+        "git_commit": START_COMMIT,
         "note": note,
         "cpu_capability": cpu_capabilities(),
         "cpu_flags": cpu_flags(),
