@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import math
 import os
@@ -137,7 +138,10 @@ class BenchSession:
         self._inputs: list[OpInputs] = []
         self.end_to_end: list[dict] = []
         self.paired: PairedRatios = {}
+        # (gate name, shape, dtype) -> calls timed per pair on the fused side and on the other side
+        self.pair_calls: dict[tuple[str, str, str], tuple[int, int]] = {}
         self.loadavg_start = load_average()
+        self.started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._compiled: dict[tuple[str, str, str, str], Callable] = {}
 
     @property
@@ -180,10 +184,12 @@ class BenchSession:
         """Re-measures one gate in ``config.gate_pairs`` alternating pairs (fused, then the other provider,
         each after its untimed setup) following one warm-up call of each; returns t_other / t_fused per pair.
 
-        Within a pair each side is timed for about as long as the slower side's warm-up call: a side
-        k times faster runs up to ``PAIR_MAX_CALLS`` calls and counts their median, so that one
-        scheduler hiccup on a 5 ms call (the class-only gate against a 0.4 s eager call) cannot
-        decide the pair."""
+        Within a pair each side is timed for about as long as the slower side's probe call (one timed
+        call of each after the warm-up): a side k times faster runs up to ``PAIR_MAX_CALLS`` calls
+        back to back and counts their median, so that one scheduler hiccup on a 5 ms call (the
+        class-only gate against a 0.4 s eager call) cannot decide the pair. The sides are then timed
+        differently (several warm calls against one), which can favour the repeated side by a few
+        per cent; the counts are kept in :attr:`pair_calls` and the results file."""
         shape = next(s for s in shapes_for(self.config.device.type, self.config.quick) if s.name == shape_name)
         sides = []
         for provider, mode in ((gate.fused_provider, gate.fused_mode), (gate.other, gate.other_mode)):
@@ -198,6 +204,7 @@ class BenchSession:
             sides.append((setup, target, first))
         longest = max(first for _, _, first in sides)
         calls = [min(PAIR_MAX_CALLS, max(1, round(longest / max(first, 1e-9)))) for _, _, first in sides]
+        self.pair_calls[(gate.name, shape_name, dtype)] = (calls[0], calls[1])
         ratios = []
         for _ in range(self.config.gate_pairs):
             fused_s, other_s = (

@@ -130,6 +130,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     metadata["warmup"] = session.config.warmup
     metadata["input_sets"] = session.config.input_sets
     metadata["gate_pairs"] = session.config.gate_pairs
+    metadata["gate_pair_calls"] = {" | ".join(key): list(calls) for key, calls in session.pair_calls.items()}
+    metadata["started"] = session.started
     metadata["min_rounds"], metadata["max_rounds"] = session.config.rounds, session.config.max_rounds
     metadata["loadavg_start"], metadata["loadavg_end"] = session.loadavg_start, load_average()
     path = write_results(
