@@ -455,8 +455,9 @@ class RollingQ:
         """Restore :meth:`state_dict`: records, open windows and, with ``settings``, the settings.
 
         With ``settings=False`` this controller keeps its own settings (those it was built with,
-        e.g. from an edited config) and logs each one that differs from the saved state; a layer
-        whose saved window setting differs from this controller's starts its window empty.
+        e.g. from an edited config) and logs each one that differs from the saved state. Either way
+        every layer ends up with the controller's window setting: a layer whose saved window setting
+        differs from it (the controller's, or one set on the layer by hand) starts its window empty.
         """
         for key in ("rho", "beta", "max_rotations", "window", "method", "estimate", "records", "statistics"):
             if key not in state:

@@ -179,14 +179,17 @@ def test_force_resume_runs_the_controller_with_the_edited_config(tmp_path, monke
     assert "keeping beta=0.7; the loaded state was saved with 0.1" in caplog.text
 
 
-def test_training_leaves_the_callers_thread_count_as_it_was(tmp_path):
+def test_training_leaves_the_callers_thread_count_as_it_was_and_logs_inert_settings(tmp_path, caplog):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        train_mod.train(_cfg("train.epochs=1", "train.num_threads=1"), str(tmp_path / "run"))
+        with caplog.at_level("WARNING", logger="rollingq.config"):
+            train_mod.train(_cfg("train.epochs=1", "train.num_threads=1", "model.progressive_epochs=2"),
+                            str(tmp_path / "run"))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    assert caplog.text.count("model.progressive_epochs=2 has no effect") == 1
 
 
 def test_force_without_resume_is_a_usage_error(tmp_path):

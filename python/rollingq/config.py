@@ -327,12 +327,13 @@ class Config(Section):
         if self.rollingq.enabled and not attention:
             raise ConfigError(f"rollingq.enabled: RollingQ needs an attention fusion {ATTENTION_FUSIONS}, "
                               f"got model.fusion={m.fusion!r}")
-        if self.ogm.start_epoch > self.ogm.end_epoch:
+        if m.fusion == "ogm_ge" and self.ogm.start_epoch > self.ogm.end_epoch:
             raise ConfigError(f"ogm.start_epoch: {self.ogm.start_epoch} is after ogm.end_epoch {self.ogm.end_epoch}")
-        self._warn_inert_settings()
 
-    def _warn_inert_settings(self) -> None:
-        """Log settings that are valid but can have no effect in this run (e.g. after an override)."""
+    def warn_inert_settings(self) -> None:
+        """Log settings that are valid but can have no effect in this run (e.g. after an override).
+
+        Called once by the trainer (rank 0) when a run starts, not on every load of a config."""
         m, epochs = self.model, self.train.epochs
         taken = DATASETS[self.data.name].common
         defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}

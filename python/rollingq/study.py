@@ -39,7 +39,9 @@ class RunSummary:
         val_epochs: validation accuracy per epoch.
         rotations: epochs at whose end the query was rotated.
         air_sign: +1 when a growing AIR means a growing lean toward ``dominant`` (it is the first of two
-            modalities, or there are more than two: the spread), -1 when it is the second of two.
+            modalities), -1 when it is the second of two; +1 with more than two modalities, where the
+            value is the spread max − min, which has no direction: ``air_grows`` then means "the
+            imbalance grows".
     """
 
     name: str

@@ -472,6 +472,8 @@ def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     held = hold_records() if info.is_main else None  # until train.log exists
+    if info.is_main:
+        cfg.warn_inert_settings()
     handler = None
     try:
         if state is None:  # every rank looks before any rank writes
