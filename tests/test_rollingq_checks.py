@@ -16,6 +16,7 @@ import rollingq_kernels
 from rollingq_kernels.accumulator import indicator_cosines, indicator_value, mass_disagreement, score_weights
 from rollingq_kernels.controller import RollingQ, accuracy_guard
 from rollingq_kernels.module import FusedRollingQAttention
+from rollingq_kernels.stats import token_counts
 
 F64 = torch.float64
 DIM = 4
@@ -145,6 +146,27 @@ def test_token_counts_come_from_the_valid_lengths():
     lengths = torch.tensor([[30, 2], [20, 2], [10, 1], [30, 2], [25, 2], [15, 1]])
     rec, _ = _step("cos", (30, 2), (0.2, 0.4), lengths=lengths)
     assert rec.tokens == pytest.approx([130 / 6, 10 / 6], abs=1e-12)
+
+
+class _HostDataFactories(torch.overrides.TorchFunctionMode):
+    """Records every tensor built from host data (a host-to-device copy on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.tensor, torch.as_tensor, torch.from_numpy):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_token_counts_without_lengths_copy_nothing_from_the_host():
+    # the CPU stand-in for test_triton_cuda's sync and graph-capture tests: no tensor from a Python list
+    with _HostDataFactories() as seen:
+        counts = token_counts(None, 3, (5, 7), torch.device("meta"))
+    assert seen.calls == [] and counts.shape == (3, 2) and counts.dtype == torch.float32
+    assert token_counts(None, 3, (5, 7), torch.device("cpu")).tolist() == [[5.0, 7.0]] * 3
 
 
 def test_indicator_is_saved_and_old_states_load_as_cos():
