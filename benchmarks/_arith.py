@@ -139,3 +139,14 @@ def copy_bandwidth_gbps(nbytes: int, seconds: float) -> float:
 def matmul_tflops(n: int, seconds: float) -> float:
     """TFLOP/s of an ``n×n @ n×n`` product (``2·n³`` FLOPs)."""
     return tflops(2 * n**3, seconds)
+
+
+#: the most calls one side of a gate pair is timed with (their median counts)
+PAIR_MAX_CALLS = 15
+
+
+def pair_call_counts(probe_seconds: list[float], most: int = PAIR_MAX_CALLS) -> list[int]:
+    """Calls per pair for each side of a gate, from one probe call of each: a side ``k`` times faster than
+    the slowest is timed ``round(k)`` times (at least 1, at most ``most``), so each side lasts about as long."""
+    longest = max(probe_seconds)
+    return [min(most, max(1, round(longest / max(t, 1e-9)))) for t in probe_seconds]

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ._arith import PASSES, OpDims, attention_bytes, attention_flops, fraction, gbps, median_seconds, tflops
+from ._arith import (
+    PASSES,
+    OpDims,
+    attention_bytes,
+    attention_flops,
+    fraction,
+    gbps,
+    median_seconds,
+    pair_call_counts,
+    tflops,
+)
 from ._gates import Gate, PairedRatios
 from ._providers import (
     DTYPES,
@@ -31,8 +41,6 @@ from ._timing import MachineRates, measure_machine, time_rounds
 
 logger = logging.getLogger("benchmarks")
 
-# the most calls one side of a gate pair is timed with (its median counts; see paired_ratios)
-PAIR_MAX_CALLS = 15
 STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "flex+stats", "compile-eager")
 
 
@@ -185,7 +193,7 @@ class BenchSession:
         each after its untimed setup) following one warm-up call of each; returns t_other / t_fused per pair.
 
         Within a pair each side is timed for about as long as the slower side's probe call (one timed
-        call of each after the warm-up): a side k times faster runs up to ``PAIR_MAX_CALLS`` calls
+        call of each after the warm-up): a side k times faster runs up to ``_arith.PAIR_MAX_CALLS`` calls
         back to back and counts their median, so that one scheduler hiccup on a 5 ms call (the
         class-only gate against a 0.4 s eager call) cannot decide the pair. The sides are then timed
         differently (several warm calls against one), which can favour the repeated side by a few
@@ -202,8 +210,7 @@ class BenchSession:
             time_rounds(target, setup, self.config.device, warmup=1, rounds=0)
             first = time_rounds(target, setup, self.config.device, warmup=0, rounds=1)[0]
             sides.append((setup, target, first))
-        longest = max(first for _, _, first in sides)
-        calls = [min(PAIR_MAX_CALLS, max(1, round(longest / max(first, 1e-9)))) for _, _, first in sides]
+        calls = pair_call_counts([first for _, _, first in sides])
         self.pair_calls[(gate.name, shape_name, dtype)] = (calls[0], calls[1])
         ratios = []
         for _ in range(self.config.gate_pairs):

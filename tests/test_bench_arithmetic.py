@@ -22,6 +22,7 @@ from benchmarks._arith import (  # noqa: E402
     gbps,
     matmul_tflops,
     median_seconds,
+    pair_call_counts,
     speedup,
     stats_output_bytes,
     tflops,
@@ -191,3 +192,10 @@ def test_results_file_names_carry_the_cpu_instruction_set() -> None:
     assert results_path(Path("r"), no_kernels).name == "amd-epyc-2-cores-2026-11-29.json"
     gpu = {**meta, "device_type": "cuda", "device_name": "NVIDIA H100"}
     assert results_path(Path("r"), gpu).name == "nvidia-h100-2026-11-29.json"
+
+
+def test_gate_pairs_time_the_faster_side_about_as_long_as_the_slower():
+    assert pair_call_counts([0.005, 0.40]) == [15, 1]  # class-only vs eager all-query: capped
+    assert pair_call_counts([0.10, 0.31]) == [3, 1]
+    assert pair_call_counts([0.21, 0.20]) == [1, 1]  # comparable sides: one call each
+    assert pair_call_counts([0.0, 0.5], most=4) == [4, 1]  # a zero probe does not divide by zero
