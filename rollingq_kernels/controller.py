@@ -466,13 +466,13 @@ class RollingQ:
             raise ValueError(f"state: saved for layers {sorted(state['statistics'])}, "
                              f"but this controller has {sorted(self.layers)}")
         _check_settings(state["rho"], state["beta"], state["max_rotations"], state["method"], state["estimate"])
-        check_window(state["window"])
-        indicator = check_indicator(state.get("indicator", "cos"))  # states saved before the setting: AIR
+        saved_settings = {
+            "rho": float(state["rho"]), "beta": float(state["beta"]), "max_rotations": int(state["max_rotations"]),
+            "window": check_window(state["window"]), "method": state["method"], "estimate": state["estimate"],
+            "indicator": check_indicator(state.get("indicator", "cos")),  # states saved before the setting: AIR
+        }
         for name, layer in self.layers.items():  # every check before anything changes
             _check_window_state(name, layer, state["statistics"][name])
-        saved_settings = {"rho": float(state["rho"]), "beta": float(state["beta"]),
-                 "max_rotations": int(state["max_rotations"]), "window": check_window(state["window"]),
-                 "method": state["method"], "estimate": state["estimate"], "indicator": indicator}
         if settings:
             for key, value in saved_settings.items():
                 setattr(self, key, value)
