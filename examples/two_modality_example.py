@@ -55,6 +55,7 @@ def main() -> None:
     # class by 0.05 (accuracy_guard: a query that has learned nothing has no preference worth correcting),
     # as `rollingq train` does with rollingq.start_epoch and rollingq.min_accuracy_gain
     controller = RollingQ(model.fusion, rho=1.0, beta=0.1, max_rotations=1)
+    majority = float(torch.bincount(labels, minlength=CLASSES).max()) / n  # the accuracy of guessing priors
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for epoch in range(1, EPOCHS + 1):
         model.train()
@@ -66,7 +67,6 @@ def main() -> None:
             loss.backward()
             opt.step()
             correct += int((logits.argmax(1) == labels[i : i + 32]).sum())
-        majority = float(torch.bincount(labels, minlength=CLASSES).max()) / n
         held = "too early" if epoch < 3 else accuracy_guard(correct / n, majority, min_gain=0.05)
         if held is not None:
             stats = model.fusion.window_statistics()
