@@ -1,6 +1,7 @@
-// The table of float row kernels that csrc/cpu/row_ops_impl.h builds once per
-// instruction set (see row_ops.h for how the kernels use it). Plain C++ only:
-// the per-level translation units include this file with their ISA flags.
+// The table of float kernels that csrc/cpu/ builds once per instruction set: the
+// row operations of row_ops_impl.h (see row_ops.h for how the kernels use them)
+// and the tile GEMMs of gemm_impl.h (see tile_gemm.h). Plain C++ only: the
+// per-level translation units include this file with their ISA flags.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +34,23 @@ struct FloatRowOps {
   float (*dot_and_add)(const float* a, const float* b, float* sum, int64_t n);
   void (*axpy)(float alpha, const float* x, float* y, int64_t n);  // y += alpha * x
   void (*scale)(float* x, float alpha, int64_t n);                 // x *= alpha
+
+  // Tile GEMMs (gemm_impl.h), row-major float32, fixed summation order per level.
+  // gemm_nt reads B from panels of `panel` rows written by pack_rows: B (n x k, ldb) takes
+  // round_up(n, panel) * k floats there.
+  int64_t panel;
+  void (*pack_rows)(const float* b, int64_t n, int64_t k, int64_t ldb, float* bp);
+  // C (m x n, ldc >= round_up(n, panel)) = alpha A (m x k, lda) B^T, also writing the columns up to
+  // round_up(n, panel); row_max (optional): row_max[i] = max(row_max[i], max_{j < n} C[i, j]).
+  void (*gemm_nt)(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* bp,
+                  float* c, int64_t ldc, float* row_max);
+  // C (m x n) = C * c_scale[i] + factor A (m x k) B (k x n) (c_scale nullptr: 1); accumulate false:
+  // C = factor A B (C is not read).
+  void (*gemm_nn)(int64_t m, int64_t n, int64_t k, float factor, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float* c, int64_t ldc, const float* c_scale, bool accumulate);
+  // C (m x n) += factor A^T B, A (k x m, lda), B (k x n, ldb).
+  void (*gemm_tn)(int64_t m, int64_t n, int64_t k, float factor, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float* c, int64_t ldc);
 };
 
 // The table of each level (csrc/cpu/row_ops_<level>.cpp); AVX2 and AVX512 exist on x86-64 only.

@@ -17,6 +17,7 @@
 #include "attention_kernels.h"
 #include "kernel_utils.h"
 #include "row_ops.h"
+#include "tile_gemm.h"
 
 namespace rollingq {
 namespace {
@@ -125,10 +126,14 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   for (int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(Dh);
   const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
 
+  const TileGemm<acc_t> gemm;
+  const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
+  const int64_t row_block = std::min(qB, TileGemm<acc_t>::kRowBlock);
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), kbuf(kvB * Dh), vbuf(kvB * Dh);
-    std::vector<acc_t> scores(qB * kvB), acc(qB * Dh);
+    TilePacker<acc_t> key_panels(gemm, kvB, Dh);
+    std::vector<acc_t> scores(row_block * ldS), acc(qB * Dh), tile_max(row_block), alpha(row_block);
     RowState<acc_t> rows(qB);
     std::vector<uint32_t> row_keys(qB);
     ClassRowStats<acc_t> stats(p.M, Dh);
@@ -155,7 +160,9 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       if (dropout)
         for (int64_t i = 0; i < nr; ++i) row_keys[i] = dropout_row_key(p.seed, b, h, r0 + i);
 
-      for (const Tile& ktile : layout.keys_of(b)) {  // the first tile holds the class key: running max finite
+      const std::vector<Tile>& key_tiles = layout.keys_of(b);
+      for (size_t kti = 0; kti < key_tiles.size(); ++kti) {  // tile 0 holds the class key: running max finite
+        const Tile& ktile = key_tiles[kti];
         const int64_t j0 = ktile.start, nk = ktile.size;
         const uint8_t* tile_valid = key_valid + j0;
         if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
@@ -169,30 +176,45 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
                         : key_sum    ? scale * ops.dot_and_add(qt, kj, key_sum, Dh)
                                      : scale * ops.dot(qt, kj, Dh);
           }
-          mask = nullptr;  // padded keys are already -inf
-        } else {
-          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
-          gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
-          if (class_tile)
-            for (int64_t j = 0; j < nk; ++j)
-              if (acc_t* key_sum = stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh))
-                ops.axpy(acc_t(1), kt + j * Dh, key_sum, Dh);
-        }
-        for (int64_t i = 0; i < nr; ++i) {
-          acc_t* s = scores.data() + i * kvB;
-          const acc_t alpha = softmax_row_update(ops, s, mask, nk, rows.max[i], rows.sum[i]);
-          if (class_tile && i == 0) stats.add_mass(s, alpha, layout.segment_of.data() + j0, nk);
-          if (dropout) ops.dropout(s, nk, row_keys[i], layout.col_hash.data() + j0, threshold, inv_keep);
-          if (alpha != acc_t(1)) ops.scale(acc.data() + i * Dh, alpha, Dh);
-        }
-        if (single_row) {  // padded keys have probability 0: their value rows are never read
+          const acc_t a0 = softmax_row_update(ops, scores.data(), nullptr, nk, rows.max[0], rows.sum[0]);
+          if (class_tile) stats.add_mass(scores.data(), a0, layout.segment_of.data() + j0, nk);
+          if (dropout) ops.dropout(scores.data(), nk, row_keys[0], layout.col_hash.data() + j0, threshold, inv_keep);
+          if (a0 != acc_t(1)) ops.scale(acc.data(), a0, Dh);
+          // padded keys have probability 0: their value rows are never read
           const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
           for (int64_t j = 0; j < nk; ++j)
             if (scores[j] != acc_t(0)) ops.axpy(scores[j], vt + j * Dh, acc.data(), Dh);
-        } else {
-          const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
-                                                             ktile.all_valid, vbuf.data());
-          gemm_pv<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, vt, acc_t(1), acc.data());
+          continue;
+        }
+        const acc_t* kp = key_panels.get(bh, key_tiles, kti, [&](const Tile& t) {
+          return load_rows<scalar_t, acc_t>(k + bh * N * Dh, t.start, t.size, Dh, kbuf.data());
+        });
+        if (class_tile) {
+          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
+          for (int64_t j = 0; j < nk; ++j)
+            if (acc_t* key_sum = stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh))
+              ops.axpy(acc_t(1), kt + j * Dh, key_sum, Dh);
+        }
+        const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
+                                                           ktile.all_valid, vbuf.data());
+        // Row blocks: scores, softmax and P V of a few query rows while their scores are in L1.
+        for (int64_t i0 = 0; i0 < nr; i0 += row_block) {
+          const int64_t nb = std::min(row_block, nr - i0);
+          std::fill(tile_max.begin(), tile_max.begin() + nb, -std::numeric_limits<acc_t>::infinity());
+          // padded keys: masked_max below replaces their scores (the fused maximum would see them)
+          gemm.scores(nb, nk, Dh, scale, qt + i0 * Dh, kp, scores.data(), ldS, mask ? nullptr : tile_max.data());
+          for (int64_t ib = 0; ib < nb; ++ib) {
+            const int64_t i = i0 + ib;
+            acc_t* s = scores.data() + ib * ldS;
+            const acc_t m_tile = mask ? ops.masked_max(s, mask, nk) : tile_max[ib];
+            const acc_t m_new = std::max(rows.max[i], m_tile);  // finite: tile 0 holds the class key
+            alpha[ib] = exp_vec(rows.max[i] - m_new);
+            rows.sum[i] = rows.sum[i] * alpha[ib] + ops.exp_sum(s, nk, m_new);
+            rows.max[i] = m_new;
+            if (class_tile && i == 0) stats.add_mass(s, alpha[ib], layout.segment_of.data() + j0, nk);
+            if (dropout) ops.dropout(s, nk, row_keys[i], layout.col_hash.data() + j0, threshold, inv_keep);
+          }
+          gemm.pv(nb, Dh, nk, acc_t(1), scores.data(), ldS, vt, acc.data() + i0 * Dh, alpha.data());
         }
       }
 
