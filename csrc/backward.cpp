@@ -51,6 +51,16 @@ inline void write_scaled_row(scalar_t* dst, acc_t alpha, const acc_t* x, int64_t
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(alpha * x[i]);
 }
 
+// dst (n x d) row j = round(w[j] * x): float through the per-level kernel, else row by row.
+template <typename scalar_t, typename acc_t>
+inline void write_outer_rows(const RowOps<acc_t>& ops, const acc_t* w, const acc_t* x, int64_t n, int64_t d,
+                             scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    ops.t.outer_rows(w, x, n, d, dst);
+  else
+    for (int64_t j = 0; j < n; ++j) write_scaled_row(dst + j * d, w[j], x, d);
+}
+
 template <typename scalar_t>
 inline void zero_rows(scalar_t* m, int64_t r0, int64_t r1, int64_t d) {
   if (r1 > r0) std::fill(m + r0 * d, m + r1 * d, scalar_t(0));
@@ -89,9 +99,14 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     for (const Tile& t : layout.keys_of(bh / p.H)) keys += t.size;
     cost[bh] = rows * keys;
   }
-  double flops = 0;  // the five GEMMs: 10 Dh flops per (row, key)
-  for (int64_t c : cost) flops += 10.0 * static_cast<double>(c) * static_cast<double>(Dh);
-  const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
+  double visits = 0;  // (query row, key) pairs
+  for (int64_t c : cost) visits += static_cast<double>(c);
+  // all-query: the five GEMMs, 10 Dh flops per visit; class-only calls are memory-bound: split by the
+  // bytes of K and V read and of dK and dV written
+  const int64_t workers = all_query ? worker_count(10.0 * static_cast<double>(Dh) * visits, at::get_num_threads())
+                                    : worker_count_for_bytes(4.0 * static_cast<double>(Dh) * sizeof(scalar_t) * visits,
+                                                             at::get_num_threads());
+  const std::vector<int64_t> bounds = balance_tasks(cost, workers);
 
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
@@ -133,17 +148,21 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         written = j0 + nk;
         const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
         const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
-        for (int64_t j = 0; j < nk; ++j) {  // padded keys: P = 0 below, their keys and values never read
-          scores[j] = tile_valid[j] ? scale * ops.dot(qt, kt + j * Dh, Dh) : acc_t(0);
-          dp[j] = tile_valid[j] ? ops.dot(dot, vt + j * Dh, Dh) : acc_t(0);
-        }
+        // padded keys: P = 0 below, their keys and values never read
+        std::fill(scores.begin(), scores.begin() + nk, acc_t(0));
+        std::fill(dp.begin(), dp.begin() + nk, acc_t(0));
+        for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t) {
+          ops.dot_rows(qt, kt + (lo - j0) * Dh, hi - lo, Dh, scale, scores.data() + lo - j0, nullptr);
+          ops.dot_rows(dot, vt + (lo - j0) * Dh, hi - lo, Dh, acc_t(1), dp.data() + lo - j0, nullptr);
+        });
         ops.backward_row(scores.data(), dp.data(), ktile.all_valid ? nullptr : key_mask + j0, nk, lse0, delta0,
                          dropout ? layout.col_hash.data() + j0 : nullptr, row_key, threshold, inv_keep);
-        for (int64_t j = 0; j < nk; ++j) {  // scores = P_d, dp = dS
-          write_scaled_row(dV + (j0 + j) * Dh, scores[j], dot, Dh);
-          write_scaled_row(dK + (j0 + j) * Dh, scale * dp[j], qt, Dh);
-          if (dp[j] != acc_t(0)) ops.axpy(scale * dp[j], kt + j * Dh, dq_row.data(), Dh);
-        }
+        for (int64_t j = 0; j < nk; ++j) dp[j] *= scale;  // scores = P_d, dp = scale dS
+        write_outer_rows(ops, scores.data(), dot, nk, Dh, dV + j0 * Dh);
+        write_outer_rows(ops, dp.data(), qt, nk, Dh, dK + j0 * Dh);
+        for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t) {
+          ops.weighted_rows(dp.data() + lo - j0, kt + (lo - j0) * Dh, hi - lo, Dh, dq_row.data());
+        });
       }
       zero_rows(dK, written, N, Dh);
       zero_rows(dV, written, N, Dh);

@@ -51,6 +51,14 @@ struct FloatRowOps {
   // C (m x n) += factor A^T B, A (k x m, lda), B (k x n, ldb).
   void (*gemm_tn)(int64_t m, int64_t n, int64_t k, float factor, const float* a, int64_t lda, const float* b,
                   int64_t ldb, float* c, int64_t ldc);
+
+  // Streaming kernels of the class-only calls (class_row_impl.h), over n rows x_j of x (n x dh):
+  // scores[j] = scale * (q . x_j), and sum (optional, dh) += sum_j x_j;
+  void (*dot_rows)(const float* q, const float* x, int64_t n, int64_t dh, float scale, float* scores, float* sum);
+  // acc (dh) += sum_j w[j] x_j.
+  void (*weighted_rows)(const float* w, const float* x, int64_t n, int64_t dh, float* acc);
+  // dst (n x dh) row j = w[j] x (x: dh).
+  void (*outer_rows)(const float* w, const float* x, int64_t n, int64_t dh, float* dst);
 };
 
 // The table of each level (csrc/cpu/row_ops_<level>.cpp); AVX2 and AVX512 exist on x86-64 only.

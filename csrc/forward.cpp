@@ -122,9 +122,15 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       cost.push_back(query_tiles[t].size * keys);
     }
   }
-  double flops = 0;  // the two GEMMs: 4 Dh flops per (row, key)
-  for (int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(Dh);
-  const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
+  double visits = 0;  // (query row, key) pairs
+  for (int64_t c : cost) visits += static_cast<double>(c);
+  const double row_elems = static_cast<double>(Dh);
+  // all-query: the two GEMMs, 4 Dh flops per visit; class-only calls are memory-bound: split by
+  // the bytes of K and V they read
+  const int64_t workers = all_query ? worker_count(4.0 * row_elems * visits, at::get_num_threads())
+                                    : worker_count_for_bytes(2.0 * row_elems * sizeof(scalar_t) * visits,
+                                                             at::get_num_threads());
+  const std::vector<int64_t> bounds = balance_tasks(cost, workers);
 
   const TileGemm<acc_t> gemm;
   const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
@@ -169,21 +175,21 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
         const uint32_t* mask = ktile.all_valid ? nullptr : key_mask + j0;
         if (single_row) {  // one streaming pass over the valid keys: scores and key sums together
           const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
-          for (int64_t j = 0; j < nk; ++j) {
-            const acc_t* kj = kt + j * Dh;
-            acc_t* key_sum = class_tile ? stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh) : nullptr;
-            scores[j] = !tile_valid[j] ? -std::numeric_limits<acc_t>::infinity()
-                        : key_sum    ? scale * ops.dot_and_add(qt, kj, key_sum, Dh)
-                                     : scale * ops.dot(qt, kj, Dh);
-          }
-          const acc_t a0 = softmax_row_update(ops, scores.data(), nullptr, nk, rows.max[0], rows.sum[0]);
-          if (class_tile) stats.add_mass(scores.data(), a0, layout.segment_of.data() + j0, nk);
-          if (dropout) ops.dropout(scores.data(), nk, row_keys[0], layout.col_hash.data() + j0, threshold, inv_keep);
+          acc_t* s = scores.data();
+          std::fill(s, s + nk, -std::numeric_limits<acc_t>::infinity());  // padded keys
+          for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t segment) {
+            acc_t* key_sum = class_tile && segment > 0 ? stats.key_sum.data() + (segment - 1) * Dh : nullptr;
+            ops.dot_rows(qt, kt + (lo - j0) * Dh, hi - lo, Dh, scale, s + lo - j0, key_sum);
+          });
+          const acc_t a0 = softmax_row_update(ops, s, nullptr, nk, rows.max[0], rows.sum[0]);
+          if (class_tile) stats.add_mass(s, a0, layout.segment_of.data() + j0, nk);
+          if (dropout) ops.dropout(s, nk, row_keys[0], layout.col_hash.data() + j0, threshold, inv_keep);
           if (a0 != acc_t(1)) ops.scale(acc.data(), a0, Dh);
           // padded keys have probability 0: their value rows are never read
           const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
-          for (int64_t j = 0; j < nk; ++j)
-            if (scores[j] != acc_t(0)) ops.axpy(scores[j], vt + j * Dh, acc.data(), Dh);
+          for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t) {
+            ops.weighted_rows(s + lo - j0, vt + (lo - j0) * Dh, hi - lo, Dh, acc.data());
+          });
           continue;
         }
         const acc_t* kp = key_panels.get(bh, key_tiles, kti, [&](const Tile& t) {

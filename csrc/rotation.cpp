@@ -8,9 +8,11 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_kernels.h"
+#include "float_row_ops.h"
 #include "kernel_utils.h"
 
 namespace rollingq {
@@ -20,8 +22,9 @@ namespace {
 // rows of X and Y are n-element slices with leading dimension ld. A is mem^T
 // when a_is_mem_transposed, else mem (mem row-major, n x n).
 // Column blocks of Y are fixed (kColumnBlock) and run in parallel (when the
-// product is large enough to be worth it), one serial BLAS call each: the
-// result is bitwise the same for any thread count.
+// product is large enough to be worth it), one serial call each (float: the
+// per-level kernels of float_row_ops.h; double: BLAS): the result is bitwise
+// the same for any thread count.
 constexpr int64_t kColumnBlock = 64;
 template <typename T>
 void rows_times(const T* x, const T* mem, bool a_is_mem_transposed, int64_t rows, int64_t n, int64_t ld, T* y) {
@@ -32,10 +35,18 @@ void rows_times(const T* x, const T* mem, bool a_is_mem_transposed, int64_t rows
     SerialBlasGuard serial_blas;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c0 = i * kColumnBlock, nc = std::min(kColumnBlock, n - c0);
-      if (a_is_mem_transposed)  // Y[:, c0:] = X @ mem[c0:, :]^T
+      if constexpr (std::is_same_v<T, float>) {  // the per-level kernels: BLAS would pack R on every call
+        const FloatRowOps& ops = float_row_ops();
+        if (a_is_mem_transposed)  // Y[r, c0 + j] = X[r] . mem[c0 + j]: the block of mem rows stays in cache
+          for (int64_t r = 0; r < rows; ++r)
+            ops.dot_rows(x + r * ld, mem + c0 * n, nc, n, 1.0f, y + r * ld + c0, nullptr);
+        else
+          ops.gemm_nn(rows, nc, n, 1.0f, x, ld, mem + c0, n, y + c0, ld, nullptr, false);
+      } else if (a_is_mem_transposed) {  // Y[:, c0:] = X @ mem[c0:, :]^T
         gemm(true, false, nc, rows, n, T(1), mem + c0 * n, n, x, ld, T(0), y + c0, ld);
-      else  // Y[:, c0:] = X @ mem[:, c0:]
+      } else {  // Y[:, c0:] = X @ mem[:, c0:]
         gemm(false, false, nc, rows, n, T(1), mem + c0, n, x, ld, T(0), y + c0, ld);
+      }
     }
   });
 }

@@ -64,7 +64,8 @@ void pack_rows(const float* b, int64_t n, int64_t k, int64_t ldb, float* bp) {
       const float* src = b + (p0 + r) * ldb;
       for (int64_t kk = 0; kk < k; ++kk) panel[kk * kPanel + r] = src[kk];
     }
-    for (int64_t kk = 0; kk < k && rows < kPanel; ++kk) std::fill(panel + kk * kPanel + rows, panel + (kk + 1) * kPanel, 0.0f);
+    if (rows < kPanel)
+      for (int64_t kk = 0; kk < k; ++kk) std::fill(panel + kk * kPanel + rows, panel + (kk + 1) * kPanel, 0.0f);
   }
 }
 

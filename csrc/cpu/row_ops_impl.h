@@ -27,6 +27,7 @@
 
 #include "../float_row_ops.h"
 #include "../scalar_math.h"
+#include "class_row_impl.h"
 #include "gemm_impl.h"
 
 namespace rollingq {
@@ -258,7 +259,8 @@ void scale(float* x, float alpha, int64_t n) {
 const FloatRowOps& float_row_ops() {
   static const FloatRowOps ops{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot,
                                dot_and_add, axpy, scale, gemm::kPanel, gemm::pack_rows, gemm::gemm_nt,
-                               gemm::gemm_nn, gemm::gemm_tn};
+                               gemm::gemm_nn, gemm::gemm_tn, class_row::dot_rows, class_row::weighted_rows,
+                               class_row::outer_rows};
   return ops;
 }
 
