@@ -15,6 +15,7 @@
 #include "attention_kernels.h"
 #include "kernel_utils.h"
 #include "row_ops.h"
+#include "tile_gemm.h"
 
 namespace rollingq {
 namespace {
@@ -108,11 +109,15 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
                                                              at::get_num_threads());
   const std::vector<int64_t> bounds = balance_tasks(cost, workers);
 
+  const TileGemm<acc_t> gemm;
+  const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
+  const int64_t row_block = std::min(qB, TileGemm<acc_t>::kBackwardRowBlock);
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), dobuf(qB * Dh), obuf(convert ? qB * Dh : 0);
     std::vector<acc_t> kbuf(kvB * Dh), vbuf(kvB * Dh);
-    std::vector<acc_t> scores(qB * kvB), dp(qB * kvB), delta(qB), lse(qB);
+    TilePacker<acc_t> key_panels(gemm, kvB, Dh), value_panels(gemm, kvB, Dh);
+    std::vector<acc_t> scores(row_block * ldS), dp(row_block * ldS), delta(qB), lse(qB);
     std::vector<uint32_t> row_keys(qB);
     const bool full_buffers = convert && all_query;
     std::vector<acc_t> dq_acc(full_buffers ? Nq * Dh : 0), dk_acc(full_buffers ? N * Dh : 0);
@@ -204,30 +209,45 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         if constexpr (std::is_same_v<acc_t, double>)
           exact_lse(qt, k + bh * N * Dh, key_valid, key_mask, key_tiles, nr, Dh, kvB, scale, scores.data(),
                     lse.data());
-        for (const Tile& ktile : key_tiles) {
+        for (size_t kti = 0; kti < key_tiles.size(); ++kti) {
+          const Tile& ktile = key_tiles[kti];
           const int64_t j0 = ktile.start, nk = ktile.size;
           const uint8_t* tile_valid = key_valid + j0;
           if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
-          const acc_t* kt = load_valid_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, tile_valid,
-                                                             ktile.all_valid, kbuf.data());
-          const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
-                                                             ktile.all_valid, vbuf.data());
-          gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
-          gemm_abt<acc_t>(nr, nk, Dh, acc_t(1), dot, vt, dp.data(), kvB);
-          for (int64_t i = 0; i < nr; ++i) {
-            acc_t* s = scores.data() + i * kvB;
-            acc_t* dpi = dp.data() + i * kvB;
-            if (!qtile.all_valid && all_query && !key_valid[r0 + i]) {
-              std::fill(s, s + nk, acc_t(0));
-              std::fill(dpi, dpi + nk, acc_t(0));
-              continue;
+          // padded keys and values enter the GEMMs as zeros, whatever the tensors hold there
+          auto valid_rows = [&](const scalar_t* x, acc_t* scratch) {
+            return [&, x, scratch](const Tile& t) {
+              return load_valid_rows<scalar_t, acc_t>(x + bh * N * Dh, t.start, t.size, Dh, key_valid + t.start,
+                                                      t.all_valid, scratch);
+            };
+          };
+          // (double: used in place, so each keeps its own scratch; kt and kp then hold the same rows)
+          const acc_t* kp = key_panels.get(bh, key_tiles, kti, valid_rows(k, kbuf.data()));
+          const acc_t* vp = value_panels.get(bh, key_tiles, kti, valid_rows(v, vbuf.data()));
+          const acc_t* kt = valid_rows(k, kbuf.data())(ktile);
+          // Row blocks: P and dS of a few query rows, then their share of dV, dQ and dK.
+          for (int64_t i0 = 0; i0 < nr; i0 += row_block) {
+            const int64_t nb = std::min(row_block, nr - i0);
+            const acc_t* qb = qt + i0 * Dh;
+            const acc_t* dob = dot + i0 * Dh;
+            gemm.scores(nb, nk, Dh, scale, qb, kp, scores.data(), ldS, nullptr);
+            gemm.scores(nb, nk, Dh, acc_t(1), dob, vp, dp.data(), ldS, nullptr);
+            for (int64_t ib = 0; ib < nb; ++ib) {
+              const int64_t i = i0 + ib;
+              acc_t* s = scores.data() + ib * ldS;
+              acc_t* dpi = dp.data() + ib * ldS;
+              if (!qtile.all_valid && !key_valid[r0 + i]) {
+                std::fill(s, s + nk, acc_t(0));
+                std::fill(dpi, dpi + nk, acc_t(0));
+                continue;
+              }
+              ops.backward_row(s, dpi, ktile.all_valid ? nullptr : key_mask + j0, nk, lse[i], delta[i],
+                               dropout ? layout.col_hash.data() + j0 : nullptr, row_keys[i], threshold, inv_keep);
             }
-            ops.backward_row(s, dpi, ktile.all_valid ? nullptr : key_mask + j0, nk, lse[i], delta[i],
-                             dropout ? layout.col_hash.data() + j0 : nullptr, row_keys[i], threshold, inv_keep);
+            gemm.ptx(nb, nk, Dh, acc_t(1), scores.data(), ldS, dob, dV + j0 * Dh);
+            gemm.pv(nb, Dh, nk, scale, dp.data(), ldS, kt, dQ + (r0 + i0) * Dh, nullptr);
+            gemm.ptx(nb, nk, Dh, scale, dp.data(), ldS, qb, dK + j0 * Dh);
           }
-          gemm_ptx<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, dot, dV + j0 * Dh);
-          gemm_pv<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, kt, acc_t(1), dQ + r0 * Dh);
-          gemm_ptx<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, qt, dK + j0 * Dh);
         }
       }
       if (dq0rot != nullptr) std::copy_n(dQ, Dh, dq0rot + bh * Dh);

@@ -27,6 +27,8 @@ struct TileGemm<float> {
   int64_t padded_cols(int64_t n) const { return (n + t.panel - 1) / t.panel * t.panel; }
   // Query rows per fused block of the forward: the scores of one block stay in L1.
   static constexpr int64_t kRowBlock = 12;
+  // Query rows per block of the backward: their P and dS feed three GEMMs.
+  static constexpr int64_t kBackwardRowBlock = 24;
 
   const float* pack(const float* b, int64_t n, int64_t k, float* buf) const {
     t.pack_rows(b, n, k, k, buf);
@@ -54,6 +56,7 @@ struct TileGemm<double> {
   int64_t packed_size(int64_t, int64_t) const { return 0; }
   int64_t padded_cols(int64_t n) const { return n; }
   static constexpr int64_t kRowBlock = 1 << 30;  // whole tiles: BLAS is fastest on large calls
+  static constexpr int64_t kBackwardRowBlock = 1 << 30;
 
   const double* pack(const double* b, int64_t, int64_t, double*) const { return b; }
   void scores(int64_t m, int64_t n, int64_t k, double alpha, const double* a, const double* b, double* s,
