@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include "attention_kernels.h"
+#include "bf16_tiles.h"
 #include "kernel_utils.h"
 #include "row_ops.h"
 #include "tile_gemm.h"
@@ -112,11 +113,14 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
   const TileGemm<acc_t> gemm;
   const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
   const int64_t row_block = std::min(qB, TileGemm<acc_t>::kBackwardRowBlock);
+  const bool bf16_gemms = all_query && use_bf16_gemms<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), dobuf(qB * Dh), obuf(convert ? qB * Dh : 0);
     std::vector<acc_t> kbuf(kvB * Dh), vbuf(kvB * Dh);
     TilePacker<acc_t> key_panels(gemm, kvB, Dh), value_panels(gemm, kvB, Dh);
+    // bfloat16 inputs with AVX512_BF16: S and dP from the bfloat16 rows (dV, dQ, dK stay float32)
+    Bf16Operands<scalar_t> bf16(bf16_gemms, qB, kvB, Dh, row_block, ldS);
     std::vector<acc_t> scores(row_block * ldS), dp(row_block * ldS), delta(qB), lse(qB);
     std::vector<uint32_t> row_keys(qB);
     const bool full_buffers = convert && all_query;
@@ -199,6 +203,12 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         const acc_t* dot = load_valid_rows<scalar_t, acc_t>(go + bh * Nq * Dh, r0, nr, Dh, key_valid + r0,
                                                             qtile.all_valid, dobuf.data());
         const acc_t* ot = load_rows<scalar_t, acc_t>(o + bh * Nq * Dh, r0, nr, Dh, obuf.data());
+        const uint16_t *q16 = nullptr, *do16 = nullptr;
+        if (bf16.on()) {
+          q16 = bf16.query_tile(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0, nr, key_valid + r0,
+                                qtile.all_valid, 0);
+          do16 = bf16.query_tile(go + bh * Nq * Dh, nullptr, r0, nr, key_valid + r0, qtile.all_valid, 1);
+        }
         for (int64_t i = 0; i < nr; ++i) {
           delta[i] = key_valid[r0 + i] ? ops.dot(dot + i * Dh, ot + i * Dh, Dh) : acc_t(0);
           lse[i] = static_cast<acc_t>(buf.lse[bh * Nq + r0 + i]);
@@ -222,16 +232,31 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
             };
           };
           // (double: used in place, so each keeps its own scratch; kt and kp then hold the same rows)
-          const acc_t* kp = key_panels.get(bh, key_tiles, kti, valid_rows(k, kbuf.data()));
-          const acc_t* vp = value_panels.get(bh, key_tiles, kti, valid_rows(v, vbuf.data()));
+          const acc_t *kp = nullptr, *vp = nullptr;
+          const uint16_t *kp16 = nullptr, *vp16 = nullptr;
+          if (bf16.on()) {
+            kp16 = bf16.keys(bh, key_tiles, kti, k + bh * N * Dh, key_valid, true, 0);
+            vp16 = bf16.keys(bh, key_tiles, kti, v + bh * N * Dh, key_valid, true, 1);
+          } else {
+            kp = key_panels.get(bh, key_tiles, kti, valid_rows(k, kbuf.data()));
+            vp = value_panels.get(bh, key_tiles, kti, valid_rows(v, vbuf.data()));
+          }
           const acc_t* kt = valid_rows(k, kbuf.data())(ktile);
           // Row blocks: P and dS of a few query rows, then their share of dV, dQ and dK.
           for (int64_t i0 = 0; i0 < nr; i0 += row_block) {
             const int64_t nb = std::min(row_block, nr - i0);
             const acc_t* qb = qt + i0 * Dh;
             const acc_t* dob = dot + i0 * Dh;
-            gemm.scores(nb, nk, Dh, scale, qb, kp, scores.data(), ldS, nullptr);
-            gemm.scores(nb, nk, Dh, acc_t(1), dob, vp, dp.data(), ldS, nullptr);
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (bf16.on()) {
+                bf16.scores(nb, nk, scale, q16 + i0 * Dh, kp16, scores.data(), ldS, nullptr);
+                bf16.scores(nb, nk, 1.0f, do16 + i0 * Dh, vp16, dp.data(), ldS, nullptr);
+              }
+            }
+            if (!bf16.on()) {
+              gemm.scores(nb, nk, Dh, scale, qb, kp, scores.data(), ldS, nullptr);
+              gemm.scores(nb, nk, Dh, acc_t(1), dob, vp, dp.data(), ldS, nullptr);
+            }
             for (int64_t ib = 0; ib < nb; ++ib) {
               const int64_t i = i0 + ib;
               acc_t* s = scores.data() + ib * ldS;

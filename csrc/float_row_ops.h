@@ -59,6 +59,19 @@ struct FloatRowOps {
   void (*weighted_rows)(const float* w, const float* x, int64_t n, int64_t dh, float* acc);
   // dst (n x dh) row j = w[j] x (x: dh).
   void (*outer_rows)(const float* w, const float* x, int64_t n, int64_t dh, float* dst);
+
+  // bfloat16 operands (as uint16 bits), float32 accumulation (cpu/bf16_gemm_impl.h): set only at the
+  // AVX512 level on CPUs with AVX512_BF16, nullptr elsewhere (the kernels then upcast bfloat16 to float32).
+  // pack_rows_bf16: B (n x k, ldb) into panels of `panel` rows and reduction pairs, round_up(n, panel) *
+  // round_up(k, 2) values; gemm_nt_bf16: as gemm_nt with A (m x k, lda) and B in bfloat16.
+  void (*pack_rows_bf16)(const uint16_t* b, int64_t n, int64_t k, int64_t ldb, uint16_t* bp);
+  void (*gemm_nt_bf16)(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                       const uint16_t* bp, float* c, int64_t ldc, float* row_max);
+  // pack_pairs_bf16: V (k x n, contiguous) as pairs of rows, round_up(k, 2) * n values; gemm_pv_bf16:
+  // C (m x n) = C * c_scale[i] + round_bf16(P) V with P (m x k) float32, pbuf m * round_up(k, 2) values.
+  void (*pack_pairs_bf16)(const uint16_t* v, int64_t k, int64_t n, uint16_t* vp);
+  void (*gemm_pv_bf16)(int64_t m, int64_t n, int64_t k, const float* p, int64_t ldp, const uint16_t* vp, float* c,
+                       int64_t ldc, const float* c_scale, uint16_t* pbuf);
 };
 
 // The table of each level (csrc/cpu/row_ops_<level>.cpp); AVX2 and AVX512 exist on x86-64 only.

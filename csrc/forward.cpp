@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "attention_kernels.h"
+#include "bf16_tiles.h"
 #include "kernel_utils.h"
 #include "row_ops.h"
 #include "tile_gemm.h"
@@ -135,10 +136,12 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   const TileGemm<acc_t> gemm;
   const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
   const int64_t row_block = std::min(qB, TileGemm<acc_t>::kRowBlock);
+  const bool bf16_gemms = all_query && use_bf16_gemms<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), kbuf(kvB * Dh), vbuf(kvB * Dh);
     TilePacker<acc_t> key_panels(gemm, kvB, Dh);
+    Bf16Operands<scalar_t> bf16(bf16_gemms, qB, kvB, Dh, row_block, ldS);
     std::vector<acc_t> scores(row_block * ldS), acc(qB * Dh), tile_max(row_block), alpha(row_block);
     RowState<acc_t> rows(qB);
     std::vector<uint32_t> row_keys(qB);
@@ -158,6 +161,8 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
                                                          nr, Dh, key_valid + r0, qtile.all_valid || !all_query,
                                                          qbuf.data());
+      const uint16_t* q16 = bf16.on() ? bf16.query_tile(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0, nr,
+                                                         key_valid + r0, qtile.all_valid) : nullptr;
       const bool class_tile = want_stats && r0 == 0;
       const bool single_row = nr == 1;
       rows.reset(nr);
@@ -192,23 +197,33 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
           });
           continue;
         }
-        const acc_t* kp = key_panels.get(bh, key_tiles, kti, [&](const Tile& t) {
-          return load_rows<scalar_t, acc_t>(k + bh * N * Dh, t.start, t.size, Dh, kbuf.data());
-        });
+        const acc_t* kp = nullptr;
+        const acc_t* vt = nullptr;
+        const uint16_t *kp16 = nullptr, *vp16 = nullptr;
+        if (bf16.on()) {
+          kp16 = bf16.keys(bh, key_tiles, kti, k + bh * N * Dh, key_valid, false);
+          vp16 = bf16.values(bh, key_tiles, kti, v + bh * N * Dh, key_valid);
+        } else {
+          kp = key_panels.get(bh, key_tiles, kti, [&](const Tile& t) {
+            return load_rows<scalar_t, acc_t>(k + bh * N * Dh, t.start, t.size, Dh, kbuf.data());
+          });
+          vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid, ktile.all_valid, vbuf.data());
+        }
         if (class_tile) {
           const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
           for (int64_t j = 0; j < nk; ++j)
             if (acc_t* key_sum = stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh))
               ops.axpy(acc_t(1), kt + j * Dh, key_sum, Dh);
         }
-        const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
-                                                           ktile.all_valid, vbuf.data());
         // Row blocks: scores, softmax and P V of a few query rows while their scores are in L1.
         for (int64_t i0 = 0; i0 < nr; i0 += row_block) {
           const int64_t nb = std::min(row_block, nr - i0);
           std::fill(tile_max.begin(), tile_max.begin() + nb, -std::numeric_limits<acc_t>::infinity());
           // padded keys: masked_max below replaces their scores (the fused maximum would see them)
-          gemm.scores(nb, nk, Dh, scale, qt + i0 * Dh, kp, scores.data(), ldS, mask ? nullptr : tile_max.data());
+          acc_t* fused_max = mask ? nullptr : tile_max.data();
+          if constexpr (std::is_same_v<acc_t, float>)
+            if (bf16.on()) bf16.scores(nb, nk, scale, q16 + i0 * Dh, kp16, scores.data(), ldS, fused_max);
+          if (!bf16.on()) gemm.scores(nb, nk, Dh, scale, qt + i0 * Dh, kp, scores.data(), ldS, fused_max);
           for (int64_t ib = 0; ib < nb; ++ib) {
             const int64_t i = i0 + ib;
             acc_t* s = scores.data() + ib * ldS;
@@ -220,7 +235,9 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
             if (class_tile && i == 0) stats.add_mass(s, alpha[ib], layout.segment_of.data() + j0, nk);
             if (dropout) ops.dropout(s, nk, row_keys[i], layout.col_hash.data() + j0, threshold, inv_keep);
           }
-          gemm.pv(nb, Dh, nk, acc_t(1), scores.data(), ldS, vt, acc.data() + i0 * Dh, alpha.data());
+          if constexpr (std::is_same_v<acc_t, float>)
+            if (bf16.on()) bf16.pv(nb, nk, scores.data(), ldS, vp16, acc.data() + i0 * Dh, alpha.data());
+          if (!bf16.on()) gemm.pv(nb, Dh, nk, acc_t(1), scores.data(), ldS, vt, acc.data() + i0 * Dh, alpha.data());
         }
       }
 

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include "kernel_utils.h"
@@ -79,46 +81,52 @@ struct TileGemm<double> {
   }
 };
 
-// Packed key tiles of one (batch, head) for TileGemm::scores. When every tile of the
-// (batch, head) fits in kMaxFloats, each is packed at its first use and kept while the thread
+// Packed key (or value) tiles of one (batch, head) for the tile GEMMs. When every tile of the
+// (batch, head) fits in kMaxElements, each is packed at its first use and kept while the thread
 // stays on that (batch, head) (its query tiles are consecutive tasks); otherwise each use packs
 // its tile again into one tile-sized buffer. Either way the packed values are the same.
-template <typename acc_t>
+template <typename T>
 class TilePacker {
  public:
-  static constexpr int64_t kMaxFloats = int64_t{1} << 20;  // 4 MiB of float32
+  static constexpr int64_t kMaxElements = int64_t{1} << 20;  // 4 MiB of float32
+  using SizeFn = std::function<int64_t(int64_t rows)>;             // elements a packed tile of `rows` takes
+  using PackFn = std::function<void(const T* rows, int64_t n, T* dst)>;
 
-  TilePacker(const TileGemm<acc_t>& gemm, int64_t max_tile, int64_t dh) : gemm_(gemm), dh_(dh) {
-    buffer_.resize(gemm.packed_size(max_tile, dh));
+  TilePacker(SizeFn size, PackFn pack, int64_t max_tile) : size_(std::move(size)), pack_(std::move(pack)) {
+    buffer_.resize(size_(max_tile));
   }
+  // The packing of TileGemm::scores (double: none, tiles are used in place).
+  template <typename acc_t>
+  TilePacker(const TileGemm<acc_t>& gemm, int64_t max_tile, int64_t dh)
+      : TilePacker([&gemm, dh](int64_t n) { return gemm.packed_size(n, dh); },
+                   [&gemm, dh](const T* rows, int64_t n, T* dst) { gemm.pack(rows, n, dh, dst); }, max_tile) {}
 
-  // Tile `index` of `tiles` (the key tiles of `owner`), packed; load(tile) gives its rows
-  // (tile.size x dh, compute dtype).
+  // Tile `index` of `tiles` (the key tiles of `owner`), packed; load(tile) gives its rows.
   template <typename LoadRows>
-  const acc_t* get(int64_t owner, const std::vector<Tile>& tiles, size_t index, const LoadRows& load) {
-    if (gemm_.packed_size(1, dh_) == 0) return load(tiles[index]);  // used in place
+  const T* get(int64_t owner, const std::vector<Tile>& tiles, size_t index, const LoadRows& load) {
+    if (size_(1) == 0) return load(tiles[index]);  // used in place
     if (owner != owner_) {
       owner_ = owner;
       offsets_.assign(tiles.size() + 1, 0);
-      for (size_t t = 0; t < tiles.size(); ++t) offsets_[t + 1] = offsets_[t] + gemm_.packed_size(tiles[t].size, dh_);
-      keep_ = offsets_.back() <= kMaxFloats;
+      for (size_t t = 0; t < tiles.size(); ++t) offsets_[t + 1] = offsets_[t] + size_(tiles[t].size);
+      keep_ = offsets_.back() <= kMaxElements;
       if (keep_ && static_cast<int64_t>(buffer_.size()) < offsets_.back()) buffer_.resize(offsets_.back());
       packed_.assign(tiles.size(), 0);
     }
-    acc_t* dst = buffer_.data() + (keep_ ? offsets_[index] : 0);
+    T* dst = buffer_.data() + (keep_ ? offsets_[index] : 0);
     if (!keep_ || !packed_[index]) {
-      gemm_.pack(load(tiles[index]), tiles[index].size, dh_, dst);
+      pack_(load(tiles[index]), tiles[index].size, dst);
       if (keep_) packed_[index] = 1;
     }
     return dst;
   }
 
  private:
-  const TileGemm<acc_t>& gemm_;
-  int64_t dh_;
+  SizeFn size_;
+  PackFn pack_;
   int64_t owner_ = -1;
   bool keep_ = false;
-  std::vector<acc_t> buffer_;
+  std::vector<T> buffer_;
   std::vector<int64_t> offsets_;
   std::vector<uint8_t> packed_;
 };

@@ -29,6 +29,9 @@
 #include "../scalar_math.h"
 #include "class_row_impl.h"
 #include "gemm_impl.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include "bf16_gemm_impl.h"
+#endif
 
 namespace rollingq {
 namespace CPU_CAPABILITY {  // the inline namespace of isa_namespace.h: scalar_math.h's code is here too
@@ -257,10 +260,21 @@ void scale(float* x, float alpha, int64_t n) {
 }  // namespace
 
 const FloatRowOps& float_row_ops() {
-  static const FloatRowOps ops{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot,
-                               dot_and_add, axpy, scale, gemm::kPanel, gemm::pack_rows, gemm::gemm_nt,
-                               gemm::gemm_nn, gemm::gemm_tn, class_row::dot_rows, class_row::weighted_rows,
-                               class_row::outer_rows};
+  static const FloatRowOps ops = [] {
+    FloatRowOps t{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot, dot_and_add, axpy,
+                  scale, gemm::kPanel, gemm::pack_rows, gemm::gemm_nt, gemm::gemm_nn, gemm::gemm_tn,
+                  class_row::dot_rows, class_row::weighted_rows, class_row::outer_rows,
+                  nullptr, nullptr, nullptr, nullptr};
+#if defined(CPU_CAPABILITY_AVX512)
+    if (__builtin_cpu_supports("avx512bf16")) {  // the bfloat16 dot products run here
+      t.pack_rows_bf16 = bf16::pack_rows_bf16;
+      t.gemm_nt_bf16 = bf16::gemm_nt_bf16;
+      t.pack_pairs_bf16 = bf16::pack_pairs_bf16;
+      t.gemm_pv_bf16 = bf16::gemm_pv_bf16;
+    }
+#endif
+    return t;
+  }();
   return ops;
 }
 
