@@ -26,7 +26,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 constexpr int64_t kRows = 4;           // rows in flight
-constexpr int64_t kPrefetchRows = 8;  // how far ahead rows are prefetched
+constexpr int64_t kPrefetchRows = 16;  // how far ahead rows are prefetched
 
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
