@@ -47,7 +47,21 @@ struct ClassRowStats {
   // Adds one kv tile of the class row: p0 (nk,) = exp(s - running max), alpha the rescale.
   void add_mass(const acc_t* p0, acc_t alpha, const int32_t* segment_of, int64_t nk) {
     for (auto& x : mass) x *= alpha;
-    for (int64_t j = 0; j < nk; ++j) mass[segment_of[j]] += p0[j];
+    for (int64_t j = 0; j < nk;) {  // a run of one segment at a time (padded keys add their p = 0)
+      int64_t end = j + 1;
+      while (end < nk && segment_of[end] == segment_of[j]) ++end;
+      mass[segment_of[j]] += run_sum(p0 + j, end - j);
+      j = end;
+    }
+  }
+  // sum of x (n,) with 8 independent partial sums (no serial chain of adds; the compiler vectorizes it)
+  static acc_t run_sum(const acc_t* x, int64_t n) {
+    acc_t part[8] = {};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int u = 0; u < 8; ++u) part[u] += x[j + u];
+    for (; j < n; ++j) part[0] += x[j];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   }
   // The sum a key (dh,) adds to: its modality's, or nullptr (invalid key, class key).
   acc_t* key_sum_of(bool valid, int32_t segment, int64_t dh) {

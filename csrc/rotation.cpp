@@ -29,8 +29,14 @@ constexpr int64_t kColumnBlock = 64;
 template <typename T>
 void rows_times(const T* x, const T* mem, bool a_is_mem_transposed, int64_t rows, int64_t n, int64_t ld, T* y) {
   const int64_t blocks = (n + kColumnBlock - 1) / kColumnBlock;
-  const int64_t workers = worker_count(2.0 * static_cast<double>(rows * n) * static_cast<double>(n),
-                                       at::get_num_threads());
+  // a few rows times R: bound by reading R (n x n), so also split by its bytes, a thread per
+  // kRotationBytesPerThread (about 40 us of one core's reads, more than waking a thread on idle cores)
+  constexpr double kRotationBytesPerThread = 1 << 20;
+  const double r_bytes = static_cast<double>(n * n) * sizeof(T);
+  const int64_t workers = std::max(worker_count(2.0 * static_cast<double>(rows * n) * static_cast<double>(n),
+                                                at::get_num_threads()),
+                                   std::min<int64_t>(at::get_num_threads(),
+                                                     static_cast<int64_t>(r_bytes / kRotationBytesPerThread)));
   at::parallel_for(0, blocks, (blocks + workers - 1) / workers, [&](int64_t i0, int64_t i1) {
     SerialBlasGuard serial_blas;
     for (int64_t i = i0; i < i1; ++i) {

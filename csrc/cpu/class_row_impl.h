@@ -36,8 +36,9 @@ inline void prefetch_row(const float* row, int64_t dh) {
   for (int64_t c = 0; c < dh; c += 64 / static_cast<int64_t>(sizeof(float))) __builtin_prefetch(row + c);
 }
 
-// scores[j] = scale * (q . x_j) for the n rows x_j of x (n x dh); sum (dh, optional) += sum_j x_j.
-void dot_rows(const float* q, const float* x, int64_t n, int64_t dh, float scale, float* scores, float* sum) {
+// scores[j] = scale * (q . x_j) for the n rows x_j of x (n x dh); kSum: sum (dh) += sum_j x_j.
+template <bool kSum>
+void dot_rows_impl(const float* q, const float* x, int64_t n, int64_t dh, float scale, float* scores, float* sum) {
   const int64_t full = dh / kW * kW;
   int64_t j = 0;
   for (; j + kRows <= n; j += kRows) {
@@ -53,12 +54,12 @@ void dot_rows(const float* q, const float* x, int64_t n, int64_t dh, float scale
         rows[i] = Vec::loadu(r + i * dh + c);
         acc[i] = at::vec::fmadd(qc, rows[i], acc[i]);
       }
-      if (sum != nullptr) ((rows[0] + rows[1]) + (rows[2] + rows[3]) + Vec::loadu(sum + c)).store(sum + c);
+      if constexpr (kSum) ((rows[0] + rows[1]) + (rows[2] + rows[3]) + Vec::loadu(sum + c)).store(sum + c);
     }
     float tail[kRows] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (; c < dh; ++c) {
       for (int64_t i = 0; i < kRows; ++i) tail[i] += q[c] * r[i * dh + c];
-      if (sum != nullptr) sum[c] += (r[c] + r[dh + c]) + (r[2 * dh + c] + r[3 * dh + c]);
+      if constexpr (kSum) sum[c] += (r[c] + r[dh + c]) + (r[2 * dh + c] + r[3 * dh + c]);
     }
     for (int64_t i = 0; i < kRows; ++i) scores[j + i] = scale * (hsum(acc[i]) + tail[i]);
   }
@@ -69,15 +70,22 @@ void dot_rows(const float* q, const float* x, int64_t n, int64_t dh, float scale
     for (; c < full; c += kW) {
       const Vec rc = Vec::loadu(r + c);
       acc = at::vec::fmadd(Vec::loadu(q + c), rc, acc);
-      if (sum != nullptr) (Vec::loadu(sum + c) + rc).store(sum + c);
+      if constexpr (kSum) (Vec::loadu(sum + c) + rc).store(sum + c);
     }
     float tail = 0.0f;
     for (; c < dh; ++c) {
       tail += q[c] * r[c];
-      if (sum != nullptr) sum[c] += r[c];
+      if constexpr (kSum) sum[c] += r[c];
     }
     scores[j] = scale * (hsum(acc) + tail);
   }
+}
+
+void dot_rows(const float* q, const float* x, int64_t n, int64_t dh, float scale, float* scores, float* sum) {
+  if (sum != nullptr)
+    dot_rows_impl<true>(q, x, n, dh, scale, scores, sum);
+  else
+    dot_rows_impl<false>(q, x, n, dh, scale, scores, sum);
 }
 
 // acc[0:V kW] += sum_{j in [j0, j1)} w[j] x_j[0:V kW], the V vectors in registers.
