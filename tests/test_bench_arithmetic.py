@@ -253,3 +253,10 @@ def test_gate_pairs_time_the_faster_side_about_as_long_as_the_slower():
     assert pair_call_counts([0.10, 0.31]) == [3, 1]
     assert pair_call_counts([0.21, 0.20]) == [1, 1]  # comparable sides: one call each
     assert pair_call_counts([0.0, 0.5], most=4) == [4, 1]  # a zero probe does not divide by zero
+
+
+def test_gate_pairs_time_short_calls_several_times_on_both_sides():
+    # class-only vs SDPA: two ~2 ms calls; one call each would let one preemption decide the pair
+    assert pair_call_counts([0.002, 0.0025]) == [15, 12]
+    assert pair_call_counts([0.006, 0.012]) == [5, 3]
+    assert pair_call_counts([0.002, 0.0025], min_side_s=0.0) == [1, 1]  # the old rule: equal durations only
