@@ -41,6 +41,10 @@ from ._timing import MachineRates, TileGemm, measure_machine, time_rounds
 
 logger = logging.getLogger("benchmarks")
 
+#: timed probe calls per side of a gate pair (their fastest sizes the pair's call counts: one preempted
+#: probe of a 2 ms call measured 40 ms on the shared VM and would have timed the other side 15 times)
+PROBE_CALLS = 3
+
 STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "flex+stats", "compile-eager")
 
 
@@ -203,10 +207,11 @@ class BenchSession:
         """Re-measures one gate in ``config.gate_pairs`` alternating pairs (fused, then the other provider,
         each after its untimed setup) following one warm-up call of each; returns t_other / t_fused per pair.
 
-        Within a pair each side is timed for about as long as the slower side's probe call (one timed
-        call of each after the warm-up): a side k times faster runs up to ``_arith.PAIR_MAX_CALLS`` calls
-        back to back and counts their median, so that one scheduler hiccup on a 5 ms call (the
-        class-only gate against a 0.4 s eager call) cannot decide the pair. The sides are then timed
+        Within a pair each side is timed for about as long as the slower side's probe (the fastest of
+        ``PROBE_CALLS`` timed calls of each after the warm-up), and for at least
+        ``_arith.PAIR_MIN_SIDE_S``: a side k times faster runs up to ``_arith.PAIR_MAX_CALLS`` calls back
+        to back and counts their median, so that one scheduler hiccup on a 2-5 ms call (class-only
+        against SDPA, or against a 0.4 s eager call) cannot decide the pair. The sides are then timed
         differently (several warm calls against one), which can favour the repeated side by a few
         per cent; the counts are kept in :attr:`pair_calls` and the results file."""
         shape = next(s for s in shapes_for(self.config.device.type, self.config.quick) if s.name == shape_name)
@@ -221,7 +226,7 @@ class BenchSession:
             setup, target = pass_functions(gate.pass_, self.provider(Case(provider, shape, mode, dtype, gate.pass_)),
                                            sets)
             time_rounds(target, setup, self.config.device, warmup=1, rounds=0)
-            first = time_rounds(target, setup, self.config.device, warmup=0, rounds=1)[0]
+            first = min(time_rounds(target, setup, self.config.device, warmup=0, rounds=PROBE_CALLS))
             sides.append((setup, target, first))
         calls = pair_call_counts([first for _, _, first in sides])
         self.pair_calls[(gate.name, shape_name, dtype)] = (calls[0], calls[1])
@@ -248,7 +253,7 @@ class BenchSession:
         setup, target = pass_functions(gate.pass_, provider, sets)
         tiles = TileGemm(self.roofline_tiles()[shape.head_dim], DTYPES[dtype], self.config.device)
         time_rounds(target, setup, self.config.device, warmup=1, rounds=0)
-        fused_probe = time_rounds(target, setup, self.config.device, warmup=0, rounds=1)[0]
+        fused_probe = min(time_rounds(target, setup, self.config.device, warmup=0, rounds=PROBE_CALLS))
         gemm_probe = tiles.blas_seconds(1)
         calls = pair_call_counts([fused_probe, gemm_probe])
         self.pair_calls[(gate.name, shape.name, dtype)] = (calls[0], calls[1])
