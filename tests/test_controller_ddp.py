@@ -45,7 +45,7 @@ def _run(layer: FusedRollingQAttention, ctl: RollingQ, ranks: list[int]) -> list
 
 def _worker(rank: int) -> dict:
     layer = _layer()
-    ctl = RollingQ(layer, beta=0.0, max_rotations=2, method="plane")
+    ctl = RollingQ(layer, mode="paper", beta=0.0, max_rotations=2, method="plane")
     records = _run(layer, ctl, [rank])
     return {"rotation": layer.rotation, "records": records}
 
@@ -57,7 +57,7 @@ def test_two_gloo_ranks_rotate_identically_as_the_union_of_their_data(tmp_path):
     assert got[0]["records"] == got[1]["records"]
 
     layer = _layer()  # one process seeing every rank's batches
-    want = _run(layer, RollingQ(layer, beta=0.0, max_rotations=2, method="plane"), list(range(WORLD)))
+    want = _run(layer, RollingQ(layer, mode="paper", beta=0.0, max_rotations=2, method="plane"), list(range(WORLD)))
     torch.testing.assert_close(got[0]["rotation"], layer.rotation, rtol=0, atol=1e-10)
     assert [r["rotated"] for r in want] == [True, True]
     for a, b in zip(got[0]["records"], want):
