@@ -16,8 +16,8 @@ in :class:`~rollingq_kernels.settings.RollingQSettings`; ``docs/controller.md`` 
 3. The safety rule (``safety=True``, the default) refuses a rotation that would reverse what the
    query attends to: the query's cosines with all mean keys are negative, the anchor is more than
    ``anchor_limit_deg`` (90°) from E[q], the indicator and the attention mass favour different
-   modalities, or, on a probe batch, the class row's attention ranks before vs after correlate
-   below ``min_rank_correlation`` (0). The angle is capped at ``max_angle_deg``, and a rotation
+   modalities, or, on a probe batch, the class row's attention ranks within each modality before vs
+   after correlate below ``min_rank_correlation`` (0). The angle is capped at ``max_angle_deg``, and a rotation
    after which the training loss or accuracy collapses over the next epoch is rolled back.
 4. ``direction="random"``: the same decisions and angle, in a random direction (a control).
 
@@ -225,8 +225,9 @@ class RollingQ:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
         rec.probe_samples, rec.rank_correlation = applied.samples, finite(applied.rank_correlation)
         rec.logit_spread, rec.max_prob, rec.topk_share = applied.logit_spread, applied.max_prob, applied.topk_share
-        rec.probe_mass, rec.anchor_rank_correlation = applied.mass, finite(toward_anchor.rank_correlation)
-        verdict = self.policy.reverses(toward_anchor.rank_correlation)
+        rec.probe_mass, rec.within_rank_correlation = applied.mass, finite(applied.within_rank_correlation)
+        rec.anchor_within_rank_correlation = finite(toward_anchor.within_rank_correlation)
+        verdict = self.policy.reverses(toward_anchor.within_rank_correlation)
         if verdict is not None:
             rec.decide(*verdict)
 

@@ -68,9 +68,12 @@ class RotationRecord:
         topk_share: the mass of its ``probe_top_k`` largest probabilities, [before, after].
         probe_mass: the probe's class-row mass per [class, modality 1, …, M], [before, after].
         rank_correlation: Spearman correlation of the class row's attention before vs after the applied
-            (or, when refused, the proposed) rotation, mean over probe samples and heads (None: no probe).
-        anchor_rank_correlation: the same for the rotation towards the anchor (the one the safety rule reads;
-            equals ``rank_correlation`` with ``direction="anchor"``).
+            (or, when refused, the proposed) rotation over all keys, mean over probe samples and heads (None:
+            no probe). A rotation that moves attention between modalities lowers it by design.
+        within_rank_correlation: the same within each modality, averaged over the modalities: does the query
+            still prefer the same tokens of each modality?
+        anchor_within_rank_correlation: ``within_rank_correlation`` of the rotation towards the anchor (the
+            one the safety rule reads; equal to it with ``direction="anchor"``).
         rolled_back_epoch: with ``action="rollback"``, the epoch whose rotation was undone.
     """
 
@@ -103,7 +106,8 @@ class RotationRecord:
     topk_share: list = field(default_factory=list)
     probe_mass: list = field(default_factory=list)
     rank_correlation: float | None = None
-    anchor_rank_correlation: float | None = None
+    within_rank_correlation: float | None = None
+    anchor_within_rank_correlation: float | None = None
     rolled_back_epoch: int | None = None
 
     def decide(self, reason: str, detail: str = "") -> RotationRecord:

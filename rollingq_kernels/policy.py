@@ -14,8 +14,9 @@ controller (:class:`~rollingq_kernels.controller.RollingQ`) asks them in this or
    every mean key is negative, the anchor lies more than ``anchor_limit_deg`` from E[q], or the
    indicator and the attention mass favour different modalities → refuse.
 5. :meth:`RotationPolicy.cap`: the angle is cut to ``max_angle_deg`` → cap.
-6. :meth:`RotationPolicy.reverses` (the safety rule, from the attention probe): the class row's
-   attention ranks before and after the rotation correlate below ``min_rank_correlation`` → refuse.
+6. :meth:`RotationPolicy.reverses` (the safety rule, from the attention probe): within each
+   modality, the class row's attention ranks before and after the rotation correlate below
+   ``min_rank_correlation`` → refuse.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class RotationPolicy:
         s = self.settings
         if s.safety and math.isfinite(rank_correlation) and rank_correlation < s.min_rank_correlation:
             return "reverses_attention", (
-                f"the class row's attention before and after the rotation has rank correlation "
+                f"within each modality, the class row's attention before and after the rotation has rank correlation "
                 f"{rank_correlation:+.3f} < min_rank_correlation {s.min_rank_correlation:g} on the probe batch")
         return None
 

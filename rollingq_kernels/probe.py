@@ -8,7 +8,9 @@ statistic), then :func:`class_row` rebuilds the class query and the keys from th
 projection and computes the class row's logits and probabilities eagerly, in float64, under any
 rotation (with the op's own rotation and padding conventions: :func:`~rollingq_kernels.class_query.rotate_class_query`,
 :func:`~rollingq_kernels.reference.key_valid_mask`). :func:`compare` reduces two such rows to the
-numbers the controller records and the safety rule reads.
+numbers the controller records and the safety rule reads: the rank correlation within each modality
+(does the query still prefer the same tokens of a modality?) decides, since moving attention between
+modalities, which is what a rotation is for, reorders the tokens of different modalities.
 """
 
 from __future__ import annotations
@@ -121,16 +123,24 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(-1).argsort(-1).to(torch.float64)
 
 
-def rank_correlation(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> float:
-    """Spearman correlation of two ``(B, H, N)`` attention rows over the valid keys ``(B, N)``, mean over rows."""
+def rank_correlation(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor,
+                     groups: torch.Tensor | None = None) -> float:
+    """Spearman correlation of two ``(B, H, N)`` attention rows over the valid keys ``(B, N)``, mean over rows.
+
+    With ``groups`` ``(N,)`` (e.g. the modality of each key) it is computed within each group (with at least
+    3 valid keys) and averaged: a rotation may move attention between modalities, the question is whether
+    the query still prefers the same tokens within each. NaN when no row has 3 valid keys.
+    """
     values = []
+    ids = [None] if groups is None else groups.unique().tolist()
     for b in range(before.shape[0]):
-        keep = valid[b]
-        if int(keep.sum()) < 3:
-            continue
-        rb, ra = _ranks(before[b][:, keep]), _ranks(after[b][:, keep])  # (H, n)
-        rb, ra = rb - rb.mean(-1, keepdim=True), ra - ra.mean(-1, keepdim=True)
-        values.append((rb * ra).sum(-1) / (rb.norm(dim=-1) * ra.norm(dim=-1)))
+        for g in ids:
+            keep = valid[b] if g is None else valid[b] & (groups == g)
+            if int(keep.sum()) < 3:
+                continue
+            rb, ra = _ranks(before[b][:, keep]), _ranks(after[b][:, keep])  # (H, n)
+            rb, ra = rb - rb.mean(-1, keepdim=True), ra - ra.mean(-1, keepdim=True)
+            values.append((rb * ra).sum(-1) / (rb.norm(dim=-1) * ra.norm(dim=-1)))
     return float(torch.cat(values).mean()) if values else math.nan
 
 
@@ -144,6 +154,7 @@ class ProbeComparison:
     topk_share: list[float]
     mass: list[list[float]]
     rank_correlation: float
+    within_rank_correlation: float
 
 
 def compare(layer: nn.Module, inputs: ProbeInputs, old: torch.Tensor, new: torch.Tensor, top_k: int
@@ -153,7 +164,8 @@ def compare(layer: nn.Module, inputs: ProbeInputs, old: torch.Tensor, new: torch
     B = inputs.x.shape[0]
     lengths = None if inputs.lengths is None else inputs.lengths.to(inputs.x.device)
     valid = key_valid_mask(lengths, inputs.segments, B, inputs.x.device)
-    onehot = F.one_hot(modality_index(inputs.segments, inputs.x.device), len(inputs.segments) + 1).double()
+    modality = modality_index(inputs.segments, inputs.x.device)
+    onehot = F.one_hot(modality, len(inputs.segments) + 1).double()
     k = min(top_k, rows[0][1].shape[-1])
     return ProbeComparison(
         samples=B,
@@ -162,4 +174,5 @@ def compare(layer: nn.Module, inputs: ProbeInputs, old: torch.Tensor, new: torch
         topk_share=[float(p.topk(k, dim=-1).values.sum(-1).mean()) for _, p in rows],
         mass=[(p @ onehot).mean((0, 1)).tolist() for _, p in rows],
         rank_correlation=rank_correlation(rows[0][1], rows[1][1], valid),
+        within_rank_correlation=rank_correlation(rows[0][1], rows[1][1], valid, modality),
     )

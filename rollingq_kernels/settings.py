@@ -70,7 +70,7 @@ class RollingQSettings:
         max_angle_deg: the largest angle applied in one rotation (180: no cap).
         mass_margin: a mass lead of at least this counts as the mass favouring a modality.
         min_rank_correlation: with ``safety``, refuse when the probe's rank correlation of the class
-            row's attention before vs after the rotation is below this.
+            row's attention before vs after the rotation, within each modality, is below this.
         probe_batches: training batches the attention probe reads (0: no probe).
         probe_top_k: the ``k`` of the probe's top-k mass share.
         rollback: undo a rotation after which the training loss or accuracy collapsed.
