@@ -43,7 +43,7 @@ import torch
 
 from .accumulator import WindowStatistics, imbalance, synced_statistics
 from .decision import RotationRecord
-from .estimation import estimation_pass, probe_inputs
+from .estimation import estimation_pass, mean_over_ranks, probe_inputs
 from .indicators import indicator_cosines, indicator_value, mass_disagreement
 from .layers import as_named_layers, check_window_state
 from .module import FusedRollingQAttention
@@ -211,23 +211,26 @@ class RollingQ:
         rec.decide(*(self.policy.cap(float(angle.max())) or ("rotated", "")))
         return out
 
-    def _probe(self, name: str, layer: FusedRollingQAttention, inputs: ProbeInputs | None,
-               candidate: dict[str, torch.Tensor], rec: RotationRecord) -> None:
-        """Fill the probe's numbers; the safety rule may refuse the rotation (``rec`` says so)."""
-        if inputs is None:
-            return
-        old = layer.rotation.detach().double()
-        compose = lambda r: r.double().to(old.device) @ old  # noqa: E731
-        top_k = self.settings.probe_top_k
-        applied = compare(layer, inputs, old, compose(candidate["applied"]), top_k)
-        toward_anchor = applied if candidate["applied"] is candidate["anchor"] else \
-            compare(layer, inputs, old, compose(candidate["anchor"]), top_k)
-        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
-        rec.probe_samples, rec.rank_correlation = applied.samples, finite(applied.rank_correlation)
-        rec.logit_spread, rec.max_prob, rec.topk_share = applied.logit_spread, applied.max_prob, applied.topk_share
-        rec.probe_mass, rec.within_rank_correlation = applied.mass, finite(applied.within_rank_correlation)
-        rec.anchor_within_rank_correlation = finite(toward_anchor.within_rank_correlation)
-        verdict = self.policy.reverses(toward_anchor.within_rank_correlation)
+    def _probe(self, layer: FusedRollingQAttention, inputs: ProbeInputs | None, candidate: dict[str, torch.Tensor],
+               rec: RotationRecord) -> None:
+        """Fill the probe's numbers; the safety rule may refuse the rotation (``rec`` says so). The decisive
+        number is averaged over ranks (every rank calls this for the same layers), so all ranks decide alike."""
+        local = math.nan
+        if inputs is not None:
+            old = layer.rotation.detach().double()
+            compose = lambda r: r.double().to(old.device) @ old  # noqa: E731
+            k = self.settings.probe_top_k
+            applied = compare(layer, inputs, old, compose(candidate["applied"]), k)
+            toward_anchor = applied if candidate["applied"] is candidate["anchor"] else \
+                compare(layer, inputs, old, compose(candidate["anchor"]), k)
+            finite = lambda v: v if math.isfinite(v) else None  # noqa: E731
+            rec.probe_samples, rec.rank_correlation = applied.samples, finite(applied.rank_correlation)
+            rec.logit_spread, rec.max_prob, rec.topk_share = applied.logit_spread, applied.max_prob, applied.topk_share
+            rec.probe_mass, rec.within_rank_correlation = applied.mass, finite(applied.within_rank_correlation)
+            local = toward_anchor.within_rank_correlation
+        decisive = mean_over_ranks(local, layer.rotation.device)
+        rec.anchor_within_rank_correlation = decisive if math.isfinite(decisive) else None
+        verdict = self.policy.reverses(decisive)
         if verdict is not None:
             rec.decide(*verdict)
 
@@ -281,7 +284,7 @@ class RollingQ:
             inputs = probe_inputs({n: self.layers[n] for n in candidates}, loader, forward_fn, s.probe_batches)
         for name, candidate in candidates.items():
             layer, rec = self.layers[name], records[name]
-            self._probe(name, layer, inputs.get(name), candidate, rec)
+            self._probe(layer, inputs.get(name), candidate, rec)
             if rec.action in ("rotate", "cap"):
                 self._apply(name, layer, candidate["applied"], rec, candidate["x"], done)
 

@@ -13,6 +13,7 @@ The estimation pass averages either over samples (``pass_mean="sample"``) or, as
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
@@ -78,6 +79,19 @@ def estimation_pass(layers: dict[str, Any], loader: Iterable, forward_fn: Callab
         for batch in loader:
             forward_fn(batch)
     return {name: synced_statistics(acc.sums(), layers[name].zero_sums) for name, acc in accumulators.items()}
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the ranks where it is finite (NaN: none), so that every rank decides alike.
+
+    Under ``torch.distributed`` every rank must call it (one collective); without a process group it
+    returns ``value``.
+    """
+    has = math.isfinite(value)
+    t = torch.tensor([value if has else 0.0, float(has)], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return float(t[0] / t[1]) if float(t[1]) > 0 else math.nan
 
 
 def probe_inputs(layers: dict[str, Any], loader: Iterable, forward_fn: Callable[[Any], Any],
