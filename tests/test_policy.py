@@ -15,8 +15,9 @@ import torch
 from rollingq_kernels.controller import RollingQ
 from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.policy import EpochResult, RotationPolicy
-from rollingq_kernels.probe import ProbeInputs, compare, rank_correlation
+from rollingq_kernels.probe import ProbeInputs, capture_inputs, class_row, compare, rank_correlation
 from rollingq_kernels.rebalance import plane_rotation, rotation_angle_degrees
+from rollingq_kernels.reference import modality_index
 from rollingq_kernels.settings import DEFAULT_MAX_ANGLE_DEG, RollingQSettings
 
 F64 = torch.float64
@@ -262,3 +263,23 @@ def test_strict_beta_is_the_official_comparison():
     strict = RotationPolicy(RollingQSettings(beta=0.2, beta_strict=True))
     assert loose.threshold(0.2, 0, 0) is None and strict.threshold(0.2, 0, 0)[0] == "below_threshold"
     assert strict.threshold(-0.21, 0, 0) is None and strict.threshold(0.0, 0, 0)[0] == "below_threshold"
+
+
+@pytest.mark.parametrize("mode", ["global", "per_head"])
+def test_the_probe_rebuilds_the_class_row_the_op_computed(mode):
+    """Captured by a hook from a padded call, the probe's class row has the op's mass under the layer's rotation."""
+    torch.manual_seed(3)
+    layer = FusedRollingQAttention(12, num_heads=3, qkv_bias=True, class_query_only=True, rotation_mode=mode,
+                                   backend="reference").to(F64)
+    gen = torch.Generator().manual_seed(4)
+    shape = layer.rotation_shape()
+    layer.apply_rotation(plane_rotation(torch.randn(shape[:-1], generator=gen, dtype=F64),
+                                        torch.randn(shape[:-1], generator=gen, dtype=F64)))
+    x = torch.randn(5, 1 + 6 + 4, 12, generator=gen, dtype=F64)
+    lengths = torch.tensor([[6, 4], [2, 4], [6, 1], [3, 3], [1, 2]])
+    captured = capture_inputs({"0": layer}, lambda: layer(x, segments=[6, 4], lengths=lengths))["0"]
+    assert captured.segments == (6, 4) and torch.equal(captured.lengths, lengths)
+    _, probs = class_row(layer, captured, layer.rotation)
+    onehot = torch.nn.functional.one_hot(modality_index((6, 4), x.device), 3).double()
+    torch.testing.assert_close(probs @ onehot, layer.last_stats.mass.double(), rtol=0, atol=1e-6)
+    assert float(probs[:, :, 1 + 2 : 1 + 6][1].abs().max()) == 0.0  # padded keys get no attention
