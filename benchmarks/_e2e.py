@@ -118,7 +118,7 @@ def run_epochs(variant: str, cfg: E2EConfig, mods: list[torch.Tensor], labels: t
     torch.manual_seed(0)
     model = FusionClassifier(cfg, int(labels.max()) + 1, class_query_only=not official,
                              backend="reference" if official else "auto")
-    controller = RollingQ(model.attn, rho=1.0, beta=0.0, max_rotations=1000,
+    controller = RollingQ(model.attn, mode="paper", rho=1.0, beta=0.0, max_rotations=1000,
                           window=1 if official else "epoch", estimate="pass" if official else "accumulate")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)

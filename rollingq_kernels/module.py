@@ -407,6 +407,15 @@ class FusedRollingQAttention(nn.Module):
         self.num_rotations += 1
 
     @torch.no_grad()
+    def restore_rotation(self, rotation: torch.Tensor, num_rotations: int) -> None:
+        """Put back a rotation saved earlier, and its count (the controller's rollback)."""
+        problem = self._check_rotation("rotation", rotation)
+        if problem:
+            raise ValueError(problem)
+        self.rotation.copy_(rotation)
+        self.num_rotations.fill_(int(num_rotations))
+
+    @torch.no_grad()
     def reset_rotation(self) -> None:
         """Back to the identity rotation and zero rotations."""
         self.rotation.copy_(self._identity(self.rotation.device).to(self.rotation.dtype))

@@ -38,11 +38,12 @@ def test_override_parsing():
 
 def test_every_packaged_config_loads():
     names = sorted(f[:-5] for f in os.listdir(packaged_config_dir()) if f.endswith(".yaml") and not f.startswith("_"))
-    assert len(names) == 31
-    assert {"avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq"} <= set(names)
+    assert len(names) == 36
+    assert {"avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq", "avdigits_vanilla_mt_rollingq_official",
+            "synthetic_rollingq_official"} <= set(names)
     for dataset in ("cremad", "kinetics_sounds", "mosei"):
         for method in ("concat", "sum", "ogm_ge", "vanilla_mt", "vanilla_mt_rollingq", "vanilla_mt_star",
-                       "vanilla_mt_star_rollingq"):
+                       "vanilla_mt_star_rollingq", "vanilla_mt_rollingq_official"):
             assert f"{dataset}_{method}" in names
     cfg = load_config(os.path.join(REPO, "configs", "kinetics_sounds_vanilla_mt_rollingq.yaml"))
     assert cfg["rollingq"]["enabled"] and cfg["rollingq"]["max_rotations"] == 3 and cfg["data"]["num_classes"] == 31

@@ -20,7 +20,7 @@ OVERRIDES = [
     "data.synthetic.tokens=[5,7]", "data.synthetic.feature_dim=11", "data.num_classes=3",
     "model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2",
     "train.batch_size=32", "train.epochs=2", "train.num_threads=1", "train.progress=false",
-    "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=7",
+    "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=7", "rollingq.mode=paper",
 ]
 
 

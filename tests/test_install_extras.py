@@ -49,7 +49,7 @@ def test_the_core_works_without_any_extra():
         import rollingq_kernels
         from rollingq_kernels import FusedRollingQAttention, RollingQ
         layer = FusedRollingQAttention(24, num_heads=2, segments=(5, 6))
-        ctl = RollingQ(layer, beta=0.0)
+        ctl = RollingQ(layer, mode="paper", beta=0.0)
         x = torch.randn(3, 12, 24, requires_grad=True)
         layer(x).square().sum().backward()
         assert x.grad is not None and ctl.step(0)[0].rotated

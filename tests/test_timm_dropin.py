@@ -50,7 +50,7 @@ def test_a_swapped_timm_vit_loads_a_plain_timm_state_dict_strictly_and_computes_
 def test_a_swapped_timm_vit_trains_and_the_controller_rotates(tmp_path):
     vit = _swapped(seed=3, window="epoch").train()
     attn = vit.blocks[-1].attn
-    controller = RollingQ({"blocks.11.attn": attn}, beta=0.0, max_rotations=1)
+    controller = RollingQ({"blocks.11.attn": attn}, mode="paper", beta=0.0, max_rotations=1)
     trained = [*vit.blocks[-1].parameters(), *vit.norm.parameters(), *vit.head.parameters()]
     vit.requires_grad_(False)  # fine-tune the swapped block and the head: the backward stops there (fast on CPU)
     for p in trained:

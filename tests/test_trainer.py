@@ -31,6 +31,7 @@ TINY = [
     "train.batch_size=16",
     "train.num_threads=1",
     "train.progress=false",
+    "rollingq.mode=paper",  # the paper's rule without the safety rule: these tests check the trainer's plumbing
 ]
 
 
@@ -220,7 +221,8 @@ def test_estimation_pass_before_a_rotation(tmp_path):
 def test_controller_waits_for_its_start_epoch(tmp_path):
     cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=2", "rollingq.beta=0.0", "rollingq.start_epoch=2"])
     rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
-    assert rows[0]["rollingq"] == [] and not rows[0]["rotated"]
+    assert [(r["action"], r["reason"]) for r in rows[0]["rollingq"]] == [("wait", "before_start_epoch")]
+    assert not rows[0]["rotated"]
     assert rows[1]["rotated"] and rows[1]["rollingq"][0]["count"] == 211  # epoch 2's window only
 
 

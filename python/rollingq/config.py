@@ -23,16 +23,17 @@ from typing import Any
 
 import yaml
 
-from rollingq_kernels.accumulator import INDICATORS
 from rollingq_kernels.checks import BACKENDS
-from rollingq_kernels.controller import ESTIMATES, METHODS
 from rollingq_kernels.module import ROTATION_MODES
+from rollingq_kernels.settings import RollingQSettings
+from rollingq_kernels.settings import field_names as settings_fields
 
 from .data.registry import DATASETS
 from .distributed import DEVICES
 from .files import atomic_write_bytes
 from .models import ATTENTION_FUSIONS, FUSIONS
 from .models.encoders import BACKBONES
+from .models.fusion import FUSION_BLOCKS
 from .schema import (
     ConfigError,
     Section,
@@ -62,12 +63,6 @@ def _distinct_names(names: list[str]) -> str | None:
     if not names or len(set(names)) != len(names):
         return "expected a non-empty list of distinct modality names"
     return None
-
-
-def _window(value: Any) -> str | None:
-    if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return None
-    return "expected 'epoch' or an integer >= 1 (the last K batches)"
 
 
 @dataclass
@@ -159,6 +154,9 @@ class ModelConfig(Section):
         backend: the op's backend (``auto``, ``cpp``, ``triton``, ``reference``).
         progressive_epochs: ``vanilla_mt_star``: epochs trained with the first fusion block only.
         modality: the modality the ``unimodal`` head reads.
+        fusion_block: ``prenorm`` (LayerNorm, attention, residual, MLP) or ``official`` (the official
+            ``AttnFusion``: a raw class token, attention alone with ``attn_drop`` on its probabilities
+            and its output, no LayerNorm, residual or MLP).
     """
 
     fusion: str = option("vanilla_mt", choices=FUSIONS)
@@ -175,6 +173,7 @@ class ModelConfig(Section):
     backend: str = option("auto", choices=BACKENDS)
     progressive_epochs: int = option(0, ge=0)
     modality: str | None = None
+    fusion_block: str = option("prenorm", choices=FUSION_BLOCKS)
 
     def arguments(self) -> dict[str, Any]:
         """The model's constructor arguments (``progressive_epochs`` is the trainer's)."""
@@ -183,31 +182,44 @@ class ModelConfig(Section):
         return out
 
 
-@dataclass
-class RollingQConfig(Section):
-    """``rollingq``: the controller (:class:`rollingq_kernels.controller.RollingQ`).
+@dataclass(frozen=True)
+class RollingQConfig(Section, RollingQSettings):
+    """``rollingq``: ``enabled`` and the controller's settings (:class:`rollingq_kernels.settings.RollingQSettings`).
+
+    Every other key is a field of the settings, with its default and its check stated there once
+    (``docs/controller.md`` lists them). ``mode`` picks a preset (``safe``, the default; ``paper``;
+    ``official``) whose values the other keys given in the file or the overrides replace.
 
     Attributes:
         enabled: control the model's last active fusion attention.
-        rho, beta, max_rotations, window, method, estimate, indicator: the controller's arguments
-            (``indicator``: ``cos``, the paper's AIR, or ``score``, Eq. 3 weighted by token counts and
-            mean-key norms; ``docs/synthetic_study.md``).
-        start_epoch: the first epoch at whose end it may rotate (earlier windows are discarded).
-        min_accuracy_gain: the first-rotation guard: rotate only after an epoch whose training accuracy
-            beats the majority-class share by this much (a negative value switches it off;
-            :func:`rollingq_kernels.controller.accuracy_guard`).
     """
 
     enabled: bool = False
-    rho: float = option(1.0, gt=0.0)
-    beta: float = option(0.1, ge=0.0)
-    max_rotations: int = option(1, ge=0)
-    window: str | int = option("epoch", check=_window)
-    method: str = option("plane", choices=METHODS)
-    estimate: str = option("accumulate", choices=ESTIMATES)
-    start_epoch: int = option(1, ge=1)
-    min_accuracy_gain: float = option(0.05, le=1.0)
-    indicator: str = option("cos", choices=INDICATORS)
+
+    @classmethod
+    def from_raw(cls, raw: Any, prefix: str = "rollingq") -> RollingQConfig:
+        """The section from its YAML keys: the preset ``mode``, then the keys given (types checked by the schema,
+        values by the settings)."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+        try:
+            given = build_fields(cls, raw, prefix)  # unknown keys, types and each value's check
+            values = {k: getattr(given, k) for k in raw if k != "enabled"}
+            settings = RollingQSettings.preset(values.pop("mode", "safe"), **values)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(join(prefix, str(exc))) from exc
+        return cls(enabled=given.enabled, **settings.to_dict())
+
+    def settings(self) -> RollingQSettings:
+        """The controller's settings of this section."""
+        return RollingQSettings.from_dict({k: getattr(self, k) for k in settings_fields()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, **self.settings().to_dict()}
 
 
 @dataclass
@@ -344,6 +356,14 @@ class Config(Section):
         if self.rollingq.enabled and self.rollingq.start_epoch > epochs:
             logger.warning("rollingq.start_epoch %d is after the last epoch (train.epochs=%d): RollingQ never rotates",
                            self.rollingq.start_epoch, epochs)
+        if self.rollingq.enabled and self.rollingq.mode == "official":
+            for key, (value, official) in self.rollingq.settings().deviations().items():
+                logger.warning("rollingq.%s=%r departs from the official semantics (rollingq.mode=official sets %r)",
+                               key, value, official)
+            if m.fusion_block != "official" or m.fusion_heads != 1:
+                logger.warning("rollingq.mode=official with model.fusion_block=%r and model.fusion_heads=%d: the "
+                               "official fusion is model.fusion_block=official with one head", m.fusion_block,
+                               m.fusion_heads)
         if m.progressive_epochs and m.fusion != "vanilla_mt_star":
             logger.warning("model.progressive_epochs=%d has no effect with model.fusion=%r (only vanilla_mt_star "
                            "trains progressively)", m.progressive_epochs, m.fusion)

@@ -44,7 +44,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rollingq_kernels.accumulator import StatisticsAccumulator, imbalance, synced_statistics
-from rollingq_kernels.controller import accuracy_guard
 
 from . import distributed
 from .build import build_controller, build_dataset, build_model, build_optimizer, make_loader
@@ -392,27 +391,17 @@ class Trainer:
             self.model(mods)
 
     def _controller_step(self, epoch: int, row: dict) -> list:
-        """Step the controller from epoch ``rollingq.start_epoch`` on and once the epoch's training accuracy
-        clears the first-rotation guard (``rollingq.min_accuracy_gain``, see
-        :func:`rollingq_kernels.controller.accuracy_guard`); earlier windows are discarded. With
-        ``rollingq.estimate=pass`` it re-reads this rank's training shard (eval mode, no grad) to estimate
-        the anchor, as the official code does before a rotation."""
-        if epoch < self.cfg.rollingq.start_epoch:
-            self.controller.reset_statistics()  # too early to rotate: start the next window afresh
-            return []
-        held = accuracy_guard(row["train_acc"], row["train_majority"], self.cfg.rollingq.min_accuracy_gain)
-        row["rollingq_guard"] = held
-        if held is not None:
-            logger.info("epoch %d: RollingQ does not rotate: %s", epoch, held)
-            self.controller.reset_statistics()
-            return []
-        if self.cfg.rollingq.estimate != "pass":
-            return self.controller.step(epoch=epoch)
+        """The controller decides from the epoch's training results (``rollingq_kernels.policy``: start epoch,
+        first-rotation guard, threshold, safety rule, angle cap, rollback); it may re-read this rank's training
+        shard in eval mode, no grad (the estimation pass of ``rollingq.estimate=pass``, the attention probe)."""
         self.model.eval()
         try:
-            return self.controller.step(epoch=epoch, loader=self.train_loader, forward_fn=self._estimation_forward)
+            records = self.controller.step(epoch, self.train_loader, self._estimation_forward, loss=row["train_loss"],
+                                           accuracy=row["train_acc"], majority=row["train_majority"])
         finally:
             self.model.train()
+        row["rollingq_guard"] = next((r.detail for r in records if r.reason == "accuracy_guard"), None)
+        return records
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:

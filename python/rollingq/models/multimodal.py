@@ -62,6 +62,8 @@ class MultimodalModel(nn.Module):
         fusion_heads, attn_drop, rotation_mode, backend: the fusion attention
             (:class:`~rollingq_kernels.module.FusedRollingQAttention`).
         modality: the modality the ``unimodal`` head uses (ignored by other heads).
+        fusion_block: the attention heads' block, ``"prenorm"`` or ``"official"``
+            (:class:`~rollingq.models.fusion.AttentionFusion`).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class MultimodalModel(nn.Module):
         rotation_mode: str,
         backend: str,
         modality: str | None,
+        fusion_block: str = "prenorm",
     ) -> None:
         super().__init__()
         mods = list(modalities)
@@ -113,6 +116,7 @@ class MultimodalModel(nn.Module):
             self.head: nn.Module = AttentionFusion(
                 dim, num_classes, len(mods), layers=2 if fusion == "vanilla_mt_star" else 1, heads=fusion_heads,
                 mlp_ratio=mlp_ratio, attn_drop=attn_drop, drop=drop, rotation_mode=rotation_mode, backend=backend,
+                block=fusion_block,
             )
         else:
             only = None
