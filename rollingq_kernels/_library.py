@@ -1,6 +1,7 @@
 """The op library: the ``rollingq`` op schemas, the compiled extension and the fake kernels.
 
-This is the bottom layer of the kernel package and imports nothing of it. It
+This is the bottom layer of the kernel package; it imports only the statistics table
+(:mod:`rollingq_kernels.stats`, the same layer). It
 
 * holds the two schemas (:data:`FWD_SCHEMA`, :data:`BWD_SCHEMA`): the one
   definition the C++ registration (``csrc/ops.cpp``) is checked against
@@ -25,11 +26,14 @@ import os
 
 import torch
 
-#: ``rollingq::attention_fwd`` (without the namespace).
+from .stats import KernelOutputs, empty_kernel_stats, forward_outputs_schema
+
+#: ``rollingq::attention_fwd`` (without the namespace); its outputs are ``out``, ``lse`` and the kernel
+#: statistics of :data:`rollingq_kernels.stats.STATISTICS` (:class:`~rollingq_kernels.stats.KernelOutputs`).
 FWD_SCHEMA = (
     "attention_fwd(Tensor q, Tensor k, Tensor v, int[] segments, Tensor? lengths, "
     "Tensor? rotation, float scale, float dropout_p, int seed, bool compute_stats) "
-    "-> (Tensor out, Tensor lse, Tensor key_mean, Tensor mass, Tensor query)"
+    "-> " + forward_outputs_schema()
 )
 #: ``rollingq::attention_bwd`` (without the namespace).
 BWD_SCHEMA = (
@@ -79,14 +83,14 @@ _NON_DIFFERENTIABLE_INPUTS = 7
 def save_for_backward(ctx, inputs: tuple, outputs: tuple) -> None:
     """Keep what the backward needs: ``q, k, v, out, lse`` (never probabilities) and the op's arguments.
 
-    ``inputs`` are the forward's 10 arguments, ``outputs`` its 5 results. The statistics and ``lse``
-    are marked non-differentiable.
+    ``inputs`` are the forward's 10 arguments, ``outputs`` its results (:class:`KernelOutputs`, or the
+    plain tuple of the op). The statistics and ``lse`` are marked non-differentiable.
     """
     q, k, v, segments, lengths, rotation, scale, dropout_p, seed, _compute_stats = inputs
-    out, lse, key_mean, mass, query = outputs
-    ctx.save_for_backward(q, k, v, out, lse, lengths, rotation)
+    named = KernelOutputs(*outputs)
+    ctx.save_for_backward(q, k, v, named.out, named.lse, lengths, rotation)
     ctx.segments, ctx.scale, ctx.dropout_p, ctx.seed = list(segments), scale, dropout_p, seed
-    ctx.mark_non_differentiable(lse, key_mean, mass, query)
+    ctx.mark_non_differentiable(*named[1:])
 
 
 def backward_inputs(ctx, grad_out: torch.Tensor) -> tuple:
@@ -135,16 +139,8 @@ register_op_autograd("rollingq::attention_fwd", "rollingq::attention_bwd")
 @torch.library.register_fake("rollingq::attention_fwd")
 def _attention_fwd_fake(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
     B, H, nq, Dh = q.shape
-    M = len(segments)
-    out = torch.empty_like(q)
     lse = q.new_empty((B, H, nq), dtype=torch.float32)
-    if compute_stats:
-        key_mean = q.new_empty((B, H, M, Dh), dtype=torch.float32)
-        mass = q.new_empty((B, H, M + 1), dtype=torch.float32)
-        query = q.new_empty((B, H, Dh), dtype=torch.float32)
-    else:
-        key_mean, mass, query = (q.new_empty((0,), dtype=torch.float32) for _ in range(3))
-    return out, lse, key_mean, mass, query
+    return tuple(KernelOutputs(torch.empty_like(q), lse, **empty_kernel_stats(q, segments, compute_stats)))
 
 
 @torch.library.register_fake("rollingq::attention_bwd")

@@ -3,7 +3,8 @@
 Two ops live in the ``rollingq`` namespace (schemas, loading of the compiled
 extension, fake kernels and the autograd formula: :mod:`rollingq_kernels._library`):
 
-* ``rollingq::attention_fwd`` -> ``(out, lse, key_mean, mass, query)``
+* ``rollingq::attention_fwd`` -> ``(out, lse, <kernel statistics>)``, named by
+  :class:`~rollingq_kernels.stats.KernelOutputs` (built from the statistics table)
 * ``rollingq::attention_bwd`` -> ``(dq, dk, dv)``
 
 The C++ extension implements them for CPU, the Triton package for CUDA, where
@@ -33,7 +34,7 @@ from ._library import BUILD_HINT, CPP_IMPORT_ERROR, HAS_CPP, backward_inputs, sa
 from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
 from .reference import rollingq_attention_reference
-from .stats import AttentionStats, finish_stats
+from .stats import AttentionStats, KernelOutputs, stats_from_outputs
 
 logger = logging.getLogger("rollingq_kernels")
 
@@ -93,7 +94,7 @@ class _InterpretedTriton(torch.autograd.Function):
         outputs = kernels.attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats)
         save_for_backward(ctx, (q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats), outputs)
         ctx.attention_bwd = kernels.attention_bwd
-        return outputs
+        return tuple(outputs)
 
     @staticmethod
     @once_differentiable
@@ -187,13 +188,13 @@ def rollingq_attention(
     lengths64 = None if lengths is None else lengths.to(torch.int64).contiguous()
     args = (q, k, v, segs, lengths64, rotation, scale, dropout_p, seed, compute_stats)
     if chosen == "triton" and q.device.type == "cpu":  # the interpreter: not through the dispatcher
-        out, _lse, key_mean, mass, query = _InterpretedTriton.apply(*args)
+        outputs = KernelOutputs(*_InterpretedTriton.apply(*args))
     elif chosen == "triton":  # CUDA: the triton_op, so torch.compile traces into its kernels
         if not torch.compiler.is_compiling():
             load_triton()  # a no-op after the first call (Python caches the module)
-        out, _lse, key_mean, mass, query = torch.ops.rollingq.triton_attention_fwd(*args)
+        outputs = KernelOutputs(*torch.ops.rollingq.triton_attention_fwd(*args))
     else:
-        out, _lse, key_mean, mass, query = torch.ops.rollingq.attention_fwd(*args)
+        outputs = KernelOutputs(*torch.ops.rollingq.attention_fwd(*args))
     if not compute_stats:
-        return out, None
-    return out, finish_stats(key_mean, mass, query, lengths64, segs)
+        return outputs.out, None
+    return outputs.out, stats_from_outputs(outputs, lengths64, segs)

@@ -143,7 +143,7 @@ def class_only_fwd_kernel(
 
 @triton.jit(do_not_specialize=["H", "SPLITS"])
 def class_only_combine_kernel(
-    PartML, PartAcc, PartSeg, PartKey, Out, Lse, KeyMean, Mass, Table, Lengths,
+    PartML, PartAcc, PartSeg, PartKey, Out, Lse, Table, Lengths, KeyMean, Mass,
     H, SPLITS,
     NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, M_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, STATS: tl.constexpr, WITH_V: tl.constexpr,
@@ -151,8 +151,9 @@ def class_only_combine_kernel(
 ):
     """Merge the splits of one ``(b, h)`` in split order (deterministic).
 
-    Writes Out ``(B·H, Dh)`` and Lse ``(B·H,)`` when ``WITH_V``; KeyMean ``(B·H, M, Dh)`` and Mass
-    ``(B·H, M+1)`` (float32) when ``STATS``.
+    Writes Out ``(B·H, Dh)`` and Lse ``(B·H,)`` when ``WITH_V``; when ``STATS`` the kernel statistics of
+    ``rollingq_kernels.stats.STATISTICS`` but ``query`` (the launcher's), in the table's order: KeyMean
+    ``(B·H, M, Dh)`` and Mass ``(B·H, M+1)`` (float32).
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     bh = tl.program_id(0).to(tl.int64)
