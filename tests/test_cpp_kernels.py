@@ -27,7 +27,7 @@ import torch
 
 import rollingq_kernels
 from rollingq_kernels import _library, rollingq_attention
-from rollingq_kernels.stats import KERNEL_STATISTICS, KernelOutputs
+from rollingq_kernels.stats import KERNEL_STATISTICS, STATISTICS, KernelOutputs
 
 pytestmark = pytest.mark.skipif(not rollingq_kernels.HAS_CPP, reason="rollingq_kernels._C (C++ kernels) not built")
 
@@ -38,7 +38,7 @@ if rollingq_kernels.HAS_CPP:
 else:
     LEVELS = ()
 
-STAT_FIELDS = ("key_mean", "mass", "cos", "cos_per_head", "query", "valid")
+STAT_FIELDS = tuple(s.name for s in STATISTICS)  # every statistic of the table
 
 
 @pytest.fixture(params=LEVELS)

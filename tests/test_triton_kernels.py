@@ -22,7 +22,7 @@ if not _INTERPRET and not torch.cuda.is_available() and not _COLLECT_ONLY:
     pytest.skip("needs TRITON_INTERPRET=1 (Triton's CPU interpreter) or a CUDA GPU", allow_module_level=True)
 
 from rollingq_kernels import dropout_mask, rollingq_attention  # noqa: E402
-from rollingq_kernels.stats import KERNEL_STATISTICS, KernelOutputs  # noqa: E402
+from rollingq_kernels.stats import KERNEL_STATISTICS, STATISTICS, KernelOutputs  # noqa: E402
 from rollingq_kernels.triton import configs  # noqa: E402
 from rollingq_kernels.triton import launch as ta  # noqa: E402
 from rollingq_kernels.triton.launch import SPLITS_ENV  # noqa: E402
@@ -40,6 +40,7 @@ TOL = {
     torch.float16: {"out": 2e-3, "grad": 4e-3},
     torch.bfloat16: {"out": 2e-2, "grad": 3e-2},
 }
+FLOAT_STATS = tuple(s.name for s in STATISTICS if s.dtype.is_floating_point)  # every float statistic
 STATS_TOL = 2e-5  # statistics are float32 and computed from exact products in every dtype
 
 
@@ -94,7 +95,7 @@ def _compare(segments, *, B=2, H=2, Dh=24, class_only=False, dtype=torch.float32
     if not compute_stats:
         assert stats is None
         return out, grads, lengths
-    for field in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+    for field in FLOAT_STATS:
         a, r = getattr(stats, field), getattr(r_stats, field)
         assert a.dtype == torch.float32, field
         torch.testing.assert_close(a.cpu().double(), r.double(), atol=STATS_TOL, rtol=STATS_TOL,
@@ -335,7 +336,7 @@ def test_agrees_with_cpp_kernels(class_only):
     torch.testing.assert_close(out, c_out, atol=1e-5, rtol=1e-5)
     for name, a, c in zip(("dq", "dk", "dv"), grads, c_grads):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    for field in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+    for field in FLOAT_STATS:
         torch.testing.assert_close(getattr(stats, field), getattr(c_stats, field), atol=1e-5, rtol=1e-5)
 
 
@@ -398,7 +399,7 @@ def test_padded_tokens_are_never_read(value, class_only):
     assert torch.equal(clean[0], dirty[0])
     if not class_only:
         assert torch.count_nonzero(dirty[0].masked_select(pad)) == 0
-    for name in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+    for name in FLOAT_STATS:
         assert torch.equal(getattr(clean[1], name), getattr(dirty[1], name)), name
     for name, a, b in zip(("dq", "dk", "dv"), clean[2], dirty[2]):
         assert torch.equal(a, b), name
