@@ -178,6 +178,8 @@ class WindowStatistics:
         mass_mean: ``(H, M+1)`` mean class-row attention mass on
             [class, modality 1, …, M].
         tokens_mean: ``(M,)`` mean valid tokens per sample of each modality.
+        max_prob_mean: ``(H,)`` mean largest class-row attention probability
+            (the softmax's saturation).
     """
 
     samples: int
@@ -192,6 +194,7 @@ class WindowStatistics:
     query_mean: torch.Tensor
     mass_mean: torch.Tensor
     tokens_mean: torch.Tensor
+    max_prob_mean: torch.Tensor
 
     def global_key_mean(self) -> torch.Tensor:
         """``(M, H·Dh)`` the mean keys with heads concatenated (a global rotation's space)."""

@@ -115,5 +115,7 @@ def rollingq_attention_reference(
         key_sum = torch.einsum("bhnd,nm->bhmd", k_c.detach(), onehot[:, 1:])  # (B, H, M, Dh); padding is 0
         counts = (key_valid.to(c) @ onehot[:, 1:]).clamp_min(1.0)  # (B, M)
         key_mean = key_sum / counts[:, None, :, None]
-        stats = finish_stats(key_mean.float(), mass.float(), q0_rot.detach().float(), lengths, segments)
+        class_scores = scores[:, :, 0, :].detach()  # (B, H, N), invalid keys -inf
+        stats = finish_stats(key_mean.float(), mass.float(), q0_rot.detach().float(), lengths, segments,
+                             score_max=class_scores.amax(-1), lse=torch.logsumexp(class_scores, -1, keepdim=True))
     return out, stats

@@ -104,6 +104,13 @@ STATISTICS: tuple[Statistic, ...] = (
               "valid tokens of modality `m`: `lengths[b, m]`, or `L_m` without `lengths` (the `L^m` of the "
               "paper's Eq. 3; the controller's assumption check and `indicator=\"score\"` read it)",
               "tokens_sum", "tokens_mean"),
+    Statistic("score_max", ("B", "H"), _F32, KERNEL, NONE,
+              "the class row's largest scaled score `max_j S[b, h, 0, j]` over the valid keys (the online "
+              "softmax's final running max)"),
+    Statistic("max_prob", ("B", "H"), _F32, EPILOGUE, SUM,
+              "`exp(score_max − lse[b, h, 0])` = `max_j P[b, h, 0, j]`, the largest single attention "
+              "probability of the class row: 1 / (valid keys, the class key included) for uniform attention, "
+              "→ 1 when the softmax saturates", "max_prob_sum", "max_prob_mean"),
 )
 
 #: The statistics the kernels produce (in the order of the op's outputs after ``out`` and ``lse``).
@@ -246,11 +253,20 @@ def _layout(x: _Epilogue) -> tuple[torch.Tensor, torch.Tensor]:
             token_counts(x.lengths, batch, x.segments, device))
 
 
+def _max_prob(x: _Epilogue) -> tuple[torch.Tensor]:
+    """``exp(score_max − lse of the class row)`` in float64 (NaN when the caller gave no ``lse``)."""
+    score_max = x.kernel["score_max"]
+    if x.lse is None:
+        return (torch.full_like(score_max, math.nan),)
+    return (torch.exp(score_max.double() - x.lse[..., 0].double()),)
+
+
 #: How the epilogue derives the :data:`EPILOGUE` statistics: names -> a function returning them in that
 #: order (one function for statistics that share work). A test checks that they cover the table's.
 DERIVATIONS: dict[tuple[str, ...], Callable[[_Epilogue], tuple[torch.Tensor, ...]]] = {
     ("cos", "cos_per_head"): _cosines,
     ("valid", "tokens"): _layout,
+    ("max_prob",): _max_prob,
 }
 
 
@@ -292,12 +308,11 @@ def _finish(kernel: dict[str, torch.Tensor], lse: torch.Tensor | None, lengths: 
     unknown = sorted(set(kernel) - {s.name for s in KERNEL_STATISTICS})
     if unknown:
         raise TypeError(f"finish_stats: unknown kernel statistics {unknown}")
-    kernel = {name: t.float() for name, t in kernel.items()}
     B, H, M, Dh = kernel["key_mean"].shape
     for s in KERNEL_STATISTICS:
         kernel.setdefault(s.name, kernel["key_mean"].new_full(s.shape_of(B, H, M, Dh), math.nan, dtype=s.dtype))
-    x = _Epilogue(kernel, lse, lengths, segments)
+    x = _Epilogue(kernel, lse, lengths, segments)  # derived from the values as given (float64 in the reference)
     values = dict(kernel)
     for names, derive in DERIVATIONS.items():
         values.update(zip(names, derive(x)))
-    return AttentionStats(**{s.name: values[s.name] for s in STATISTICS})
+    return AttentionStats(**{s.name: values[s.name].to(s.dtype) for s in STATISTICS})

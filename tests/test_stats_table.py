@@ -141,9 +141,14 @@ def test_finish_stats_derives_the_epilogue_from_the_kernel_statistics():
     stats, _ = _stats(seed=2)
     lengths = torch.tensor([[4, 0, 3], [1, 6, 0], [2, 5, 1], [0, 6, 3], [3, 1, 2]])
     kernel = {s.name: getattr(stats, s.name) for s in KERNEL_STATISTICS if s.name not in ("key_mean", "mass", "query")}
-    again = finish_stats(stats.key_mean, stats.mass, stats.query, lengths, [4, 6, 3], **kernel)
+    lse = (stats.score_max.double() - stats.max_prob.double().log()).unsqueeze(-1)  # (B, H, 1), the class row's
+    again = finish_stats(stats.key_mean, stats.mass, stats.query, lengths, [4, 6, 3], lse=lse, **kernel)
     for s in STATISTICS:
         torch.testing.assert_close(getattr(again, s.name), getattr(stats, s.name), msg=s.name)
+    # a caller with the first three kernel statistics only (a benchmark's separate pass): the rest is NaN
+    partial = finish_stats(stats.key_mean, stats.mass, stats.query, lengths, [4, 6, 3])
+    torch.testing.assert_close(partial.cos, stats.cos)
+    assert torch.isnan(partial.score_max).all() and torch.isnan(partial.max_prob).all()
     with pytest.raises(TypeError, match="unknown kernel statistics"):
         finish_stats(stats.key_mean, stats.mass, stats.query, lengths, [4, 6, 3], bogus=stats.mass)
 
