@@ -1,7 +1,8 @@
 """The op library: the ``rollingq`` op schemas, the compiled extension and the fake kernels.
 
-This is the bottom layer of the kernel package; it imports only the statistics table
-(:mod:`rollingq_kernels.stats`, the same layer). It
+This is the bottom layer of the kernel package; it imports only modules of the same layer (the
+statistics table :mod:`rollingq_kernels.stats` and the forward-mode AD formula
+:mod:`rollingq_kernels.forward_ad`). It
 
 * holds the two schemas (:data:`FWD_SCHEMA`, :data:`BWD_SCHEMA`): the one
   definition the C++ registration (``csrc/ops.cpp``) is checked against
@@ -15,7 +16,10 @@ This is the bottom layer of the kernel package; it imports only the statistics t
   ``torch.ops.rollingq.attention_fwd`` is differentiable in ``q``, ``k``, ``v``
   on every device, its backward is ``rollingq::attention_bwd``, and a second
   derivative raises :data:`DOUBLE_BACKWARD_ERROR` (as PyTorch's fused attention
-  does) instead of returning zeros;
+  does) instead of returning zeros; under forward-mode AD (``torch.func.jvp``,
+  ``torch.autograd.forward_ad``) the forward's ``out`` gets the tangent of
+  :func:`~rollingq_kernels.forward_ad.output_tangent` (a custom op's registered
+  autograd formula alone would drop the tangents silently);
 * answers whether Triton runs in its CPU interpreter (:func:`triton_interpret`).
 """
 
@@ -25,7 +29,10 @@ import importlib.util
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._library.autograd import Info, make_autograd_impl  # the kernel torch.library.register_autograd builds
 
+from .forward_ad import output_tangent, tangents_of
 from .stats import KernelOutputs, empty_kernel_stats, forward_outputs_schema
 
 #: ``rollingq::attention_fwd`` (without the namespace); its outputs are ``out``, ``lse`` and the kernel
@@ -112,14 +119,43 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
+_impl_lib = torch.library.Library("rollingq", "IMPL")  # noqa: TOR901  (the forward op's autograd kernel)
+
+
+def _register_with_forward_ad(fwd_name: str, backward) -> None:
+    """``torch.library.register_autograd(fwd_name, backward)`` plus forward-mode AD of ``out``.
+
+    The kernel ``register_autograd`` builds runs the op below autograd whenever no input requires a
+    gradient, so dual inputs lose their tangents without an error. Wrapped here: when ``q``, ``k`` or
+    ``v`` carries a tangent the op runs on the primals and ``out`` becomes a dual tensor with the tangent
+    of :func:`~rollingq_kernels.forward_ad.output_tangent`; otherwise the generated kernel runs as is.
+    """
+    namespace, name = fwd_name.split("::")
+    generated = make_autograd_impl(getattr(getattr(torch.ops, namespace), name).default,
+                                   Info(backward, _setup_context))
+
+    def autograd_kernel(keyset, *args):
+        tangents = tangents_of(*args[:3])
+        if all(t is None for t in tangents):
+            return generated(keyset, *args)
+        primals = [fwAD.unpack_dual(t).primal for t in args[:3]]
+        outputs = generated(keyset, *primals, *args[3:])
+        tangent = output_tangent(*primals, tangents, *args[3:9])
+        return (fwAD.make_dual(outputs[0], tangent), *outputs[1:])
+
+    _impl_lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
 def register_op_autograd(fwd_name: str, bwd_name: str) -> None:
     """Register the op's autograd formula on a forward/backward pair of ops with the two schemas.
 
     The forward's backward runs ``bwd_name`` on the saved ``q, k, v, out, lse``; the backward op's
     own backward raises :data:`DOUBLE_BACKWARD_ERROR` (it records a node only when a graph of the
     gradient is built, ``create_graph=True``; differentiating that node is the double backward the
-    kernels do not implement). Used for ``rollingq::attention_fwd/bwd`` here and for the Triton
-    ``triton_op`` twins in :mod:`rollingq_kernels.triton.register`.
+    kernels do not implement). The forward also gets forward-mode AD (:func:`_register_with_forward_ad`;
+    for a ``triton_op`` this replaces the autograd kernel it registered itself). Used for
+    ``rollingq::attention_fwd/bwd`` here and for the Triton ``triton_op`` twins in
+    :mod:`rollingq_kernels.triton.register`.
     """
     namespace, name = bwd_name.split("::")
 
@@ -129,7 +165,7 @@ def register_op_autograd(fwd_name: str, bwd_name: str) -> None:
         dq, dk, dv = getattr(getattr(torch.ops, namespace), name)(*backward_inputs(ctx, grad_out))
         return (dq, dk, dv) + (None,) * _NON_DIFFERENTIABLE_INPUTS
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
+    _register_with_forward_ad(fwd_name, backward)
     torch.library.register_autograd(bwd_name, _no_double_backward, setup_context=_setup_backward_context)
 
 

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from ._library import BUILD_HINT, CPP_IMPORT_ERROR, HAS_CPP, backward_inputs, save_for_backward, triton_interpret
 from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
+from .forward_ad import output_tangent
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats, KernelOutputs, stats_from_outputs
 
@@ -85,22 +86,34 @@ class _InterpretedTriton(torch.autograd.Function):
     """The Triton launchers on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``; tests only).
 
     The same saved tensors and backward arguments as the registered autograd formula; a second
-    derivative raises (``once_differentiable``).
+    derivative raises (``once_differentiable``); forward-mode AD gives ``out`` the tangent of
+    :func:`~rollingq_kernels.forward_ad.output_tangent`, as the registered op does.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
-        kernels = load_triton()
-        outputs = kernels.attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats)
-        save_for_backward(ctx, (q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats), outputs)
-        ctx.attention_bwd = kernels.attention_bwd
+    def forward(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
+        outputs = load_triton().attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed,
+                                              compute_stats)
         return tuple(outputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        save_for_backward(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+        ctx.op_arguments = inputs[3:9]  # segments, lengths, rotation, scale, dropout_p, seed
+        ctx.attention_bwd = load_triton().attention_bwd
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, *_unused):
         dq, dk, dv = ctx.attention_bwd(*backward_inputs(ctx, grad_out))
         return dq, dk, dv, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_unused):
+        q, k, v = ctx.saved_tensors
+        tangent = output_tangent(q, k, v, (dq, dk, dv), *ctx.op_arguments)
+        return (tangent,) + (None,) * (len(KernelOutputs._fields) - 1)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -14,29 +14,10 @@ import torch
 
 from .class_query import compute_dtype, rotate_class_query
 from .dropout import dropout_mask
+from .layout import key_valid_mask, modality_index
 from .stats import AttentionStats, finish_stats
 
-
-def key_valid_mask(
-    lengths: torch.Tensor | None, segments: Sequence[int], batch: int, device: torch.device
-) -> torch.Tensor:
-    """``(B, N)`` bool: key ``j`` of sample ``b`` is valid (class token always)."""
-    n = 1 + sum(segments)
-    if lengths is None:
-        return torch.ones(batch, n, dtype=torch.bool, device=device)
-    parts = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
-    for m, size in enumerate(segments):
-        pos = torch.arange(size, device=device).unsqueeze(0)
-        parts.append(pos < lengths[:, m : m + 1].to(torch.int64))
-    return torch.cat(parts, dim=1)
-
-
-def modality_index(segments: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``(N,)`` int64: 0 for the class token, ``m + 1`` for modality ``m``."""
-    ids = [torch.zeros(1, dtype=torch.int64, device=device)]
-    for m, size in enumerate(segments):
-        ids.append(torch.full((size,), m + 1, dtype=torch.int64, device=device))
-    return torch.cat(ids)
+__all__ = ["key_valid_mask", "modality_index", "rollingq_attention_reference"]
 
 
 def rollingq_attention_reference(

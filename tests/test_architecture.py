@@ -27,6 +27,8 @@ LAYERS = {
     "rollingq_kernels._library": 0,
     "rollingq_kernels.dropout": 0,
     "rollingq_kernels.class_query": 0,
+    "rollingq_kernels.layout": 0,
+    "rollingq_kernels.forward_ad": 0,
     "rollingq_kernels.stats": 0,
     "rollingq_kernels.rebalance": 0,
     "rollingq_kernels.checks": 1,
