@@ -54,6 +54,23 @@ def _warn_missing_cpp_once() -> None:
         )
 
 
+_warned_eager_devices: set[str] = set()
+
+
+def _warn_eager_device_once(device: torch.device) -> None:
+    """``backend="auto"`` on a device without kernels (MPS, XPU, …): the reference runs; say so once per type.
+
+    The message names MPS (the device users meet this on); an explicit ``backend="reference"`` is silent.
+    """
+    if device.type not in _warned_eager_devices:
+        _warned_eager_devices.add(device.type)
+        logger.warning(
+            "rollingq_kernels: backend='auto' on %s tensors: no fused kernels for this device, the eager reference "
+            "runs (it materializes the (B, H, Nq, N) scores); pass backend='reference' to silence this.",
+            device.type.upper() if device.type == "mps" else device.type,
+        )
+
+
 def has_triton() -> bool:
     """True when Triton is installed (it ships with torch's CUDA wheels); does not import it."""
     return importlib.util.find_spec("triton") is not None
@@ -125,6 +142,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "cpp"
         if device.type == "cpu":
             _warn_missing_cpp_once()
+        else:
+            _warn_eager_device_once(device)
         return "reference"
     if backend == "cpp":
         if not HAS_CPP:
