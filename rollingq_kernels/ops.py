@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from ._library import BUILD_HINT, CPP_IMPORT_ERROR, HAS_CPP, backward_inputs, save_for_backward, triton_interpret
 from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
+from .flex import rollingq_attention_flex
 from .forward_ad import output_tangent
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats, KernelOutputs, stats_from_outputs
@@ -134,7 +135,7 @@ class _InterpretedTriton(torch.autograd.Function):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` (possibly ``"auto"``) to ``"cpp"``, ``"triton"`` or ``"reference"``."""
+    """Map ``backend`` (possibly ``"auto"``, which never picks ``"flex"``) to the backend that runs."""
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
@@ -193,7 +194,7 @@ def rollingq_attention(
         scale: score scale (default ``Dh ** -0.5``).
         dropout_p: probability dropout in ``[0, 1)`` with the counter-based mask.
         seed: dropout seed in ``[0, 2**31)``; drawn from torch's generator if None.
-        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"`` or ``"flex"`` (FlexAttention, no dropout).
         compute_stats: skip the statistics when False (``stats`` is then None).
 
     Returns:
@@ -212,6 +213,9 @@ def rollingq_attention(
     chosen = resolve_backend(backend, q.device)
     if chosen != "cpp":  # the C++ kernels check the rotation's values themselves
         check_rotation_values(rotation)
+    if chosen == "flex":
+        return rollingq_attention_flex(q, k, v, segs, lengths=lengths, rotation=rotation, scale=scale,
+                                       compute_stats=compute_stats)
     if chosen == "reference":
         return rollingq_attention_reference(
             q, k, v, segs, lengths=lengths, rotation=rotation, scale=scale,

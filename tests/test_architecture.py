@@ -33,6 +33,7 @@ LAYERS = {
     "rollingq_kernels.rebalance": 0,
     "rollingq_kernels.checks": 1,
     "rollingq_kernels.reference": 1,
+    "rollingq_kernels.flex": 1,
     "rollingq_kernels.triton": 1,
     "rollingq_kernels.accumulator": 1,
     "rollingq_kernels.ops": 2,
