@@ -196,7 +196,7 @@ RotationInput rotation_in_compute_dtype(const std::optional<Tensor>& rotation, c
   return r;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, c10::IntArrayRef segments,
     const std::optional<Tensor>& lengths, const std::optional<Tensor>& rotation, double scale, double dropout_p,
     int64_t seed, bool compute_stats) {
@@ -210,7 +210,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   Tensor key_mean = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.M, p.Dh}) : c10::IntArrayRef({0}), f32);
   Tensor mass = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.M + 1}) : c10::IntArrayRef({0}), f32);
   Tensor query = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H, p.Dh}) : c10::IntArrayRef({0}), f32);
-  if (p.B * p.H == 0) return {with_strides_of(out, q), lse, key_mean, mass, query};  // empty, as SDPA
+  Tensor score_max = qc.new_empty(compute_stats ? c10::IntArrayRef({p.B, p.H}) : c10::IntArrayRef({0}), f32);
+  if (p.B * p.H == 0) return {with_strides_of(out, q), lse, key_mean, mass, query, score_max};  // empty, as SDPA
   float* query_stat = compute_stats ? query.mutable_data_ptr<float>() : nullptr;
 
   Tensor q0rot;
@@ -229,8 +230,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_fwd_cpu(
   buf.lse = lse.mutable_data_ptr<float>();
   buf.key_mean = compute_stats ? key_mean.mutable_data_ptr<float>() : nullptr;
   buf.mass = compute_stats ? mass.mutable_data_ptr<float>() : nullptr;
+  buf.score_max = compute_stats ? score_max.mutable_data_ptr<float>() : nullptr;
   attention_forward(p, buf);
-  return {with_strides_of(out, q), lse, key_mean, mass, query};
+  return {with_strides_of(out, q), lse, key_mean, mass, query, score_max};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
@@ -287,7 +289,7 @@ TORCH_LIBRARY(rollingq, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, int[] segments, Tensor? lengths, "
       "Tensor? rotation, float scale, float dropout_p, int seed, bool compute_stats) "
-      "-> (Tensor out, Tensor lse, Tensor key_mean, Tensor mass, Tensor query)");
+      "-> (Tensor out, Tensor lse, Tensor key_mean, Tensor mass, Tensor query, Tensor score_max)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int[] segments, Tensor? lengths, Tensor? rotation, float scale, float dropout_p, int seed) "
