@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import rollingq.train as train_mod
+import rollingq.trainer as trainer_mod
 import torch
 from rollingq.checkpoint import atomic_save, load_checkpoint
 from rollingq.cli import main
@@ -61,13 +62,13 @@ class PoisonFromEpoch(Dataset):
 
 
 def _poison_training_set(monkeypatch, epoch: int, index: int) -> None:
-    real = train_mod.build_dataset
+    real = trainer_mod.build_dataset
 
     def build(cfg, split):
         ds = real(cfg, split)
         return PoisonFromEpoch(ds, epoch, index) if split == "train" else ds
 
-    monkeypatch.setattr(train_mod, "build_dataset", build)
+    monkeypatch.setattr(trainer_mod, "build_dataset", build)
 
 
 def test_a_nan_sample_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

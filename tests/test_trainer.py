@@ -165,16 +165,16 @@ def test_rotation_keeps_the_target_present_if_interrupted(tmp_path, monkeypatch)
 
 def test_best_is_written_before_last(tmp_path, monkeypatch):
     """An improved epoch writes best.pt first, so a crash between the two writes keeps a best checkpoint."""
-    import rollingq.train as train_mod
+    import rollingq.trainer as trainer_mod
 
     written = []
-    real_save = train_mod.atomic_save
+    real_save = trainer_mod.atomic_save
 
     def recording_save(obj, path, keep_previous=None):
         written.append((obj["epoch"], os.path.basename(path)))
         real_save(obj, path, keep_previous=keep_previous)
 
-    monkeypatch.setattr(train_mod, "atomic_save", recording_save)
+    monkeypatch.setattr(trainer_mod, "atomic_save", recording_save)
     train(load_config("synthetic", TINY + ["train.epochs=1"]), str(tmp_path / "run"))
     assert written == [(1, "best.pt"), (1, "last.pt")]
 
