@@ -28,7 +28,7 @@ import numpy as np
 from ..data.common import DataError
 from ..data.cremad import EMOTIONS, read_cremad_list
 from ..data.media import SAMPLE_RATE
-from .common import check_problems, clip_error, run_jobs, write_lines
+from .common import check_problems, check_separate_folders, clip_error, run_jobs, write_lines
 from .media import decode_audio, find_videos, require_decoder, sample_frames, write_frames, write_wav
 
 logger = logging.getLogger("rollingq.prepare")
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> str:
 def prepare_cremad(raw: str, out: str, *, lists: str | None = None, test_fraction: float = 0.1, seed: int = 0,
                    jobs: int = 1, overwrite: bool = False, skip_bad: bool = False) -> str:
     """Write the CREMA-D layout of the release at ``raw`` into ``out`` (see the module docstring)."""
+    check_separate_folders(raw, out)
     if not os.path.isdir(raw):
         raise FileNotFoundError(f"RAW: no folder at {raw!r}")
     if jobs < 1:
@@ -131,7 +132,7 @@ def prepare_cremad(raw: str, out: str, *, lists: str | None = None, test_fractio
         for clip, video in sorted(videos.items())
     ]
     problems = run_jobs(job_list, prepare_clip, jobs, "CREMA-D clips")
-    check_problems(problems, skip_bad, f"prepare cremad {raw}")
+    check_problems(problems, skip_bad, f"prepare cremad {raw}", total=len(job_list))
     done = [j.clip for j in job_list if os.path.isfile(j.out_wav) and os.path.isdir(j.out_frames)]
     if lists:
         prepared = set(done)

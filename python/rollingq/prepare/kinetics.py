@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..data.common import DataError
 from .audio import FBANK_RATE, SPECTROGRAM_RATE, kaldi_fbank, paper_spectrogram
-from .common import check_problems, clip_error, run_jobs, write_lines
+from .common import check_problems, check_separate_folders, clip_error, run_jobs, write_lines
 from .media import VIDEO_EXTENSIONS, decode_audio, require_decoder, sample_frames, write_frames, write_npy
 
 HELP = "Kinetics-Sounds clips (RAW/<split>/<class>/) -> 1-fps frames, spectrograms or fbanks, lists"
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> str:
 def prepare_kinetics_sounds(raw: str, out: str, *, audio: str = "spectrogram", max_frames: int = 10, jobs: int = 1,
                             overwrite: bool = False, skip_bad: bool = False) -> str:
     """Write the Kinetics-Sounds layout of the clips at ``raw`` into ``out`` (see the module docstring)."""
+    check_separate_folders(raw, out)
     if audio not in AUDIO_FEATURES:
         raise ValueError(f"--audio: expected one of {AUDIO_FEATURES}, got {audio!r}")
     if max_frames < 1 or jobs < 1:
@@ -125,7 +126,7 @@ def prepare_kinetics_sounds(raw: str, out: str, *, audio: str = "spectrogram", m
                          os.path.join(out, "visual", clip), max_frames, overwrite)
                  for rows in splits.values() for clip, _name, path in rows]
     problems = run_jobs(jobs_list, prepare_clip, jobs, "Kinetics-Sounds clips")
-    check_problems(problems, skip_bad, f"prepare kinetics-sounds {raw}")
+    check_problems(problems, skip_bad, f"prepare kinetics-sounds {raw}", total=len(jobs_list))
     counts = []
     for split, rows in splits.items():
         done = [(clip, name) for clip, name, _ in rows
