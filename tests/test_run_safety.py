@@ -293,3 +293,17 @@ def test_a_full_disk_during_training_is_one_line_and_exit_2(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{run / 'config.yaml'}: no space left on the device to write" in err[0]
     assert not [f for f in os.listdir(run) if ".tmp." in f]
+
+
+# ---------------------------------------------------------------- values that overflow (issue 25, item 6)
+def test_a_huge_warmup_is_clamped_to_the_run_and_named_in_the_log(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="rollingq"):
+        assert main(["train", "--config", "synthetic", "--out", str(run), *TINY, "train.epochs=2",
+                     "optim.warmup_epochs=1e308"]) == 0
+    assert "optim.warmup_epochs=1e+308 is longer than the run (train.epochs=2)" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    rows = read_metrics(str(run / "metrics.jsonl"))
+    # 5 steps per epoch, 10 in all: the warm-up takes 9 of them (the schedule's longest), so after epoch 1
+    # the rate is 6/9 of optim.lr (0.05 in the synthetic config)
+    assert rows[0]["lr"] == pytest.approx(0.05 * 6 / 9, rel=1e-12)

@@ -39,6 +39,7 @@ from .schema import (
     build,
     build_fields,
     convert,
+    echo,
     field_names,
     join,
     option,
@@ -54,6 +55,9 @@ __all__ = [
 
 logger = logging.getLogger("rollingq.config")
 
+SEED_MAX = 2**32 - 1
+"""The largest ``seed``: NumPy's legacy seeds are 32-bit, and the seed enters torch generators in sums."""
+
 RENAMED = {("model", "rotation"): "rotation_mode"}
 """Keys renamed since runs were saved with them: (section, old) -> new (read with a warning)."""
 
@@ -62,6 +66,16 @@ def _distinct_names(names: list[str]) -> str | None:
     if not names or len(set(names)) != len(names):
         return "expected a non-empty list of distinct modality names"
     return None
+
+
+def _plain_name(value: Any) -> str | None:
+    """A run's ``name`` becomes part of a folder name: one plain path component, at most 100 characters."""
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    if (isinstance(value, str) and value not in ("", ".", "..") and len(value) <= 100
+            and not any(c in value for c in separators) and value.isprintable()):
+        return None
+    return ("expected one plain folder name (no '/', '\\', '.' or '..', printable, at most 100 characters; "
+            "the run folder is <out_dir>/<dataset>_<name>_<time>)")
 
 
 def _window(value: Any) -> str | None:
@@ -109,7 +123,7 @@ class DataConfig(Section):
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+            raise ConfigError(f"{prefix}: expected a mapping of keys, got {echo(raw)}")
         common = [f for f in field_names(cls) if f != "options"]
         name_meta = cls.__dataclass_fields__["name"].metadata
         name = convert(raw.get("name", cls.name), str, name_meta, join(prefix, "name"))
@@ -273,15 +287,16 @@ class Config(Section):
     """A whole run's configuration (``config.yaml``).
 
     Attributes:
-        name: the run's label (runs of one dataset and name form a group in reports).
-        seed: seeds everything: data order, augmentation, initialization, the synthetic task.
+        name: the run's label (runs of one dataset and name form a group in reports); one plain folder name.
+        seed: seeds everything: data order, augmentation, initialization, the synthetic task
+            (0 to :data:`SEED_MAX`).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         out_dir: where a run without ``--out`` goes.
         data, model, rollingq, ogm, optim, train: the sections.
     """
 
-    name: str = "run"
-    seed: int = option(0, ge=0)
+    name: str = option("run", check=_plain_name)
+    seed: int = option(0, ge=0, le=SEED_MAX)
     device: str = option("auto", choices=DEVICES)
     out_dir: str = "runs"
     data: DataConfig = option(factory=DataConfig)
@@ -391,7 +406,7 @@ def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
     """Set ``cfg[a][b][c] = value`` for ``dotted == "a.b.c"``, creating intermediate dicts."""
     parts = dotted.split(".")
     if not all(parts):
-        raise ConfigError(f"override key: expected a dotted path like 'optim.lr', got {dotted!r}")
+        raise ConfigError(f"override key: expected a dotted path like 'optim.lr', got {echo(dotted)}")
     node = cfg
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -399,20 +414,21 @@ def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
-            raise ConfigError(f"{dotted}: {where} holds {child!r}, not a mapping of keys")
+            raise ConfigError(f"{echo(dotted)}: {where} holds {echo(child)}, not a mapping of keys")
         node = child
     node[parts[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``key=value``; the value is read with ``yaml.safe_load`` (so ``1e-3``, ``true``, ``[a,b]`` work)."""
+    """Parse ``key=value``; the value is read as YAML (so ``1e-3``, ``true``, ``[a,b]`` work), with the bounds
+    of :func:`load_yaml_bounded`."""
     if "=" not in text:
-        raise ConfigError(f"override: expected key=value, got {text!r}")
+        raise ConfigError(f"override: expected key=value, got {echo(text)}")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml_bounded(raw, f"override {echo(text, 60)}") if raw != "" else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"override {echo(text, 60)}: the value is not valid YAML ({echo(str(exc), 200)})") from exc
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
     return key.strip(), value
@@ -450,11 +466,93 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def _read_yaml(path: str) -> Any:
+    """The YAML document of a config file (at most :data:`MAX_CONFIG_BYTES`, read by :func:`load_yaml_bounded`)."""
     try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path}: {size} bytes, more than a config can be ({MAX_CONFIG_BYTES} bytes)")
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return load_yaml_bounded(f.read(), f"config {path}")
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config {path}: cannot read it as YAML ({type(exc).__name__}: {exc})") from exc
+        raise ConfigError(f"config {path}: cannot read it as YAML ({type(exc).__name__}: {echo(str(exc), 300)})"
+                          ) from exc
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest config file read (configs are a few kilobytes)."""
+
+MAX_YAML_VALUES = 10_000
+"""The most values a YAML document may hold once its aliases are expanded (a config holds about 100)."""
+
+MAX_YAML_DEPTH = 32
+"""The deepest nesting of a YAML document (a config nests 3 or 4 levels)."""
+
+
+def load_yaml_bounded(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, refusing documents that would be huge once their aliases are expanded (nested
+    anchors, a "billion laughs"), recursive aliases, and nesting deeper than :data:`MAX_YAML_DEPTH`.
+
+    The document is composed into nodes first (aliases stay references to one node), checked by
+    :func:`check_yaml_nodes`, and only then constructed.
+
+    Raises:
+        ConfigError: naming ``source``.
+        yaml.YAMLError: the text is not YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: the YAML is nested deeper than Python can read; a config nests "
+                              f"at most {MAX_YAML_DEPTH} levels") from None
+        if node is None:
+            return None
+        check_yaml_nodes(node, source)
+        try:
+            return loader.construct_document(node)
+        except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"{source}: a value cannot be read ({type(exc).__name__}: {echo(str(exc), 200)})"
+                              ) from None
+    finally:
+        loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def check_yaml_nodes(root: yaml.Node, source: str, limit: int = MAX_YAML_VALUES, depth: int = MAX_YAML_DEPTH) -> None:
+    """Refuse a composed YAML document that expands to more than ``limit`` values, nests deeper than
+    ``depth`` or holds a recursive alias; the time taken is linear in the written document."""
+    expanded: dict[int, int] = {}  # id(node) -> values below it, aliases expanded
+    path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool, int]] = [(root, False, 0)]
+    while stack:
+        node, finished, level = stack.pop()
+        key = id(node)
+        if finished:
+            path.discard(key)
+            expanded[key] = 1 + sum(expanded[id(c)] for c in _children(node))
+            if expanded[key] > limit:
+                raise ConfigError(f"{source}: its aliases (*name) expand to more than {limit} values (nested "
+                                  "anchors, a 'billion laughs'); a config needs a few, write the values out")
+            continue
+        if key in expanded:
+            continue
+        if key in path:
+            raise ConfigError(f"{source}: a recursive alias (an anchor used inside itself) at line "
+                              f"{node.start_mark.line + 1}")
+        if level > depth:
+            raise ConfigError(f"{source}: the YAML is nested more than {depth} levels deep (line "
+                              f"{node.start_mark.line + 1})")
+        path.add(key)
+        stack.append((node, True, level))
+        stack.extend((c, False, level + 1) for c in _children(node) if id(c) not in expanded)
 
 
 def _read_with_bases(path: str, chain: list[str]) -> dict:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .config import Config, ConfigError
 from .rundir import short_list
+from .schema import echo
 
 logger = logging.getLogger("rollingq.train")
 
@@ -26,7 +27,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], pre
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out.extend(config_differences(a, b, dotted + "."))
         elif a != b:
-            out.append(f"{dotted} (checkpoint: {a!r}, config.yaml: {b!r})")
+            out.append(f"{dotted} (checkpoint: {echo(a)}, config.yaml: {echo(b)})")
     return out
 
 

@@ -32,7 +32,7 @@ from .config import Config
 from .logs import RunBoard, log_epoch
 from .ogm import modulate_gradients, ogm_coefficients
 from .records import METRICS_FILENAME, checkpoint_path, jsonable, write_metrics
-from .schedule import warmup_cosine
+from .schedule import warmup_cosine, warmup_steps
 from .seeding import rng_state, seed_everything, set_rng_state
 from .validate import validate
 
@@ -87,9 +87,11 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         steps = len(self.train_loader)
         o = cfg.optim
-        self.scheduler = warmup_cosine(
-            self.optimizer, self.epochs * steps, int(o.warmup_epochs * steps), o.min_lr / o.lr if o.lr > 0 else 0.0
-        )
+        if o.warmup_epochs > self.epochs and info.is_main:
+            logger.warning("optim.warmup_epochs=%g is longer than the run (train.epochs=%d): the learning rate "
+                           "rises for the whole run and never reaches optim.lr", o.warmup_epochs, self.epochs)
+        self.scheduler = warmup_cosine(self.optimizer, self.epochs * steps, warmup_steps(o.warmup_epochs, steps,
+                                       self.epochs), o.min_lr / o.lr if o.lr > 0 else 0.0)
         self.controller = build_controller(cfg, self.model)
         self._feed_windows()
         if state is not None:
