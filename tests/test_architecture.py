@@ -40,6 +40,7 @@ LAYERS = {
     "rollingq_kernels": 5,
     # rollingq
     "rollingq.files": TRAINING + 0,
+    "rollingq.runlock": TRAINING + 0,
     "rollingq.seeding": TRAINING + 0,
     "rollingq.distributed": TRAINING + 0,
     "rollingq.schedule": TRAINING + 0,

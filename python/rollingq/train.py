@@ -44,12 +44,21 @@ from .config import Config, as_config, read_config, save_config
 from .files import remove_stale_temporaries
 from .logs import add_file_logging, detach, hold_records
 from .models import MultimodalModel
-from .records import CHECKPOINT_DIR, CONFIG_FILENAME, METRICS_FILENAME, checkpoint_path, write_metrics
-from .rundir import check_run_dir_free, make_run_dir, remove_run_files
+from .records import (
+    CHECKPOINT_DIR,
+    CONFIG_FILENAME,
+    METRICS_FILENAME,
+    checkpoint_path,
+    record_written,
+    write_metrics,
+)
+from .rundir import TRAINING_FILES, check_run_dir_free, claimed, make_run_dir, remove_run_files
+from .runlock import RunLockedError
 from .runstate import RunMismatchError, check_same_run
-from .trainer import NonFiniteError, Trainer
+from .trainer import NonFiniteError, Trainer, TrainingInterrupted
 
-__all__ = ["NonFiniteError", "RunMismatchError", "Trainer", "load_run", "resume", "train"]
+__all__ = ["NonFiniteError", "RunLockedError", "RunMismatchError", "Trainer", "TrainingInterrupted", "load_run",
+           "resume", "train"]
 
 logger = logging.getLogger("rollingq.train")
 
@@ -62,29 +71,36 @@ def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False)
     held = hold_records() if info.is_main else None  # until train.log exists
     if info.is_main:
         cfg.warn_inert_settings()
-    handler = None
+    handler, trainer = None, None
     try:
-        if state is None:  # every rank looks before any rank writes
-            check_run_dir_free(run_dir, overwrite)
+        with claimed(run_dir, "--out" if state is None else "--resume", info):
+            if state is None:  # every rank looks (under the lock) before any rank writes
+                check_run_dir_free(run_dir, overwrite)
             distributed.barrier()
-        trainer = Trainer(cfg, run_dir, info, state)  # datasets and model first: a bad start leaves no folder
-        if info.is_main:
-            if state is None and overwrite:
-                remove_run_files(run_dir)
-            os.makedirs(os.path.join(run_dir, CHECKPOINT_DIR), exist_ok=True)
-            for folder in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
-                remove_stale_temporaries(folder)
-            if state is None:  # a resumed run keeps the config.yaml it was read from
-                save_config(cfg, os.path.join(run_dir, CONFIG_FILENAME))
-            handler, held = add_file_logging(run_dir, held), None
-            if state is not None:  # drop rows of an epoch that was cut short
-                write_metrics(os.path.join(run_dir, METRICS_FILENAME), state["history"])
-        distributed.barrier()
-        if state is not None:
-            logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
-        else:
-            logger.info("training %s into %s on %s (world size %d)", cfg.name, run_dir, info.device, info.world_size)
-        trainer.fit()
+            trainer = Trainer(cfg, run_dir, info, state)  # datasets and model first: a bad start leaves no folder
+            if info.is_main:
+                if state is None and overwrite:
+                    remove_run_files(run_dir)
+                record_written(run_dir, TRAINING_FILES)  # before the first write: --overwrite removes them
+                os.makedirs(os.path.join(run_dir, CHECKPOINT_DIR), exist_ok=True)
+                for folder in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
+                    remove_stale_temporaries(folder)
+                if state is None:  # a resumed run keeps the config.yaml it was read from
+                    save_config(cfg, os.path.join(run_dir, CONFIG_FILENAME))
+                handler, held = add_file_logging(run_dir, held), None
+                if state is not None:  # drop rows of an epoch that was cut short
+                    write_metrics(os.path.join(run_dir, METRICS_FILENAME), state["history"])
+            distributed.barrier()
+            if state is not None:
+                logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
+            else:
+                logger.info("training %s into %s on %s (world size %d)", cfg.name, run_dir, info.device,
+                            info.world_size)
+            trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C: say where the run stands and how to continue it
+        hint = trainer.resume_hint() if trainer is not None else "no epoch was trained"
+        logger.warning("interrupted: %s", hint)
+        raise TrainingInterrupted(hint) from None
     finally:
         torch.set_num_threads(threads)
         for h in (held, handler):

@@ -41,6 +41,11 @@ logger = logging.getLogger("rollingq.train")
 CHECKPOINT_VERSION = 1
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C, SIGINT); the message says where the last checkpoint is and the
+    command that continues the run."""
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or weight; the message names the epoch, the step and the last
     good checkpoint (nothing was written from the non-finite state)."""
@@ -82,6 +87,7 @@ class Trainer:
         self.start_epoch = 1
         self.history: list[dict] = []
         self.best_val = -1.0
+        self.saved_epoch: int | None = None  # the epoch of checkpoints/last.pt
         self.stage = stage_for_epoch(cfg, int(state["epoch"]) if state else 1)
         self.model.set_stage(self.stage)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -118,6 +124,7 @@ class Trainer:
             # config.yaml's settings win (they equal the saved ones unless --resume --force)
             self.controller.load_state_dict(state["controller"], settings=False)
         self.start_epoch = int(state["epoch"]) + 1
+        self.saved_epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_val = float(state["best_val"])
         set_rng_state(state["rng"])
@@ -156,6 +163,14 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_enabled else nullcontext()
+
+    def resume_hint(self) -> str:
+        """Where the run stands after an interruption: its last checkpoint and how to continue from it."""
+        last = checkpoint_path(self.run_dir, "last")
+        if self.saved_epoch is None:
+            return f"no checkpoint was written in {self.run_dir} (interrupted before the end of the first epoch)"
+        return (f"the last checkpoint is {last} (epoch {self.saved_epoch} of {self.epochs}); continue with "
+                f"`rollingq train --resume {self.run_dir}`")
 
     def _last_good(self) -> str:
         last = checkpoint_path(self.run_dir, "last")
@@ -339,6 +354,7 @@ class Trainer:
                 atomic_save(state, checkpoint_path(self.run_dir, "best"))
             atomic_save(state, checkpoint_path(self.run_dir, "last"),
                         keep_previous=checkpoint_path(self.run_dir, "previous"))
+            self.saved_epoch = epoch
             write_metrics(os.path.join(self.run_dir, METRICS_FILENAME), self.history)
             log_epoch(row, board, logger, self.cfg.data.modalities, self.best_val)
         distributed.barrier()
