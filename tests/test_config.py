@@ -193,8 +193,9 @@ def test_nested_aliases_are_refused_quickly_and_errors_stay_short(tmp_path):
     assert load_config(str(fine)).train.batch_size == 3
 
 
-@pytest.mark.parametrize("override", ["optim.lr=" + "9" * 5000, "optim.lr=" + "9" * 4000, "optim.lr=[" + ",".join(["x"] * 5000) + "]",
-                                      "x" * 5000 + "=1", "optim.lr=" + "{a: " * 200 + "1" + "}" * 200])
+@pytest.mark.parametrize("override", ["optim.lr=" + "9" * 5000, "optim.lr=" + "9" * 4000,
+                                      "optim.lr=[" + ",".join(["x"] * 5000) + "]", "x" * 5000 + "=1",
+                                      "optim.lr=" + "{a: " * 200 + "1" + "}" * 200])
 def test_an_error_echoes_a_bounded_part_of_what_it_got(override):
     with pytest.raises(ConfigError) as err:
         load_config("synthetic", [override])

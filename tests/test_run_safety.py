@@ -377,3 +377,59 @@ def test_overwrite_removes_only_the_files_rollingq_wrote(tmp_path):
             assert f.read() == text, rel
     assert not os.path.exists(os.path.join(run, "eval_val.json"))  # written by rollingq eval: removed
     assert load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["config"]["seed"] == 2
+
+
+# ---------------------------------------------------------------- --resume --force and the optimizer (item 3)
+def test_force_resume_takes_the_learning_rate_and_schedule_from_the_edited_config(tmp_path, monkeypatch, caplog):
+    from rollingq.schedule import warmup_cosine
+
+    run = train_mod.train(_cfg("train.epochs=1"), str(tmp_path / "run"))  # lr 0.05, momentum 0.9, warm-up 1
+    edited = _cfg("train.epochs=3", "optim.lr=0.4", "optim.momentum=0.5", "optim.warmup_epochs=0",
+                  "optim.min_lr=0.01")
+    save_config(edited, os.path.join(run, "config.yaml"))
+    seen = []
+    real = trainer_mod.Trainer.train_epoch
+
+    def train_epoch(self, epoch, board=None):
+        group = self.optimizer.param_groups[0]
+        seen.append((epoch, group["lr"], group["momentum"]))
+        return real(self, epoch, board)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_epoch", train_epoch)
+    with caplog.at_level("INFO", logger="rollingq"):
+        train_mod.resume(run, force=True)
+    reference = warmup_cosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4), 15, 0, 0.01 / 0.4)
+    expected = []
+    for _ in range(15):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    expected.append(reference.get_last_lr()[0])
+    assert seen[0] == (2, pytest.approx(expected[5], rel=1e-12), 0.5)  # the first update after the resume
+    assert seen[1] == (3, pytest.approx(expected[10], rel=1e-12), 0.5)
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([expected[10], expected[15]], rel=1e-12)
+    assert "optimizer settings from" in caplog.text and "lr 0.05 -> 0.4" in caplog.text
+    assert "momentum 0.9 -> 0.5" in caplog.text and f"learning rate {expected[5]:.4g}" in caplog.text
+
+
+# ---------------------------------------------------------------- Ctrl-C (item 6)
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
+    import signal
+
+    run = str(tmp_path / "run")
+    proc = _training_process(run)
+    try:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = [line for line in err.strip().splitlines() if "rollingq train: interrupted" in line]
+    epoch = load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["epoch"]
+    assert len(last) == 1 and f"{os.path.join(run, 'checkpoints', 'last.pt')} (epoch {epoch} of 200)" in last[0]
+    assert f"`rollingq train --resume {run}`" in last[0]
+    assert not os.path.exists(os.path.join(run, "run.lock"))  # released: the resume command works at once

@@ -38,6 +38,7 @@ from .schema import (
     Section,
     build,
     build_fields,
+    clip,
     convert,
     echo,
     field_names,
@@ -428,7 +429,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = load_yaml_bounded(raw, f"override {echo(text, 60)}") if raw != "" else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {echo(text, 60)}: the value is not valid YAML ({echo(str(exc), 200)})") from exc
+        raise ConfigError(f"override {echo(text, 60)}: the value is not valid YAML ({clip(str(exc), 200)})") from exc
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
     return key.strip(), value
@@ -474,7 +475,7 @@ def _read_yaml(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return load_yaml_bounded(f.read(), f"config {path}")
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config {path}: cannot read it as YAML ({type(exc).__name__}: {echo(str(exc), 300)})"
+        raise ConfigError(f"config {path}: cannot read it as YAML ({type(exc).__name__}: {clip(str(exc), 300)})"
                           ) from exc
 
 
@@ -512,7 +513,7 @@ def load_yaml_bounded(text: str, source: str) -> Any:
         try:
             return loader.construct_document(node)
         except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
-            raise ConfigError(f"{source}: a value cannot be read ({type(exc).__name__}: {echo(str(exc), 200)})"
+            raise ConfigError(f"{source}: a value cannot be read ({type(exc).__name__}: {clip(str(exc), 200)})"
                               ) from None
     finally:
         loader.dispose()

@@ -43,6 +43,15 @@ def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` on one line, cut in the middle to at most ``limit`` characters (for messages quoted in errors)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} [...] {text[-half:]}"
+
+
 def check_int64(value: int, key: str) -> int:
     """``value`` if it fits in 64 bits (:data:`INT64`), else a :class:`ConfigError` naming ``key``."""
     if not INT64[0] <= value <= INT64[1]:

@@ -39,7 +39,7 @@ import torch
 
 from . import distributed
 from .build import build_model
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, check_resume_state, load_checkpoint
 from .config import Config, as_config, read_config, save_config
 from .files import remove_stale_temporaries
 from .logs import add_file_logging, detach, hold_records
@@ -55,6 +55,7 @@ from .records import (
 from .rundir import TRAINING_FILES, check_run_dir_free, claimed, make_run_dir, remove_run_files
 from .runlock import RunLockedError
 from .runstate import RunMismatchError, check_same_run
+from .schema import clip
 from .trainer import NonFiniteError, Trainer, TrainingInterrupted
 
 __all__ = ["NonFiniteError", "RunLockedError", "RunMismatchError", "Trainer", "TrainingInterrupted", "load_run",
@@ -63,7 +64,7 @@ __all__ = ["NonFiniteError", "RunLockedError", "RunMismatchError", "Trainer", "T
 logger = logging.getLogger("rollingq.train")
 
 
-def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False) -> str:
+def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False, source: str = "") -> str:
     info = distributed.setup(cfg.device)
     threads = torch.get_num_threads()  # restored afterwards: a library caller's process keeps its setting
     if cfg.train.num_threads:
@@ -77,7 +78,7 @@ def _run(cfg: Config, run_dir: str, state: dict | None, overwrite: bool = False)
             if state is None:  # every rank looks (under the lock) before any rank writes
                 check_run_dir_free(run_dir, overwrite)
             distributed.barrier()
-            trainer = Trainer(cfg, run_dir, info, state)  # datasets and model first: a bad start leaves no folder
+            trainer = Trainer(cfg, run_dir, info, state, source)  # datasets and model first: a bad start writes nothing
             if info.is_main:
                 if state is None and overwrite:
                     remove_run_files(run_dir)
@@ -136,6 +137,7 @@ def resume(run_dir: str, checkpoint: str = "last", force: bool = False) -> str:
     path = checkpoint_path(run_dir, checkpoint)
     try:
         state = load_checkpoint(path)
+        check_resume_state(state, path)
     except CheckpointError as exc:
         previous = checkpoint_path(run_dir, "previous")
         hint = (f"; the previous checkpoint {previous} is intact: continue from it with "
@@ -151,7 +153,7 @@ def resume(run_dir: str, checkpoint: str = "last", force: bool = False) -> str:
                 remove_stale_temporaries(folder)
         logger.info("%s already finished %d epochs; nothing to do", run_dir, state["epoch"])
         return run_dir
-    return _run(cfg, run_dir, state)
+    return _run(cfg, run_dir, state, source=path)
 
 
 def load_run(run_dir: str, checkpoint: str = "best") -> tuple[MultimodalModel, Config]:
@@ -162,9 +164,14 @@ def load_run(run_dir: str, checkpoint: str = "best") -> tuple[MultimodalModel, C
         checkpoint: ``best`` (best validation accuracy), ``last`` or ``previous``.
     """
     cfg = read_config(os.path.join(run_dir, CONFIG_FILENAME))
-    state = load_checkpoint(checkpoint_path(run_dir, checkpoint))
+    path = checkpoint_path(run_dir, checkpoint)
+    state = load_checkpoint(path)
     model = build_model(cfg)
     model.set_stage(int(state.get("stage", 1)))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # config.yaml edited after training, or the checkpoint of another run
+        raise CheckpointError(f"{path}: its model does not fit the model of {run_dir}/{CONFIG_FILENAME} "
+                              f"({clip(str(exc), 300)})") from exc
     device = torch.device("cuda") if cfg.device == "cuda" and torch.cuda.is_available() else torch.device("cpu")
     return model.to(device).eval(), cfg

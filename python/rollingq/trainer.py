@@ -32,7 +32,9 @@ from .config import Config
 from .logs import RunBoard, log_epoch
 from .ogm import modulate_gradients, ogm_coefficients
 from .records import METRICS_FILENAME, checkpoint_path, jsonable, write_metrics
+from .runstate import restore_optimization
 from .schedule import warmup_cosine, warmup_steps
+from .schema import clip
 from .seeding import rng_state, seed_everything, set_rng_state
 from .validate import validate
 
@@ -70,10 +72,13 @@ class Trainer:
         run_dir: the run directory.
         info: this process's place in the process group.
         state: a checkpoint to resume from, or None for a fresh run.
+        source: the checkpoint's file, named in errors.
     """
 
-    def __init__(self, cfg: Config, run_dir: str, info: distributed.DistInfo, state: dict | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: str, info: distributed.DistInfo, state: dict | None = None,
+                 source: str = "the checkpoint") -> None:
         self.cfg, self.run_dir, self.info = cfg, run_dir, info
+        self.source = source
         self.device = info.device
         seed_everything(cfg.seed)
         self.train_set = build_dataset(cfg, "train")
@@ -115,9 +120,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- state
     def _load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Continue from a checkpoint (checked by :func:`rollingq.checkpoint.check_resume_state`); the
+        optimizer's and scheduler's settings stay those of the config (:func:`restore_optimization`)."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # another model (--resume --force after editing model.*)
+            raise CheckpointError(f"{self.source}: its model does not fit the model of config.yaml "
+                                  f"({clip(str(exc), 300)})") from exc
+        restore_optimization(self.optimizer, self.scheduler, state, self.cfg, self.source)
         if self.controller is not None:
             if state.get("controller") is None:
                 raise CheckpointError("checkpoint has no RollingQ controller state but rollingq.enabled is true")
