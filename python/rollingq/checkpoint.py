@@ -59,7 +59,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
         raise CheckpointError(f"checkpoint {path!r}: 'epoch' must be the number of finished epochs (an integer "
                               f">= 1), got {_short(epoch)}; the file is damaged or not a rollingq checkpoint")
-    if state.get("stage", 1) not in (1, 2) or isinstance(state.get("stage"), bool):
+    stage = state.get("stage", 1)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (1, 2):
         raise CheckpointError(f"checkpoint {path!r}: 'stage' must be 1 or 2, got {_short(state['stage'])}")
     if not isinstance(state["model"], dict):
         raise CheckpointError(f"checkpoint {path!r}: 'model' must be a state dict, got {type(state['model']).__name__}")
