@@ -63,7 +63,8 @@ def test_fuzz_config_overrides(sandbox, key, value):
     override = f"{key}={value}"
     outcome = run_cli(["train", "--config", "synthetic", *TINY, override, *guards])
     section = key.split(".")[0]
-    check_cli(outcome, [key.strip(), f"{section}.", "override", "name:", "--out"], repr(override))
+    check_cli(outcome, [key.strip(), repr(key.strip())[1:-1], f"{section}.", "override", "name:", "--out"],
+              repr(override))
     assert_untouched(before, snapshot(sandbox, skip=["runs"]), repr(override))
 
 

@@ -68,38 +68,45 @@ def check_same_run(state: dict, cfg: Config, checkpoint: str, config_path: str, 
 
 
 
+RESTORE_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError)
+"""What loading a malformed state into a torch object raises (reported as a :class:`CheckpointError`)."""
+
+
 def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each parameter group's settings (everything but its parameters)."""
     return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
 def restore_optimization(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                         state: dict, cfg: Config, source: str) -> None:
+                         state: dict, cfg: Config, source: str, step: int) -> None:
     """Load the optimizer's and scheduler's state from a checkpoint, keeping ``cfg``'s settings.
 
     ``optimizer`` and ``scheduler`` are freshly built from ``cfg``; their settings (``lr``, ``momentum``,
     ``weight_decay``, …, and the schedule's base rate) are put back over the restored ones, and the rate
     of the next step is recomputed with ``cfg``'s schedule at the restored step. Without a config edit
     this changes nothing (the same numbers come back). A change is logged; so is the resumed rate. An
-    optimizer of another kind (``optim.name`` edited) starts afresh, with a warning.
+    optimizer of another kind (``optim.name`` edited) starts afresh, with a warning. The schedule
+    continues at ``step`` (the finished epochs times this config's steps per epoch), which is the saved
+    step unless ``train.batch_size`` or the data changed.
 
     Raises:
         CheckpointError: the saved state does not fit this model's parameters (naming ``source``).
     """
     fresh = optimizer_settings(optimizer)
-    saved_name = (state.get("config") or {}).get("optim", {}).get("name", cfg.optim.name)
+    saved_optim = state["config"].get("optim") if isinstance(state.get("config"), Mapping) else None
+    saved_name = saved_optim.get("name", cfg.optim.name) if isinstance(saved_optim, Mapping) else cfg.optim.name
     if saved_name != cfg.optim.name:
         logger.warning("--resume: optim.name is %r in config.yaml but %r in %s: the %s optimizer starts afresh",
                        cfg.optim.name, saved_name, source, cfg.optim.name)
     else:
         try:
             optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except RESTORE_ERRORS as exc:
             raise CheckpointError(f"{source}: its optimizer state does not fit the model of config.yaml "
                                   f"({type(exc).__name__}: {clip(str(exc), 200)})") from exc
     try:
         scheduler.load_state_dict(state["scheduler"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except RESTORE_ERRORS as exc:
         raise CheckpointError(f"{source}: its scheduler state cannot be read ({type(exc).__name__}: "
                               f"{clip(str(exc), 200)})") from exc
     changes: dict[str, str] = {}
@@ -112,7 +119,10 @@ def restore_optimization(optimizer: torch.optim.Optimizer, scheduler: torch.opti
             if key not in ("lr", "initial_lr") and group.get(key) != value:
                 changes.setdefault(key, f"{key} {echo(group.get(key))} -> {echo(value)}")
             group[key] = value
-    step = scheduler.last_epoch
+    if scheduler.last_epoch != step:
+        logger.warning("--resume: %s's schedule is at step %s; config.yaml's run is at step %d after %s epoch(s): "
+                       "continuing from step %d", source, echo(scheduler.last_epoch), step, state["epoch"], step)
+        scheduler.last_epoch = step
     rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
     for group, rate in zip(optimizer.param_groups, rates, strict=True):
         group["lr"] = rate

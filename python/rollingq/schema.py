@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -34,6 +35,9 @@ _ECHO.maxstring, _ECHO.maxlong, _ECHO.maxother = 80, 40, 80
 
 INT64 = (-(2**63), 2**63 - 1)
 """The integers a config accepts: what torch, NumPy and the loaders can hold."""
+
+
+_PLAIN_KEY = re.compile(r"[\w.\[\]+-]{1,160}")
 
 
 def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
@@ -160,8 +164,8 @@ def _leaf_path(key: Any, value: Any) -> str:
 def unknown_key_error(prefix: str, key: Any, value: Any, valid: list[str], elsewhere: str | None = None) -> ConfigError:
     """The error for an unknown key at ``prefix``: names it and suggests the closest valid key."""
     written = join(prefix, _leaf_path(key, value))
-    if len(written) > ECHO_LIMIT:
-        written = written[: ECHO_LIMIT - 1] + "…"
+    if not _PLAIN_KEY.fullmatch(written):  # spaces, control characters, a huge key: quoted and cut
+        written = echo(written)
     guess = closest(str(key), valid)
     if guess is not None:
         rest = written[len(join(prefix, key)):]

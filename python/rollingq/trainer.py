@@ -14,7 +14,8 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from .config import Config
 from .logs import RunBoard, log_epoch
 from .ogm import modulate_gradients, ogm_coefficients
 from .records import METRICS_FILENAME, checkpoint_path, jsonable, write_metrics
-from .runstate import restore_optimization
+from .runstate import RESTORE_ERRORS, restore_optimization
 from .schedule import warmup_cosine, warmup_steps
 from .schema import clip
 from .seeding import rng_state, seed_everything, set_rng_state
@@ -59,6 +60,16 @@ def stage_for_epoch(cfg: Config, epoch: int) -> int:
     if cfg.model.fusion != "vanilla_mt_star":
         return 1
     return 1 if epoch <= cfg.model.progressive_epochs else 2
+
+
+@contextmanager
+def _named(source: str, key: str) -> Iterator[None]:
+    """Restoring ``key`` of a checkpoint: a malformed value is a :class:`CheckpointError` naming file and key."""
+    try:
+        yield
+    except RESTORE_ERRORS as exc:
+        raise CheckpointError(f"{source}: its {key!r} state cannot be restored ({type(exc).__name__}: "
+                              f"{clip(str(exc), 200)})") from exc
 
 
 class Trainer:
@@ -127,17 +138,20 @@ class Trainer:
         except RuntimeError as exc:  # another model (--resume --force after editing model.*)
             raise CheckpointError(f"{self.source}: its model does not fit the model of config.yaml "
                                   f"({clip(str(exc), 300)})") from exc
-        restore_optimization(self.optimizer, self.scheduler, state, self.cfg, self.source)
+        restore_optimization(self.optimizer, self.scheduler, state, self.cfg, self.source,
+                             int(state["epoch"]) * len(self.train_loader))
         if self.controller is not None:
             if state.get("controller") is None:
-                raise CheckpointError("checkpoint has no RollingQ controller state but rollingq.enabled is true")
+                raise CheckpointError(f"{self.source} has no RollingQ controller state but rollingq.enabled is true")
             # config.yaml's settings win (they equal the saved ones unless --resume --force)
-            self.controller.load_state_dict(state["controller"], settings=False)
+            with _named(self.source, "controller"):
+                self.controller.load_state_dict(state["controller"], settings=False)
         self.start_epoch = int(state["epoch"]) + 1
         self.saved_epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_val = float(state["best_val"])
-        set_rng_state(state["rng"])
+        with _named(self.source, "rng"):
+            set_rng_state(state["rng"])
 
     def state_dict(self, epoch: int) -> dict:
         """Everything needed to resume after ``epoch`` (loadable with ``weights_only=True``)."""
