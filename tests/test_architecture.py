@@ -46,6 +46,7 @@ LAYERS = {
     "rollingq.schedule": TRAINING + 0,
     "rollingq.inputs": TRAINING + 0,
     "rollingq.schema": TRAINING + 0,
+    "rollingq.yaml_input": TRAINING + 0,
     "rollingq.extras": TRAINING + 0,
     "rollingq.records": TRAINING + 1,
     "rollingq.checkpoint": TRAINING + 1,
