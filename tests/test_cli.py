@@ -228,3 +228,16 @@ def test_a_dataloader_worker_error_is_the_workers_own_line(tmp_path, capsys):
     assert len(err) == 1 and len(err[0]) < 600, err
     assert "holds 1 non-finite value(s)" in err[0] and "AudioWAV" in err[0] and ".wav" in err[0]
     assert "(in DataLoader worker process 0)" in err[0] and "Traceback" not in err[0] and "File " not in err[0]
+
+
+def test_a_pretrained_file_of_other_shapes_is_one_line(tmp_path, capsys):
+    """Issue 25 item 6: ``model.pretrained`` weights whose shapes do not fit end in one line naming the key
+    (this already held at 0549676: a regression guard, not a new fix)."""
+    path = str(tmp_path / "vit.pth")
+    torch.save({"blocks.0.norm1.weight": torch.randn(32), "blocks.0.mlp.fc1.weight": torch.randn(64, 32),
+                "patch_embed.proj.weight": torch.randn(32, 3, 16, 16)}, path)
+    assert main(["train", "--config", "synthetic", "--out", str(tmp_path / "run"), *TINY_SYN, "train.epochs=1",
+                 f"model.pretrained={path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.pretrained: blocks.0.norm1.weight has shape (32,)" in err[0], err
+    assert not (tmp_path / "run").exists()
