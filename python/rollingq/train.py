@@ -6,14 +6,19 @@ continues a run from ``checkpoints/last.pt`` exactly where it stopped (model wit
 rotation buffers, optimizer, scheduler, RollingQ controller, RNG states, epoch,
 metric history). Every epoch appends to ``metrics.jsonl`` and TensorBoard and
 writes ``checkpoints/last.pt`` atomically (plus ``best.pt`` when the validation
-accuracy improves; model selection never looks at the test split). The run
-folder is created only once the datasets and the model are built, so a run that
-cannot start leaves nothing behind.
+accuracy improves; model selection never looks at the test split). A run holds
+its folder's lock for its whole length (:class:`~rollingq.runlock.RunLock`: a
+second process on the folder gets a :class:`RunLockedError` naming the holder);
+it creates the folder to lock it and removes it again when the datasets or the
+model cannot be built, so a run that cannot start leaves nothing behind.
 
 Nothing is mixed or lost silently: a new run refuses a folder that holds another
-run's files (``overwrite=True`` removes them first); ``resume`` refuses a
-checkpoint whose stored config differs from ``config.yaml`` (``force=True``
-continues anyway); a non-finite loss stops the run at that step with a
+run's files (``overwrite=True`` removes them first: exactly the paths of the
+folder's ``manifest.txt``); ``resume`` refuses a damaged checkpoint and one
+whose stored config differs from ``config.yaml`` (``force=True`` continues
+anyway, with ``config.yaml``'s optimizer settings and schedule); Ctrl-C ends
+with :class:`TrainingInterrupted` saying where the last checkpoint is and how to
+continue; a non-finite loss stops the run at that step with a
 :class:`NonFiniteError` naming the epoch and step, before the update, and no
 checkpoint is written from a model with a non-finite weight, so ``last.pt`` and
 ``best.pt`` stay those of the last good epoch. Stale temporaries of interrupted

@@ -102,12 +102,12 @@ def run(args: argparse.Namespace) -> str:
 def prepare_cremad(raw: str, out: str, *, lists: str | None = None, test_fraction: float = 0.1, seed: int = 0,
                    jobs: int = 1, overwrite: bool = False, skip_bad: bool = False) -> str:
     """Write the CREMA-D layout of the release at ``raw`` into ``out`` (see the module docstring)."""
-    check_separate_folders(raw, out)
     if not os.path.isdir(raw):
         raise FileNotFoundError(f"RAW: no folder at {raw!r}")
     if jobs < 1:
         raise ValueError(f"--jobs: expected an int >= 1, got {jobs}")
     require_decoder()
+    check_separate_folders(raw, out)  # before anything is read or written
     videos: dict[str, str] = {}
     unnamed = []
     for path in find_videos(raw):

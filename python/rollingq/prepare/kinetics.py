@@ -97,12 +97,12 @@ def run(args: argparse.Namespace) -> str:
 def prepare_kinetics_sounds(raw: str, out: str, *, audio: str = "spectrogram", max_frames: int = 10, jobs: int = 1,
                             overwrite: bool = False, skip_bad: bool = False) -> str:
     """Write the Kinetics-Sounds layout of the clips at ``raw`` into ``out`` (see the module docstring)."""
-    check_separate_folders(raw, out)
     if audio not in AUDIO_FEATURES:
         raise ValueError(f"--audio: expected one of {AUDIO_FEATURES}, got {audio!r}")
     if max_frames < 1 or jobs < 1:
         raise ValueError(f"--max-frames, --jobs: expected ints >= 1, got {max_frames}, {jobs}")
     require_decoder()
+    check_separate_folders(raw, out)  # before anything is read or written
     for split in ("train", "test"):
         if not os.path.isdir(os.path.join(raw, split)):
             raise FileNotFoundError(f"RAW: expected {os.path.join(raw, split)!r} with one folder per class")
