@@ -210,3 +210,35 @@ def test_the_process_exits_2_with_one_line_on_a_bad_config():
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("rollingq train: error: model.dim: expected an integer >= 1")
+
+
+def test_a_dataloader_worker_error_is_the_workers_own_line(tmp_path, capsys):
+    """An error in a DataLoader worker reaches the command as the worker's message, not its traceback."""
+    import numpy as np
+    import soundfile
+
+    root = write_tiny_cremad(str(tmp_path / "cremad"), n_train=7, n_test=4)
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, 15000).astype(np.float32)
+    audio[5] = np.nan  # the start-up scan reads headers only: found by the worker that loads it
+    for name in os.listdir(os.path.join(root, "AudioWAV")):
+        soundfile.write(os.path.join(root, "AudioWAV", name), audio, 22050, subtype="FLOAT")
+    assert main(["train", "--config", "cremad_vanilla_mt", "--out", str(tmp_path / "run"), f"data.root={root}",
+                 "data.image_size=32", "data.num_workers=1", "data.val_fraction=0.3", "train.batch_size=4",
+                 "train.epochs=1", *TINY_MODEL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) < 600, err
+    assert "holds 1 non-finite value(s)" in err[0] and "AudioWAV" in err[0] and ".wav" in err[0]
+    assert "(in DataLoader worker process 0)" in err[0] and "Traceback" not in err[0] and "File " not in err[0]
+
+
+def test_a_pretrained_file_of_other_shapes_is_one_line(tmp_path, capsys):
+    """Issue 25 item 6: ``model.pretrained`` weights whose shapes do not fit end in one line naming the key
+    (this already held at 0549676: a regression guard, not a new fix)."""
+    path = str(tmp_path / "vit.pth")
+    torch.save({"blocks.0.norm1.weight": torch.randn(32), "blocks.0.mlp.fc1.weight": torch.randn(64, 32),
+                "patch_embed.proj.weight": torch.randn(32, 3, 16, 16)}, path)
+    assert main(["train", "--config", "synthetic", "--out", str(tmp_path / "run"), *TINY_SYN, "train.epochs=1",
+                 f"model.pretrained={path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.pretrained: blocks.0.norm1.weight has shape (32,)" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -138,3 +138,76 @@ def test_closest_key():
     assert closest("learning_rate", keys) == "lr" and closest("wd", keys) == "weight_decay"
     assert closest("LR", keys) == "lr" and closest("momentun", keys) == "momentum"
     assert closest("trian", ["train", "data"]) == "train" and closest("zzz", keys) is None
+
+
+# ---------------------------------------------------------------- hostile values (issue 25, items 7 and 9)
+@pytest.mark.parametrize("name", ["../../../x", "a/b", "..", ".", "", "a\\b", "x\0y"])
+def test_a_run_name_is_one_plain_path_component(name):
+    with pytest.raises(ConfigError, match=r"^name: expected one plain folder name"):
+        Config.from_dict({"name": name})
+    with pytest.raises(ConfigError, match=r"^name: expected one plain folder name"):
+        load_config("synthetic", ["name=../../../x"])
+    assert load_config("synthetic", ["name=vanilla_mt+rollingq x"]).name == "vanilla_mt+rollingq x"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("seed=1e30", "seed"), ("seed=100000000000000000000", "seed"), ("seed=4294967296", "seed"),
+    ("train.batch_size=1e20", "train.batch_size"), ("train.epochs=-1e300", "train.epochs"),
+    ("data.synthetic.sizes.train=1e19", "data.synthetic.sizes.train"),
+])
+def test_huge_integers_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: expected an integer"):
+        load_config("synthetic", [override])
+    assert load_config("synthetic", ["seed=4294967295"]).seed == 4294967295
+
+
+def _bomb(levels: int, fan: int = 9) -> str:
+    """A 'billion laughs' YAML value: ``fan ** levels`` strings through nested aliases."""
+    lines = [f"lol0: &l0 [{', '.join(['lol'] * fan)}]"]
+    lines += [f"lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_nested_aliases_are_refused_quickly_and_errors_stay_short(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb(7))  # 9**6 = 531441 strings behind unknown keys, echoed whole before
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert len(message) < 1000 and str(path) in message and "alias" in message, message[:300]
+    with pytest.raises(ConfigError, match=r"^override 'data.x=.*alias") as err:
+        load_config("synthetic", ["data.x=[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+                                  "&c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], "
+                                  "&e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]]"])
+    assert len(str(err.value)) < 1000
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("train: &t {epochs: 2, more: *t}\n")
+    with pytest.raises(ConfigError, match="recursive"):
+        load_config(str(recursive))
+    fine = tmp_path / "fine.yaml"  # a few aliases are fine
+    fine.write_text("train: {epochs: &e 3, batch_size: *e}\n")
+    assert load_config(str(fine)).train.batch_size == 3
+
+
+@pytest.mark.parametrize("override", ["optim.lr=" + "9" * 5000, "optim.lr=" + "9" * 4000,
+                                      "optim.lr=[" + ",".join(["x"] * 5000) + "]", "x" * 5000 + "=1",
+                                      "optim.lr=" + "{a: " * 200 + "1" + "}" * 200])
+def test_an_error_echoes_a_bounded_part_of_what_it_got(override):
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", [override])
+    assert len(str(err.value)) < 600, len(str(err.value))
+
+
+def test_deeply_nested_yaml_and_huge_files_are_refused(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml.*nested"):
+        load_config(str(deep))
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20) + "\nname: big\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: .*bytes"):
+        load_config(str(big))

@@ -11,11 +11,9 @@ Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -40,12 +38,14 @@ from .schema import (
     build,
     build_fields,
     convert,
+    echo,
     field_names,
     join,
     option,
     plain,
     unknown_key_error,
 )
+from .yaml_input import deep_merge, parse_override, read_yaml_file, set_dotted
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OgmConfig", "OptimConfig", "RollingQConfig",
@@ -55,6 +55,9 @@ __all__ = [
 
 logger = logging.getLogger("rollingq.config")
 
+SEED_MAX = 2**32 - 1
+"""The largest ``seed``: NumPy's legacy seeds are 32-bit, and the seed enters torch generators in sums."""
+
 RENAMED = {("model", "rotation"): "rotation_mode"}
 """Keys renamed since runs were saved with them: (section, old) -> new (read with a warning)."""
 
@@ -63,6 +66,16 @@ def _distinct_names(names: list[str]) -> str | None:
     if not names or len(set(names)) != len(names):
         return "expected a non-empty list of distinct modality names"
     return None
+
+
+def _plain_name(value: Any) -> str | None:
+    """A run's ``name`` becomes part of a folder name: one plain path component, at most 100 characters."""
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    if (isinstance(value, str) and value not in ("", ".", "..") and len(value) <= 100
+            and not any(c in value for c in separators) and value.isprintable()):
+        return None
+    return ("expected one plain folder name (no '/', '\\', '.' or '..', printable, at most 100 characters; "
+            "the run folder is <out_dir>/<dataset>_<name>_<time>)")
 
 
 @dataclass
@@ -104,7 +117,7 @@ class DataConfig(Section):
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+            raise ConfigError(f"{prefix}: expected a mapping of keys, got {echo(raw)}")
         common = [f for f in field_names(cls) if f != "options"]
         name_meta = cls.__dataclass_fields__["name"].metadata
         name = convert(raw.get("name", cls.name), str, name_meta, join(prefix, "name"))
@@ -285,15 +298,16 @@ class Config(Section):
     """A whole run's configuration (``config.yaml``).
 
     Attributes:
-        name: the run's label (runs of one dataset and name form a group in reports).
-        seed: seeds everything: data order, augmentation, initialization, the synthetic task.
+        name: the run's label (runs of one dataset and name form a group in reports); one plain folder name.
+        seed: seeds everything: data order, augmentation, initialization, the synthetic task
+            (0 to :data:`SEED_MAX`).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         out_dir: where a run without ``--out`` goes.
         data, model, rollingq, ogm, optim, train: the sections.
     """
 
-    name: str = "run"
-    seed: int = option(0, ge=0)
+    name: str = option("run", check=_plain_name)
+    seed: int = option(0, ge=0, le=SEED_MAX)
     device: str = option("auto", choices=DEVICES)
     out_dir: str = "runs"
     data: DataConfig = option(factory=DataConfig)
@@ -393,51 +407,6 @@ def as_config(cfg: Config | Mapping[str, Any]) -> Config:
     return cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
 
 
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """Return a copy of ``base`` with ``update`` merged in recursively (dicts merge, other values replace)."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
-    """Set ``cfg[a][b][c] = value`` for ``dotted == "a.b.c"``, creating intermediate dicts."""
-    parts = dotted.split(".")
-    if not all(parts):
-        raise ConfigError(f"override key: expected a dotted path like 'optim.lr', got {dotted!r}")
-    node = cfg
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            raise ConfigError(f"{dotted}: {where} holds {child!r}, not a mapping of keys")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``key=value``; the value is read with ``yaml.safe_load`` (so ``1e-3``, ``true``, ``[a,b]`` work)."""
-    if "=" not in text:
-        raise ConfigError(f"override: expected key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
-    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-    return key.strip(), value
-
-
 def packaged_config_dir() -> str:
     """Directory of the configs shipped with the package (``rollingq/configs``)."""
     return str(resources.files("rollingq") / "configs")
@@ -469,19 +438,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return Config.from_dict(raw)
 
 
-def _read_yaml(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config {path}: cannot read it as YAML ({type(exc).__name__}: {exc})") from exc
-
-
 def _read_with_bases(path: str, chain: list[str]) -> dict:
     """A config file merged over its ``base:`` file (a path relative to it), recursively."""
     if path in chain:
         raise ConfigError(f"config {path}: circular 'base:' chain {chain + [path]}")
-    loaded = _read_yaml(path) or {}
+    loaded = read_yaml_file(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
     base = loaded.pop("base", None)
@@ -507,6 +468,6 @@ def read_config(path: str) -> Config:
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file (expected a run folder written by rollingq train)")
     try:
-        return Config.from_dict(_read_yaml(path) or {})
+        return Config.from_dict(read_yaml_file(path) or {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -22,6 +24,43 @@ T = TypeVar("T", bound="Section")
 
 class ConfigError(ValueError):
     """A config file, override or value is wrong; the message names the dotted key."""
+
+
+ECHO_LIMIT = 160
+"""The most characters of a value an error message repeats (:func:`echo`)."""
+
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxtuple, _ECHO.maxdict, _ECHO.maxset = 3, 8, 8, 8, 8
+_ECHO.maxstring, _ECHO.maxlong, _ECHO.maxother = 80, 40, 80
+
+INT64 = (-(2**63), 2**63 - 1)
+"""The integers a config accepts: what torch, NumPy and the loaders can hold."""
+
+
+_PLAIN_KEY = re.compile(r"[\w.\[\]+-]{1,160}")
+
+
+def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters (nested containers and long strings elided), so
+    that an error message never repeats a huge value (a YAML alias bomb, a megabyte override)."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` on one line, cut in the middle to at most ``limit`` characters (for messages quoted in errors)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} [...] {text[-half:]}"
+
+
+def check_int64(value: int, key: str) -> int:
+    """``value`` if it fits in 64 bits (:data:`INT64`), else a :class:`ConfigError` naming ``key``."""
+    if not INT64[0] <= value <= INT64[1]:
+        raise ConfigError(f"{key}: expected an integer between {INT64[0]} and {INT64[1]}, got {echo(value)}")
+    return value
 
 
 class Section:
@@ -125,6 +164,8 @@ def _leaf_path(key: Any, value: Any) -> str:
 def unknown_key_error(prefix: str, key: Any, value: Any, valid: list[str], elsewhere: str | None = None) -> ConfigError:
     """The error for an unknown key at ``prefix``: names it and suggests the closest valid key."""
     written = join(prefix, _leaf_path(key, value))
+    if not _PLAIN_KEY.fullmatch(written):  # spaces, control characters, a huge key: quoted and cut
+        written = echo(written)
     guess = closest(str(key), valid)
     if guess is not None:
         rest = written[len(join(prefix, key)):]
@@ -155,18 +196,18 @@ def _bounds_text(meta: Mapping[str, Any]) -> str:
 
 def _check_meta(value: Any, tp: Any, meta: Mapping[str, Any], key: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {echo(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         ok = all((
             "ge" not in meta or value >= meta["ge"], "gt" not in meta or value > meta["gt"],
             "le" not in meta or value <= meta["le"], "lt" not in meta or value < meta["lt"],
         ))
         if not ok:
-            raise ConfigError(f"{key}: expected {_describe(tp)} {_bounds_text(meta)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_describe(tp)} {_bounds_text(meta)}, got {echo(value)}")
     if "check" in meta:
         problem = meta["check"](value)
         if problem:
-            raise ConfigError(f"{key}: {problem}, got {value!r}")
+            raise ConfigError(f"{key}: {problem}, got {echo(value)}")
 
 
 def _scalar(value: Any, tp: Any, key: str) -> Any:
@@ -176,15 +217,19 @@ def _scalar(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int and not isinstance(value, bool):
         if isinstance(value, int):
-            return value
+            return check_int64(value, key)
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            return check_int64(int(value), key)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isfinite(float(value)):
-            return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{key}: expected a finite number, got {echo(value)}") from None
+        if math.isfinite(number):
+            return number
     if tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {echo(value)}")
 
 
 def convert(value: Any, tp: Any, meta: Mapping[str, Any], key: str) -> Any:
@@ -204,10 +249,10 @@ def convert(value: Any, tp: Any, meta: Mapping[str, Any], key: str) -> Any:
                 continue
             _check_meta(out, arg, meta, key)
             return out
-        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {echo(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {echo(value)}")
         out = [convert(v, args[0], {}, f"{key}[{i}]") for i, v in enumerate(value)]
         _check_meta(out, tp, meta, key)
         return out
@@ -236,7 +281,7 @@ def build_fields(cls: type[T], raw: Any, prefix: str = "", extra: Mapping[str, A
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {echo(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = dict(extra or {})

@@ -18,7 +18,14 @@ import torch
 from ..inputs import InputSpec
 from ..schema import Section, option
 from .common import DataError, read_list_lines
-from .listed import AudioVisualDataset, audio_visual_specs, read_lists, split_rows
+from .listed import (
+    AudioVisualDataset,
+    audio_visual_specs,
+    check_duplicates,
+    check_entry_name,
+    read_lists,
+    split_rows,
+)
 from .media import check_audio_file, cremad_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -48,9 +55,10 @@ def input_specs(modalities: list[str], options: CremaDOptions) -> list[InputSpec
     return audio_visual_specs("cremad", modalities, SPECTROGRAM, options.num_frames, options.image_size)
 
 
-def read_cremad_list(path: str) -> list[tuple[str, int]]:
-    """``(clip, label)`` rows of a CREMA-D csv; a DataError names the file (and the line of a bad row):
-    missing, not UTF-8, empty, or a bad row."""
+def read_cremad_rows(path: str) -> list[tuple[str, int, str]]:
+    """``(clip, label, "path:line")`` rows of a CREMA-D csv; a DataError names the file (and the line of a bad
+    row): missing, not UTF-8, empty, a bad row, a clip that is not one plain name, or a clip listed twice
+    with two labels."""
     rows = []
     for lineno, line in read_list_lines(path, "CREMA-D"):
         fields = next(csv.reader([line]))
@@ -63,10 +71,16 @@ def read_cremad_list(path: str) -> list[tuple[str, int]]:
             continue
         if emotion.upper() not in EMOTIONS:
             raise DataError(f"{path}:{lineno}: unknown emotion {emotion!r}, expected one of {EMOTIONS}")
-        rows.append((clip, EMOTIONS.index(emotion.upper())))
+        rows.append((check_entry_name(clip, f"{path}:{lineno}"), EMOTIONS.index(emotion.upper()), f"{path}:{lineno}"))
     if not rows:
         raise DataError(f"{path}: the CREMA-D list file holds a header but no sample")
+    check_duplicates(rows)
     return rows
+
+
+def read_cremad_list(path: str) -> list[tuple[str, int]]:
+    """``(clip, label)`` rows of a CREMA-D csv (:func:`read_cremad_rows` without the line)."""
+    return [(clip, label) for clip, label, _ in read_cremad_rows(path)]
 
 
 class CremaDDataset(AudioVisualDataset):
@@ -87,7 +101,7 @@ class CremaDDataset(AudioVisualDataset):
                          num_frames=num_frames, image_size=image_size)
         if self.num_classes != len(EMOTIONS):
             raise ValueError(f"data.num_classes: CREMA-D has {len(EMOTIONS)} classes, got {self.num_classes}")
-        lists = read_lists(self.root, {"train": train_list, "test": test_list, "val": val_list}, read_cremad_list)
+        lists = read_lists(self.root, {"train": train_list, "test": test_list, "val": val_list}, read_cremad_rows)
         train_rows, test_rows, val_rows = lists["train"], lists["test"], lists.get("val")
         self.finish(split_rows(split, train_rows, test_rows, val_rows, val_fraction, self.seed), skip_bad)
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import torch
@@ -30,10 +31,40 @@ def ensure_finite(values: np.ndarray, path: str, what: str) -> None:
                         "found and skipped at start-up)")
 
 
+def wav_truncation(path: str) -> str | None:
+    """For a RIFF/WAVE file: None if its ``data`` chunk holds as many bytes as its header announces, else
+    ``"truncated: …"`` (a copy cut short still decodes, to fewer samples than the clip had). Other
+    formats: None (their decoder judges them)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+                return None
+            while True:
+                header = f.read(8)
+                if len(header) < 8:
+                    return "truncated: no 'data' chunk (the file ends inside its header)"
+                chunk, length = header[:4], struct.unpack("<I", header[4:])[0]
+                if chunk == b"data":
+                    if length == 0xFFFFFFFF:  # RF64 / streamed: the size lives elsewhere
+                        return None
+                    held = size - f.tell()
+                    if held < length:
+                        return f"truncated: the header announces {length} bytes of audio, the file holds {held}"
+                    return None
+                f.seek(length + (length & 1), os.SEEK_CUR)
+    except OSError as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+
+
 def check_audio_file(path: str) -> str | None:
-    """None if ``path`` is a readable sound file, else the reason it is not."""
+    """None if ``path`` is a readable, complete sound file, else the reason it is not."""
     if not os.path.isfile(path):
         return "missing"
+    truncated = wav_truncation(path)
+    if truncated:
+        return truncated
     soundfile = require("soundfile", "audio", "reading wav files")
     try:
         info = soundfile.info(path)
@@ -60,6 +91,10 @@ def stft_magnitude(signal: np.ndarray, n_fft: int = 512, hop: int = 353) -> np.n
 def cremad_spectrogram(path: str) -> torch.Tensor:
     """The paper's CREMA-D log-magnitude spectrogram of the wav at ``path``: float32 ``(257, 188)``."""
     soundfile = require("soundfile", "audio", "reading wav files")
+    truncated = wav_truncation(path)
+    if truncated:
+        raise DataError(f"audio file {path!r}: {truncated}; restore it (with data.skip_bad=true such files are "
+                        "found and skipped at start-up)")
     try:
         data, rate = soundfile.read(path, dtype="float32", always_2d=True)
         samples = data.mean(axis=1)  # mono, as librosa.load(mono=True)
