@@ -12,12 +12,16 @@ The public surface:
   that gathers the statistics while it trains, and :class:`RollingQ`, the
   controller that rotates its class query (the paper's Algorithm 1), with
   :func:`accuracy_guard`, the check that the model has learned something
-  before its first rotation.
+  before its first rotation;
+* :func:`apply_rollingq` — one call that puts the layer and a controller into a timm or transformers model
+  (:mod:`rollingq_kernels.integrations`).
 """
 
 from ._library import HAS_CPP
+from .apply import RollingQHandle, apply_rollingq
 from .controller import RollingQ, RotationRecord, accuracy_guard
 from .dropout import dropout_mask
+from .layout import EvenSplit
 from .module import FusedRollingQAttention
 from .ops import rollingq_attention
 from .reference import rollingq_attention_reference
@@ -25,8 +29,11 @@ from .stats import AttentionStats
 
 __all__ = [
     "AttentionStats",
+    "EvenSplit",
     "FusedRollingQAttention",
     "RollingQ",
+    "RollingQHandle",
+    "apply_rollingq",
     "RotationRecord",
     "accuracy_guard",
     "HAS_CPP",

@@ -102,13 +102,15 @@ def check_segments_spec(segments: SegmentsSpec | None, num_modalities: int) -> S
     return segs
 
 
-def resolve_segments(spec: SegmentsSpec | None, n_modality_tokens: int, num_modalities: int) -> tuple[int, ...]:
+NO_SEGMENTS = ("segments: not set; pass the modality sizes or a rule once (FusedRollingQAttention(..., segments=...), "
+               "from_timm(attn, segments=...) or set_segments()) or per call (segments=...)")
+
+
+def resolve_segments(spec: SegmentsSpec | None, n_modality_tokens: int, num_modalities: int,
+                     missing: str = NO_SEGMENTS) -> tuple[int, ...]:
     """The sizes of one call: ``spec`` itself, or the rule applied to the ``n = N − P`` modality tokens."""
     if spec is None:
-        raise ValueError(
-            "segments: not set; pass the modality sizes or a rule once (FusedRollingQAttention(..., segments=...), "
-            "from_timm(attn, segments=...) or set_segments()) or per call (segments=...)"
-        )
+        raise ValueError(missing)
     sizes = spec(n_modality_tokens) if callable(spec) else spec
     segs = check_segments(sizes)
     if len(segs) != num_modalities:
@@ -242,17 +244,19 @@ def resolve_call(
     segments: Any = None,
     lengths: Any = None,
     context_lengths: Any = None,
+    missing: str = NO_SEGMENTS,
 ) -> CallLayout:
     """The :class:`CallLayout` of a call ``layer(x, attn_mask, is_causal, segments=, lengths=)``.
 
     A call's own ``segments`` win over the ``stored`` ones; the padding comes from ``lengths`` or ``attn_mask``
-    (not both), else from ``context_lengths`` (the layer's ``using_lengths``), else there is none.
+    (not both), else from ``context_lengths`` (the layer's ``using_lengths``), else there is none. ``missing`` is
+    the error when no segments are given at all.
     """
     attn_mask, segments, lengths = split_call(attn_mask, is_causal, segments, lengths)
     batch, n = int(x_shape[0]), int(x_shape[1])
     if n <= prefix:
         raise ValueError(f"x: expected more than num_prefix_tokens={prefix} tokens, got N={n}")
-    segs = resolve_segments(stored if segments is None else segments, n - prefix, num_modalities)
+    segs = resolve_segments(stored if segments is None else segments, n - prefix, num_modalities, missing)
     if attn_mask is not None:
         if lengths is not None:
             raise ValueError("attn_mask, lengths: give the padding once, as lengths or as a key-padding mask")

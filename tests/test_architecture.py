@@ -19,6 +19,8 @@ TRAINING = 10  # every layer of the training package lies above every layer of t
 # docs/architecture.md ("Optional imports") lists the same; each is still an edge of the layer and circle checks.
 OPTIONAL_IMPORTS = {
     ("rollingq_kernels.ops", "rollingq_kernels.triton"): "Triton is imported on the first use of the Triton backend",
+    ("rollingq_kernels.apply", "rollingq_kernels.integrations.transformers"):
+        "importing it imports transformers (an optional extra) and registers the 'rollingq' attention",
 }
 
 # Longest prefix wins; a prefix without a trailing dot also covers e.g. triton_attention, triton_forward.
