@@ -5,8 +5,9 @@ model holding the layer scripts (``torch.jit.script(model)``, as timm's tests do
 statistics stay Python: a scripted model runs in Python (it cannot be saved with ``torch.jit.save``).
 TorchScript calls an ignored method with the *scripted* module, which keeps only TorchScript attributes; so
 ``__prepare_scriptable__`` (called by ``torch.jit.script`` before it scripts the layer) registers the layer
-under a fresh key, which the scripted module keeps as an int attribute, and the first scripted call hands the
-layer over to that scripted module (:func:`owner`). Parameters and buffers are the same tensors in both.
+under a fresh key, which the scripted module keeps as an int attribute (:func:`owner` looks the layer up; the
+Python object TorchScript passes is a fresh wrapper at each call, so the registry keeps the layer for the rest of
+the process). Parameters and buffers are the same tensors in both.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-_PENDING: dict[int, Any] = {}
+_LAYERS: dict[int, Any] = {}
 _KEYS = itertools.count(1)
-_OWNER_ATTRIBUTE = "_rollingq_layer"
 
 
 def register(layer: Any) -> int:
     """A fresh key for ``layer``, about to be scripted."""
     key = next(_KEYS)
-    _PENDING[key] = layer
+    _LAYERS[key] = layer
     return key
 
 
@@ -30,12 +30,9 @@ def owner(module: Any, layer_type: type) -> Any:
     """The layer behind ``module``: ``module`` itself, or the layer a scripted ``module`` was made from."""
     if isinstance(module, layer_type):
         return module
-    layer = module.__dict__.get(_OWNER_ATTRIBUTE)
+    key = int(getattr(module, "_script_key", 0))
+    layer = _LAYERS.get(key)
     if layer is None:
-        key = int(getattr(module, "_script_key", 0))
-        layer = _PENDING.pop(key, None)
-        if layer is None:
-            raise RuntimeError(f"a scripted {layer_type.__name__} (key {key}) has no layer behind it; "
-                               "script the model with torch.jit.script in this process")
-        object.__setattr__(module, _OWNER_ATTRIBUTE, layer)  # the scripted module keeps it from now on
+        raise RuntimeError(f"a scripted {layer_type.__name__} (key {key}) has no layer behind it; "
+                           "script the model with torch.jit.script in this process")
     return layer
