@@ -51,7 +51,15 @@ from . import adapters, scripting
 from .accumulator import StatisticsAccumulator, Sums, Window, WindowStatistics, zero_sums
 from .checks import check_segments
 from .dropout import SEED_LIMIT
-from .layer_checks import check_layer_arguments, check_probability, identity_rotation, rotation_problem, state_problem
+from .layer_checks import (  # noqa: F401 (ROTATION_MODES, ORTHOGONALITY_TOL: re-exported, the config reads them)
+    ORTHOGONALITY_TOL,
+    ROTATION_MODES,
+    check_layer_arguments,
+    check_probability,
+    identity_rotation,
+    rotation_problem,
+    state_problem,
+)
 from .layout import CallLayout, SegmentsSpec, check_prefix, check_segments_spec, fold_prefix_segment, resolve_call
 from .ops import rollingq_attention
 from .rebalance import compose_rotations

@@ -29,7 +29,7 @@ def class_row_reference(q, k, segments, prefix=1, lengths=None, rotation=None, s
     p = scores.masked_fill(~keep[:, None], float("-inf")).softmax(-1)
     mass, means = [p[..., :prefix].sum(-1)], []
     start = prefix
-    for m, size in enumerate(segments):
+    for size in segments:
         sel = keep[:, None, start : start + size, None].double()
         mass.append(p[..., start : start + size].sum(-1))
         means.append((k[:, :, start : start + size] * sel).sum(2) / sel.sum(2).clamp_min(1))

@@ -64,8 +64,8 @@ def test_transformers_model_in_one_call():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
-        split = (lambda t: t.double().reshape(2, 9, 3, 8).transpose(1, 2))
-        q, k = split(attention.query(hidden["h"])), split(attention.key(hidden["h"]))
+        q, k = (t.double().reshape(2, 9, 3, 8).transpose(1, 2) for t in (attention.query(hidden["h"]),
+                                                                         attention.key(hidden["h"])))
     assert_stats_match(handle.last_stats()["encoder.layer.1.attention.self"],
                        class_row_reference(q, k, (4, 4), scale=8**-0.5))
     _train_a_step(model, lambda m: m(input_ids=ids).last_hidden_state, list(model.parameters()))

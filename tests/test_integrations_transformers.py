@@ -39,8 +39,8 @@ def _qk(attention, hidden):
     q_proj = getattr(attention, "q_proj", None) or attention.query
     k_proj = getattr(attention, "k_proj", None) or attention.key
     B, N, _ = hidden.shape
-    split = (lambda t: t.double().reshape(B, N, 3, 8).transpose(1, 2))
-    return split(q_proj(hidden)), split(k_proj(hidden))
+    q, k = (t.double().reshape(B, N, 3, 8).transpose(1, 2) for t in (q_proj(hidden), k_proj(hidden)))
+    return q, k
 
 
 def test_vit_with_rollingq_attention_equals_sdpa_and_its_statistics_the_reference():
