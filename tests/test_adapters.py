@@ -56,7 +56,7 @@ def test_any_prefix_and_any_size_equals_timm_with_statistics_of_the_modalities_o
         assert_stats_match(layer.last_stats, class_row_reference(q, k, EvenSplit(2)(n), prefix, scale=attn.scale))
 
 
-def test_a_nafllex_style_mask_gives_timms_output_on_the_valid_tokens():
+def test_a_naflex_style_mask_gives_timms_output_on_the_valid_tokens():
     """timm's NaFlexViT passes a (B, 1, N, N) float mask holding finfo.min, whose padded rows mask everything."""
     attn = _attention()
     layer = FusedRollingQAttention.from_timm(attn, segments=EvenSplit(2), num_prefix_tokens=2)

@@ -84,3 +84,15 @@ def test_without_segments_or_for_a_decoder_the_error_says_what_to_do():
     decoder = AutoModel.from_config(_bert_config(is_decoder=True), attn_implementation="rollingq").eval()
     with pytest.raises(ValueError, match="causal attention is not supported"):
         decoder(input_ids=torch.randint(0, 53, (1, 5)), rollingq_segments=(2, 2))
+
+
+def test_from_pretrained_with_attn_implementation_rollingq(tmp_path):
+    """A checkpoint saved locally (no download) loads with attn_implementation="rollingq" and computes the same."""
+    sdpa, _ = _twins(_vit_config, seed=5)
+    sdpa.save_pretrained(tmp_path)
+    ours = AutoModel.from_pretrained(tmp_path, attn_implementation="rollingq").eval()
+    assert ours.config._attn_implementation == "rollingq"
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, rollingq_segments=EvenSplit(2)).last_hidden_state,
+                                   sdpa(x).last_hidden_state, rtol=1e-5, atol=1e-5)
