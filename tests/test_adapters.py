@@ -99,3 +99,13 @@ def test_torchscript_scripts_a_block_and_runs_the_layer():
     y = scripted(x)
     y.square().sum().backward()
     assert attn.statistics.num_batches == 1 and attn.qkv.weight.grad is not None
+
+
+def test_a_layer_on_the_meta_device_runs_like_timms():
+    """timm's config tests build models on the meta device and run them: no value check may read a meta tensor."""
+    with torch.device("meta"):
+        attn = Attention(24, num_heads=3, qkv_bias=True)
+    layer = FusedRollingQAttention.from_timm(attn, segments=EvenSplit(2))
+    assert layer.rotation.device.type == "meta"
+    out = layer(torch.randn(2, 9, 24, device="meta"))
+    assert out.shape == (2, 9, 24) and out.device.type == "meta"

@@ -23,8 +23,8 @@ from obtain import TimmTestsUnavailable, timm_test_file  # noqa: E402
 from run import CI_MODELS, CI_TESTS, by_model, run_suite  # noqa: E402
 
 #: timm's tests per model that take a model name and run for these ViTs (forward, backward, non-standard config,
-#: TorchScript, forward_intermediates (2), FX forward, FX backward, FX + TorchScript).
-TESTS_PER_MODEL = 9
+#: TorchScript, forward_intermediates (2), FX forward, FX backward, FX + TorchScript, prune_intermediate_layers).
+TESTS_PER_MODEL = 10
 
 
 def test_timms_model_tests_pass_with_the_layer_swapped_in():

@@ -6,8 +6,9 @@ through :func:`rollingq_kernels.integrations.timm.patch_timm` (segments follow t
 in two halves; the first prefix token is the query). Models without any prefix token (no class or register token)
 are left plain: RollingQ needs a query token (``patch_timm`` refuses them), and the report counts them.
 
-``--rq-models a,b`` keeps the tests parametrized by those model names, ``--rq-tests x,y`` also keeps the tests whose
-function name contains one of those strings; ``--rq-report FILE`` writes each test's outcome as JSON.
+``--rq-models a,b`` keeps the tests parametrized by those model names (for the default-config tests, which take tagged
+names, the first tag of each), ``--rq-tests x,y`` also keeps the tests whose function
+name contains one of those strings; ``--rq-report FILE`` writes each test's outcome as JSON.
 """
 
 from __future__ import annotations
@@ -73,12 +74,18 @@ def pytest_collection_modifyitems(config, items):
     parts = [p for p in config.getoption("--rq-tests").split(",") if p]
     if not models and not parts:
         return
-    keep, drop = [], []
+    keep, drop, tagged = [], [], set()
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         name = getattr(item, "originalname", item.name)
-        if params.get("model_name") in models or any(p in name for p in parts):
+        model = str(params.get("model_name", ""))
+        base, _, tag = model.partition(".")
+        # the default-config tests take tagged names: one tag per model (the others would download weights)
+        first_tag = bool(tag) and "default_cfgs" in name and base in models and (name, base) not in tagged
+        if model in models or first_tag or any(p in name for p in parts):
             keep.append(item)
+            if first_tag:
+                tagged.add((name, base))
         else:
             drop.append(item)
     items[:] = keep
@@ -94,9 +101,10 @@ def pytest_runtest_makereport(item, call):
         previous = outcomes.get(item.nodeid)
         if previous is None or previous["outcome"] == "passed":
             params = getattr(getattr(item, "callspec", None), "params", {})
+            model = params.get("model_name")
             outcomes[item.nodeid] = {
                 "test": getattr(item, "originalname", item.name),
-                "model": params.get("model_name"),
+                "model": None if model is None else str(model).partition(".")[0],
                 "outcome": report.outcome,
                 "error": report.longreprtext.strip().splitlines()[-1][:300] if report.failed else "",
             }
