@@ -59,10 +59,10 @@ def _tracing() -> bool:
 def _reads_values(device: torch.device) -> bool:
     """Whether checks that read tensor values run for tensors on ``device``.
 
-    Never while tracing; on CUDA only with ``ROLLINGQ_DEBUG_CHECKS=1`` (reading a value back
-    synchronises with the GPU; the Triton kernels clamp ``lengths`` instead, see ``docs/op.md``).
+    Never while tracing or on the meta device (no values); on CUDA only with ``ROLLINGQ_DEBUG_CHECKS=1`` (reading
+    a value back synchronises with the GPU; the Triton kernels clamp ``lengths`` instead, see ``docs/op.md``).
     """
-    if _tracing():
+    if _tracing() or device.type == "meta":
         return False
     return device.type != "cuda" or os.environ.get(DEBUG_CHECKS_ENV, "0") not in ("", "0")
 

@@ -30,9 +30,9 @@ from torch.autograd.function import once_differentiable
 
 from .class_query import compute_dtype, rotate_class_query
 from .forward_ad import has_tangent
-from .layout import key_valid_mask, modality_index
 from .reference import rollingq_attention_reference
 from .stats import AttentionStats, finish_stats
+from .token_layout import key_valid_mask, modality_index
 
 logger = logging.getLogger("rollingq_kernels")
 

@@ -22,7 +22,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .class_query import compute_dtype, rotate_class_query
 from .dropout import dropout_mask
-from .layout import key_valid_mask
+from .token_layout import key_valid_mask
 
 
 def tangents_of(*tensors: object) -> list[torch.Tensor | None]:

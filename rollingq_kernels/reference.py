@@ -14,8 +14,8 @@ import torch
 
 from .class_query import compute_dtype, rotate_class_query
 from .dropout import dropout_mask
-from .layout import key_valid_mask, modality_index
 from .stats import AttentionStats, finish_stats
+from .token_layout import key_valid_mask, modality_index
 
 __all__ = ["key_valid_mask", "modality_index", "rollingq_attention_reference"]
 

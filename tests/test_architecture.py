@@ -19,6 +19,8 @@ TRAINING = 10  # every layer of the training package lies above every layer of t
 # docs/architecture.md ("Optional imports") lists the same; each is still an edge of the layer and circle checks.
 OPTIONAL_IMPORTS = {
     ("rollingq_kernels.ops", "rollingq_kernels.triton"): "Triton is imported on the first use of the Triton backend",
+    ("rollingq_kernels.apply", "rollingq_kernels.integrations.transformers"):
+        "importing it imports transformers (an optional extra) and registers the 'rollingq' attention",
 }
 
 # Longest prefix wins; a prefix without a trailing dot also covers e.g. triton_attention, triton_forward.
@@ -27,7 +29,7 @@ LAYERS = {
     "rollingq_kernels._library": 0,
     "rollingq_kernels.dropout": 0,
     "rollingq_kernels.class_query": 0,
-    "rollingq_kernels.layout": 0,
+    "rollingq_kernels.token_layout": 0,
     "rollingq_kernels.forward_ad": 0,
     "rollingq_kernels.stats": 0,
     "rollingq_kernels.rebalance": 0,
@@ -37,7 +39,12 @@ LAYERS = {
     "rollingq_kernels.triton": 1,
     "rollingq_kernels.accumulator": 1,
     "rollingq_kernels.indicators": 1,
+    "rollingq_kernels.scripting": 0,
     "rollingq_kernels.ops": 2,
+    "rollingq_kernels.layout": 2,
+    "rollingq_kernels.tap": 2,
+    "rollingq_kernels.layer_checks": 2,
+    "rollingq_kernels.adapters": 2,
     "rollingq_kernels.module": 3,
     "rollingq_kernels.decision": 4,
     "rollingq_kernels.settings": 4,
@@ -46,6 +53,8 @@ LAYERS = {
     "rollingq_kernels.estimation": 4,
     "rollingq_kernels.layers": 4,
     "rollingq_kernels.controller": 4,
+    "rollingq_kernels.integrations": 4,
+    "rollingq_kernels.apply": 5,
     "rollingq_kernels.__main__": 5,
     "rollingq_kernels": 5,
     # rollingq

@@ -119,7 +119,7 @@ def test_training_needs_only_the_train_extra_and_other_commands_name_theirs(tmp_
     ], res.stderr
 
 
-@pytest.mark.parametrize("extra", ["train", "audio", "analysis", "prepare", "dev"])
+@pytest.mark.parametrize("extra", ["train", "audio", "analysis", "prepare", "transformers", "dev"])
 def test_pyproject_and_requirements_agree(extra):
     """requirements.txt (the README's install) holds every package of every extra; [all] names them all."""
     import tomllib
@@ -127,7 +127,7 @@ def test_pyproject_and_requirements_agree(extra):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert set(project["dependencies"]) == {"torch>=2.11", "numpy"}
-    assert extras["all"] == ["rollingq[train,audio,analysis,prepare,dev]"]
+    assert extras["all"] == ["rollingq[train,audio,analysis,prepare,transformers,dev]"]
     requirements = {line.split("==")[0].split(">=")[0].strip() for line in
                     (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert set(extras[extra]) <= requirements, set(extras[extra]) - requirements

@@ -106,8 +106,9 @@ def test_timm_block_passes_a_key_padding_mask_as_lengths():
     not_a_suffix[1, 1] = False  # a hole at the start of modality 0
     with pytest.raises(ValueError, match="attn_mask: the masked keys of modality 0 are not the end"):
         block(tokens, attn_mask=not_a_suffix)
+    causal = torch.ones(197, 197, dtype=torch.bool).tril().expand(3, 1, 197, 197)  # truly query-dependent
     with pytest.raises(ValueError, match="key-padding masks only"):
-        block(tokens, attn_mask=torch.ones(3, 1, 197, 197, dtype=torch.bool))
+        block(tokens, attn_mask=causal)
     with pytest.raises(ValueError, match="is_causal"):
         block(tokens, is_causal=True)
 
