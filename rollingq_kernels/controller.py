@@ -181,7 +181,7 @@ class RollingQ:
             rec.decide("degenerate", "zero-norm mean query or mean key")
             return None
         alpha = balance_weights(cos_means, self.settings.rho)
-        dtype = self.settings.rotation_dtype(layer.qkv.weight.dtype)
+        dtype = self.settings.rotation_dtype(layer.rotation.dtype if layer.qkv is None else layer.qkv.weight.dtype)
         anchor = rescaled_anchor(keys, query, alpha, dtype)
         x = query.to(dtype)
         angle = rotation_angle_degrees(x, anchor).reshape(-1)
@@ -281,7 +281,8 @@ class RollingQ:
                 candidates[name] = found
         inputs = {}
         if candidates and loader is not None and forward_fn is not None and s.probe_batches:
-            inputs = probe_inputs({n: self.layers[n] for n in candidates}, loader, forward_fn, s.probe_batches)
+            projecting = {n: self.layers[n] for n in candidates if self.layers[n].qkv is not None}  # the probe needs qkv
+            inputs = probe_inputs(projecting, loader, forward_fn, s.probe_batches) if projecting else {}
         for name, candidate in candidates.items():
             layer, rec = self.layers[name], records[name]
             self._probe(layer, inputs.get(name), candidate, rec)

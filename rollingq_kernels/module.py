@@ -181,7 +181,7 @@ class FusedRollingQAttention(nn.Module):
     @torch.no_grad()
     def restore_rotation(self, rotation: torch.Tensor, num_rotations: int) -> None:
         """Put back a rotation saved earlier, and its count (the controller's rollback)."""
-        problem = self._check_rotation("rotation", rotation)
+        problem = rotation_problem("rotation", rotation, self.rotation_shape(), self._mode_text())
         if problem:
             raise ValueError(problem)
         self.rotation.copy_(rotation)
