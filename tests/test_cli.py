@@ -19,7 +19,7 @@ from rollingq.records import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "train.num_threads=1",
-              "train.progress=false"]
+              "train.progress=false", "model.pretrained=null"]  # the paper configs name ViT-B weights by id
 TINY_SYN = TINY_MODEL + ["data.synthetic.sizes.train=67", "data.synthetic.sizes.val=23",
                          "data.synthetic.sizes.test=19", "train.batch_size=16"]
 
