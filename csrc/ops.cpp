@@ -358,7 +358,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(Tensor grad_out, Tensor q, 
 }  // namespace rollingq
 
 STABLE_TORCH_LIBRARY(rollingq, m) {
-#if TORCH_FEATURE_VERSION >= TORCH_VERSION_2_13_0
+#if defined(TORCH_VERSION_2_13_0) && TORCH_FEATURE_VERSION >= TORCH_VERSION_2_13_0  // undefined before 2.13
   m.set_python_module("rollingq_kernels._library");  // where the fake kernels live (stable since torch 2.13)
 #endif
   m.def(
