@@ -84,6 +84,10 @@ bool same_sizes(const Tensor& a, const Tensor& b) {
   return true;
 }
 
+// t itself when contiguous, else a contiguous copy. Every stable ATen call is a boxed dispatcher
+// call (a few microseconds), so the common case asks the tensor only.
+Tensor contiguous_of(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
 // Argument errors: ROLLINGQ_CHECK_VALUE (Python ValueError) for shapes, sizes
 // and values, ROLLINGQ_CHECK_TYPE (TypeError) for dtypes, devices and undefined
 // tensors (errors.h); every message starts with the argument's name.
@@ -213,7 +217,7 @@ Sizes sizes_of(const Tensor& t) {
 // Contiguous int64 lengths with every value range-checked; undefined if absent.
 Tensor checked_lengths(const std::optional<Tensor>& lengths, Problem& p) {
   if (!lengths.has_value() || !lengths->defined()) return Tensor();
-  Tensor len = torch::stable::contiguous(*lengths);
+  Tensor len = contiguous_of(*lengths);
   const int64_t* data = len.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t m = 0; m < p.M; ++m) {
@@ -247,14 +251,14 @@ RotationInput rotation_in_compute_dtype(const std::optional<Tensor>& rotation, c
   RotationInput r;
   if (!rotation.has_value() || !rotation->defined()) return r;
   const ScalarType c = p.dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  Tensor t = torch::stable::to(*rotation, c);  // keeps the layout of a dense tensor
+  Tensor t = rotation->scalar_type() == c ? *rotation : torch::stable::to(*rotation, c);  // keeps the layout
   const int64_t last = t.dim() - 1;
-  Tensor swapped = torch::stable::transpose(t, last - 1, last);
-  if (!t.is_contiguous() && swapped.is_contiguous()) {
+  Tensor swapped = t.is_contiguous() ? Tensor() : torch::stable::transpose(t, last - 1, last);
+  if (swapped.defined() && swapped.is_contiguous()) {
     r.storage = swapped;
     r.view.transposed = true;
   } else {
-    r.storage = torch::stable::contiguous(t);
+    r.storage = contiguous_of(t);
   }
   r.view.data = r.storage.const_data_ptr();
   r.view.global = r.storage.dim() == 2;
@@ -270,8 +274,7 @@ ForwardResult attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Sizes segments, st
   Problem p = make_problem(q, k, v, segments, lengths, rotation, scale, dropout_p, seed);
   const Tensor len = checked_lengths(lengths, p);
   const RotationInput rot = rotation_in_compute_dtype(rotation, p);
-  const Tensor qc = torch::stable::contiguous(q), kc = torch::stable::contiguous(k);
-  const Tensor vc = torch::stable::contiguous(v);
+  const Tensor qc = contiguous_of(q), kc = contiguous_of(k), vc = contiguous_of(v);
   const ScalarType f32 = ScalarType::Float;
   const auto stat_sizes = [&](Sizes sizes) { return compute_stats ? sizes : Sizes{0}; };
   Tensor out = new_output(qc, sizes_of(qc));
@@ -325,9 +328,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(Tensor grad_out, Tensor q, 
                        "lse: expected shape (", p.B, ", ", p.H, ", ", p.Nq, "), got ", shape_text(lse));
   const Tensor len = checked_lengths(lengths, p);
   const RotationInput rot = rotation_in_compute_dtype(rotation, p);
-  const Tensor qc = torch::stable::contiguous(q), kc = torch::stable::contiguous(k);
-  const Tensor vc = torch::stable::contiguous(v), gc = torch::stable::contiguous(grad_out);
-  const Tensor oc = torch::stable::contiguous(out), lc = torch::stable::contiguous(lse);
+  const Tensor qc = contiguous_of(q), kc = contiguous_of(k), vc = contiguous_of(v);
+  const Tensor gc = contiguous_of(grad_out), oc = contiguous_of(out), lc = contiguous_of(lse);
   Tensor dq = new_output(qc, sizes_of(qc)), dk = new_output(kc, sizes_of(kc)), dv = new_output(vc, sizes_of(vc));
   if (p.B * p.H == 0) return {with_strides_of(dq, q), with_strides_of(dk, k), with_strides_of(dv, v)};
 
