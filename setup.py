@@ -170,9 +170,12 @@ def _extension_setup() -> dict:
     }
 
 
+#: Every package the wheel holds: rollingq_kernels with its subpackages (triton/) from the root, rollingq from python/.
+PACKAGES = find_packages(include=["rollingq_kernels", "rollingq_kernels.*"]) + find_packages("python")
+
 if __name__ == "__main__":  # setuptools' build backend runs this file as __main__ too; tests import it
     setup(
-        packages=["rollingq_kernels"] + find_packages("python"),
+        packages=PACKAGES,
         package_dir={"rollingq_kernels": "rollingq_kernels", "": "python"},
         **_extension_setup(),
     )

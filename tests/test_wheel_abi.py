@@ -80,3 +80,13 @@ def test_the_built_module_takes_from_torch_only_stable_shims_and_the_listed_gaps
     assert any(n.startswith(("aoti_torch_", "torch_")) for n in names)  # the registration goes through the shims
     assert so.name.endswith(".abi3.so"), so.name
     assert rollingq_kernels.HAS_CPP
+
+
+def test_the_wheel_holds_every_package_of_both_trees(monkeypatch):
+    # an editable install maps whole folders, so a subpackage missing here shows only in a wheel
+    packages = set(_setup_module(monkeypatch)["PACKAGES"])
+    found = {".".join(init.parent.relative_to(base).parts)
+             for base, top in ((ROOT, "rollingq_kernels"), (ROOT / "python", "rollingq"))
+             for init in (base / top).rglob("__init__.py")}
+    assert "rollingq_kernels.triton" in found and "rollingq.models" in found
+    assert found <= packages, found - packages
