@@ -35,6 +35,9 @@ def pytest_sessionstart(session) -> None:
     if os.environ.get(INSTALLED_ENV, "0") in ("", "0"):
         return
     where = _loaded_from()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # also under -q, which hides the header: the CI log shows what was tested
+        reporter.write_line(pytest_report_header(session.config))
     if where == SOURCE or not rollingq_kernels.HAS_CPP:
         raise pytest.UsageError(
             f"{INSTALLED_ENV}=1: expected an installed rollingq_kernels (not {SOURCE}) with its C++ kernels, "
