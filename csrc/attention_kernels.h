@@ -13,7 +13,8 @@
 //   lengths  (B, M)         int64 or nullptr (every token valid)
 #pragma once
 
-#include <c10/core/ScalarType.h>
+// header-only (torch/headeronly): ops.cpp, a stable-ABI unit, includes this file too
+#include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
 #include <vector>

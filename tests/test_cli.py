@@ -16,10 +16,11 @@ from rollingq.cli import main
 from rollingq.config import ConfigError, load_config, packaged_config_dir, parse_override
 from rollingq.demo import run_demo
 from rollingq.records import read_metrics
+from subprocess_env import child_pythonpath
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "train.num_threads=1",
-              "train.progress=false"]
+              "train.progress=false", "model.pretrained=null"]  # the paper configs name ViT-B weights by id
 TINY_SYN = TINY_MODEL + ["data.synthetic.sizes.train=67", "data.synthetic.sizes.val=23",
                          "data.synthetic.sizes.test=19", "train.batch_size=16"]
 
@@ -148,7 +149,7 @@ def test_demo_default_runs_the_token_task_then_avdigits_files(tmp_path, monkeypa
 
 
 def test_python_dash_m_entry_point():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO]))
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
     out = subprocess.run([sys.executable, "-m", "rollingq", "demo", "--help"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--epochs" in out.stdout
@@ -205,7 +206,7 @@ def test_overrides_before_and_after_out(tmp_path):
 
 
 def test_the_process_exits_2_with_one_line_on_a_bad_config():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO]))
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
     out = subprocess.run([sys.executable, "-m", "rollingq", "train", "--config", "synthetic", "model.dim=0"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr

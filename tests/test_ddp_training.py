@@ -12,6 +12,7 @@ from rollingq.checkpoint import load_checkpoint
 from rollingq.config import load_config
 from rollingq.records import read_metrics
 from rollingq.train import train
+from subprocess_env import child_pythonpath
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     single = train(load_config("synthetic_rollingq", OVERRIDES), str(tmp_path / "single"))
     ddp_dir = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=child_pythonpath(os.environ.get("PYTHONPATH", "")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rollingq", "train", "--config", "synthetic_rollingq", "--out", ddp_dir, *OVERRIDES]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)

@@ -119,7 +119,7 @@ def test_training_needs_only_the_train_extra_and_other_commands_name_theirs(tmp_
     ], res.stderr
 
 
-@pytest.mark.parametrize("extra", ["train", "audio", "analysis", "prepare", "transformers", "dev"])
+@pytest.mark.parametrize("extra", ["train", "audio", "analysis", "prepare", "transformers", "dev", "docs"])
 def test_pyproject_and_requirements_agree(extra):
     """requirements.txt (the README's install) holds every package of every extra; [all] names them all."""
     import tomllib
@@ -127,7 +127,7 @@ def test_pyproject_and_requirements_agree(extra):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert set(project["dependencies"]) == {"torch>=2.11", "numpy"}
-    assert extras["all"] == ["rollingq[train,audio,analysis,prepare,transformers,dev]"]
+    assert extras["all"] == ["rollingq[train,audio,analysis,prepare,transformers,dev,docs]"]
     requirements = {line.split("==")[0].split(">=")[0].strip() for line in
                     (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert set(extras[extra]) <= requirements, set(extras[extra]) - requirements
@@ -139,6 +139,17 @@ def test_constraints_pin_every_requirement():
             if line.strip() and not line.startswith("#")]
     names = [name.lower().replace("_", "-") for name, _ in pins]
     assert len(names) == len(set(names)) and all(len(p) == 2 and p[1] for p in pins)
-    requirements = {line.split("==")[0].split(">=")[0].strip().lower() for line in
+    requirements = {line.split("==")[0].split(">=")[0].split("[")[0].strip().lower() for line in
                     (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert requirements <= set(names), requirements - set(names)
+
+
+def test_the_cpu_requirements_pin_the_cpu_builds_of_the_tested_torch():
+    """requirements-cpu.txt: PyTorch's CPU index, torch/torchvision as constraints.txt pins them plus +cpu, the rest."""
+    lines = [line.strip() for line in (ROOT / "requirements-cpu.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    assert f"torch=={pins['torch']}+cpu" in lines and f"torchvision=={pins['torchvision']}+cpu" in lines
+    assert "-r requirements.txt" in lines

@@ -28,7 +28,7 @@ from rollingq.records import read_metrics  # noqa: E402
 FPS = 10
 TINY = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "model.fusion_heads=1",
         "model.mlp_ratio=2.0", "data.image_size=32", "data.num_workers=0", "train.batch_size=4", "train.epochs=1",
-        "train.progress=false", "train.bf16=false"]
+        "train.progress=false", "train.bf16=false", "model.pretrained=null"]  # the paper configs name ViT-B by id
 
 
 def write_clip(path: str, seconds: float, *, color=(200, 30, 30), tone: float | None = 440.0, rate: int = 16000,

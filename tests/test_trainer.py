@@ -15,6 +15,7 @@ from rollingq.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from rollingq.config import load_config
 from rollingq.records import read_metrics
 from rollingq.train import load_run, resume, train
+from subprocess_env import child_pythonpath
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,7 @@ TINY = [
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python"), REPO, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH", ""))
     env["OMP_NUM_THREADS"] = "1"
     return env
 

@@ -162,7 +162,8 @@ class ModelConfig(Section):
         fusion_heads: heads of the fusion attention.
         attn_drop, drop: attention-probability dropout (fusion) and dropout after projections.
         backbone: ``vit`` (patch embeddings) or ``resnet18`` (the paper's Table 7 tokenizer).
-        pretrained: a local timm ViT checkpoint for the encoders (never downloaded).
+        pretrained: a timm ViT model id (resolved through the Hugging Face cache; only the cache under
+            HF_HUB_OFFLINE=1) or a local checkpoint file for the encoders.
         rotation_mode: ``global`` (one ``(D, D)`` rotation) or ``per_head``.
         backend: the op's backend (``auto``, ``cpp``, ``triton``, ``reference``).
         progressive_epochs: ``vanilla_mt_star``: epochs trained with the first fusion block only.
