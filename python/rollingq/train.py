@@ -53,6 +53,7 @@ from .config import Config, ConfigError, as_config, read_config, save_config
 from .files import remove_stale_temporaries
 from .logs import RunBoard, add_file_logging, detach, hold_records, log_epoch
 from .models import MultimodalModel
+from .models.warmstart import warm_start_encoders
 from .ogm import modulate_gradients, ogm_coefficients
 from .records import (
     CHECKPOINT_DIR,
@@ -201,7 +202,10 @@ class Trainer:
         self.val_loader = make_loader(self.val_set, cfg, False)
         if len(self.train_loader) == 0:
             raise ValueError("train.batch_size: the training loader yields no batch")
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg)
+        if state is None and cfg.model.init_encoders:
+            warm_start_encoders(self.model, cfg.model.init_encoders)
+        self.model = self.model.to(self.device)
         self.epochs = cfg.train.epochs
         self.start_epoch = 1
         self.history: list[dict] = []
