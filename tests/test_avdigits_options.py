@@ -83,12 +83,38 @@ def test_options_are_checked_and_named(tmp_path):
                           "train_per_class \\+ test_per_class \\+ pretrain_per_class"),
                          ({"sounds": "speech"}, "sounds"), ({"scans": "mnist"}, "scans"),
                          ({"snr_db": (0.0, float("nan"))}, "snr_db"), ({"snr_db": 3.0}, "snr_db"),
-                         ({"seed": 1.5}, "seed")):
+                         ({"seed": 1.5}, "seed"), ({"frames_per_clip": 0}, "frames_per_clip"),
+                         ({"blank_frames": 1.0}, "blank_frames"), ({"blank_frames": -0.1}, "blank_frames")):
         with pytest.raises(ValueError, match=name):
             write_avdigits(target, **kwargs)
     assert not os.path.exists(target)
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["prepare", "avdigits", target, "--sounds", "speech"])
+
+
+def test_frames_per_clip_and_blank_frames(tmp_path):
+    args = {"seed": 6, "train_per_class": 3, "test_per_class": 1}
+    one = write_avdigits(str(tmp_path / "one"), **args)
+    three = write_avdigits(str(tmp_path / "three"), frames_per_clip=3, **args)
+    blank = write_avdigits(str(tmp_path / "blank"), frames_per_clip=3, blank_frames=0.5, **args)
+    a, b, c = _digest(one), _digest(three), _digest(blank)
+    assert all(a[k] == b[k] for k in a if k.endswith(".wav") or k.endswith("frame_00000.jpg"))
+    clips = sorted(os.listdir(os.path.join(three, "Image-01-FPS")))
+    assert all(sorted(os.listdir(os.path.join(three, "Image-01-FPS", clip))) ==
+               [f"frame_{f:05d}.jpg" for f in range(3)] for clip in clips)
+    from PIL import Image
+
+    blanked = 0
+    for clip in clips:
+        frames = [f"Image-01-FPS/{clip}/frame_{f:05d}.jpg" for f in range(3)]
+        if all(b[f] == c[f] for f in frames):
+            continue  # not blank: the same bytes as without blank frames
+        blanked += 1
+        for f in frames:  # blank: background and noise only, no digit strokes
+            grey = np.asarray(Image.open(os.path.join(blank, f)), dtype=float)[:, :, 0] / 255.0
+            assert grey.reshape(8, 4, 8, 4).mean(axis=(1, 3)).std() < 0.1
+    assert 0 < blanked < len(clips)
+    assert all(b[k] == c[k] for k in b if k.endswith(".wav"))
 
 
 def test_independent_set_is_deterministic_and_shares_no_file(tmp_path):
@@ -101,9 +127,9 @@ def test_independent_set_is_deterministic_and_shares_no_file(tmp_path):
     assert _digest(one) != _digest(other)
     a, d = _digest(one), _digest(default)
     assert not {v for k, v in a.items() if k.endswith((".wav", ".jpg"))} & set(d.values())
-    cfg = load_config("avdigits_vanilla_mt", [f"data.root={one}", "data.image_size=32"])
+    cfg = load_config("avdigits_vanilla_mt", [f"data.root={one}", "data.image_size=32", "data.num_frames=2"])
     (spec, frames), label, _ = build_dataset(cfg, "test")[0]
-    assert tuple(spec.shape) == (257, 188) and tuple(frames.shape) == (1, 3, 32, 32) and 0 <= label < 6
+    assert tuple(spec.shape) == (257, 188) and tuple(frames.shape) == (2, 3, 32, 32) and 0 <= label < 6
 
 
 def _centroid_accuracy(features: dict[int, list[np.ndarray]], train: int) -> float:

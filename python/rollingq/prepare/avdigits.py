@@ -205,6 +205,7 @@ def write_avdigits(
     sounds: str = "vowels",
     scans: str = "digits",
     frames_per_clip: int = 1,
+    blank_frames: float = 0.0,
 ) -> str:
     """Write the AV-digits dataset into ``root`` (CREMA-D layout, see the module docstring); returns ``root``.
 
@@ -225,11 +226,16 @@ def write_avdigits(
         frames_per_clip: frames written per clip (``frame_00000.jpg`` …), each the clip's scan with its own
             contrast, background and pixel noise; the loader reads ``data.num_frames`` of them (4 ViT
             tokens per 32 px frame).
+        blank_frames: the fraction of clips (drawn per clip) whose frames show no digit, only background
+            and noise: the frames carry the label on the other clips only, as the audio does on the clips
+            whose SNR leaves the vowel audible (the two modalities fail on different clips).
     """
     counts = {"test": test_per_class, "train": train_per_class, "pretrain": pretrain_per_class}
     lo, hi = _check_options(seed, counts, clip_seconds, snr_db, sounds, scans)
     if isinstance(frames_per_clip, bool) or not isinstance(frames_per_clip, int) or not 1 <= frames_per_clip <= 64:
         raise ValueError(f"frames_per_clip: expected an integer 1..64, got {frames_per_clip!r}")
+    if isinstance(blank_frames, bool) or not isinstance(blank_frames, (int, float)) or not 0 <= blank_frames < 1:
+        raise ValueError(f"blank_frames: expected a fraction in [0, 1), got {blank_frames!r}")
     root = os.path.abspath(root)
     _prepare_target(root, overwrite)
 
@@ -260,6 +266,9 @@ def write_avdigits(
                 folder = os.path.join(tmp, "Image-01-FPS", clip)
                 os.makedirs(folder)
                 scan = scan_images[scan_index] if scans == "digits" else avsources.font_scan(label, rng, fonts)
+                blank = np.random.default_rng(np.random.SeedSequence([seed, 0xB1A4, SPLIT_IDS[split], i]))
+                if blank_frames and blank.random() < blank_frames:  # its own stream: other clips are unchanged
+                    scan = np.zeros_like(scan)
                 for f in range(frames_per_clip):  # one scan, filmed: each frame its own contrast and noise
                     image.fromarray(digit_frame(scan, rng)).save(os.path.join(folder, f"frame_{f:05d}.jpg"),
                                                                  quality=95)
@@ -271,7 +280,7 @@ def write_avdigits(
             **{split: int(picked.size) for split, picked in indices.items()}, "classes": list(EMOTIONS),
             "digits": list(range(NUM_CLASSES)), "clip_seconds": float(clip_seconds), "snr_db": [lo, hi],
             "sample_rate": SAMPLE_RATE, "frame_size": CANVAS, "sounds": sounds, "scans": scans,
-            "frames_per_clip": frames_per_clip,
+            "frames_per_clip": frames_per_clip, "blank_frames": float(blank_frames),
             "frames": ("scikit-learn load_digits (UCI Optical Recognition of Handwritten Digits), digits 0-5"
                        if scans == "digits" else "digits 0-5 rendered from matplotlib's fonts, scan-like distortions"),
         }
@@ -319,6 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-per-clip", type=int, default=1, metavar="F",
                         help="frames written per clip (default 1), each with its own contrast and noise; read "
                              "data.num_frames of them")
+    parser.add_argument("--blank-frames", type=float, default=0.0, metavar="P",
+                        help="the fraction of clips whose frames show no digit (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
@@ -327,4 +338,5 @@ def run(args: argparse.Namespace) -> str:
     return write_avdigits(args.out, seed=args.seed, train_per_class=args.train_per_class,
                           test_per_class=args.test_per_class, pretrain_per_class=args.pretrain_per_class,
                           snr_db=tuple(args.snr_db), sounds=args.sounds, scans=args.scans,
-                          frames_per_clip=args.frames_per_clip, overwrite=args.overwrite)
+                          frames_per_clip=args.frames_per_clip, blank_frames=args.blank_frames,
+                          overwrite=args.overwrite)
