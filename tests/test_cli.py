@@ -129,6 +129,14 @@ def test_demo_prints_the_phenomenon_and_paired_differences_over_seeds(tmp_path):
         run_demo(str(tmp_path / "x"), dataset="cifar")
 
 
+def test_demo_in_two_processes_gives_the_same_numbers(tmp_path):
+    one, _ = run_demo(str(tmp_path / "one"), epochs=1, overrides=TINY_SYN, dataset="synthetic")
+    two, _ = run_demo(str(tmp_path / "two"), epochs=1, overrides=TINY_SYN, dataset="synthetic", jobs=2)
+    assert one == two.replace(str(tmp_path / "two"), str(tmp_path / "one"))
+    with pytest.raises(ValueError, match="jobs"):
+        run_demo(str(tmp_path / "x"), jobs=0)
+
+
 def test_demo_on_avdigits_pretrains_the_encoders_and_warm_starts_every_arm(tmp_path):
     from rollingq.prepare.avdigits import write_avdigits
 
