@@ -71,7 +71,7 @@ _AV_CONFIGS = {"audio_only": "avdigits_audio_only", "visual_only": "avdigits_vis
                "concat": "avdigits_concat", "vanilla_mt": "avdigits_vanilla_mt",
                "rollingq": "avdigits_vanilla_mt_rollingq"}
 _AV_PRETRAIN = {"audio": "avdigits_pretrain_audio", "visual": "avdigits_pretrain_visual"}
-AV_DATA = {"train_per_class": 60, "test_per_class": 50, "pretrain_per_class": 60, "snr_db": (-12.0, -2.0),
+AV_DATA = {"train_per_class": 60, "test_per_class": 50, "pretrain_per_class": 60, "snr_db": (-15.0, -5.0),
            "frames_per_clip": 4}
 """The fair task's files (the demo's, ``rollingq.demo.AVDIGITS_DATA``), written per seed."""
 TASKS: dict[str, Task] = {

@@ -66,7 +66,7 @@ class DemoTask:
 
 
 SCALE_ROLES = ("audio_only", "visual_only", "concat")
-AVDIGITS_DATA = {"train_per_class": 60, "test_per_class": 50, "pretrain_per_class": 60, "snr_db": (-12.0, -2.0),
+AVDIGITS_DATA = {"train_per_class": 60, "test_per_class": 50, "pretrain_per_class": 60, "snr_db": (-15.0, -5.0),
                  "frames_per_clip": 4, "seed": 0}
 """The demo's avdigits files (``docs/synthetic_data.md``: the fair task's settings)."""
 
