@@ -38,8 +38,10 @@ def test_override_parsing():
 
 def test_every_packaged_config_loads():
     names = sorted(f[:-5] for f in os.listdir(packaged_config_dir()) if f.endswith(".yaml") and not f.startswith("_"))
-    assert len(names) == 31
-    assert {"avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq"} <= set(names)
+    assert len(names) == 39
+    assert {"avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq", "avdigits_audio_only", "avdigits_visual_only",
+            "avdigits_concat", "avdigits_pretrain_audio", "avdigits_pretrain_visual", "synthetic_audio_only",
+            "synthetic_visual_only", "synthetic_concat"} <= set(names)
     for dataset in ("cremad", "kinetics_sounds", "mosei"):
         for method in ("concat", "sum", "ogm_ge", "vanilla_mt", "vanilla_mt_rollingq", "vanilla_mt_star",
                        "vanilla_mt_star_rollingq"):
