@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from rollingq.build import build_dataset, build_model
 from rollingq.cli import main
 from rollingq.config import ConfigError, load_config
@@ -17,7 +18,8 @@ from rollingq.data.media import SAMPLE_RATE, load_image
 from rollingq.models.warmstart import warm_start_encoders
 from rollingq.prepare.avdigits import _split_indices, digit_frame, load_digit_scans, write_avdigits
 from rollingq.prepare.avsources import PLUCKS, font_paths, font_scan, pluck_clip
-from rollingq.train import train
+from rollingq.records import read_metrics
+from rollingq.train import resume, train
 
 TINY = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "train.num_threads=1",
         "train.progress=false", "data.image_size=32", "train.batch_size=4", "train.epochs=1"]
@@ -200,6 +202,17 @@ def test_init_encoders_copies_a_unimodal_runs_encoder(with_pretrain, tmp_path):
     after = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["model"]
     visual = {k: v for k, v in saved.items() if k.startswith("encoders.0.")}
     assert visual and all(torch.equal(after["encoders.1." + k[len("encoders.0."):]], v) for k, v in visual.items())
+    config_path = os.path.join(run, "config.yaml")  # a resumed run reads its own checkpoint, not the source
+    with open(config_path) as f:
+        saved = yaml.safe_load(f)
+    saved["train"]["epochs"] = 2
+    with open(config_path, "w") as f:
+        yaml.safe_dump(saved, f)
+    moved = str(tmp_path / "pre_moved")
+    os.rename(source, moved)
+    resume(run, force=True)
+    assert len(read_metrics(os.path.join(run, "metrics.jsonl"))) == 2
+    source = moved
     fresh = build_model(load_config("avdigits_vanilla_mt", common))
     assert not torch.equal(fresh.encoders[1].embed.proj.weight, after["encoders.1.embed.proj.weight"])
 
