@@ -9,6 +9,8 @@ import sys
 
 import pytest
 from rollingq.config import ConfigError, load_config
+from rollingq.evaluate import evaluate_run
+from rollingq.study import evaluate_replaced
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "train.epochs=1",
@@ -70,6 +72,19 @@ def test_regime_phase_end_to_end_and_report_seeds_refused(study, tmp_path, monke
     assert len(row.split("|")) == 13 and "n/a" not in row.split("|")[5]
     for arm in study.NO_ROTATION:
         assert os.path.isfile(tmp_path / "runs" / "synthetic" / f"{arm}_seed100" / "eval_replaced_val.json")
+    # the tuning and report tables read the same runs (concat standing in for a tuned setting)
+    import study_tables
+
+    done = {arm: [str(tmp_path / "runs" / "synthetic" / f"{arm}_seed100")] for arm in study.NO_ROTATION}
+    study_tables.write_tuning(str(tmp_path), "synthetic", done, "val", [100])
+    ranking = (tmp_path / "tuning.md").read_text()
+    assert "| concat |" in ranking and "| audio_only |" in ranking
+    for arm in study.NO_ROTATION:
+        evaluate_run(done[arm][0], split="test", noise_modality="audio", checkpoint="last")
+        evaluate_replaced(done[arm][0], split="test")
+    results = study_tables.write_results(str(tmp_path / "report"), "synthetic", done, False, study.NO_ROTATION[:3])
+    text = open(results).read()
+    assert "## Paired differences: concat − vanilla_mt" in text and "accuracy, visual replaced by noise" in text
     monkeypatch.setattr(sys, "argv", [*argv[:6], "3", *argv[7:]])
     with pytest.raises(SystemExit):
         study.main()
