@@ -281,7 +281,8 @@ class RollingQ:
                 candidates[name] = found
         inputs = {}
         if candidates and loader is not None and forward_fn is not None and s.probe_batches:
-            projecting = {n: self.layers[n] for n in candidates if self.layers[n].qkv is not None}  # the probe needs qkv
+            # the probe rebuilds q and k from the layer's own qkv projection (integrations may have none)
+            projecting = {n: self.layers[n] for n in candidates if self.layers[n].qkv is not None}
             inputs = probe_inputs(projecting, loader, forward_fn, s.probe_batches) if projecting else {}
         for name, candidate in candidates.items():
             layer, rec = self.layers[name], records[name]

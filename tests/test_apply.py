@@ -18,6 +18,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, BertConfig  # noqa: E402
 
 
+PAPER_RULE = {"mode": "paper", "beta": 0.0, "window": 1}  # the bare rule: these tests check the wiring
+
+
 def _train_a_step(model, forward, params):
     optimizer = torch.optim.SGD(params, lr=1e-2)
     model.train()
@@ -30,7 +33,7 @@ def test_timm_model_in_one_call():
     torch.manual_seed(0)
     plain = timm.create_model("test_vit", pretrained=False, num_classes=4).eval()
     model = copy.deepcopy(plain)
-    handle = apply_rollingq(model, segments=EvenSplit(2), layers=[-1], controller={"mode": "paper", "beta": 0.0, "window": 1})
+    handle = apply_rollingq(model, segments=EvenSplit(2), layers=[-1], controller=PAPER_RULE)
     assert handle.library == "timm" and list(handle.layers) == ["blocks.5.attn"]
     assert isinstance(model.blocks[5].attn, FusedRollingQAttention) and isinstance(handle.controller, RollingQ)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -53,7 +56,7 @@ def test_transformers_model_in_one_call():
                         intermediate_size=37)
     plain = AutoModel.from_config(config, attn_implementation="sdpa").eval()
     model = copy.deepcopy(plain)
-    handle = apply_rollingq(model, segments=EvenSplit(2), layers=[1], controller={"mode": "paper", "beta": 0.0, "window": 1})
+    handle = apply_rollingq(model, segments=EvenSplit(2), layers=[1], controller=PAPER_RULE)
     assert handle.library == "transformers" and list(handle.layers) == ["encoder.layer.1.attention.self"]
     attention = model.encoder.layer[1].attention.self
     assert attention.rollingq is handle.layers["encoder.layer.1.attention.self"]

@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="report", metavar="DIR")
 
-    d = sub.add_parser("demo", help="vanilla MT's attention collapse, and vanilla MT vs vanilla MT + RollingQ "
-                                    "(no downloads; about a minute on 2 quiet CPU cores)", parents=[common])
+    d = sub.add_parser("demo", help="vanilla MT's attention collapse, RollingQ beside it, unimodal and concat rows "
+                                    "for scale (no downloads; a few minutes on 2 CPU cores)", parents=[common])
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     d.add_argument("--dataset", default="all", choices=["all", "synthetic", "avdigits"],
@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                    "under OUT/avdigits/data, read by the CREMA-D loader); or one of them")
     d.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
                    help="seeds to train (two or more: paired differences with 95%% t-intervals)")
+    d.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="runs trained at a time, one process and one torch thread each (default 2)")
 
     pr = sub.add_parser("prepare", help="write a dataset in the layout its loader reads (from a raw release, "
                         "or from what the package ships)", parents=[common])
@@ -160,7 +162,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    table, report = run_demo(args.out, epochs=args.epochs, dataset=args.dataset, seeds=args.seeds)
+    table, report = run_demo(args.out, epochs=args.epochs, dataset=args.dataset, seeds=args.seeds, jobs=args.jobs)
     print(table)
     if f"report: {report}" not in table:
         print(f"\nreport: {report}")

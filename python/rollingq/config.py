@@ -32,6 +32,7 @@ from .files import atomic_write_bytes
 from .models import ATTENTION_FUSIONS, FUSIONS
 from .models.encoders import BACKBONES
 from .models.fusion import FUSION_BLOCKS
+from .models.warmstart import check_init_encoders
 from .schema import (
     ConfigError,
     Section,
@@ -171,6 +172,8 @@ class ModelConfig(Section):
         fusion_block: ``prenorm`` (LayerNorm, attention, residual, MLP) or ``official`` (the official
             ``AttnFusion``: a raw class token, attention alone with ``attn_drop`` on its probabilities
             and its output, no LayerNorm, residual or MLP).
+        init_encoders: ``{modality: run folder or checkpoint}``: warm-start those encoders from an earlier
+            run's (:mod:`rollingq.models.warmstart`; fresh runs only).
     """
 
     fusion: str = option("vanilla_mt", choices=FUSIONS)
@@ -188,11 +191,12 @@ class ModelConfig(Section):
     progressive_epochs: int = option(0, ge=0)
     modality: str | None = None
     fusion_block: str = option("prenorm", choices=FUSION_BLOCKS)
+    init_encoders: Any = option(None, check=check_init_encoders)
 
     def arguments(self) -> dict[str, Any]:
-        """The model's constructor arguments (``progressive_epochs`` is the trainer's)."""
+        """The model's constructor arguments (``progressive_epochs`` and ``init_encoders`` are the trainer's)."""
         out = self.to_dict()
-        del out["progressive_epochs"]
+        del out["progressive_epochs"], out["init_encoders"]
         return out
 
 
@@ -351,6 +355,9 @@ class Config(Section):
                               f"modalities, got {d.modalities}")
         if m.fusion == "unimodal" and m.modality not in d.modalities:
             raise ConfigError(f"model.modality: the unimodal head needs one of {d.modalities}, got {m.modality!r}")
+        if m.init_encoders and set(m.init_encoders) - set(d.modalities):
+            raise ConfigError(f"model.init_encoders: {sorted(set(m.init_encoders) - set(d.modalities))} not among "
+                              f"data.modalities {d.modalities}")
         if self.rollingq.enabled and not attention:
             raise ConfigError(f"rollingq.enabled: RollingQ needs an attention fusion {ATTENTION_FUSIONS}, "
                               f"got model.fusion={m.fusion!r}")

@@ -30,6 +30,7 @@ from .build import build_controller, build_dataset, build_model, build_optimizer
 from .checkpoint import CheckpointError, atomic_save
 from .config import Config
 from .logs import RunBoard, log_epoch
+from .models.warmstart import warm_start_encoders
 from .ogm import modulate_gradients, ogm_coefficients
 from .records import METRICS_FILENAME, checkpoint_path, jsonable, write_metrics
 from .runstate import RESTORE_ERRORS, restore_optimization
@@ -97,7 +98,10 @@ class Trainer:
         self.val_loader = make_loader(self.val_set, cfg, False)
         if len(self.train_loader) == 0:
             raise ValueError("train.batch_size: the training loader yields no batch")
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg)
+        if state is None and cfg.model.init_encoders:
+            warm_start_encoders(self.model, cfg.model.init_encoders)
+        self.model = self.model.to(self.device)
         self.epochs = cfg.train.epochs
         self.start_epoch = 1
         self.history: list[dict] = []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..inputs import InputSpec
 from .common import DataError, EpochAware, Sample, check_split, sample_rng, seeded_holdout
-from .media import list_frames, load_frames, load_image
+from .media import CROP_SCALE, check_crop_scale, list_frames, load_frames, load_image
 
 logger = logging.getLogger("rollingq.data")
 
@@ -179,16 +179,26 @@ class AudioVisualDataset(Dataset, EpochAware):
         seed: seeds the validation hold-out and the training augmentation.
         num_frames: frames per clip.
         image_size: the frames' side after resizing.
+        crop_scale: the training crop's area fraction range ``[low, high]``, or None for no crop.
+        flip: a random horizontal flip of training frames.
     """
 
     dataset_name = "audio-visual"
 
     def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
-                 num_frames: int, image_size: int) -> None:
+                 num_frames: int, image_size: int, crop_scale: Sequence[float] | None = CROP_SCALE,
+                 flip: bool = True) -> None:
         check_split(split)
         for name, value in (("num_frames", num_frames), ("image_size", image_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}: expected an integer >= 1, got {value!r}")
+        problem = check_crop_scale(crop_scale)
+        if problem:
+            raise ValueError(f"data.crop_scale: {problem}, got {crop_scale!r}")
+        if not isinstance(flip, bool):
+            raise ValueError(f"data.flip: expected true or false, got {flip!r}")
+        self.crop_scale = None if crop_scale is None else (float(crop_scale[0]), float(crop_scale[1]))
+        self.flip = flip
         if not root:
             raise ValueError(f"data.root: expected the {self.dataset_name} dataset folder, got {root!r}")
         self.root = str(root)
@@ -284,5 +294,6 @@ class AudioVisualDataset(Dataset, EpochAware):
             if m == "audio":
                 out.append(self.load_audio(self.audio_path(name)))
             else:
-                out.append(load_frames(self.frame_dir(name), self.num_frames, self.image_size, rng))
+                out.append(load_frames(self.frame_dir(name), self.num_frames, self.image_size, rng,
+                                       self.crop_scale, self.flip))
         return out, label, index
