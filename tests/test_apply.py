@@ -17,7 +17,6 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModel, BertConfig  # noqa: E402
 
-
 PAPER_RULE = {"mode": "paper", "beta": 0.0, "window": 1}  # the bare rule: these tests check the wiring
 
 
