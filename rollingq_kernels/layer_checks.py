@@ -60,8 +60,13 @@ def orthogonality_error(rotation: torch.Tensor) -> tuple[float, bool]:
     return error, proper
 
 
-def rotation_problem(what: str, rotation: torch.Tensor, shape: tuple[int, ...], mode_text: str) -> str | None:
-    """None if ``rotation`` is a finite proper rotation of ``shape``, else what is wrong (naming ``what``)."""
+def rotation_problem(what: str, rotation: Any, layer: Any) -> str | None:
+    """None if ``rotation`` is a finite proper rotation of ``layer.rotation_shape()``, else what is wrong (naming
+    ``what``); ``layer`` is a :class:`~rollingq_kernels.module.FusedRollingQAttention`."""
+    if not isinstance(rotation, torch.Tensor):
+        return f"{what}: expected a tensor, got {type(rotation).__name__}"
+    shape = layer.rotation_shape()
+    mode_text = f"rotation_mode={layer.rotation_mode!r} (dim={layer.dim}, num_heads={layer.num_heads})"
     if tuple(rotation.shape) != shape:
         return f"{what}: expected shape {shape} for {mode_text}, got {tuple(rotation.shape)}"
     if not rotation.is_floating_point():
@@ -87,11 +92,11 @@ def count_problem(key: str, count: Any) -> str | None:
     return None
 
 
-def state_problem(state_dict: Mapping[str, Any], prefix: str, shape: tuple[int, ...], mode_text: str) -> str | None:
+def state_problem(state_dict: Mapping[str, Any], prefix: str, layer: Any) -> str | None:
     """The first problem of a layer's saved ``rotation`` / ``num_rotations`` in ``state_dict``, or None."""
     rot_key, count_key = prefix + "rotation", prefix + "num_rotations"
     if rot_key in state_dict:
-        problem = rotation_problem(f"state_dict[{rot_key!r}]", state_dict[rot_key], shape, mode_text)
+        problem = rotation_problem(f"state_dict[{rot_key!r}]", state_dict[rot_key], layer)
         if problem:
             return problem
     if count_key in state_dict:

@@ -163,29 +163,23 @@ class FusedRollingQAttention(nn.Module):
         eye = identity_rotation(self.rotation_shape(), self.rotation.device)
         return torch.equal(self.rotation, eye.to(self.rotation.dtype))
 
-    def _mode_text(self) -> str:
-        return f"rotation_mode={self.rotation_mode!r} (dim={self.dim}, num_heads={self.num_heads})"
-
     @torch.no_grad()
     def apply_rotation(self, new: torch.Tensor) -> None:
         """Compose a ``rotation_shape()`` rotation into the buffer, ``R ← new @ R``, and count it (any float dtype;
         finite, orthogonal with determinant +1 to within ``1e-4`` for float32/float64)."""
-        if not isinstance(new, torch.Tensor):
-            raise TypeError(f"new: expected a tensor, got {type(new).__name__}")
-        problem = rotation_problem("new", new, self.rotation_shape(), self._mode_text())
+        problem = rotation_problem("new", new, self)
         if problem:
-            raise ValueError(problem)
+            raise (TypeError if not isinstance(new, torch.Tensor) else ValueError)(problem)
         self.rotation.copy_(compose_rotations(new.to(self.rotation.device), self.rotation))
         self.num_rotations += 1
 
     @torch.no_grad()
     def restore_rotation(self, rotation: torch.Tensor, num_rotations: int) -> None:
         """Put back a rotation saved earlier, and its count (the controller's rollback)."""
-        problem = rotation_problem("rotation", rotation, self.rotation_shape(), self._mode_text())
-        if problem:
+        problem = rotation_problem("rotation", rotation, self)
+        if problem:  # checked before anything changes
             raise ValueError(problem)
-        self.rotation.copy_(rotation)
-        self.num_rotations.fill_(int(num_rotations))
+        self.rotation.copy_(rotation), self.num_rotations.fill_(int(num_rotations))
 
     @torch.no_grad()
     def reset_rotation(self) -> None:
@@ -195,7 +189,7 @@ class FusedRollingQAttention(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        problem = state_problem(state_dict, prefix, self.rotation_shape(), self._mode_text())
+        problem = state_problem(state_dict, prefix, self)
         if problem:  # torch passes strict=True here whatever the caller asked: a bad value fails either way
             raise ValueError(problem)
         keys = (prefix + "rotation", prefix + "num_rotations")
