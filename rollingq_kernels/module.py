@@ -94,8 +94,7 @@ _EAGER: dict[str, Any] = {}  # torch.compiler.disable(_attend), made on first us
 
 
 class FusedRollingQAttention(nn.Module):
-    """Multi-head self-attention whose query token's query is rotated (RollingQ); arguments and buffers: see
-    the module's documentation."""
+    """Multi-head self-attention whose query token's query is rotated (RollingQ); arguments: the module doc."""
 
     __jit_unused_properties__ = ["rotation_is_identity", "statistics", "last_stats", "collect_statistics"]
 
