@@ -3,9 +3,10 @@
 A :class:`Config` has one dataclass per section (:class:`DataConfig`, :class:`ModelConfig`,
 :class:`RollingQConfig`, :class:`OgmConfig`, :class:`OptimConfig`, :class:`TrainConfig`); every
 default lives in its field and nowhere else. A YAML file only states what differs; overrides such as
-``optim.lr=0.01`` or ``data.modalities=[audio,visual]`` are read with ``yaml.safe_load`` and set at
-the dotted path. :meth:`Config.from_dict` rejects unknown keys (suggesting the closest valid one),
-values of the wrong type or out of range and inconsistent settings, naming the dotted key.
+``optim.lr=0.01`` or ``data.modalities=[audio,visual]`` are read as bounded YAML and set at the dotted
+path. :meth:`Config.from_dict` validates the merged dict as an OmegaConf structured config
+(:mod:`rollingq.schema`): unknown keys (with the closest valid one suggested), values of the wrong type
+or out of range and inconsistent settings are errors naming the dotted key.
 Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["epochs"]``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -23,7 +25,7 @@ import yaml
 
 from rollingq_kernels.checks import BACKENDS
 from rollingq_kernels.module import ROTATION_MODES
-from rollingq_kernels.settings import RollingQSettings
+from rollingq_kernels.settings import PRESETS, RollingQSettings
 from rollingq_kernels.settings import field_names as settings_fields
 
 from .data.registry import DATASETS
@@ -33,19 +35,7 @@ from .models import ATTENTION_FUSIONS, FUSIONS
 from .models.encoders import BACKBONES
 from .models.fusion import FUSION_BLOCKS
 from .models.warmstart import check_init_encoders
-from .schema import (
-    ConfigError,
-    Section,
-    build,
-    build_fields,
-    convert,
-    echo,
-    field_names,
-    join,
-    option,
-    plain,
-    unknown_key_error,
-)
+from .schema import ConfigError, Section, build, echo, field_names, option
 from .yaml_input import deep_merge, parse_override, read_yaml_file, set_dotted
 
 __all__ = [
@@ -81,11 +71,12 @@ def _plain_name(value: Any) -> str | None:
 
 @dataclass
 class DataConfig(Section):
-    """``data``: the dataset, and the options of that dataset (``options``, flat in YAML).
+    """``data``: the dataset, and the options of that dataset (flat beside the common keys, as in YAML).
 
-    The common keys are fields here; the dataset's own keys (``data.num_frames`` for CREMA-D,
-    ``data.task`` for MOSEI, ``data.synthetic.*`` for the synthetic task, …) are the fields of its
-    options section, named by the registry :data:`~rollingq.data.registry.DATASETS`.
+    The common keys are fields here; a config's ``data`` is the subclass of the chosen dataset
+    (:data:`DATA_SECTIONS`), which adds that dataset's own keys (``data.num_frames`` for CREMA-D,
+    ``data.task`` for MOSEI, ``data.synthetic.*`` for the synthetic task, …): the fields of its
+    options dataclass, named by the registry :data:`~rollingq.data.registry.DATASETS`.
 
     Attributes:
         name: the dataset, a key of the registry.
@@ -96,7 +87,6 @@ class DataConfig(Section):
             has no validation list.
         skip_bad: skip samples with missing or corrupt files (their count is logged) instead of failing.
         num_workers: DataLoader worker processes.
-        options: the dataset's own keys.
     """
 
     name: str = option("synthetic", choices=tuple(DATASETS))
@@ -106,49 +96,26 @@ class DataConfig(Section):
     val_fraction: float = option(0.1, gt=0.0, lt=1.0)
     skip_bad: bool = False
     num_workers: int = option(0, ge=0)
-    options: Section | None = None
 
-    def __post_init__(self) -> None:
-        if self.options is None:
-            self.options = DATASETS[self.name].options()
+    @property
+    def options(self) -> Section:
+        """The dataset's own keys as its options dataclass."""
+        options = DATASETS[self.name].options
+        return options(**{k: getattr(self, k) for k in field_names(options)})
 
-    @classmethod
-    def from_raw(cls, raw: Any, prefix: str = "data") -> DataConfig:
-        """The section from its YAML keys: common ones here, the rest the options of ``data.name``."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{prefix}: expected a mapping of keys, got {echo(raw)}")
-        common = [f for f in field_names(cls) if f != "options"]
-        name_meta = cls.__dataclass_fields__["name"].metadata
-        name = convert(raw.get("name", cls.name), str, name_meta, join(prefix, "name"))
-        entry = DATASETS[name]
-        own = field_names(entry.options)
-        options_raw = {}
-        for key, value in raw.items():
-            if key in common:
-                continue
-            if key in own:
-                options_raw[key] = value
-                continue
-            others = [n for n, e in DATASETS.items() if key in field_names(e.options)]
-            if others:
-                datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
-                raise ConfigError(f"{join(prefix, key)}: a key of the {datasets}, not of "
-                                  f"{join(prefix, 'name')}={name!r} (its keys: {', '.join(common + own)})")
-            raise unknown_key_error(prefix, key, value, common + own)
-        options = build(entry.options, options_raw, prefix)
-        return build_fields(cls, {k: v for k, v in raw.items() if k in common}, prefix, extra={"options": options})
 
-    def __getitem__(self, key: str) -> Any:
-        if key in field_names(type(self.options)):
-            return getattr(self.options, key)
-        return super().__getitem__(key)
+def _data_section(name: str, options: type[Section]) -> type[DataConfig]:
+    """:class:`DataConfig` with the fields of ``options`` added (flat, as in YAML)."""
+    hints = typing.get_type_hints(options)
+    own = [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                     metadata=f.metadata)) for f in dataclasses.fields(options)]
+    return dataclasses.make_dataclass(f"DataConfig_{name}", own, bases=(DataConfig,),
+                                      namespace={"__module__": __name__})
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {name: plain(getattr(self, name)) for name in field_names(type(self)) if name != "options"}
-        out.update(self.options.to_dict())
-        return out
+
+DATA_SECTIONS: dict[str, type[DataConfig]] = {name: _data_section(name, e.options) for name, e in DATASETS.items()}
+"""The ``data`` section of each dataset of the registry (module attributes, so that configs pickle)."""
+globals().update({cls.__name__: cls for cls in DATA_SECTIONS.values()})
 
 
 @dataclass
@@ -214,23 +181,11 @@ class RollingQConfig(Section, RollingQSettings):
 
     enabled: bool = False
 
-    @classmethod
-    def from_raw(cls, raw: Any, prefix: str = "rollingq") -> RollingQConfig:
-        """The section from its YAML keys: the preset ``mode``, then the keys given (types checked by the schema,
-        values by the settings)."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+    def __post_init__(self) -> None:
         try:
-            given = build_fields(cls, raw, prefix)  # unknown keys, types and each value's check
-            values = {k: getattr(given, k) for k in raw if k != "enabled"}
-            settings = RollingQSettings.preset(values.pop("mode", "safe"), **values)
-        except ConfigError:
-            raise
-        except ValueError as exc:
-            raise ConfigError(join(prefix, str(exc))) from exc
-        return cls(enabled=given.enabled, **settings.to_dict())
+            super().__post_init__()
+        except ValueError as exc:  # the settings' own check ("beta: expected ..."), named as the config's key
+            raise ConfigError(f"rollingq.{exc}") from exc
 
     def settings(self) -> RollingQSettings:
         """The controller's settings of this section."""
@@ -315,18 +270,12 @@ class Config(Section):
     seed: int = option(0, ge=0, le=SEED_MAX)
     device: str = option("auto", choices=DEVICES)
     out_dir: str = "runs"
-    data: DataConfig = option(factory=DataConfig)
+    data: DataConfig = option(factory=lambda: DATA_SECTIONS["synthetic"]())
     model: ModelConfig = option(factory=ModelConfig)
     rollingq: RollingQConfig = option(factory=RollingQConfig)
     ogm: OgmConfig = option(factory=OgmConfig)
     optim: OptimConfig = option(factory=OptimConfig)
     train: TrainConfig = option(factory=TrainConfig)
-
-    @classmethod
-    def from_raw(cls, raw: Any, prefix: str = "") -> Config:
-        cfg = build_fields(cls, _apply_renames(raw), prefix)
-        cfg.check()
-        return cfg
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Config:
@@ -335,7 +284,25 @@ class Config(Section):
         Raises:
             ConfigError: naming the dotted key of the first problem.
         """
-        return cls.from_raw(raw)
+        raw = _apply_renames(raw)
+        data = raw.get("data") if isinstance(raw, Mapping) else None
+        name = data.get("name", "synthetic") if isinstance(data, Mapping) else "synthetic"
+        if not isinstance(name, str) or name not in DATASETS:
+            raise ConfigError(f"data.name: expected one of {', '.join(DATASETS)}, got {echo(name)}")
+        own = field_names(DATA_SECTIONS[name])
+        for key in data if isinstance(data, Mapping) else ():
+            others = [n for n, e in DATASETS.items() if key not in own and key in field_names(e.options)]
+            if others:
+                datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
+                raise ConfigError(f"data.{key}: a key of the {datasets}, not of data.name={name!r} "
+                                  f"(its keys: {', '.join(own)})")
+        rq = raw.get("rollingq") if isinstance(raw, Mapping) else None
+        mode = rq.get("mode") if isinstance(rq, Mapping) else None
+        if isinstance(mode, str) and mode in PRESETS:  # the preset's values, replaced by the keys given
+            raw = {**raw, "rollingq": {**PRESETS[mode], **rq}}
+        cfg = build(cls(data=DATA_SECTIONS[name]()), raw)
+        cfg.check()
+        return cfg
 
     def check(self) -> None:
         """Rules across keys: the dataset has the modalities, heads divide ``model.dim``, RollingQ
