@@ -423,6 +423,8 @@ def _read_with_bases(path: str, chain: list[str]) -> dict:
     base = loaded.pop("base", None)
     if base is None:
         return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"config {path}: base: expected a file name relative to it, got {echo(base)}")
     base_path = os.path.join(os.path.dirname(path), base)
     if not os.path.isfile(base_path):
         raise ConfigError(f"config {path}: base file {base!r} not found (looked at {base_path})")

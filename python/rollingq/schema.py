@@ -12,6 +12,7 @@ of range. OmegaConf never parses text here (YAML is read by :mod:`rollingq.yaml_
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -71,7 +72,8 @@ class Section:
 
     def to_dict(self) -> dict[str, Any]:
         """The section as the nested dict of plain values it would be written as in YAML."""
-        return dataclasses.asdict(self)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v.to_dict() if isinstance(v, Section) else copy.deepcopy(v) for k, v in values.items()}
 
     def arguments(self) -> dict[str, Any]:
         """The fields as keyword arguments of a constructor (nested sections as dicts)."""
