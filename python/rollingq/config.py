@@ -13,6 +13,7 @@ Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import typing
@@ -22,6 +23,7 @@ from importlib import resources
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from rollingq_kernels.checks import BACKENDS
 from rollingq_kernels.module import ROTATION_MODES
@@ -300,7 +302,7 @@ class Config(Section):
         mode = rq.get("mode") if isinstance(rq, Mapping) else None
         if isinstance(mode, str) and mode in PRESETS:  # the preset's values, replaced by the keys given
             raw = {**raw, "rollingq": {**PRESETS[mode], **rq}}
-        cfg = build(cls(data=DATA_SECTIONS[name]()), raw)
+        cfg = build(_schema(name), raw)
         cfg.check()
         return cfg
 
@@ -359,6 +361,12 @@ class Config(Section):
         elif m.progressive_epochs >= epochs > 0 and m.fusion == "vanilla_mt_star":
             logger.warning("model.progressive_epochs=%d >= train.epochs=%d: the second fusion block never trains",
                            m.progressive_epochs, epochs)
+
+
+@functools.cache
+def _schema(dataset: str) -> DictConfig:
+    """The structured config of :class:`Config` with the ``data`` section of ``dataset`` (its defaults)."""
+    return OmegaConf.structured(Config(data=DATA_SECTIONS[dataset]()))
 
 
 def _apply_renames(raw: Any) -> Any:
