@@ -75,6 +75,7 @@ LAYERS = {
     "rollingq.analysis": TRAINING + 2,
     "rollingq.analysis.metrics": TRAINING + 2,
     "rollingq.analysis.noise": TRAINING + 2,
+    "rollingq.sections": TRAINING + 3,
     "rollingq.config": TRAINING + 3,
     "rollingq.prepare": TRAINING + 3,
     "rollingq.build": TRAINING + 4,
