@@ -167,7 +167,7 @@ def _batches(mods: list[torch.Tensor], labels: torch.Tensor, batch: int, order: 
 
 
 def run_epochs(variant: str, cfg: E2EConfig, mods: list[torch.Tensor], labels: torch.Tensor) -> dict:
-    """Train ``variant`` (``fused`` or ``official``) for 1 + ``cfg.epochs`` epochs; time the last ``cfg.epochs``.
+    """Train ``variant`` (one of ``VARIANTS``) for 1 + ``cfg.epochs`` epochs; time the last ``cfg.epochs``.
 
     Returns a JSON-friendly record with the median seconds per epoch (training
     steps plus the end-of-epoch RollingQ step, rotation included).
@@ -185,7 +185,7 @@ def run_epochs(variant: str, cfg: E2EConfig, mods: list[torch.Tensor], labels: t
         model = FusionClassifier(cfg, int(labels.max()) + 1, class_query_only=not official,
                                  backend="reference" if official else "auto")
         layer = model.attn
-    controller = RollingQ(layer, rho=1.0, beta=0.0, max_rotations=1000,
+    controller = RollingQ(layer, mode="paper", rho=1.0, beta=0.0, max_rotations=1000,
                           window=1 if official else "epoch", estimate="pass" if official else "accumulate")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)

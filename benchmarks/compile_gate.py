@@ -184,7 +184,7 @@ def _arguments(v: Variant):
     acc = torch.float64 if v.dtype == "fp64" else torch.float32
     tensors = {
         **dict.fromkeys(("Q", "Q0", "K", "V", "Out", "DO", "DK", "DV", "DQ"), dt),
-        **dict.fromkeys(("Lse", "KeyMean", "Mass"), torch.float32),
+        **dict.fromkeys(("Lse", "KeyMean", "Mass", "ScoreMax"), torch.float32),
         **dict.fromkeys(("Delta", "PartML", "PartAcc", "PartSeg", "PartKey", "DQPart"), acc),
         "Table": torch.int32, "Lengths": torch.int64,
     }

@@ -15,6 +15,7 @@ import time
 import torch
 
 import rollingq_kernels  # noqa: F401  (registers torch.ops.rollingq)
+from rollingq_kernels.stats import KernelOutputs
 
 logger = logging.getLogger("measure_memory")
 
@@ -39,14 +40,14 @@ def main() -> None:
     scale = Dh**-0.5
 
     base, t0 = peak_rss(), time.perf_counter()
-    fwd = torch.ops.rollingq.attention_fwd(q, k, v, segs, lengths, None, scale, 0.0, 0, True)
+    fwd = KernelOutputs(*torch.ops.rollingq.attention_fwd(q, k, v, segs, lengths, None, scale, 0.0, 0, True))
     grow, secs = peak_rss() - base, time.perf_counter() - t0
     work = grow - nbytes(*fwd)
     logger.info("forward  N=%d: working memory %.2f MiB = %.2f%% of one N*N fp32 matrix (%.0f MiB), %.1f s",
                 N, work / 2**20, 100 * work / square, square / 2**20, secs)
 
     base, t0 = peak_rss(), time.perf_counter()
-    grads = torch.ops.rollingq.attention_bwd(g, q, k, v, fwd[0], fwd[1], segs, lengths, None, scale, 0.0, 0)
+    grads = torch.ops.rollingq.attention_bwd(g, q, k, v, fwd.out, fwd.lse, segs, lengths, None, scale, 0.0, 0)
     grow, secs = peak_rss() - base, time.perf_counter() - t0
     work = grow - nbytes(*grads)
     logger.info("backward N=%d: working memory %.2f MiB = %.2f%% of one N*N fp32 matrix, %.1f s",

@@ -9,11 +9,12 @@
 //   out      (B, H, Nq, Dh) scalar_t
 //   lse      (B, H, Nq)     float32
 //   q0rot    (B, H, Dh)     scalar_t, the rotated class query (already rounded)
-//   key_mean (B, H, M, Dh)  float32;  mass (B, H, M+1) float32
+//   key_mean (B, H, M, Dh)  float32;  mass (B, H, M+1) float32;  score_max (B, H) float32
 //   lengths  (B, M)         int64 or nullptr (every token valid)
 #pragma once
 
-#include <c10/core/ScalarType.h>
+// header-only (torch/headeronly): ops.cpp, a stable-ABI unit, includes this file too
+#include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
 #include <vector>
@@ -40,6 +41,7 @@ struct ForwardBuffers {
   float* lse = nullptr;
   float* key_mean = nullptr;  // nullptr: statistics skipped
   float* mass = nullptr;
+  float* score_max = nullptr;  // the class row's largest scaled score (with key_mean)
 };
 
 struct BackwardBuffers {

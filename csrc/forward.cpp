@@ -266,8 +266,10 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
         for (int64_t d = 0; d < Dh; ++d) o[d] = static_cast<scalar_t>(acc[i * Dh + d] * inv);
         lse_rows[i] = static_cast<float>(rows.max[i] + std::log(rows.sum[i]));
       }
-      if (class_tile)
+      if (class_tile) {
         stats.write(p, b, rows.sum[0], buf.mass + bh * (p.M + 1), buf.key_mean + bh * p.M * Dh);
+        buf.score_max[bh] = static_cast<float>(rows.max[0]);  // the online softmax's final max
+      }
     }
   });
 }

@@ -13,6 +13,9 @@
 //   _tile_gemm_seconds(tiles, rows, keys, head_dim, reps) -> float
 //                                                 the GEMM-rate probe of the benchmarks (gemm_probe.h)
 //   MARCH_NATIVE: bool                            built with -march=native (ROLLINGQ_NATIVE=1)
+//
+// It uses CPython's limited API only (Py_LIMITED_API, defined by the build for
+// py_limited_api=True): one _C.abi3.so serves every CPython from 3.10 on.
 #include <Python.h>
 
 #include <cctype>
@@ -37,16 +40,24 @@ PyObject* supported_cpu_capabilities(PyObject*, PyObject*) {
   PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(levels.size()));
   if (names == nullptr) return nullptr;
   for (size_t i = 0; i < levels.size(); ++i)
-    PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), PyUnicode_FromString(rollingq::capability_name(levels[i])));
+    if (PyTuple_SetItem(names, static_cast<Py_ssize_t>(i),
+                        PyUnicode_FromString(rollingq::capability_name(levels[i]))) < 0) {
+      Py_DECREF(names);
+      return nullptr;
+    }
   return names;
 }
 
 PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
-  if (name == nullptr) {
-    PyErr_Format(PyExc_TypeError, "name: expected a str, got %s", Py_TYPE(arg)->tp_name);
+  if (!PyUnicode_Check(arg)) {  // the type's name through __name__: PyTypeObject is opaque in the limited API
+    PyObject* type_name = PyObject_GetAttrString(reinterpret_cast<PyObject*>(Py_TYPE(arg)), "__name__");
+    if (type_name == nullptr) return nullptr;
+    PyErr_Format(PyExc_TypeError, "name: expected a str, got %U", type_name);
+    Py_DECREF(type_name);
     return nullptr;
   }
+  const char* name = PyUnicode_AsUTF8AndSize(arg, nullptr);
+  if (name == nullptr) return nullptr;
   rollingq::CpuCapability level;
   if (!rollingq::parse_capability(name, &level)) {
     PyErr_Format(PyExc_ValueError, "name: expected 'default', 'avx2' or 'avx512', got '%s'", name);

@@ -1,6 +1,8 @@
 """The op library: the ``rollingq`` op schemas, the compiled extension and the fake kernels.
 
-This is the bottom layer of the kernel package and imports nothing of it. It
+This is the bottom layer of the kernel package; it imports only modules of the same layer (the
+statistics table :mod:`rollingq_kernels.stats` and the forward-mode AD formula
+:mod:`rollingq_kernels.forward_ad`). It
 
 * holds the two schemas (:data:`FWD_SCHEMA`, :data:`BWD_SCHEMA`): the one
   definition the C++ registration (``csrc/ops.cpp``) is checked against
@@ -14,7 +16,10 @@ This is the bottom layer of the kernel package and imports nothing of it. It
   ``torch.ops.rollingq.attention_fwd`` is differentiable in ``q``, ``k``, ``v``
   on every device, its backward is ``rollingq::attention_bwd``, and a second
   derivative raises :data:`DOUBLE_BACKWARD_ERROR` (as PyTorch's fused attention
-  does) instead of returning zeros;
+  does) instead of returning zeros; under forward-mode AD (``torch.func.jvp``,
+  ``torch.autograd.forward_ad``) the forward's ``out`` gets the tangent of
+  :func:`~rollingq_kernels.forward_ad.output_tangent` (a custom op's registered
+  autograd formula alone would drop the tangents silently);
 * answers whether Triton runs in its CPU interpreter (:func:`triton_interpret`).
 """
 
@@ -24,12 +29,18 @@ import importlib.util
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._library.autograd import Info, make_autograd_impl  # the kernel torch.library.register_autograd builds
 
-#: ``rollingq::attention_fwd`` (without the namespace).
+from .forward_ad import output_tangent, tangents_of
+from .stats import KernelOutputs, empty_kernel_stats, forward_outputs_schema
+
+#: ``rollingq::attention_fwd`` (without the namespace); its outputs are ``out``, ``lse`` and the kernel
+#: statistics of :data:`rollingq_kernels.stats.STATISTICS` (:class:`~rollingq_kernels.stats.KernelOutputs`).
 FWD_SCHEMA = (
     "attention_fwd(Tensor q, Tensor k, Tensor v, int[] segments, Tensor? lengths, "
     "Tensor? rotation, float scale, float dropout_p, int seed, bool compute_stats) "
-    "-> (Tensor out, Tensor lse, Tensor key_mean, Tensor mass, Tensor query)"
+    "-> " + forward_outputs_schema()
 )
 #: ``rollingq::attention_bwd`` (without the namespace).
 BWD_SCHEMA = (
@@ -79,14 +90,14 @@ _NON_DIFFERENTIABLE_INPUTS = 7
 def save_for_backward(ctx, inputs: tuple, outputs: tuple) -> None:
     """Keep what the backward needs: ``q, k, v, out, lse`` (never probabilities) and the op's arguments.
 
-    ``inputs`` are the forward's 10 arguments, ``outputs`` its 5 results. The statistics and ``lse``
-    are marked non-differentiable.
+    ``inputs`` are the forward's 10 arguments, ``outputs`` its results (:class:`KernelOutputs`, or the
+    plain tuple of the op). The statistics and ``lse`` are marked non-differentiable.
     """
     q, k, v, segments, lengths, rotation, scale, dropout_p, seed, _compute_stats = inputs
-    out, lse, key_mean, mass, query = outputs
-    ctx.save_for_backward(q, k, v, out, lse, lengths, rotation)
+    named = KernelOutputs(*outputs)
+    ctx.save_for_backward(q, k, v, named.out, named.lse, lengths, rotation)
     ctx.segments, ctx.scale, ctx.dropout_p, ctx.seed = list(segments), scale, dropout_p, seed
-    ctx.mark_non_differentiable(lse, key_mean, mass, query)
+    ctx.mark_non_differentiable(*named[1:])
 
 
 def backward_inputs(ctx, grad_out: torch.Tensor) -> tuple:
@@ -108,14 +119,43 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
+_impl_lib = torch.library.Library("rollingq", "IMPL")  # noqa: TOR901  (the forward op's autograd kernel)
+
+
+def _register_with_forward_ad(fwd_name: str, backward) -> None:
+    """``torch.library.register_autograd(fwd_name, backward)`` plus forward-mode AD of ``out``.
+
+    The kernel ``register_autograd`` builds runs the op below autograd whenever no input requires a
+    gradient, so dual inputs lose their tangents without an error. Wrapped here: when ``q``, ``k`` or
+    ``v`` carries a tangent the op runs on the primals and ``out`` becomes a dual tensor with the tangent
+    of :func:`~rollingq_kernels.forward_ad.output_tangent`; otherwise the generated kernel runs as is.
+    """
+    namespace, name = fwd_name.split("::")
+    generated = make_autograd_impl(getattr(getattr(torch.ops, namespace), name).default,
+                                   Info(backward, _setup_context))
+
+    def autograd_kernel(keyset, *args):
+        tangents = tangents_of(*args[:3])
+        if all(t is None for t in tangents):
+            return generated(keyset, *args)
+        primals = [fwAD.unpack_dual(t).primal for t in args[:3]]
+        outputs = generated(keyset, *primals, *args[3:])
+        tangent = output_tangent(*primals, tangents, *args[3:9])
+        return (fwAD.make_dual(outputs[0], tangent), *outputs[1:])
+
+    _impl_lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
 def register_op_autograd(fwd_name: str, bwd_name: str) -> None:
     """Register the op's autograd formula on a forward/backward pair of ops with the two schemas.
 
     The forward's backward runs ``bwd_name`` on the saved ``q, k, v, out, lse``; the backward op's
     own backward raises :data:`DOUBLE_BACKWARD_ERROR` (it records a node only when a graph of the
     gradient is built, ``create_graph=True``; differentiating that node is the double backward the
-    kernels do not implement). Used for ``rollingq::attention_fwd/bwd`` here and for the Triton
-    ``triton_op`` twins in :mod:`rollingq_kernels.triton.register`.
+    kernels do not implement). The forward also gets forward-mode AD (:func:`_register_with_forward_ad`;
+    for a ``triton_op`` this replaces the autograd kernel it registered itself). Used for
+    ``rollingq::attention_fwd/bwd`` here and for the Triton ``triton_op`` twins in
+    :mod:`rollingq_kernels.triton.register`.
     """
     namespace, name = bwd_name.split("::")
 
@@ -125,7 +165,7 @@ def register_op_autograd(fwd_name: str, bwd_name: str) -> None:
         dq, dk, dv = getattr(getattr(torch.ops, namespace), name)(*backward_inputs(ctx, grad_out))
         return (dq, dk, dv) + (None,) * _NON_DIFFERENTIABLE_INPUTS
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
+    _register_with_forward_ad(fwd_name, backward)
     torch.library.register_autograd(bwd_name, _no_double_backward, setup_context=_setup_backward_context)
 
 
@@ -135,16 +175,8 @@ register_op_autograd("rollingq::attention_fwd", "rollingq::attention_bwd")
 @torch.library.register_fake("rollingq::attention_fwd")
 def _attention_fwd_fake(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
     B, H, nq, Dh = q.shape
-    M = len(segments)
-    out = torch.empty_like(q)
     lse = q.new_empty((B, H, nq), dtype=torch.float32)
-    if compute_stats:
-        key_mean = q.new_empty((B, H, M, Dh), dtype=torch.float32)
-        mass = q.new_empty((B, H, M + 1), dtype=torch.float32)
-        query = q.new_empty((B, H, Dh), dtype=torch.float32)
-    else:
-        key_mean, mass, query = (q.new_empty((0,), dtype=torch.float32) for _ in range(3))
-    return out, lse, key_mean, mass, query
+    return tuple(KernelOutputs(torch.empty_like(q), lse, **empty_kernel_stats(q, segments, compute_stats)))
 
 
 @torch.library.register_fake("rollingq::attention_bwd")

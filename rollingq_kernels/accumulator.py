@@ -27,26 +27,20 @@ from typing import NamedTuple
 
 import torch
 
-from .stats import AttentionStats
+from .stats import SUM_PRESENT, SUMMED_STATISTICS, AttentionStats, Statistic
 
 Window = str | int
 Sums = dict[str, torch.Tensor]
 
-#: The fields of one set of sums (all float64). ``B`` samples, ``H`` heads,
-#: ``M`` modalities, ``Dh`` head size.
-SUM_FIELDS: tuple[str, ...] = (
-    "samples",  # ()          number of samples
-    "cos_sum",  # (M,)        Σ cos over samples where the modality is present
-    "cos_sq_sum",  # (M,)     Σ cos²
-    "present",  # (M,)        number of samples where the modality is present
-    "cos_head_sum",  # (H, M) Σ cos_per_head over samples where present
-    "diff_sum",  # ()         Σ (cos_0 − cos_1) over samples with modalities 0 and 1
-    "diff_count",  # ()       number of such samples
-    "key_sum",  # (H, M, Dh)  Σ per-sample mean key over samples where present
-    "query_sum",  # (H, Dh)   Σ rotated class query
-    "mass_sum",  # (H, M+1)   Σ class-row attention mass
-    "tokens_sum",  # (M,)     Σ valid tokens per modality
-)
+#: The cosine sums of :func:`cosine_sums` (the ``cosines`` and ``present`` reductions of the statistics table),
+#: their shapes in ``M`` modalities: samples, Σ cos and Σ cos² over samples where the modality is present, the
+#: number of such samples, Σ (cos_0 − cos_1) over samples with modalities 0 and 1, and their number.
+COSINE_SUMS: dict[str, tuple[str, ...]] = {
+    "samples": (), "cos_sum": ("M",), "cos_sq_sum": ("M",), "present": ("M",), "diff_sum": (), "diff_count": (),
+}
+#: The fields of one set of sums (all float64): :data:`COSINE_SUMS`, then the window sum of each summed
+#: statistic of :data:`~rollingq_kernels.stats.STATISTICS` (its ``sum_name``, its shape without ``B``).
+SUM_FIELDS: tuple[str, ...] = tuple(COSINE_SUMS) + tuple(s.sum_name for s in SUMMED_STATISTICS)  # type: ignore[misc]
 
 
 def check_window(window: Window) -> Window:
@@ -95,35 +89,37 @@ def cosine_sums(cos: torch.Tensor, valid: torch.Tensor | None = None) -> Sums:
     }
 
 
+def _present_mask(stat: Statistic, valid: torch.Tensor) -> torch.Tensor:
+    """``valid`` ``(B, M)`` shaped to broadcast over ``stat``'s shape (its ``M`` axis)."""
+    return valid.reshape([valid.shape[0]] + [-1 if d == "M" else 1 for d in stat.shape[1:]])
+
+
 def batch_sums(stats: AttentionStats) -> Sums:
     """The float64 sums of one batch's statistics (see :data:`SUM_FIELDS`).
 
     Args:
-        stats: the op's statistics of a batch: ``cos (B, M)``, ``cos_per_head
-            (B, H, M)``, ``key_mean (B, H, M, Dh)``, ``query (B, H, Dh)``,
-            ``mass (B, H, M+1)``, ``valid (B, M)`` bool, ``tokens (B, M)``.
+        stats: the op's statistics of a batch (:class:`~rollingq_kernels.stats.AttentionStats`): the cosine
+            sums come from ``cos (B, M)`` and ``valid (B, M)`` bool, then each summed statistic of the table
+            is summed over the samples (``sum_present``: where the modality is present).
 
     Returns:
         A dict of float64 tensors on the statistics' device; no host sync.
     """
     valid = stats.valid
     sums = cosine_sums(stats.cos, valid)
-    sums["cos_head_sum"] = stats.cos_per_head.detach().to(torch.float64).masked_fill(~valid[:, None, :], 0.0).sum(0)
-    sums["key_sum"] = stats.key_mean.detach().to(torch.float64).masked_fill(~valid[:, None, :, None], 0.0).sum(0)
-    sums["query_sum"] = stats.query.detach().to(torch.float64).sum(0)
-    sums["mass_sum"] = stats.mass.detach().to(torch.float64).sum(0)
-    sums["tokens_sum"] = stats.tokens.detach().to(torch.float64).sum(0)
+    for stat in SUMMED_STATISTICS:
+        value = getattr(stats, stat.name).detach().to(torch.float64)
+        if stat.reduce == SUM_PRESENT:
+            value = value.masked_fill(~_present_mask(stat, valid), 0.0)
+        sums[stat.sum_name] = value.sum(0)  # type: ignore[index]
     return sums
 
 
 def zero_sums(num_heads: int, num_modalities: int, head_dim: int, device: torch.device | str | None = None) -> Sums:
     """Empty sums shaped like :func:`batch_sums` (a rank without batches still joins an all-reduce)."""
     H, M, Dh = num_heads, num_modalities, head_dim
-    shapes = {
-        "samples": (), "cos_sum": (M,), "cos_sq_sum": (M,), "present": (M,), "cos_head_sum": (H, M),
-        "diff_sum": (), "diff_count": (), "key_sum": (H, M, Dh), "query_sum": (H, Dh), "mass_sum": (H, M + 1),
-        "tokens_sum": (M,),
-    }
+    shapes = {name: tuple(M for _ in dims) for name, dims in COSINE_SUMS.items()}
+    shapes.update({stat.sum_name: stat.sum_shape(H, M, Dh) for stat in SUMMED_STATISTICS})  # type: ignore[misc]
     return {name: torch.zeros(shapes[name], dtype=torch.float64, device=device) for name in SUM_FIELDS}
 
 
@@ -173,6 +169,8 @@ class WindowStatistics:
         cos_std: ``(M,)`` the population standard deviation of those cosines.
         spread: ``max − min`` of the present ``cos_mean`` (NaN with < 2).
         present: ``(M,)`` samples where each modality is present.
+        cos_head_mean … tokens_mean: the window mean of each summed statistic of
+            :data:`~rollingq_kernels.stats.STATISTICS` (its ``mean_name``):
         cos_head_mean: ``(H, M)`` mean per-head cosine (NaN where never present).
         key_mean: ``(H, M, Dh)`` E[mean key] per head and modality (0 where
             never present).
@@ -180,6 +178,8 @@ class WindowStatistics:
         mass_mean: ``(H, M+1)`` mean class-row attention mass on
             [class, modality 1, …, M].
         tokens_mean: ``(M,)`` mean valid tokens per sample of each modality.
+        max_prob_mean: ``(H,)`` mean largest class-row attention probability
+            (the softmax's saturation).
     """
 
     samples: int
@@ -194,6 +194,7 @@ class WindowStatistics:
     query_mean: torch.Tensor
     mass_mean: torch.Tensor
     tokens_mean: torch.Tensor
+    max_prob_mean: torch.Tensor
 
     def global_key_mean(self) -> torch.Tensor:
         """``(M, H·Dh)`` the mean keys with heads concatenated (a global rotation's space)."""
@@ -256,6 +257,17 @@ def imbalance(window: Imbalance | WindowStatistics) -> float:
     return window.air if window.cos_mean.shape[-1] == 2 else window.spread
 
 
+def _window_mean(stat: Statistic, sums: Sums, samples: int) -> torch.Tensor:
+    """A summed statistic's window mean: over the samples (``sum``) or where the modality is present."""
+    total = sums[stat.sum_name]  # type: ignore[index]
+    if stat.reduce != SUM_PRESENT:
+        return total / max(samples, 1)
+    axis = [-1 if d == "M" else 1 for d in stat.shape[1:]]
+    present = sums["present"].reshape(axis)
+    mean = total / present.clamp_min(1.0)
+    return mean if stat.absent_mean == 0.0 else torch.where(present > 0, mean, stat.absent_mean)
+
+
 def reduce_sums(sums: Sums) -> WindowStatistics:
     """Turn a window's sums into means (host sync: call once per decision)."""
     cosines = reduce_cosines(sums)
@@ -273,11 +285,7 @@ def reduce_sums(sums: Sums) -> WindowStatistics:
         cos_std=torch.where(has, var.sqrt(), nan),
         spread=cosines.spread,
         present=present,
-        cos_head_mean=torch.where(has, sums["cos_head_sum"] / n, nan),
-        key_mean=sums["key_sum"] / n[None, :, None],
-        query_mean=sums["query_sum"] / max(samples, 1),
-        mass_mean=sums["mass_sum"] / max(samples, 1),
-        tokens_mean=sums["tokens_sum"] / max(samples, 1),
+        **{stat.mean_name: _window_mean(stat, sums, samples) for stat in SUMMED_STATISTICS},  # type: ignore[misc]
     )
 
 
@@ -374,94 +382,3 @@ class StatisticsAccumulator:
             (move(s) for s in state["batches"]), maxlen=None if self.window == "epoch" else int(self.window)
         )
         self._count.fill_(int(state["num_batches"]))
-
-
-# ---------------------------------------------------------------------------- the imbalance indicators
-#: ``"cos"``: the paper's AIR (Eq. 9), cosines only. ``"score"``: each modality's cosine weighted by its share
-#: of the summed attention score of Eq. 3, ``L^m · ‖k̄^m‖ · cos θ^m`` (``L^m`` tokens, ``‖k̄^m‖`` the norm of
-#: the mean key), normalised so that it equals AIR when token counts and key norms are equal.
-INDICATORS: tuple[str, ...] = ("cos", "score")
-
-
-def check_indicator(indicator: str) -> str:
-    """Validate an indicator name (one of :data:`INDICATORS`); return it."""
-    if indicator not in INDICATORS:
-        raise ValueError(f"indicator: expected one of {INDICATORS}, got {indicator!r}")
-    return indicator
-
-
-def score_weights(key_norm: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Eq. 3's per-modality factor ``L^m·‖k̄^m‖`` divided by its mean over the modalities.
-
-    Args:
-        key_norm: ``(..., M)`` norms of the mean keys (float).
-        tokens: ``(M,)`` mean valid tokens per sample of each modality.
-
-    Returns:
-        ``(..., M)`` float64 weights with mean 1 over ``M`` (all ones where every factor is 0).
-    """
-    if tokens.shape[-1] != key_norm.shape[-1]:
-        raise ValueError(f"tokens: expected {key_norm.shape[-1]} modality counts, got shape {tuple(tokens.shape)}")
-    factor = key_norm.double() * tokens.double().to(key_norm.device)
-    mean = factor.mean(-1, keepdim=True)
-    return torch.where(mean > 0, factor / mean.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(factor))
-
-
-def indicator_cosines(cos_mean: torch.Tensor, key_norm: torch.Tensor, tokens: torch.Tensor | None,
-                      indicator: str) -> torch.Tensor:
-    """The per-modality values the indicator compares: ``cos`` itself, or ``score_weights · cos``.
-
-    Args:
-        cos_mean: ``(..., M)`` mean cosine per modality.
-        key_norm: ``(..., M)`` norms of the mean keys.
-        tokens: ``(M,)`` mean valid tokens per sample (needed for ``"score"``).
-        indicator: one of :data:`INDICATORS`.
-
-    Returns:
-        ``(..., M)`` float64. For ``M = 2`` the indicator is ``out[..., 0] − out[..., 1]`` (AIR for ``"cos"``);
-        the anchor weights are ``softmax(−2ρ·out)``.
-    """
-    check_indicator(indicator)
-    if indicator == "cos":
-        return cos_mean.double()
-    if tokens is None:
-        raise ValueError("tokens: the 'score' indicator needs the token counts per modality, got None")
-    return score_weights(key_norm, tokens) * cos_mean.double()
-
-
-def indicator_value(values: torch.Tensor) -> float:
-    """``values[0] − values[1]`` for two modalities, ``max − min`` for more (NaN entries ignored).
-
-    ``values`` is ``(M,)``.
-    """
-    if values.dim() != 1:
-        raise ValueError(f"values: expected an (M,) tensor, got shape {tuple(values.shape)}")
-    flat = values
-    if flat.numel() == 2:
-        return float(flat[0] - flat[1])
-    shown = flat[~torch.isnan(flat)]
-    return float(shown.max() - shown.min()) if shown.numel() >= 2 else math.nan
-
-
-def mass_disagreement(values: torch.Tensor, mass: torch.Tensor, margin: float = 0.1) -> bool:
-    """Does the indicator point at another modality than the class-row attention mass does?
-
-    Args:
-        values: ``(M,)`` the indicator's per-modality values (:func:`indicator_cosines`).
-        mass: ``(M,)`` mean attention mass per modality (class token excluded).
-        margin: only a mass lead of at least this much counts as an imbalance.
-
-    Returns:
-        True when the modality the mass favours (by at least ``margin`` over the runner-up) is not the one
-        with the largest indicator value (for ``M = 2``: the signs of the indicator and of
-        ``mass[0] − mass[1]`` differ).
-    """
-    if values.shape != mass.shape or values.dim() != 1 or values.numel() < 2:
-        raise ValueError(f"values, mass: expected two (M,) tensors with M >= 2, got {tuple(values.shape)} "
-                         f"and {tuple(mass.shape)}")
-    if bool(torch.isnan(values).any()) or bool(torch.isnan(mass).any()):
-        return False
-    top2 = torch.topk(mass.double(), 2)
-    if float(top2.values[0] - top2.values[1]) < margin:
-        return False
-    return int(torch.argmax(values)) != int(top2.indices[0])

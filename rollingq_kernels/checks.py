@@ -17,7 +17,7 @@ import torch
 from .dropout import SEED_LIMIT
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "cpp", "triton", "reference")
+BACKENDS = ("auto", "cpp", "triton", "reference", "flex")
 INDEX_LIMIT = 2**31
 """``N·Dh`` must be below this on every backend (32-bit offsets within one ``(b, h)`` slice)."""
 
@@ -59,10 +59,10 @@ def _tracing() -> bool:
 def _reads_values(device: torch.device) -> bool:
     """Whether checks that read tensor values run for tensors on ``device``.
 
-    Never while tracing; on CUDA only with ``ROLLINGQ_DEBUG_CHECKS=1`` (reading a value back
-    synchronises with the GPU; the Triton kernels clamp ``lengths`` instead, see ``docs/op.md``).
+    Never while tracing or on the meta device (no values); on CUDA only with ``ROLLINGQ_DEBUG_CHECKS=1`` (reading
+    a value back synchronises with the GPU; the Triton kernels clamp ``lengths`` instead, see ``docs/op.md``).
     """
-    if _tracing():
+    if _tracing() or device.type == "meta":
         return False
     return device.type != "cuda" or os.environ.get(DEBUG_CHECKS_ENV, "0") not in ("", "0")
 
@@ -238,4 +238,20 @@ def check_inputs(
             raise ValueError(f"seed: expected None or an int in [0, 2**31), got {seed!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "flex":
+        check_flex(q, float(dropout_p))
     return OpShape(B, H, q.shape[2], N, Dh, segs)
+
+
+def check_flex(q: torch.Tensor, dropout_p: float) -> None:
+    """What ``backend="flex"`` cannot do: dropout (FlexAttention has none), float64 on CPU (compiled Flex)."""
+    if dropout_p > 0.0:
+        raise ValueError(
+            f"dropout_p: backend='flex' has no dropout (FlexAttention has none), got dropout_p={dropout_p!r}; "
+            "pass dropout_p=0.0, or use backend='cpp', 'triton' or 'reference'"
+        )
+    if q.device.type == "cpu" and q.dtype == torch.float64:
+        raise TypeError(
+            "q: backend='flex' on CPU runs compiled FlexAttention, which supports float32, float16 and bfloat16, "
+            "got float64; use backend='reference' or 'cpp' for float64"
+        )

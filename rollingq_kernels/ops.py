@@ -3,7 +3,8 @@
 Two ops live in the ``rollingq`` namespace (schemas, loading of the compiled
 extension, fake kernels and the autograd formula: :mod:`rollingq_kernels._library`):
 
-* ``rollingq::attention_fwd`` -> ``(out, lse, key_mean, mass, query)``
+* ``rollingq::attention_fwd`` -> ``(out, lse, <kernel statistics>)``, named by
+  :class:`~rollingq_kernels.stats.KernelOutputs` (built from the statistics table)
 * ``rollingq::attention_bwd`` -> ``(dq, dk, dv)``
 
 The C++ extension implements them for CPU, the Triton package for CUDA, where
@@ -32,8 +33,10 @@ from torch.autograd.function import once_differentiable
 from ._library import BUILD_HINT, CPP_IMPORT_ERROR, HAS_CPP, backward_inputs, save_for_backward, triton_interpret
 from .checks import check_inputs, check_rotation_values
 from .dropout import SEED_LIMIT
+from .flex import rollingq_attention_flex
+from .forward_ad import output_tangent
 from .reference import rollingq_attention_reference
-from .stats import AttentionStats, finish_stats
+from .stats import AttentionStats, KernelOutputs, stats_from_outputs
 
 logger = logging.getLogger("rollingq_kernels")
 
@@ -49,6 +52,23 @@ def _warn_missing_cpp_once() -> None:
             "reference instead; %s.",
             CPP_IMPORT_ERROR,
             BUILD_HINT,
+        )
+
+
+_warned_eager_devices: set[str] = set()
+
+
+def _warn_eager_device_once(device: torch.device) -> None:
+    """``backend="auto"`` on a device without kernels (MPS, XPU, …): the reference runs; say so once per type.
+
+    The message names MPS (the device users meet this on); an explicit ``backend="reference"`` is silent.
+    """
+    if device.type not in _warned_eager_devices:
+        _warned_eager_devices.add(device.type)
+        logger.warning(
+            "rollingq_kernels: backend='auto' on %s tensors: no fused kernels for this device, the eager reference "
+            "runs (it materializes the (B, H, Nq, N) scores); pass backend='reference' to silence this.",
+            device.type.upper() if device.type == "mps" else device.type,
         )
 
 
@@ -84,16 +104,22 @@ class _InterpretedTriton(torch.autograd.Function):
     """The Triton launchers on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``; tests only).
 
     The same saved tensors and backward arguments as the registered autograd formula; a second
-    derivative raises (``once_differentiable``).
+    derivative raises (``once_differentiable``); forward-mode AD gives ``out`` the tangent of
+    :func:`~rollingq_kernels.forward_ad.output_tangent`, as the registered op does.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
-        kernels = load_triton()
-        outputs = kernels.attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats)
-        save_for_backward(ctx, (q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats), outputs)
-        ctx.attention_bwd = kernels.attention_bwd
-        return outputs
+    def forward(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
+        outputs = load_triton().attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed,
+                                              compute_stats)
+        return tuple(outputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        save_for_backward(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+        ctx.op_arguments = inputs[3:9]  # segments, lengths, rotation, scale, dropout_p, seed
+        ctx.attention_bwd = load_triton().attention_bwd
 
     @staticmethod
     @once_differentiable
@@ -101,9 +127,15 @@ class _InterpretedTriton(torch.autograd.Function):
         dq, dk, dv = ctx.attention_bwd(*backward_inputs(ctx, grad_out))
         return dq, dk, dv, None, None, None, None, None, None, None
 
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_unused):
+        q, k, v = ctx.saved_tensors
+        tangent = output_tangent(q, k, v, (dq, dk, dv), *ctx.op_arguments)
+        return (tangent,) + (None,) * (len(KernelOutputs._fields) - 1)
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` (possibly ``"auto"``) to ``"cpp"``, ``"triton"`` or ``"reference"``."""
+    """Map ``backend`` (possibly ``"auto"``, which never picks ``"flex"``) to the backend that runs."""
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
@@ -111,6 +143,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "cpp"
         if device.type == "cpu":
             _warn_missing_cpp_once()
+        else:
+            _warn_eager_device_once(device)
         return "reference"
     if backend == "cpp":
         if not HAS_CPP:
@@ -160,7 +194,7 @@ def rollingq_attention(
         scale: score scale (default ``Dh ** -0.5``).
         dropout_p: probability dropout in ``[0, 1)`` with the counter-based mask.
         seed: dropout seed in ``[0, 2**31)``; drawn from torch's generator if None.
-        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"`` or ``"flex"`` (FlexAttention, no dropout).
         compute_stats: skip the statistics when False (``stats`` is then None).
 
     Returns:
@@ -179,6 +213,9 @@ def rollingq_attention(
     chosen = resolve_backend(backend, q.device)
     if chosen != "cpp":  # the C++ kernels check the rotation's values themselves
         check_rotation_values(rotation)
+    if chosen == "flex":
+        return rollingq_attention_flex(q, k, v, segs, lengths=lengths, rotation=rotation, scale=scale,
+                                       compute_stats=compute_stats)
     if chosen == "reference":
         return rollingq_attention_reference(
             q, k, v, segs, lengths=lengths, rotation=rotation, scale=scale,
@@ -187,13 +224,13 @@ def rollingq_attention(
     lengths64 = None if lengths is None else lengths.to(torch.int64).contiguous()
     args = (q, k, v, segs, lengths64, rotation, scale, dropout_p, seed, compute_stats)
     if chosen == "triton" and q.device.type == "cpu":  # the interpreter: not through the dispatcher
-        out, _lse, key_mean, mass, query = _InterpretedTriton.apply(*args)
+        outputs = KernelOutputs(*_InterpretedTriton.apply(*args))
     elif chosen == "triton":  # CUDA: the triton_op, so torch.compile traces into its kernels
         if not torch.compiler.is_compiling():
             load_triton()  # a no-op after the first call (Python caches the module)
-        out, _lse, key_mean, mass, query = torch.ops.rollingq.triton_attention_fwd(*args)
+        outputs = KernelOutputs(*torch.ops.rollingq.triton_attention_fwd(*args))
     else:
-        out, _lse, key_mean, mass, query = torch.ops.rollingq.attention_fwd(*args)
+        outputs = KernelOutputs(*torch.ops.rollingq.attention_fwd(*args))
     if not compute_stats:
-        return out, None
-    return out, finish_stats(key_mean, mass, query, lengths64, segs)
+        return outputs.out, None
+    return outputs.out, stats_from_outputs(outputs, lengths64, segs)

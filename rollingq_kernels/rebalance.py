@@ -24,10 +24,11 @@ def balance_weights(cos_means: torch.Tensor, rho: float) -> torch.Tensor:
     """α = softmax(−2ρ·cos_means) over modalities (last dim).
 
     For M = 2 this is exactly the paper's α = ½(1 + tanh(−ρ·AIR)) with
-    AIR = cos_means[0] − cos_means[1].
+    AIR = cos_means[0] − cos_means[1]. ``rho = 0`` gives uniform weights (the official
+    default ``sigma = 0``: α = ½).
     """
-    if not rho > 0:
-        raise ValueError(f"rho: expected rho > 0, got {rho!r}")
+    if not rho >= 0:
+        raise ValueError(f"rho: expected rho >= 0, got {rho!r}")
     return torch.softmax(-2.0 * float(rho) * cos_means.double(), dim=-1)
 
 
@@ -99,7 +100,66 @@ def plane_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(degenerate[..., None, None], eye, rot)
 
 
-def svd_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def rescaled_anchor(mean_keys: torch.Tensor, mean_query: torch.Tensor, alpha: torch.Tensor,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The anchor as the official code builds it: ``t = Σ_m α_m E[k̄_m]/|E[k̄_m]|``, then ``t·|E[q]|/|t|``.
+
+    Its direction is :func:`balanced_anchor`'s; its norm is ``|E[q]|`` (the official ``method.py``).
+    Computed in ``dtype`` step by step in the official order, so that with ``dtype`` the model's
+    (float32) it is the ``Y`` the official code hands to its SVD.
+
+    Args:
+        mean_keys: ``(..., M, D)``; mean_query: ``(..., D)``; alpha: ``(..., M)``.
+
+    Returns:
+        ``(..., D)`` in ``dtype``.
+    """
+    k, q, a = mean_keys.to(dtype), mean_query.to(dtype), alpha.to(dtype)
+    unit = k / k.norm(dim=-1, keepdim=True)
+    target = (a.unsqueeze(-1) * unit).sum(-2)
+    return target * q.norm(dim=-1, keepdim=True) / target.norm(dim=-1, keepdim=True)
+
+
+def capped_target(x: torch.Tensor, y: torch.Tensor, max_angle_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a rotation from ``x`` towards ``y`` lands when its angle is cut to ``max_angle_deg``.
+
+    Args:
+        x, y: ``(..., D)``.
+        max_angle_deg: the largest angle, in (0, 180].
+
+    Returns:
+        ``(target (..., D) float64, angle (...,) degrees applied)``: ``y`` itself where the angle
+        ``∠(x, y) ≤ max_angle_deg``, else the vector of norm ``|x|`` at ``max_angle_deg`` from ``x``
+        in the plane span(x, y), on ``y``'s side.
+    """
+    x, y = x.double(), y.double()
+    angle = rotation_angle_degrees(x, y)
+    u = _unit(x)
+    w = _unit(y - (y * u).sum(-1, keepdim=True) * u)
+    theta = torch.deg2rad(torch.full_like(angle, float(max_angle_deg)))
+    capped = x.norm(dim=-1, keepdim=True) * (torch.cos(theta).unsqueeze(-1) * u + torch.sin(theta).unsqueeze(-1) * w)
+    over = angle > max_angle_deg
+    return torch.where(over.unsqueeze(-1), capped, y), torch.where(over, torch.full_like(angle, max_angle_deg), angle)
+
+
+def random_target(x: torch.Tensor, angle_deg: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A vector of norm ``|x|`` at ``angle_deg`` from ``x`` in a random direction (the random-rotation control).
+
+    Args:
+        x: ``(..., D)``; angle_deg: ``(...,)`` degrees; generator: seeds the direction (deterministic).
+
+    Returns:
+        ``(..., D)`` float64: ``|x|(cos θ x̂ + sin θ ŵ)`` with ``ŵ`` a Gaussian direction orthogonal to ``x``.
+    """
+    x = x.double()
+    u = _unit(x)
+    g = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+    w = _unit(g - (g * u).sum(-1, keepdim=True) * u)
+    theta = torch.deg2rad(angle_deg.double().to(x.device)).unsqueeze(-1)
+    return x.norm(dim=-1, keepdim=True) * (torch.cos(theta) * u + torch.sin(theta) * w)
+
+
+def svd_rotation(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The paper's Eq. 12 construction, for exact reproduction of the official code.
 
     ``U Σ Vᵀ = svd(ŷ x̂ᵀ)`` and ``R = U Vᵀ`` with the last column of ``U``
@@ -108,13 +168,15 @@ def svd_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Args:
         x, y: ``(..., D)``.
+        dtype: the dtype of every step (float64 by default; the model's dtype to compute what the
+            official code computes from the same ``x`` and ``y``).
 
     Returns:
-        ``(..., D, D)`` float64 rotation (det +1) with ``R x̂ = ŷ``.
+        ``(..., D, D)`` rotation in ``dtype`` (det +1) with ``R x̂ = ŷ``.
     """
     if x.shape != y.shape:
         raise ValueError(f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
-    u_, y_ = _unit(x.double()), _unit(y.double())
+    u_, y_ = _unit(x.to(dtype)), _unit(y.to(dtype))
     m = y_.unsqueeze(-1) * u_.unsqueeze(-2)
     U, _, Vh = torch.linalg.svd(m)
     # the SVD fixes the first singular pair only up to sign: make U[:,0] = ŷ, V[:,0] = x̂
@@ -130,6 +192,16 @@ def svd_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         U[..., :, -1] = torch.where(flip.unsqueeze(-1), -U[..., :, -1], U[..., :, -1])
         R = U @ Vh
     return R
+
+
+def build_rotation(method: str, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The rotation taking ``x`` towards ``y`` by ``method``: ``"plane"`` (:func:`plane_rotation`, float64) or
+    ``"svd"`` (:func:`svd_rotation` in ``dtype``)."""
+    if method == "svd":
+        return svd_rotation(x, y, dtype)
+    if method == "plane":
+        return plane_rotation(x.double(), y)
+    raise ValueError(f"method: expected one of plane, svd, got {method!r}")
 
 
 def rotation_angle_degrees(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

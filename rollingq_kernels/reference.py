@@ -15,28 +15,9 @@ import torch
 from .class_query import compute_dtype, rotate_class_query
 from .dropout import dropout_mask
 from .stats import AttentionStats, finish_stats
+from .token_layout import key_valid_mask, modality_index
 
-
-def key_valid_mask(
-    lengths: torch.Tensor | None, segments: Sequence[int], batch: int, device: torch.device
-) -> torch.Tensor:
-    """``(B, N)`` bool: key ``j`` of sample ``b`` is valid (class token always)."""
-    n = 1 + sum(segments)
-    if lengths is None:
-        return torch.ones(batch, n, dtype=torch.bool, device=device)
-    parts = [torch.ones(batch, 1, dtype=torch.bool, device=device)]
-    for m, size in enumerate(segments):
-        pos = torch.arange(size, device=device).unsqueeze(0)
-        parts.append(pos < lengths[:, m : m + 1].to(torch.int64))
-    return torch.cat(parts, dim=1)
-
-
-def modality_index(segments: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``(N,)`` int64: 0 for the class token, ``m + 1`` for modality ``m``."""
-    ids = [torch.zeros(1, dtype=torch.int64, device=device)]
-    for m, size in enumerate(segments):
-        ids.append(torch.full((size,), m + 1, dtype=torch.int64, device=device))
-    return torch.cat(ids)
+__all__ = ["key_valid_mask", "modality_index", "rollingq_attention_reference"]
 
 
 def rollingq_attention_reference(
@@ -115,5 +96,7 @@ def rollingq_attention_reference(
         key_sum = torch.einsum("bhnd,nm->bhmd", k_c.detach(), onehot[:, 1:])  # (B, H, M, Dh); padding is 0
         counts = (key_valid.to(c) @ onehot[:, 1:]).clamp_min(1.0)  # (B, M)
         key_mean = key_sum / counts[:, None, :, None]
-        stats = finish_stats(key_mean.float(), mass.float(), q0_rot.detach().float(), lengths, segments)
+        class_scores = scores[:, :, 0, :].detach()  # (B, H, N), invalid keys -inf
+        stats = finish_stats(key_mean.float(), mass.float(), q0_rot.detach().float(), lengths, segments,
+                             score_max=class_scores.amax(-1), lse=torch.logsumexp(class_scores, -1, keepdim=True))
     return out, stats

@@ -1,22 +1,25 @@
 #!/usr/bin/env python
-"""The RollingQ study: vanilla MT vs vanilla MT + RollingQ, tuned on some seeds, reported on others.
+"""The RollingQ study (protocol: ``docs/synthetic_study.md``): every arm, tuned on some seeds, reported on others.
 
-Two tasks: ``synthetic`` (the packaged token task, configs ``synthetic`` / ``synthetic_rollingq``) and
-``avdigits`` (the real-files set of ``rollingq prepare avdigits``, configs ``avdigits_vanilla_mt`` /
-``avdigits_vanilla_mt_rollingq``; one dataset is written per seed). Two phases, following the
-pre-registered protocol of ``docs/synthetic_study.md``:
+Tasks (:data:`TASKS`): ``synthetic`` (the token task), ``avdigits`` (the fair real-files task: a dataset, a
+disjoint pre-training split and pre-trained encoders per seed) and ``avdigits_independent`` (the same
+configs on the independent files: plucked sounds, font scans). Arms (:data:`ARMS`): each unimodal model,
+concat, vanilla MT, RollingQ (the frozen safe default), RollingQ's official mode, a random rotation of the
+same angle, and the best optimiser-only change without rotation. Phases:
 
-* ``tune`` (seeds 100-104): vanilla MT and every RollingQ setting of :data:`TUNING_GRID`, evaluated on the
-  **validation** split; writes ``tuning.json`` / ``tuning.md`` with the objective per setting.
-* ``report`` (seeds 0-9): vanilla MT and the frozen RollingQ config (plus ``--extra`` variants), evaluated on
-  the **test** split; writes ``results.json`` / ``results.md`` (every seed, the collapse criteria, paired
-  differences with 95 % t-intervals) and the figures of ``rollingq report``.
+* ``regime`` (tuning seeds 100-104): the arms without RollingQ, evaluated on the tuning seeds' held-out split
+  (:data:`TUNE_SPLIT`), with ``--set`` overrides naming a regime: the table of the regime grid.
+* ``tune`` (tuning seeds): vanilla MT, every setting of :data:`RQ_GRID` and :data:`OPTIM_GRID`; the objective
+  per setting (:func:`tuning_objective`), ranked.
+* ``report`` (report seeds 0-9): every arm on the test split; paired differences (arm − vanilla MT, same
+  seed) with 95 % t-intervals, the collapse criteria, figures.
 
-Every run is trained with one torch thread, evaluated at its **last** checkpoint (the end of training) with
-the dominant modality (audio) corrupted, noise seed 0. Finished runs are reused, interrupted ones resumed.
+Every run: one torch thread, evaluated at its **last** checkpoint with audio replaced by noise (``eval.json``)
+and with each modality replaced (``eval_replaced_<split>.json``). Finished runs are reused, interrupted ones
+resumed.
 
-    nice -n 10 python scripts/synthetic_study.py --task synthetic --phase tune \\
-        --runs runs/study --out docs/figures/synthetic_study/synthetic/tuning --jobs 2
+    nice -n 10 python scripts/synthetic_study.py --task avdigits --phase regime \\
+        --runs runs/study --out docs/figures/synthetic_study/avdigits/regime --jobs 2
 """
 
 from __future__ import annotations
@@ -29,65 +32,121 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "python"), ROOT]
+sys.path[:0] = [os.path.join(ROOT, "python"), ROOT, os.path.join(ROOT, "scripts")]
 
-from rollingq.config import load_config  # noqa: E402
-from rollingq.files import atomic_write_bytes  # noqa: E402
-from rollingq.study import (  # noqa: E402
-    collapse_checks,
-    pair_by_seed,
-    paired_interval,
-    paired_table,
-    per_seed_table,
-    summarize_run,
-)
+from rollingq.config import ConfigError, load_config, parse_override  # noqa: E402
+from study_tables import write_regime, write_results, write_tuning  # noqa: E402
 
 logger = logging.getLogger("study")
 
 NOISE_MODALITY = "audio"
 CHECKPOINT = "last"
-TASKS = {
-    "synthetic": {"vanilla": "synthetic", "rollingq": "synthetic_rollingq"},
-    "avdigits": {"vanilla": "avdigits_vanilla_mt", "rollingq": "avdigits_vanilla_mt_rollingq"},
+TUNING_SEEDS = list(range(100, 105))
+REPORT_SEEDS = list(range(10))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: the config of each role, the files written per seed, the pre-training of the encoders."""
+
+    configs: dict[str, str]
+    data: dict | None = field(default=None, hash=False)
+    pretrain: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+_AV_CONFIGS = {"audio_only": "avdigits_audio_only", "visual_only": "avdigits_visual_only",
+               "concat": "avdigits_concat", "vanilla_mt": "avdigits_vanilla_mt",
+               "rollingq": "avdigits_vanilla_mt_rollingq"}
+_AV_PRETRAIN = {"audio": "avdigits_pretrain_audio", "visual": "avdigits_pretrain_visual"}
+AV_DATA = {"train_per_class": 60, "test_per_class": 50, "pretrain_per_class": 60, "snr_db": (-15.0, -5.0),
+           "frames_per_clip": 4}
+"""The fair task's files (the demo's, ``rollingq.demo.AVDIGITS_DATA``), written per seed."""
+TASKS: dict[str, Task] = {
+    "synthetic": Task({"audio_only": "synthetic_audio_only", "visual_only": "synthetic_visual_only",
+                       "concat": "synthetic_concat", "vanilla_mt": "synthetic", "rollingq": "synthetic_rollingq"}),
+    "avdigits": Task(_AV_CONFIGS, AV_DATA, _AV_PRETRAIN),
+    "avdigits_independent": Task(_AV_CONFIGS, {**AV_DATA, "sounds": "plucks", "scans": "fonts"}, _AV_PRETRAIN),
 }
-#: RollingQ settings tried in the tuning phase, per task (overrides of the task's RollingQ config). Every
-#: setting keeps the first-rotation guard (rollingq.min_accuracy_gain 0.05), window "epoch", plane rotations.
-def _setting(start: int, rot: int, rho: float) -> tuple[str, list[str]]:
-    return (f"rq_start{start}_rot{rot}_rho{rho:g}",
-            [f"rollingq.start_epoch={start}", f"rollingq.max_rotations={rot}", f"rollingq.rho={rho}",
-             "rollingq.beta=0.1"])
+TUNE_SPLIT = {"synthetic": "val", "avdigits": "test", "avdigits_independent": "test"}
+"""Where tuning runs are scored: the synthetic validation split (512 samples); for avdigits the test split of
+the tuning seeds' own datasets (300 clips; the validation hold-out has 36), never used for reporting."""
 
-
-TUNING_GRIDS: dict[str, dict[str, list[str]]] = {
-    "synthetic": dict(_setting(s, r, rho) for s in (1, 3) for r in (1, 3) for rho in (1.0, 3.0)),
-    "avdigits": dict(_setting(s, r, 1.0) for s in (1, 3) for r in (1, 3)),  # runs cost ~10x more
+# ---------------------------------------------------------------------------- arms and grids
+# Keys marked TBC are the policy-science branch's (safe rotation, official mode, random direction, angle cap):
+# their names are placeholders until that branch merges; a run needing a missing key stops with its name.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "audio_only": ("audio_only", []),
+    "visual_only": ("visual_only", []),
+    "concat": ("concat", []),
+    "vanilla_mt": ("vanilla_mt", []),
+    "rollingq": ("rollingq", []),  # the frozen safe default (the task's RollingQ config)
+    "rollingq_official": ("rollingq", ["rollingq.mode=official"]),  # TBC
+    "random_rotation": ("rollingq", ["rollingq.direction=random"]),  # TBC: same angle, random direction
+    "optim_only": ("vanilla_mt", []),  # + OPTIM_ONLY[task], frozen after tuning
 }
-TUNING_GRID: dict[str, list[str]] = {k: v for grid in TUNING_GRIDS.values() for k, v in grid.items()}
-EXTRA: dict[str, list[str]] = {
-    "rollingq_score": ["rollingq.indicator=score"],
+NO_ROTATION = ("audio_only", "visual_only", "concat", "vanilla_mt")
+OPTIM_ONLY: dict[str, list[str] | None] = {"synthetic": None, "avdigits": None, "avdigits_independent": None}
+"""The frozen optimiser-only change per task (the best of :data:`OPTIM_GRID`); None until tuned."""
+
+
+def _rq(cap: int, start: int, rotations: int) -> tuple[str, list[str]]:
+    return (f"rq_cap{cap}_start{start}_rot{rotations}",
+            [f"rollingq.max_angle_deg={cap}", f"rollingq.start_epoch={start}",  # max_angle_deg: TBC
+             f"rollingq.max_rotations={rotations}"])
+
+
+RQ_GRID: dict[str, list[str]] = dict(_rq(c, s, r) for c in (30, 60, 90) for s in (1, 3) for r in (1, 3))
+"""Safe-mode RollingQ settings (every other key at the task config's / the merged defaults)."""
+OPTIM_GRID: dict[str, tuple[tuple[str, float], ...]] = {
+    "lr_x0.5": (("optim.lr", 0.5),), "lr_x2": (("optim.lr", 2.0),), "warmup_3": (("optim.warmup_epochs", None),),
 }
+"""Optimiser-only changes of vanilla MT (no rotation): ``(key, factor)``; a None factor sets warm-up to 3 epochs."""
 
 
-def _variant_cfg(task: str, variant: str, seed: int, data_root: str | None, common: list[str]) -> dict:
-    base = TASKS[task]["vanilla"] if variant == "vanilla_mt" else TASKS[task]["rollingq"]
-    overrides = list(common) + [f"seed={seed}", "train.progress=false"]
-    if data_root is not None:
-        overrides.append(f"data.root={data_root}")
-    if variant in TUNING_GRID:
-        overrides += TUNING_GRID[variant]
-    elif variant in EXTRA:
-        overrides += EXTRA[variant]
-    elif variant not in ("vanilla_mt", "rollingq"):
-        raise ValueError(f"variant: expected vanilla_mt, rollingq, {sorted(EXTRA)} or a tuning setting, "
-                         f"got {variant!r}")
-    cfg = load_config(base, overrides)
-    if variant != "vanilla_mt":
-        cfg["name"] = "vanilla_mt+rollingq" if variant == "rollingq" else variant
+def arm_overrides(task: str, arm: str, base_cfg) -> list[str]:
+    """The overrides of an arm or grid setting on top of its role's config."""
+    if arm in ARMS:
+        extra = list(ARMS[arm][1])
+        if arm == "optim_only":
+            if OPTIM_ONLY[task] is None:
+                raise ValueError(f"optim_only: no frozen optimiser-only change for {task!r} yet; run --phase tune "
+                                 "and write the winner of OPTIM_GRID into OPTIM_ONLY")
+            extra += OPTIM_ONLY[task]
+        return extra
+    if arm in RQ_GRID:
+        return list(RQ_GRID[arm])
+    if arm in OPTIM_GRID:
+        out = []
+        for key, factor in OPTIM_GRID[arm]:
+            section, name = key.split(".")
+            value = 3.0 if factor is None else getattr(getattr(base_cfg, section), name) * factor
+            out.append(f"{key}={value:g}")
+        return out
+    raise ValueError(f"arm: expected one of {sorted(ARMS)} or a setting of RQ_GRID / OPTIM_GRID, got {arm!r}")
+
+
+def role_of(arm: str) -> str:
+    return ARMS[arm][0] if arm in ARMS else ("rollingq" if arm in RQ_GRID else "vanilla_mt")
+
+
+def arm_config(task: str, arm: str, seed: int, data_root: str | None, init: dict[str, str], common: list[str]):
+    config = TASKS[task].configs[role_of(arm)]
+    base = [f"seed={seed}", "train.progress=false", "train.num_threads=1", *common]
+    base += [f"data.root={data_root}"] if data_root else []
+    base += [f"model.init_encoders={json.dumps(init)}"] if init else []
+    try:
+        cfg = load_config(config, [*base, *arm_overrides(task, arm, load_config(config, base))])
+    except ConfigError as exc:
+        raise ConfigError(f"arm {arm!r} of {task!r}: {exc} (keys marked TBC in ARMS/RQ_GRID come with the "
+                          "policy-science merge)") from exc
+    cfg.name = arm
     return cfg
 
 
+# ---------------------------------------------------------------------------- running
 def _finished(run_dir: str, epochs: int) -> bool:
     from rollingq.records import read_metrics
 
@@ -96,11 +155,12 @@ def _finished(run_dir: str, epochs: int) -> bool:
             and len(read_metrics(metrics)) >= epochs)
 
 
-def run_one(cfg: dict, run_dir: str, split: str) -> tuple[str, float, float]:
-    """Train (or resume) and evaluate one run; returns (run_dir, train seconds, eval seconds)."""
+def run_one(cfg, run_dir: str, split: str | None) -> tuple[str, float, float]:
+    """Train (or resume) and, unless ``split`` is None, evaluate one run; returns (run_dir, train s, eval s)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
     from rollingq.evaluate import eval_filename, evaluate_run
+    from rollingq.study import evaluate_replaced, replaced_filename
     from rollingq.train import resume, train
 
     torch.set_num_threads(1)
@@ -111,231 +171,108 @@ def run_one(cfg: dict, run_dir: str, split: str) -> tuple[str, float, float]:
         else:
             train(cfg, run_dir, overwrite=True)  # no last.pt: at most a run cut short in epoch 1
     t1 = time.time()
-    if not os.path.isfile(os.path.join(run_dir, eval_filename(split))):
-        evaluate_run(run_dir, split=split, noise_modality=NOISE_MODALITY, seed=0, checkpoint=CHECKPOINT)
+    if split is not None:
+        if not os.path.isfile(os.path.join(run_dir, eval_filename(split))):
+            evaluate_run(run_dir, split=split, noise_modality=NOISE_MODALITY, seed=0, checkpoint=CHECKPOINT)
+        if not os.path.isfile(os.path.join(run_dir, replaced_filename(split))):
+            evaluate_replaced(run_dir, split=split, seed=0, checkpoint=CHECKPOINT)
     return run_dir, t1 - t0, time.time() - t1
 
 
-def prepare_data(task: str, runs_root: str, seed: int) -> str | None:
-    if task != "avdigits":
+def prepare_data(task: str, runs_root: str, seed: int, data: dict | None = None) -> str | None:
+    """The task's files for ``seed`` (written once under ``runs_root/data``); ``data`` overrides the
+    ``write_avdigits`` arguments of :data:`TASKS` (a regime's files get their own folder)."""
+    spec = TASKS[task].data
+    if spec is None:
+        if data:
+            raise ValueError(f"--data: the {task} task writes no files")
         return None
     from rollingq.prepare.avdigits import write_avdigits
 
-    root = os.path.join(runs_root, "data", f"avdigits_seed{seed}")
+    spec = {**spec, **(data or {})}
+    tag = "".join(f"_{k}{v}" for k, v in sorted((data or {}).items())).replace(" ", "")
+    root = os.path.join(runs_root, "data", f"{task}_seed{seed}{tag}")
     if not os.path.isfile(os.path.join(root, "avdigits.json")):
-        write_avdigits(root, seed=seed, overwrite=True)
+        write_avdigits(root, seed=seed, overwrite=True, **spec)
     return root
 
 
-def run_all(task: str, phase: str, runs_root: str, seeds: list[int], variants: list[str], jobs: int,
-            common: list[str]) -> dict[str, list[str]]:
-    split = "val" if phase == "tune" else "test"
-    plan = []
-    for seed in seeds:
-        data_root = prepare_data(task, runs_root, seed)
-        for variant in variants:
-            cfg = _variant_cfg(task, variant, seed, data_root, common)
-            plan.append((variant, cfg, os.path.join(runs_root, task, f"{variant}_seed{seed}".replace("+", "_")), split))
-    done: dict[str, list[str]] = {v: [] for v in variants}
+def run_all(task: str, split: str, runs_root: str, seeds: list[int], arms: list[str], jobs: int,
+            common: list[str], data: dict | None = None) -> dict[str, list[str]]:
+    """Pre-train (where the task does) and run every arm for every seed; returns arm -> run folders."""
+    t = TASKS[task]
+    roots = {seed: prepare_data(task, runs_root, seed, data) for seed in seeds}
     ctx = multiprocessing.get_context("spawn")
+    done: dict[str, list[str]] = {a: [] for a in arms}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [(variant, pool.submit(run_one, cfg, run_dir, sp)) for variant, cfg, run_dir, sp in plan]
-        for variant, fut in futures:
+        init: dict[int, dict[str, str]] = {seed: {} for seed in seeds}
+        futures = []
+        for seed in seeds:
+            for modality, config in t.pretrain.items():
+                cfg = load_config(config, [f"seed={seed}", "train.progress=false", "train.num_threads=1",
+                                           f"data.root={roots[seed]}", *common])
+                run_dir = os.path.abspath(os.path.join(runs_root, task, f"pretrain_{modality}_seed{seed}"))
+                init[seed][modality] = run_dir
+                futures.append(pool.submit(run_one, cfg, run_dir, None))
+        for fut in futures:
+            fut.result()
+        futures = []
+        for seed in seeds:
+            for arm in arms:
+                cfg = arm_config(task, arm, seed, roots[seed], init[seed], common)
+                run_dir = os.path.join(runs_root, task, f"{arm}_seed{seed}")
+                futures.append((arm, pool.submit(run_one, cfg, run_dir, split)))
+        for arm, fut in futures:
             run_dir, t_train, t_eval = fut.result()
             logger.info("%s: trained in %.0f s, evaluated in %.0f s", run_dir, t_train, t_eval)
-            done[variant].append(run_dir)
+            done[arm].append(run_dir)
     return done
 
 
-# ---------------------------------------------------------------------------- tuning
-def tuning_objective(vanilla, treated) -> dict:
-    """Paired (setting − vanilla) validation differences; the objective is their mean of clean and replaced."""
-    pairs = pair_by_seed(vanilla, treated)
-    clean = paired_interval([b.accuracy - a.accuracy for a, b in pairs])
-    replaced = paired_interval([b.accuracy_replaced - a.accuracy_replaced for a, b in pairs])
-    objective = paired_interval([((b.accuracy - a.accuracy) + (b.accuracy_replaced - a.accuracy_replaced)) / 2
-                                 for a, b in pairs])
-    return {"clean": clean.__dict__, "replaced": replaced.__dict__, "objective": objective.__dict__,
-            "rotations": [b.rotations for _, b in pairs], "seeds": [a.seed for a, _ in pairs]}
-
-
-def write_tuning(out: str, task: str, done: dict[str, list[str]]) -> str:
-    summaries = {v: [summarize_run(r, "val") for r in dirs] for v, dirs in done.items()}
-    vanilla = summaries["vanilla_mt"]
-    table = {v: tuning_objective(vanilla, s) for v, s in summaries.items() if v != "vanilla_mt"}
-    ranked = sorted(table, key=lambda v: -(table[v]["objective"]["mean"] or -1e9))
-    lines = [f"# Tuning: {task} (validation split, last checkpoint, seeds {sorted(r.seed for r in vanilla)})", "",
-             "Objective: mean over seeds of ((clean acc − vanilla) + (acc with audio replaced − vanilla)) / 2.", "",
-             "| setting | objective [95 % CI] | clean acc diff | replaced acc diff | rotation epochs per seed |",
-             "|---|---|---|---|---|"]
-    from rollingq.study import Paired
-
-    for v in ranked:
-        t = table[v]
-        lines.append(f"| {v} | {Paired(**t['objective']).text()} | {Paired(**t['clean']).text()} | "
-                     f"{Paired(**t['replaced']).text()} | {t['rotations']} |")
-    lines += ["", "## Every run (validation split)", ""]
-    lines += per_seed_table([r for runs in summaries.values() for r in runs], checks=True)
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(json.dumps({"task": task, "ranking": ranked, "settings": table,
-                                   "grid": {v: TUNING_GRID.get(v, []) for v in table},
-                                   "runs": {v: [r.to_dict() for r in s] for v, s in summaries.items()}},
-                                  indent=1).encode(), os.path.join(out, "tuning.json"))
-    path = os.path.join(out, "tuning.md")
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
-    return path
-
-
-# ---------------------------------------------------------------------------- report
-def write_results(out: str, task: str, done: dict[str, list[str]], figures: bool) -> str:
-    summaries = {v: [summarize_run(r, "test") for r in dirs] for v, dirs in done.items()}
-    vanilla = summaries["vanilla_mt"]
-    lines = [f"# {task}: vanilla MT vs RollingQ (test split, last checkpoint, noise on {NOISE_MODALITY})", ""]
-    checks = [collapse_checks(r) for r in vanilla]
-    lines += ["## Vanilla MT: the collapse criteria", "",
-              "mass ≥ 0.70 on audio / moves ≤ 0.05 when audio is noise / AIR last epoch > first / "
-              "acc with audio replaced ≤ weak probe − 0.10:", ""]
-    for key in ("mass", "static", "air_grows", "probe_gap"):
-        met = sum(1 for c in checks if c[key])
-        lines.append(f"- {key}: {met} of {len(checks)} seeds")
-    lines += ["", "## Every run", ""] + per_seed_table([r for runs in summaries.values() for r in runs], checks=True)
-    for v, runs in summaries.items():
-        if v == "vanilla_mt":
-            continue
-        lines += ["", f"## Paired differences: {v} − vanilla_mt (same seed)", ""]
-        lines += paired_table(pair_by_seed(vanilla, runs), "vanilla_mt", v)
-    indicator = indicator_lines([d for dirs in done.values() for d in dirs])
-    if indicator:
-        lines += ["", "## AIR and the Eq. 3 score indicator vs the attention mass (every run)", ""] + indicator
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(json.dumps({"task": task, "runs": {v: [r.to_dict() for r in s] for v, s in summaries.items()},
-                                   "checks": {str(r.seed): c for r, c in zip(vanilla, checks)}},
-                                  indent=1).encode(), os.path.join(out, "results.json"))
-    path = os.path.join(out, "results.md")
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
-    if figures:
-        from rollingq.analysis.report import write_report
-
-        write_report([d for v in ("vanilla_mt", "rollingq") if v in done for d in done[v]], out)
-    return path
-
-
-# ---------------------------------------------------------------------------- the indicators vs the mass
-def _sign(x: float, dead: float = 0.0) -> int:
-    return 0 if abs(x) <= dead else (1 if x > 0 else -1)
-
-
-def _token_counts(run_dir: str) -> list[int]:
-    """Tokens per modality of a run's model (the embeddings' sizes; no varlen in these tasks)."""
-    from rollingq.build import build_model
-    from rollingq.config import read_config
-
-    model = build_model(read_config(os.path.join(run_dir, "config.yaml")))
-    return [int(getattr(e.embed, "num_tokens", getattr(e.embed, "length", 0))) for e in model.encoders]
-
-
-def indicator_cases(run_dirs: list[str], mass_margin: float = 0.1, split: str = "test") -> list[dict]:
-    """Every (run, condition) where the mass favours one modality by >= ``mass_margin``: the signs of AIR
-    (cos_a − cos_v) and of the Eq. 3 score indicator (L·‖k̄‖·cos, normalised) against the mass imbalance.
-
-    Conditions: the final model on the test split, clean and with audio replaced (eval.json; key norms are
-    the per-sample E‖k̄‖), and every epoch-end controller record of a RollingQ run (training window; key norms
-    ‖E k̄‖, token counts from the forwards)."""
-    from rollingq.evaluate import eval_filename
-    from rollingq.records import read_metrics
-
-    cases = []
-    for run_dir in run_dirs:
-        with open(os.path.join(run_dir, eval_filename(split)), encoding="utf-8") as f:
-            result = json.load(f)
-        mods = result["modalities"]
-        tokens = _token_counts(run_dir)
-        summary = (result.get("key_distribution") or {}).get("summary") or {}
-        for cond in ("clean", "noise_replaced"):
-            keys, mass = summary.get(cond), (result.get("attention") or {}).get(cond)
-            if not keys or not mass:
-                continue
-            cos = [keys[m]["cos_mean"] for m in mods]
-            norm = [keys[m]["norm_mean"] for m in mods]
-            cases.append({"run": os.path.basename(run_dir), "where": f"final, {cond}", "tokens": tokens,
-                          "cos": cos, "norm": norm, "mass": [mass[m] for m in mods]})
-        for row in read_metrics(os.path.join(run_dir, "metrics.jsonl")):
-            for rec in row.get("rollingq") or []:
-                if rec.get("tokens") and rec.get("key_norm"):
-                    cases.append({"run": os.path.basename(run_dir), "where": f"epoch {row['epoch']} (training)",
-                                  "tokens": rec["tokens"], "cos": rec["cos_mean"], "norm": rec["key_norm"],
-                                  "mass": rec["mass"][1:]})
-    out = []
-    for c in cases:
-        d_mass = c["mass"][0] - c["mass"][1]
-        if abs(d_mass) < mass_margin:
-            continue
-        w = [t * n for t, n in zip(c["tokens"], c["norm"])]
-        mean_w = sum(w) / len(w)
-        air = c["cos"][0] - c["cos"][1]
-        score = (w[0] * c["cos"][0] - w[1] * c["cos"][1]) / mean_w if mean_w > 0 else air
-        out.append({**c, "air": air, "score": score, "mass_diff": d_mass,
-                    "air_agrees": _sign(air) == _sign(d_mass), "score_agrees": _sign(score) == _sign(d_mass),
-                    "cos_negative": all(x < 0 for x in c["cos"])})
-    return out
-
-
-def indicator_lines(run_dirs: list[str], split: str = "test") -> list[str]:
-    cases = indicator_cases(run_dirs, split=split)
-    if not cases:
-        return []
-    lines = ["| where | cases (mass lead ≥ 0.1) | AIR sign agrees with the mass | score sign agrees | "
-             "both mean cosines < 0 | score agrees when a cosine ≥ 0 | score agrees when both < 0 |",
-             "|---|---|---|---|---|---|---|"]
-    for label, keep in ((f"final model, clean {split}", lambda c: c["where"] == "final, clean"),
-                        ("final model, audio replaced", lambda c: c["where"] == "final, noise_replaced"),
-                        ("epoch ends (training window)", lambda c: c["where"].startswith("epoch"))):
-        sel = [c for c in cases if keep(c)]
-        if not sel:
-            continue
-        pos = [c for c in sel if not c["cos_negative"]]
-        neg = [c for c in sel if c["cos_negative"]]
-        lines.append(f"| {label} | {len(sel)} | {sum(c['air_agrees'] for c in sel)} | "
-                     f"{sum(c['score_agrees'] for c in sel)} | {len(neg)} | "
-                     f"{sum(c['score_agrees'] for c in pos)} of {len(pos)} | "
-                     f"{sum(c['score_agrees'] for c in neg)} of {len(neg)} |")
-    tokens = sorted({tuple(c["tokens"]) for c in cases})
-    lines += ["", f"Token counts seen: {[list(t) for t in tokens]}. Key norms: per-sample E‖k̄‖ of the final "
-              "model, ‖E k̄‖ of the training window at epoch ends."]
-    return lines
+def default_arms(phase: str) -> list[str]:
+    if phase == "regime":
+        return list(NO_ROTATION)
+    if phase == "tune":
+        return ["vanilla_mt", *RQ_GRID, "rollingq_official", *OPTIM_GRID]
+    return list(ARMS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
-    parser.add_argument("--phase", choices=["tune", "report"], required=True)
+    parser.add_argument("--phase", choices=["regime", "tune", "report"], required=True)
     parser.add_argument("--runs", default="runs/study", help="where run directories (and avdigits data) go")
     parser.add_argument("--out", required=True, help="where the tables (and report figures) go")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="default: 100-104 for tune, 0-9 for report")
-    parser.add_argument("--variants", nargs="+", default=None,
-                        help="default: vanilla_mt + the tuning grid (tune), vanilla_mt + rollingq (report)")
-    parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRA),
-                        help="report phase: more variants (rollingq_score: the Eq. 3 indicator)")
+                        help="default: 100-104 for regime/tune, 0-9 for report")
+    parser.add_argument("--arms", nargs="+", default=None, help="default: every arm of the phase")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
-                        help="dotted override applied to every run")
+                        help="dotted override applied to every run (pre-training too)")
+    parser.add_argument("--data", dest="data", action="append", default=[], metavar="key=value",
+                        help="a write_avdigits argument of the files (e.g. snr_db=[-15,-5], blank_frames=0.3)")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    seeds = args.seeds or (list(range(100, 105)) if args.phase == "tune" else list(range(10)))
-    if args.variants:
-        variants = args.variants
-    elif args.phase == "tune":
-        variants = ["vanilla_mt", *TUNING_GRIDS[args.task]]
-    else:
-        variants = ["vanilla_mt", "rollingq", *args.extra]
+    seeds = args.seeds or (REPORT_SEEDS if args.phase == "report" else TUNING_SEEDS)
+    if args.phase != "report" and set(seeds) & set(REPORT_SEEDS):
+        parser.error(f"--seeds: the {args.phase} phase never uses the report seeds {REPORT_SEEDS}")
+    arms = args.arms or default_arms(args.phase)
+    if args.phase != "report" and "vanilla_mt" not in arms:
+        arms = ["vanilla_mt", *arms]
+    split = "test" if args.phase == "report" else TUNE_SPLIT[args.task]
     start = time.time()
-    done = run_all(args.task, args.phase, args.runs, seeds, variants, args.jobs, args.overrides)
-    if args.phase == "tune":
-        path = write_tuning(args.out, args.task, done)
+    data = {}
+    for text in args.data:
+        key, value = parse_override(text)
+        data[key] = tuple(value) if isinstance(value, list) else value
+    done = run_all(args.task, split, args.runs, seeds, arms, args.jobs, args.overrides, data)
+    if args.phase == "regime":
+        path = write_regime(args.out, args.task, done, split, args.overrides + args.data)
+    elif args.phase == "tune":
+        path = write_tuning(args.out, args.task, done, split, TUNING_SEEDS)
     else:
-        path = write_results(args.out, args.task, done, figures=not args.no_figures)
+        path = write_results(args.out, args.task, done, figures=not args.no_figures, static=NO_ROTATION[:3])
     logger.info("wrote %s (%.0f s)", path, time.time() - start)
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from rollingq_kernels import rollingq_attention
 from rollingq_kernels.reference import key_valid_mask
+from rollingq_kernels.stats import STATISTICS
 
 settings.register_profile(
     "ci", derandomize=True, deadline=None, database=None, print_blob=True,
@@ -38,7 +39,7 @@ def examples(ci: int) -> int:
     return ci if PROFILE == "ci" else settings().max_examples
 
 
-STAT_FIELDS = ("key_mean", "mass", "cos", "cos_per_head", "query")
+STAT_FIELDS = tuple(s.name for s in STATISTICS if s.dtype.is_floating_point)  # every float statistic of the table
 # (out, grad) absolute = relative tolerance against the float64 reference of the same rounded inputs;
 # float16/bfloat16 use the eager reference's own error in that dtype (see compare()).
 TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 2e-4)}

@@ -16,10 +16,11 @@ from rollingq.cli import main
 from rollingq.config import ConfigError, load_config, packaged_config_dir, parse_override
 from rollingq.demo import run_demo
 from rollingq.records import read_metrics
+from subprocess_env import child_pythonpath
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "train.num_threads=1",
-              "train.progress=false"]
+              "train.progress=false", "model.pretrained=null"]  # the paper configs name ViT-B weights by id
 TINY_SYN = TINY_MODEL + ["data.synthetic.sizes.train=67", "data.synthetic.sizes.val=23",
                          "data.synthetic.sizes.test=19", "train.batch_size=16"]
 
@@ -38,11 +39,14 @@ def test_override_parsing():
 
 def test_every_packaged_config_loads():
     names = sorted(f[:-5] for f in os.listdir(packaged_config_dir()) if f.endswith(".yaml") and not f.startswith("_"))
-    assert len(names) == 31
-    assert {"avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq"} <= set(names)
+    assert len(names) == 44
+    assert {"avdigits_vanilla_mt", "avdigits_vanilla_mt_rollingq", "avdigits_vanilla_mt_rollingq_official",
+            "synthetic_rollingq_official", "avdigits_audio_only", "avdigits_visual_only",
+            "avdigits_concat", "avdigits_pretrain_audio", "avdigits_pretrain_visual", "synthetic_audio_only",
+            "synthetic_visual_only", "synthetic_concat"} <= set(names)
     for dataset in ("cremad", "kinetics_sounds", "mosei"):
         for method in ("concat", "sum", "ogm_ge", "vanilla_mt", "vanilla_mt_rollingq", "vanilla_mt_star",
-                       "vanilla_mt_star_rollingq"):
+                       "vanilla_mt_star_rollingq", "vanilla_mt_rollingq_official"):
             assert f"{dataset}_{method}" in names
     cfg = load_config(os.path.join(REPO, "configs", "kinetics_sounds_vanilla_mt_rollingq.yaml"))
     assert cfg["rollingq"]["enabled"] and cfg["rollingq"]["max_rotations"] == 3 and cfg["data"]["num_classes"] == 31
@@ -95,23 +99,33 @@ def test_resume_refuses_extra_arguments(tmp_path):
         main(["train", "--resume", str(tmp_path), "--config", "synthetic"])
 
 
-def test_demo_prints_a_side_by_side_table(tmp_path):
+def test_demo_prints_every_arm_side_by_side(tmp_path):
     table, _ = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, dataset="synthetic")
-    assert "vanilla_mt+rollingq" in table and "test accuracy (audio = noise)" in table and "AIR epoch 1" in table
-    assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == ["vanilla_mt",
-                                                                                           "vanilla_mt_rollingq"]
-    # the table's numbers are the eval.json ones (one definition of "accuracy with audio replaced by noise")
+    header = next(line for line in table.splitlines() if "vanilla MT" in line and "|" in line)
+    assert [c.strip() for c in header.split("|")[1:]] == ["audio only", "visual only", "concat", "vanilla MT",
+                                                          "MT + RollingQ"]
+    assert "test accuracy (visual = noise)" in table and "AIR epoch 1" in table
+    assert sorted(d for d in os.listdir(tmp_path / "demo") if not d.startswith("report")) == [
+        "audio_only", "concat", "vanilla_mt", "vanilla_mt_rollingq", "visual_only"]
+    # the table's numbers are the evaluations' (one definition of "accuracy with audio replaced by noise")
     noisy_row = next(line for line in table.splitlines() if line.startswith("test accuracy (audio = noise)"))
-    for run in ("vanilla_mt", "vanilla_mt_rollingq"):
+    visual_row = next(line for line in table.splitlines() if line.startswith("test accuracy (visual = noise)"))
+    for run in ("audio_only", "visual_only", "concat", "vanilla_mt", "vanilla_mt_rollingq"):
         with open(tmp_path / "demo" / run / "eval.json") as f:
             result = json.load(f)
-        assert result["noise_modality"] == "audio" and f"{result['accuracy_noise_replaced']:.4f}" in noisy_row
+        with open(tmp_path / "demo" / run / "eval_replaced_test.json") as f:
+            replaced = json.load(f)
+        assert result["noise_modality"] == "audio" and f"{result['accuracy_noise_replaced']:.3f}" in noisy_row
+        assert replaced["audio"]["accuracy"] == pytest.approx(result["accuracy_noise_replaced"])  # same noise
+        assert f"{replaced['visual']['accuracy']:.3f}" in visual_row
+    assert "Vanilla MT's collapse" in table and "the audio-only model" in table
 
 
 def test_demo_prints_the_phenomenon_and_paired_differences_over_seeds(tmp_path):
     text, report = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_SYN, seeds=[3, 4], dataset="synthetic")
-    assert "Vanilla MT (the paper's Figure 1c)" in text and text.count("collapse criteria met") == 2
-    assert "RollingQ - vanilla MT, paired over 2 seeds" in text and "accuracy, audio replaced by noise" in text
+    assert text.count("Collapse criteria met") == 2
+    assert "MT + RollingQ - vanilla MT, paired over 2 seeds" in text and "accuracy, audio replaced by noise" in text
+    assert "accuracy, visual replaced by noise" in text
     assert sorted(d for d in os.listdir(tmp_path / "demo") if d.startswith("vanilla")) == [
         "vanilla_mt_rollingq_seed3", "vanilla_mt_rollingq_seed4", "vanilla_mt_seed3", "vanilla_mt_seed4"]
     assert os.path.isfile(report)
@@ -119,35 +133,57 @@ def test_demo_prints_the_phenomenon_and_paired_differences_over_seeds(tmp_path):
         run_demo(str(tmp_path / "x"), dataset="cifar")
 
 
-def test_demo_on_avdigits_goes_through_the_cremad_loader(tmp_path):
+def test_demo_in_two_processes_gives_the_same_numbers(tmp_path):
+    one, _ = run_demo(str(tmp_path / "one"), epochs=1, overrides=TINY_SYN, dataset="synthetic")
+    two, _ = run_demo(str(tmp_path / "two"), epochs=1, overrides=TINY_SYN, dataset="synthetic", jobs=2)
+    assert one == two.replace(str(tmp_path / "two"), str(tmp_path / "one"))
+    with pytest.raises(ValueError, match="jobs"):
+        run_demo(str(tmp_path / "x"), jobs=0)
+
+
+def test_demo_on_avdigits_pretrains_the_encoders_and_warm_starts_every_arm(tmp_path):
     from rollingq.prepare.avdigits import write_avdigits
 
-    root = write_avdigits(str(tmp_path / "data"), train_per_class=3, test_per_class=2)
+    root = write_avdigits(str(tmp_path / "data"), train_per_class=3, test_per_class=2, pretrain_per_class=2)
     text, _ = run_demo(str(tmp_path / "demo"), epochs=1, dataset="avdigits",
-                       overrides=TINY_MODEL + [f"data.root={root}", "data.image_size=32", "train.batch_size=4"])
+                       overrides=TINY_MODEL + [f"data.root={root}", "data.image_size=32", "data.num_frames=1",
+                                               "train.batch_size=4"])
     assert "test accuracy (audio = noise)" in text
-    with open(tmp_path / "demo" / "vanilla_mt" / "config.yaml") as f:
+    pre = tmp_path / "demo" / "pretrain"
+    assert sorted(os.listdir(pre)) == ["pretrain_audio", "pretrain_visual"]
+    for arm in ("audio_only", "visual_only", "concat", "vanilla_mt", "vanilla_mt_rollingq"):
+        with open(tmp_path / "demo" / arm / "config.yaml") as f:
+            cfg = yaml.safe_load(f)
+        assert cfg["data"]["name"] == "cremad" and cfg["data"]["root"] == root
+        assert cfg["model"]["init_encoders"] == {"audio": str(pre / "pretrain_audio"),
+                                                 "visual": str(pre / "pretrain_visual")}
+    with open(pre / "pretrain_visual" / "config.yaml") as f:
         cfg = yaml.safe_load(f)
-    assert cfg["data"]["name"] == "cremad" and cfg["data"]["root"] == root
+    assert cfg["data"]["train_list"] == "pretrain.csv" and cfg["data"]["modalities"] == ["visual"]
 
 
 def test_demo_default_runs_the_token_task_then_avdigits_files(tmp_path, monkeypatch):
     import rollingq.demo
 
-    monkeypatch.setattr(rollingq.demo, "AVDIGITS_DEMO_SIZE", {"train_per_class": 3, "test_per_class": 2})
+    small = {**rollingq.demo.AVDIGITS_DATA, "train_per_class": 3, "test_per_class": 2, "pretrain_per_class": 2,
+             "frames_per_clip": 1}
+    monkeypatch.setitem(rollingq.demo.DEMO_TASKS, "avdigits",
+                        rollingq.demo.DemoTask(rollingq.demo.DEMO_TASKS["avdigits"].heading,
+                                               rollingq.demo.DEMO_TASKS["avdigits"].arms,
+                                               rollingq.demo.DEMO_TASKS["avdigits"].pretrain, small))
     text, report = run_demo(str(tmp_path / "demo"), epochs=1, overrides=TINY_MODEL + ["train.batch_size=8"],
-                            task_overrides={"avdigits": ["data.image_size=32"],
+                            task_overrides={"avdigits": ["data.image_size=32", "data.num_frames=1"],
                                             "synthetic": ["data.synthetic.sizes.train=67",
                                                           "data.synthetic.sizes.val=23",
                                                           "data.synthetic.sizes.test=19"]})
     assert text.index("=== synthetic token task") < text.index("=== avdigits: real files")
-    assert text.count("collapse criteria met") == 2 and report.startswith(str(tmp_path / "demo" / "synthetic"))
-    assert os.path.isfile(tmp_path / "demo" / "avdigits" / "data" / "avdigits" / "train.csv")
+    assert text.count("Collapse criteria met") == 2 and report.startswith(str(tmp_path / "demo" / "synthetic"))
+    assert os.path.isfile(tmp_path / "demo" / "avdigits" / "data" / "avdigits" / "pretrain.csv")
     assert os.path.isfile(tmp_path / "demo" / "avdigits" / "report" / "report.md")
 
 
 def test_python_dash_m_entry_point():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO]))
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
     out = subprocess.run([sys.executable, "-m", "rollingq", "demo", "--help"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--epochs" in out.stdout
@@ -204,8 +240,40 @@ def test_overrides_before_and_after_out(tmp_path):
 
 
 def test_the_process_exits_2_with_one_line_on_a_bad_config():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO]))
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
     out = subprocess.run([sys.executable, "-m", "rollingq", "train", "--config", "synthetic", "model.dim=0"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("rollingq train: error: model.dim: expected an integer >= 1")
+
+
+def test_a_dataloader_worker_error_is_the_workers_own_line(tmp_path, capsys):
+    """An error in a DataLoader worker reaches the command as the worker's message, not its traceback."""
+    import numpy as np
+    import soundfile
+
+    root = write_tiny_cremad(str(tmp_path / "cremad"), n_train=7, n_test=4)
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, 15000).astype(np.float32)
+    audio[5] = np.nan  # the start-up scan reads headers only: found by the worker that loads it
+    for name in os.listdir(os.path.join(root, "AudioWAV")):
+        soundfile.write(os.path.join(root, "AudioWAV", name), audio, 22050, subtype="FLOAT")
+    assert main(["train", "--config", "cremad_vanilla_mt", "--out", str(tmp_path / "run"), f"data.root={root}",
+                 "data.image_size=32", "data.num_workers=1", "data.val_fraction=0.3", "train.batch_size=4",
+                 "train.epochs=1", *TINY_MODEL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) < 600, err
+    assert "holds 1 non-finite value(s)" in err[0] and "AudioWAV" in err[0] and ".wav" in err[0]
+    assert "(in DataLoader worker process 0)" in err[0] and "Traceback" not in err[0] and "File " not in err[0]
+
+
+def test_a_pretrained_file_of_other_shapes_is_one_line(tmp_path, capsys):
+    """Issue 25 item 6: ``model.pretrained`` weights whose shapes do not fit end in one line naming the key
+    (this already held at 0549676: a regression guard, not a new fix)."""
+    path = str(tmp_path / "vit.pth")
+    torch.save({"blocks.0.norm1.weight": torch.randn(32), "blocks.0.mlp.fc1.weight": torch.randn(64, 32),
+                "patch_embed.proj.weight": torch.randn(32, 3, 16, 16)}, path)
+    assert main(["train", "--config", "synthetic", "--out", str(tmp_path / "run"), *TINY_SYN, "train.epochs=1",
+                 f"model.pretrained={path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.pretrained: blocks.0.norm1.weight has shape (32,)" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -106,7 +106,7 @@ def _paper_anchor(cos_mean: torch.Tensor, air: float, keys: torch.Tensor, query:
 @pytest.mark.parametrize("method", ["plane", "svd"])
 def test_step_moves_the_mean_query_onto_the_paper_anchor(mode, method):
     layer = _layer(rotation_mode=mode)
-    ctl = RollingQ(layer, rho=1.5, beta=0.0, method=method)
+    ctl = RollingQ(layer, mode="paper", rho=1.5, beta=0.0, method=method)
     batches = [_batch(6, seed=1), _batch(5, seed=2)]
     for x in batches:
         layer(x, SEGS)
@@ -151,12 +151,12 @@ def test_step_moves_the_mean_query_onto_the_paper_anchor(mode, method):
 
 def test_below_threshold_resets_epoch_window_but_not_a_k_window():
     layer = _layer()
-    ctl = RollingQ(layer, beta=2.5)  # |AIR| <= 2 always
+    ctl = RollingQ(layer, mode="paper", beta=2.5)  # |AIR| <= 2 always
     layer(_batch(4, seed=3), SEGS)
     (rec,) = ctl.step(epoch=0)
     assert not rec.rotated and rec.reason == "below_threshold" and rec.alpha == []
     assert layer.statistics.num_batches == 0 and layer.rotation_is_identity
-    ctl_k = RollingQ(layer, beta=2.5, window=3)
+    ctl_k = RollingQ(layer, mode="paper", beta=2.5, window=3)
     layer(_batch(4, seed=3), SEGS)
     ctl_k.step()
     assert layer.statistics.num_batches == 1
@@ -164,7 +164,7 @@ def test_below_threshold_resets_epoch_window_but_not_a_k_window():
 
 def test_max_rotations_caps_the_schedule():
     layer = _layer()
-    ctl = RollingQ(layer, beta=0.0, max_rotations=2)
+    ctl = RollingQ(layer, mode="paper", beta=0.0, max_rotations=2)
     reasons = []
     for epoch in range(3):
         layer(_batch(5, seed=10 + epoch), SEGS)
@@ -175,7 +175,7 @@ def test_max_rotations_caps_the_schedule():
 
 def test_no_samples_gives_nan_air_no_rotation_and_a_warning(caplog):
     layer = _layer()
-    ctl = RollingQ(layer, beta=0.0)
+    ctl = RollingQ(layer, mode="paper", beta=0.0)
     with caplog.at_level(logging.WARNING, logger="rollingq_kernels"):
         (rec,) = ctl.step(0)  # no batch at all
         assert math.isnan(rec.air) and rec.reason == "no_samples" and not rec.rotated
@@ -192,7 +192,7 @@ def test_zero_norm_mean_query_or_key_gives_no_rotation(caplog, rows):
     with torch.no_grad():  # the class query (or every key) is exactly zero
         layer.qkv.weight[rows].zero_()
         layer.qkv.bias[rows].zero_()
-    ctl = RollingQ(layer, beta=0.0)
+    ctl = RollingQ(layer, mode="paper", beta=0.0)
     layer(_batch(4, seed=5), SEGS)
     with caplog.at_level(logging.WARNING, logger="rollingq_kernels"):
         (rec,) = ctl.step(0)
@@ -203,7 +203,7 @@ def test_zero_norm_mean_query_or_key_gives_no_rotation(caplog, rows):
 
 @pytest.mark.parametrize(
     "kwargs,name",
-    [({"rho": 0.0}, "rho"), ({"rho": -1.0}, "rho"), ({"rho": float("nan")}, "rho"), ({"beta": -0.1}, "beta"),
+    [({"rho": -1.0}, "rho"), ({"rho": float("nan")}, "rho"), ({"beta": -0.1}, "beta"),
      ({"max_rotations": -1}, "max_rotations"), ({"method": "qr"}, "method"), ({"estimate": "full"}, "estimate"),
      ({"window": 0}, "window")],
 )
@@ -231,7 +231,7 @@ def test_three_modalities_decide_on_the_spread():
     st = layer.window_statistics()
     assert abs(abs(st.air) - st.spread) > 1e-3
     beta = (abs(st.air) + st.spread) / 2
-    (rec,) = RollingQ(layer, beta=beta).step(0)
+    (rec,) = RollingQ(layer, mode="paper", beta=beta).step(0)
     assert rec.rotated == (st.spread >= beta), rec
     assert len(rec.cos_mean) == 3 and (not rec.rotated or math.isclose(sum(rec.alpha), 1.0))
 
@@ -265,7 +265,8 @@ def _train_epochs(model, ctl, opt, epochs):
 
 def _fresh(seed=0):
     model = _Model(seed)
-    return model, RollingQ(model.attn, beta=0.0, max_rotations=2, window=4), torch.optim.SGD(model.parameters(), 0.1)
+    ctl = RollingQ(model.attn, mode="paper", beta=0.0, max_rotations=2, window=4)
+    return model, ctl, torch.optim.SGD(model.parameters(), 0.1)
 
 
 def test_save_load_continue_gives_the_uninterrupted_records():
@@ -295,7 +296,7 @@ def test_save_load_continue_gives_the_uninterrupted_records():
 
 def test_retarget_moves_to_the_next_layer_with_its_own_budget():
     first, second = _layer(seed=1), _layer(seed=2)
-    ctl = RollingQ({"block0": first}, beta=0.0, window=2)
+    ctl = RollingQ({"block0": first}, mode="paper", beta=0.0, window=2)
     first(_batch(4, seed=7), SEGS)
     assert ctl.step(0)[0].layer == "block0" and int(first.num_rotations) == 1
     ctl.retarget({"block1": second})

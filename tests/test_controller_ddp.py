@@ -45,7 +45,7 @@ def _run(layer: FusedRollingQAttention, ctl: RollingQ, ranks: list[int]) -> list
 
 def _worker(rank: int) -> dict:
     layer = _layer()
-    ctl = RollingQ(layer, beta=0.0, max_rotations=2, method="plane")
+    ctl = RollingQ(layer, mode="paper", beta=0.0, max_rotations=2, method="plane")
     records = _run(layer, ctl, [rank])
     return {"rotation": layer.rotation, "records": records}
 
@@ -57,9 +57,33 @@ def test_two_gloo_ranks_rotate_identically_as_the_union_of_their_data(tmp_path):
     assert got[0]["records"] == got[1]["records"]
 
     layer = _layer()  # one process seeing every rank's batches
-    want = _run(layer, RollingQ(layer, beta=0.0, max_rotations=2, method="plane"), list(range(WORLD)))
+    want = _run(layer, RollingQ(layer, mode="paper", beta=0.0, max_rotations=2, method="plane"), list(range(WORLD)))
     torch.testing.assert_close(got[0]["rotation"], layer.rotation, rtol=0, atol=1e-10)
     assert [r["rotated"] for r in want] == [True, True]
     for a, b in zip(got[0]["records"], want):
         assert a["count"] == b["count"] and a["num_rotations"] == b["num_rotations"]
         assert a["air"] == pytest.approx(b["air"], abs=1e-12) and a["alpha"] == pytest.approx(b["alpha"], abs=1e-12)
+
+
+def _probed_worker(rank: int) -> dict:
+    layer = _layer()
+    ctl = RollingQ(layer, beta=0.0, max_rotations=2, anchor_limit_deg=180.0, max_angle_deg=180.0, mass_margin=1.0)
+    records = []
+    for epoch in range(2):
+        batches = _batches(rank, epoch) or _batches(0, epoch)[:1]
+        for x in batches:
+            layer(x, SEGS)
+        records.append(ctl.step(epoch, batches, lambda x: layer(x, SEGS))[0].to_dict())
+    return {"rotation": layer.rotation, "records": records}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_the_probe_decides_alike_on_every_rank(tmp_path):
+    """Each rank probes its own batch; the number the safety rule reads is averaged over ranks."""
+    got = run_on_gloo_ranks(_probed_worker, tmp_path, WORLD)
+    assert torch.equal(got[0]["rotation"], got[1]["rotation"])
+    for a, b in zip(got[0]["records"], got[1]["records"]):
+        assert a["action"] == b["action"] and a["anchor_within_rank_correlation"] is not None
+        assert a["anchor_within_rank_correlation"] == b["anchor_within_rank_correlation"]
+    assert any(a["within_rank_correlation"] != b["within_rank_correlation"]  # the ranks' own probes differ
+               for a, b in zip(got[0]["records"], got[1]["records"]))

@@ -27,6 +27,7 @@ import torch
 
 import rollingq_kernels
 from rollingq_kernels import _library, rollingq_attention
+from rollingq_kernels.stats import KERNEL_STATISTICS, STATISTICS, KernelOutputs
 
 pytestmark = pytest.mark.skipif(not rollingq_kernels.HAS_CPP, reason="rollingq_kernels._C (C++ kernels) not built")
 
@@ -37,7 +38,7 @@ if rollingq_kernels.HAS_CPP:
 else:
     LEVELS = ()
 
-STAT_FIELDS = ("key_mean", "mass", "cos", "cos_per_head", "query", "valid")
+STAT_FIELDS = tuple(s.name for s in STATISTICS)  # every statistic of the table
 
 
 @pytest.fixture(params=LEVELS)
@@ -275,7 +276,8 @@ def test_opcheck_both_ops(name, permuted):
     args = fwd_args(q, k, v, segs, lengths, rotation, dropout_p=0.1, seed=11)
     torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, args)
     torch.library.opcheck(torch.ops.rollingq.attention_fwd.default, args[:-1] + (False,))
-    out, lse, *_ = torch.ops.rollingq.attention_fwd(*args)
+    fwd = KernelOutputs(*torch.ops.rollingq.attention_fwd(*args))
+    out, lse = fwd.out, fwd.lse
     g = torch.randn_like(out)
     if permuted:
         g = g.transpose(1, 2).contiguous().transpose(1, 2)
@@ -295,11 +297,13 @@ def test_non_contiguous_inputs_give_the_same_result():
 
 def test_compute_stats_false_returns_empty_stats_and_same_output():
     q, k, v, segs, lengths, rotation = case_inputs("aq-lengths-empty-modality", torch.float32)
-    with_stats = torch.ops.rollingq.attention_fwd(*fwd_args(q, k, v, segs, lengths, rotation))
-    without = torch.ops.rollingq.attention_fwd(*fwd_args(q, k, v, segs, lengths, rotation, compute_stats=False))
-    assert torch.equal(with_stats[0], without[0]) and torch.equal(with_stats[1], without[1])
-    for t in without[2:]:
-        assert t.shape == (0,) and t.dtype == torch.float32
+    with_stats = KernelOutputs(*torch.ops.rollingq.attention_fwd(*fwd_args(q, k, v, segs, lengths, rotation)))
+    without = KernelOutputs(*torch.ops.rollingq.attention_fwd(*fwd_args(q, k, v, segs, lengths, rotation,
+                                                                        compute_stats=False)))
+    assert torch.equal(with_stats.out, without.out) and torch.equal(with_stats.lse, without.lse)
+    for stat in KERNEL_STATISTICS:
+        t = getattr(without, stat.name)
+        assert t.shape == (0,) and t.dtype == stat.dtype, stat.name
 
 
 def _fwd_bwd(name, dtype, dropout_p=0.3):
@@ -523,16 +527,16 @@ def test_empty_batch_or_heads_give_empty_results(B, H, class_only):
     q, k, v = torch.randn(B, H, nq, Dh), torch.randn(B, H, N, Dh), torch.randn(B, H, N, Dh)
     lengths = torch.zeros(B, 2, dtype=torch.int64)
     rotation = torch.eye(H * Dh)
-    out, lse, key_mean, mass, query = torch.ops.rollingq.attention_fwd(q, k, v, segs, lengths, rotation, 0.5, 0.1,
-                                                                        3, True)
-    assert out.shape == (B, H, nq, Dh) and out.dtype == q.dtype
-    assert lse.shape == (B, H, nq) and key_mean.shape == (B, H, 2, Dh)
-    assert mass.shape == (B, H, 3) and query.shape == (B, H, Dh)
+    fwd = KernelOutputs(*torch.ops.rollingq.attention_fwd(q, k, v, segs, lengths, rotation, 0.5, 0.1, 3, True))
+    assert fwd.out.shape == (B, H, nq, Dh) and fwd.out.dtype == q.dtype and fwd.lse.shape == (B, H, nq)
+    for stat in KERNEL_STATISTICS:
+        assert getattr(fwd, stat.name).shape == stat.shape_of(B, H, 2, Dh), stat.name
     g = torch.randn(B, H, nq, Dh)
-    dq, dk, dv = torch.ops.rollingq.attention_bwd(g, q, k, v, out, lse, segs, lengths, rotation, 0.5, 0.1, 3)
+    dq, dk, dv = torch.ops.rollingq.attention_bwd(g, q, k, v, fwd.out, fwd.lse, segs, lengths, rotation, 0.5, 0.1, 3)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
-    nostats = torch.ops.rollingq.attention_fwd(q, k, v, segs, None, None, 0.5, 0.0, 0, False)
-    assert nostats[0].shape == (B, H, nq, Dh) and all(t.shape == (0,) for t in nostats[2:])
+    nostats = KernelOutputs(*torch.ops.rollingq.attention_fwd(q, k, v, segs, None, None, 0.5, 0.0, 0, False))
+    assert nostats.out.shape == (B, H, nq, Dh)
+    assert all(getattr(nostats, stat.name).shape == (0,) for stat in KERNEL_STATISTICS)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -544,13 +548,14 @@ def test_ops_reject_a_non_finite_rotation_with_a_value_error(per_head):
     with pytest.raises(ValueError, match=r"rotation: expected finite values, got NaN or inf"):
         torch.ops.rollingq.attention_fwd(*args.values())
     good = {**args, "rotation": torch.eye(12)}
-    out, lse, *_ = torch.ops.rollingq.attention_fwd(*good.values())
+    fwd = KernelOutputs(*torch.ops.rollingq.attention_fwd(*good.values()))
+    out, lse = fwd.out, fwd.lse
     bwd = (torch.randn_like(out), args["q"], args["k"], args["v"], out, lse, args["segments"], args["lengths"],
            args["rotation"], args["scale"], 0.0, 0)
     with pytest.raises(ValueError, match=r"rotation: expected finite values"):
         torch.ops.rollingq.attention_bwd(*bwd)
     nan_q = {**good, "q": torch.full_like(args["q"], float("nan"))}  # NaN from q, R finite: no error
-    assert torch.isnan(torch.ops.rollingq.attention_fwd(*nan_q.values())[0][:, :, 0]).all()
+    assert torch.isnan(KernelOutputs(*torch.ops.rollingq.attention_fwd(*nan_q.values())).out[:, :, 0]).all()
 
 
 @pytest.mark.parametrize(
@@ -566,7 +571,8 @@ def test_ops_reject_a_non_finite_rotation_with_a_value_error(per_head):
 )
 def test_backward_op_rejects_bad_input_naming_the_argument(override, name, error):
     a = _good_args()
-    out, lse, *_ = torch.ops.rollingq.attention_fwd(*a.values())
+    fwd = KernelOutputs(*torch.ops.rollingq.attention_fwd(*a.values()))
+    out, lse = fwd.out, fwd.lse
     args = dict(grad_out=torch.randn_like(out), q=a["q"], k=a["k"], v=a["v"], out=out, lse=lse,
                 segments=a["segments"], lengths=a["lengths"], rotation=None, scale=0.5, dropout_p=0.0, seed=0)
     args.update(override)

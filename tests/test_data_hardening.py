@@ -285,3 +285,108 @@ def test_prepare_converts_the_pickle_and_the_loader_reads_the_npz_by_default(tmp
     from_pickle = build_dataset(_mosei_cfg(root, "data.file=mosei_senti_data.pkl", "data.allow_pickle=true"), "val")
     assert len(from_npz) == 7 and torch.equal(from_npz.labels, from_pickle.labels)
     assert all(torch.equal(a, b) for a, b in zip(from_npz.features, from_pickle.features))
+
+
+# ---------------------------------------------------------------- issue 25, item 8: bad data is named or counted
+def test_a_truncated_wav_names_the_file_or_is_a_counted_skip(tmp_path, caplog):
+    root = write_tiny_cremad(str(tmp_path / "cremad"), n_train=7, n_test=4)
+    clip = _clips(root, "test")[1]
+    wav = os.path.join(root, "AudioWAV", clip + ".wav")
+    with open(wav, "rb") as f:
+        head = f.read(60)  # the header and 8 samples of a 0.7 s file: cut short by a failed copy
+    with open(wav, "wb") as f:
+        f.write(head)
+    with pytest.raises(DataError, match=rf"{wav}: truncated: the header announces \d+ bytes of audio, the file "
+                                        r"holds 16"):
+        build_dataset(_av_cfg("cremad", root), "test")
+    with caplog.at_level(logging.WARNING, logger="rollingq.data"):
+        skipping = build_dataset(_av_cfg("cremad", root, "data.skip_bad=true"), "test")
+    assert clip not in [r[0] for r in skipping.rows] and len(skipping) == 3
+    assert "skipped 1 sample(s)" in caplog.text and wav in caplog.text
+
+
+@pytest.mark.parametrize("dataset", ["cremad", "kinetics_sounds"])
+def test_a_clip_listed_twice_with_conflicting_labels_names_the_file_and_lines(tmp_path, dataset):
+    writer = write_tiny_cremad if dataset == "cremad" else write_tiny_kinetics
+    root = writer(str(tmp_path / "d"), n_train=6, n_test=3)
+    name = "train.csv" if dataset == "cremad" else "train.txt"
+    path = os.path.join(root, name)
+    with open(path, encoding="utf-8-sig") as f:
+        lines = f.read().splitlines()
+    first = lines[1]
+    if dataset == "cremad":
+        clip, label = first.split(",")
+        other = next(e for e in ("NEU", "HAP", "SAD") if e != label)
+        again = f"{clip},{other}"
+    else:
+        clip, start, label = first.split()
+        again = f"{clip} {start} {(int(label) + 1) % 31}"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines + [again, first]) + "\n")  # the same label again is fine; another is not
+    with pytest.raises(DataError, match=rf"{path}:{len(lines) + 1}: {clip} is listed again with another label "
+                                        rf".* \(line 2 says"):
+        build_dataset(_av_cfg(dataset, root), "test")
+
+
+@pytest.mark.parametrize("dataset", ["cremad", "kinetics_sounds"])
+def test_list_entries_and_symlinks_pointing_outside_data_root_are_refused(tmp_path, dataset):
+    writer = write_tiny_cremad if dataset == "cremad" else write_tiny_kinetics
+    root = writer(str(tmp_path / "d"), n_train=6, n_test=3)
+    name, sep = ("test.csv", ",") if dataset == "cremad" else ("test.txt", " ")
+    path = os.path.join(root, name)
+    with open(path, encoding="utf-8-sig") as f:
+        lines = f.read().splitlines()
+    original = lines[1]
+    for entry in ("../outside", "sub/../../outside", "/etc/passwd"):
+        lines[1] = entry + sep + original.split(sep, 1)[1]
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=rf"{path}:2: .*{entry}.* one plain name"):
+            build_dataset(_av_cfg(dataset, root), "test")
+    lines[1] = original
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    clip = original.split(sep)[0]
+    audio = os.path.join(root, "AudioWAV", clip + ".wav") if dataset == "cremad" else os.path.join(
+        root, "audio", clip + ".npy")
+    outside = str(tmp_path / ("outside" + os.path.splitext(audio)[1]))
+    os.replace(audio, outside)
+    os.symlink(outside, audio)  # a symlink out of data.root
+    with pytest.raises(DataError, match=rf"{audio}: resolves to {outside}, outside data.root .*\(listed at {path}:2"):
+        build_dataset(_av_cfg(dataset, root), "test")
+    skipping = build_dataset(_av_cfg(dataset, root, "data.skip_bad=true"), "test")
+    assert clip not in [r[0] for r in skipping.rows]
+    os.remove(audio)
+    os.replace(outside, audio)
+    assert len(build_dataset(_av_cfg(dataset, root), "test")) == 3
+
+
+def test_skip_bad_skips_a_corrupt_jpeg_and_without_it_the_file_is_named(tmp_path, caplog):
+    root = write_tiny_cremad(str(tmp_path / "cremad"), n_train=7, n_test=4, frames=3)
+    clip = _clips(root, "test")[2]
+    frame = os.path.join(root, "Image-01-FPS", clip, "frame_00001.jpg")
+    with open(frame, "r+b") as f:
+        data = f.read()
+        f.seek(0)
+        f.write(data[: len(data) // 3])  # a JPEG cut short
+        f.truncate()
+    with caplog.at_level(logging.WARNING, logger="rollingq.data"):
+        skipping = build_dataset(_av_cfg("cremad", root, "data.skip_bad=true"), "test")
+    assert clip not in [r[0] for r in skipping.rows] and len(skipping) == 3
+    assert "skipped 1 sample(s)" in caplog.text and frame in caplog.text
+    ds = build_dataset(_av_cfg("cremad", root, "data.num_frames=3"), "test")
+    index = [r[0] for r in ds.rows].index(clip)
+    with pytest.raises(DataError, match=rf"cannot decode image file '{frame}'"):
+        ds[index]
+
+
+def test_a_kinetics_label_with_a_non_ascii_digit_names_the_file(tmp_path):
+    root = write_tiny_kinetics(str(tmp_path / "ks"), n_train=6, n_test=3)
+    path = os.path.join(root, "test.txt")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    lines[2] = lines[2].rsplit(" ", 1)[0] + " ²"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:3: sample 'test_002' has class '²', which is not among"):
+        build_dataset(_av_cfg("kinetics_sounds", root), "test")

@@ -12,6 +12,7 @@ from rollingq.checkpoint import load_checkpoint
 from rollingq.config import load_config
 from rollingq.records import read_metrics
 from rollingq.train import train
+from subprocess_env import child_pythonpath
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ OVERRIDES = [
     "data.synthetic.tokens=[5,7]", "data.synthetic.feature_dim=11", "data.num_classes=3",
     "model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2",
     "train.batch_size=32", "train.epochs=2", "train.num_threads=1", "train.progress=false",
-    "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=7",
+    "rollingq.beta=0.0", "rollingq.start_epoch=1", "seed=7", "rollingq.mode=paper",
 ]
 
 
@@ -38,7 +39,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     single = train(load_config("synthetic_rollingq", OVERRIDES), str(tmp_path / "single"))
     ddp_dir = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), REPO, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=child_pythonpath(os.environ.get("PYTHONPATH", "")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rollingq", "train", "--config", "synthetic_rollingq", "--out", ddp_dir, *OVERRIDES]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)

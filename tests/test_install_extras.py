@@ -18,8 +18,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXTRA_PACKAGES = ("timm", "yaml", "tqdm", "tensorboard", "PIL", "librosa", "soundfile", "matplotlib", "scipy", "av",
-                  "sklearn")
+EXTRA_PACKAGES = ("timm", "yaml", "omegaconf", "tqdm", "tensorboard", "PIL", "librosa", "soundfile", "matplotlib",
+                  "scipy", "av", "sklearn")
 OPTIONAL_FEATURE_PACKAGES = ("librosa", "soundfile", "matplotlib", "scipy", "av", "sklearn")
 
 HIDE = """
@@ -49,7 +49,7 @@ def test_the_core_works_without_any_extra():
         import rollingq_kernels
         from rollingq_kernels import FusedRollingQAttention, RollingQ
         layer = FusedRollingQAttention(24, num_heads=2, segments=(5, 6))
-        ctl = RollingQ(layer, beta=0.0)
+        ctl = RollingQ(layer, mode="paper", beta=0.0)
         x = torch.randn(3, 12, 24, requires_grad=True)
         layer(x).square().sum().backward()
         assert x.grad is not None and ctl.step(0)[0].rotated
@@ -61,8 +61,8 @@ def test_the_core_works_without_any_extra():
             print("ERROR:", exc)
     """, EXTRA_PACKAGES)
     assert res.returncode == 0, res.stderr
-    assert ("ERROR: the rollingq training package needs timm, pyyaml, tqdm, tensorboard, pillow (the [train] extra): "
-            "pip install 'rollingq[train]'") in res.stdout
+    assert ("ERROR: the rollingq training package needs timm, pyyaml, omegaconf, tqdm, tensorboard, pillow (the "
+            "[train] extra): pip install 'rollingq[train]'") in res.stdout
 
 
 def test_importing_the_kernels_imports_neither_dynamo_nor_triton():
@@ -119,7 +119,7 @@ def test_training_needs_only_the_train_extra_and_other_commands_name_theirs(tmp_
     ], res.stderr
 
 
-@pytest.mark.parametrize("extra", ["train", "audio", "analysis", "prepare", "dev"])
+@pytest.mark.parametrize("extra", ["train", "audio", "analysis", "prepare", "transformers", "dev", "docs"])
 def test_pyproject_and_requirements_agree(extra):
     """requirements.txt (the README's install) holds every package of every extra; [all] names them all."""
     import tomllib
@@ -127,10 +127,11 @@ def test_pyproject_and_requirements_agree(extra):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert set(project["dependencies"]) == {"torch>=2.11", "numpy"}
-    assert extras["all"] == ["rollingq[train,audio,analysis,prepare,dev]"]
+    assert extras["all"] == ["rollingq[train,audio,analysis,prepare,transformers,dev,docs]"]
     requirements = {line.split("==")[0].split(">=")[0].strip() for line in
                     (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
-    assert set(extras[extra]) <= requirements, set(extras[extra]) - requirements
+    names = {name.split(">=")[0] for name in extras[extra]}  # a floor (omegaconf>=2.4) stated in both files
+    assert names <= requirements, names - requirements
 
 
 def test_constraints_pin_every_requirement():
@@ -139,6 +140,17 @@ def test_constraints_pin_every_requirement():
             if line.strip() and not line.startswith("#")]
     names = [name.lower().replace("_", "-") for name, _ in pins]
     assert len(names) == len(set(names)) and all(len(p) == 2 and p[1] for p in pins)
-    requirements = {line.split("==")[0].split(">=")[0].strip().lower() for line in
+    requirements = {line.split("==")[0].split(">=")[0].split("[")[0].strip().lower() for line in
                     (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert requirements <= set(names), requirements - set(names)
+
+
+def test_the_cpu_requirements_pin_the_cpu_builds_of_the_tested_torch():
+    """requirements-cpu.txt: PyTorch's CPU index, torch/torchvision as constraints.txt pins them plus +cpu, the rest."""
+    lines = [line.strip() for line in (ROOT / "requirements-cpu.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    assert f"torch=={pins['torch']}+cpu" in lines and f"torchvision=={pins['torchvision']}+cpu" in lines
+    assert "-r requirements.txt" in lines

@@ -99,7 +99,8 @@ def test_rollingq_needs_an_attention_fusion():
 @pytest.mark.parametrize("backbone", ["vit", "resnet18"])
 def test_audio_visual_backbones(backbone, tmp_path):
     cfg = load_config("cremad_vanilla_mt", ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2",
-                                            f"model.backbone={backbone}", "data.image_size=64", "data.num_frames=2"])
+                                            f"model.backbone={backbone}", "data.image_size=64", "data.num_frames=2",
+                                            "model.pretrained=null"])
     model = build_model(cfg)
     g = torch.Generator().manual_seed(1)
     spec, frames = torch.randn(2, 257, 188, generator=g), torch.randn(2, 2, 3, 64, 64, generator=g)

@@ -116,7 +116,7 @@ def test_controller_svd_last_batch_window_equals_official_algorithm():
     """estimate='accumulate', window=1: AIR and the anchor from the last batch of each epoch (Algorithm 1)."""
     d, rho = 96, 2.0
     layer = _layer(d, seed=4)
-    ctl = RollingQ(layer, rho=rho, beta=0.0, max_rotations=2, window=1, method="svd")
+    ctl = RollingQ(layer, mode="paper", rho=rho, beta=0.0, max_rotations=2, window=1, method="svd")
     for epoch in range(2):
         R_old = _rotation_of(layer).clone()
         batches = [_batch(5, d, seed=10 * epoch + j) for j in range(3)]
@@ -144,7 +144,7 @@ def test_controller_pass_estimate_equals_official_code():
     """estimate='pass': AIR from the last training batch, E[k] and E[q] from a no-grad pass over the loader."""
     d, rho = 96, 1.0
     layer = _layer(d, seed=5)
-    ctl = RollingQ(layer, rho=rho, beta=0.0, window=1, method="svd", estimate="pass")
+    ctl = RollingQ(layer, mode="paper", rho=rho, beta=0.0, window=1, method="svd", estimate="pass")
     train = [_batch(4, d, seed=20 + j) for j in range(3)]
     loader = [_batch(6, d, seed=30 + j) for j in range(2)]
     for x in train:

@@ -12,6 +12,7 @@ import torch
 
 from rollingq_kernels import HAS_CPP
 from rollingq_kernels.ops import rollingq_attention
+from rollingq_kernels.stats import KernelOutputs
 
 pytestmark = pytest.mark.skipif(not HAS_CPP, reason="needs the compiled C++ kernels (the op's CPU implementation)")
 
@@ -37,7 +38,7 @@ def _op_args(q, k, v, lengths, rotation, dropout_p=0.0, seed=0):
 @pytest.mark.parametrize("class_only", [False, True])
 def test_the_raw_op_has_the_reference_gradient(class_only):
     q, k, v, lengths, rotation = _inputs(F64, class_only)
-    out = torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation))[0]
+    out = KernelOutputs(*torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation))).out
     assert out.requires_grad
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
@@ -49,7 +50,8 @@ def test_the_raw_op_has_the_reference_gradient(class_only):
 
 def test_the_raw_op_passes_gradcheck_with_dropout():
     q, k, v, lengths, rotation = _inputs(F64, class_only=False, seed=1)
-    fn = lambda q, k, v: torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation, 0.2, 7))[0]  # noqa: E731
+    fn = lambda q, k, v: KernelOutputs(  # noqa: E731
+        *torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation, 0.2, 7))).out
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
@@ -64,13 +66,13 @@ def test_opcheck_covers_autograd(class_only):
 
 def test_statistics_of_the_raw_op_are_not_differentiable():
     q, k, v, lengths, rotation = _inputs(F64, class_only=True, seed=3)
-    out, lse, key_mean, mass, query = torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation))
-    assert out.requires_grad and not any(t.requires_grad for t in (lse, key_mean, mass, query))
+    fwd = KernelOutputs(*torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation)))
+    assert fwd.out.requires_grad and not any(getattr(fwd, name).requires_grad for name in fwd._fields[1:])
 
 
 def test_double_backward_through_the_raw_op_raises():
     q, k, v, lengths, rotation = _inputs(F64, class_only=False, seed=4)
-    out = torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation))[0]
+    out = KernelOutputs(*torch.ops.rollingq.attention_fwd(*_op_args(q, k, v, lengths, rotation))).out
     (dq,) = torch.autograd.grad(out.square().sum(), (q,), create_graph=True)
     with pytest.raises(RuntimeError, match="rollingq_attention: double backward"):
         torch.autograd.grad(dq.sum(), (k,))

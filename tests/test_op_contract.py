@@ -11,9 +11,10 @@ import rollingq_kernels
 from rollingq_kernels import rollingq_attention
 from rollingq_kernels.checks import INDEX_LIMIT, check_inputs
 from rollingq_kernels.reference import key_valid_mask
+from rollingq_kernels.stats import STATISTICS
 
 F64 = torch.float64
-STAT_FIELDS = ("key_mean", "mass", "cos", "cos_per_head", "query", "valid")
+STAT_FIELDS = tuple(s.name for s in STATISTICS)  # every statistic of the table
 SEGS = (5, 4, 6)
 LENGTHS = torch.tensor([[3, 0, 6], [5, 1, 2], [1, 4, 0]])
 

@@ -28,7 +28,7 @@ from rollingq.records import read_metrics  # noqa: E402
 FPS = 10
 TINY = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", "model.fusion_heads=1",
         "model.mlp_ratio=2.0", "data.image_size=32", "data.num_workers=0", "train.batch_size=4", "train.epochs=1",
-        "train.progress=false", "train.bf16=false"]
+        "train.progress=false", "train.bf16=false", "model.pretrained=null"]  # the paper configs name ViT-B by id
 
 
 def write_clip(path: str, seconds: float, *, color=(200, 30, 30), tone: float | None = 440.0, rate: int = 16000,
@@ -226,5 +226,68 @@ def test_prepare_kinetics_sounds_both_layouts_and_train(tmp_path, capsys):
 def test_prepare_needs_the_raw_layout(tmp_path, capsys):
     assert main(["prepare", "kinetics-sounds", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "RAW: expected" in capsys.readouterr().err
-    assert main(["prepare", "cremad", str(tmp_path), str(tmp_path / "out")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", "cremad", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     assert "no CREMA-D video" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- input and output folders
+def _tree(root: str) -> dict[str, bytes]:
+    out = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def test_prepare_cremad_into_its_own_input_folder_is_refused_before_touching_it(tmp_path, capsys):
+    raw = str(tmp_path / "raw")
+    _cremad_raw(raw)
+    before = _tree(raw)
+    assert main(["prepare", "cremad", raw, raw]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OUT" in err[0] and "RAW" in err[0] and "the same folder" in err[0], err
+    assert _tree(raw) == before and sorted(os.listdir(raw)) == ["AudioWAV", "VideoFlash"]
+    # through another spelling of the same folder, a symlink to it, or one inside the other
+    os.symlink(raw, str(tmp_path / "link"))
+    for out in (raw + "/./", str(tmp_path / "link"), os.path.join(raw, "prepared"), str(tmp_path)):
+        assert main(["prepare", "cremad", raw, out]) == 2
+        assert "RAW" in capsys.readouterr().err
+    assert _tree(raw) == before and not os.path.exists(os.path.join(raw, "prepared"))
+
+
+@pytest.mark.parametrize("inside", ["same", "out_in_raw", "raw_in_out"])
+def test_prepare_kinetics_sounds_refuses_nested_input_and_output(tmp_path, inside):
+    from rollingq.prepare.kinetics import prepare_kinetics_sounds
+
+    raw = tmp_path / "raw"
+    for split in ("train", "test"):
+        (raw / split / "a class").mkdir(parents=True)
+        (raw / split / "a class" / f"{split}0.mp4").write_bytes(b"not a video")
+    out = {"same": raw, "out_in_raw": raw / "train" / "out", "raw_in_out": tmp_path}[inside]
+    before = _tree(str(raw))
+    with pytest.raises(ValueError, match=r"OUT: .* RAW"):
+        prepare_kinetics_sounds(str(raw), str(out), skip_bad=True)
+    assert _tree(str(raw)) == before and not (raw / "train" / "out").exists() and not (raw / "audio").exists()
+
+
+@pytest.mark.parametrize("dataset", ["kinetics-sounds", "cremad"])
+def test_skip_bad_when_every_clip_failed_exits_non_zero(tmp_path, capsys, dataset):
+    raw = tmp_path / "raw"
+    if dataset == "cremad":
+        names = [raw / "VideoFlash" / f"100{i}_DFA_ANG_XX.mp4" for i in range(3)]
+    else:
+        names = [raw / split / "a class" / f"{split}{i}.mp4" for split in ("train", "test") for i in range(2)]
+    for path in names:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not a video")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.csv").write_text("1000_DFA_ANG_XX,ANG\n1001_DFA_ANG_XX,ANG\n")
+    (lists / "test.csv").write_text("1002_DFA_ANG_XX,ANG\n")
+    extra = ["--lists", str(lists)] if dataset == "cremad" else []
+    assert main(["prepare", dataset, str(raw), str(tmp_path / "out"), "--skip-bad", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"every clip ({len(names)}) failed" in err[0] and ".mp4" in err[0], err

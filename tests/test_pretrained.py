@@ -155,7 +155,8 @@ def test_a_wrong_width_names_the_tensor_and_the_settings(tmp_path):
 
 def test_the_paper_configs_warn_when_vit_b_trains_from_scratch(caplog):
     with caplog.at_level(logging.WARNING, logger="rollingq.models"):
-        build_model(load_config("cremad_vanilla_mt", ["model.encoder_depth=1", "data.image_size=32"]))
+        build_model(load_config("cremad_vanilla_mt", ["model.encoder_depth=1", "data.image_size=32",
+                                                        "model.pretrained=null"]))
     assert any("ViT-B/16 encoders (model.dim=768, encoder_heads=12) train from scratch" in r.getMessage()
                for r in caplog.records)
     caplog.clear()

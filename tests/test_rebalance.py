@@ -75,9 +75,11 @@ def test_alpha_matches_paper_for_two_modalities(air, rho):
     assert float(alpha.sum()) == pytest.approx(1.0)
 
 
-def test_balance_weights_rejects_nonpositive_rho():
+def test_balance_weights_rejects_negative_rho_and_rho_zero_is_uniform():
     with pytest.raises(ValueError, match="rho"):
-        balance_weights(torch.zeros(2), 0.0)
+        balance_weights(torch.zeros(2), -0.5)
+    # rho = 0 is the official default (sigma 0): alpha = 1/2 whatever the cosines
+    assert balance_weights(torch.tensor([0.9, -0.4]), 0.0).tolist() == [0.5, 0.5]
 
 
 def test_anchor_is_alpha_weighted_unit_keys_rescaled_to_query_norm():

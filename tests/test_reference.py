@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import rollingq_kernels
 from rollingq_kernels import dropout_mask, rollingq_attention
 from rollingq_kernels.reference import key_valid_mask, rollingq_attention_reference
 
@@ -177,3 +178,64 @@ def test_reference_is_differentiable_in_float64():
         return rollingq_attention(q, k, v, segs, lengths=lengths, rotation=rot, backend="reference")[0]
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def _max_prob_inputs(class_only, seed=40):
+    """Odd sizes, an empty and a full modality, NaN in every padded position."""
+    B, H, Dh, segs = 3, 3, 7, (5, 4, 3)
+    q, k, v = _qkv(B, H, segs, Dh, class_query_only=class_only, seed=seed)
+    lengths = torch.tensor([[5, 0, 2], [1, 4, 3], [0, 0, 0]])
+    valid = key_valid_mask(lengths, segs, B, q.device)  # (B, N)
+    k, v = (t.masked_fill(~valid[:, None, :, None], float("nan")) for t in (k, v))
+    if not class_only:
+        q = q.masked_fill(~valid[:, None, :, None], float("nan"))
+    return q, k, v, segs, lengths, valid
+
+
+@pytest.mark.parametrize("class_only", [False, True])
+def test_max_prob_is_the_largest_class_row_probability(class_only):
+    q, k, v, segs, lengths, valid = _max_prob_inputs(class_only)
+    rot = torch.linalg.qr(_rand(3, 7, 7, seed=41))[0]
+    _, st = rollingq_attention_reference(q, k, v, segs, lengths=lengths, rotation=rot, scale=0.6)
+    q0 = torch.einsum("bhd,hed->bhe", q[:, :, 0], rot)  # q0 @ R^T per head
+    scores = 0.6 * torch.einsum("bhd,bhnd->bhn", q0, torch.nan_to_num(k)).masked_fill(~valid[:, None], -math.inf)
+    torch.testing.assert_close(st.score_max, scores.amax(-1).float())
+    torch.testing.assert_close(st.max_prob, torch.softmax(scores, -1).amax(-1).float())
+    assert torch.all(st.max_prob[2] == 1.0)  # only the class key is valid: saturated by construction
+    # uniform attention (q = 0): 1 / (valid keys, class key included)
+    _, flat = rollingq_attention_reference(torch.zeros_like(q), k, v, segs, lengths=lengths)
+    torch.testing.assert_close(flat.max_prob, (1.0 / valid.sum(-1, keepdim=True).double()).float().expand(3, 3))
+
+
+def _cpu_backends():
+    from rollingq_kernels._library import triton_interpret
+
+    return ["reference"] + (["cpp"] if rollingq_kernels.HAS_CPP else []) + (["triton"] if triton_interpret() else [])
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("class_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_prob_of_every_cpu_backend_matches_the_float64_reference(backend, class_only, dtype):
+    q, k, v, segs, lengths, _ = _max_prob_inputs(class_only, seed=50)
+    rot = torch.linalg.qr(_rand(21, 21, seed=51))[0]
+    _, want = rollingq_attention_reference(q, k, v, segs, lengths=lengths, rotation=rot, dropout_p=0.3, seed=5)
+    _, got = rollingq_attention(q.to(dtype), k.to(dtype), v.to(dtype), segs, lengths=lengths, rotation=rot,
+                                dropout_p=0.3, seed=5, backend=backend)
+    for name in ("score_max", "max_prob"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=2e-6, rtol=2e-6, msg=name)
+    assert torch.isfinite(got.max_prob).all() and (got.max_prob <= 1 + 1e-6).all()
+
+
+def test_max_prob_enters_the_window_as_a_mean_per_head():
+    from rollingq_kernels.accumulator import StatisticsAccumulator
+
+    acc = StatisticsAccumulator()
+    batches = []
+    for class_only in (False, True):
+        q, k, v, segs, lengths, _ = _max_prob_inputs(class_only, seed=60 + class_only)
+        batches.append(rollingq_attention(q, k, v, segs, lengths=lengths, backend="reference")[1])
+    for stats in batches:
+        acc.add(stats)
+    want = torch.cat([s.max_prob for s in batches]).double().mean(0)
+    torch.testing.assert_close(acc.reduce().max_prob_mean, want)

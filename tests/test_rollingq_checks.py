@@ -13,8 +13,8 @@ from rollingq.records import read_metrics
 from rollingq.train import train
 
 import rollingq_kernels
-from rollingq_kernels.accumulator import indicator_cosines, indicator_value, mass_disagreement, score_weights
 from rollingq_kernels.controller import RollingQ, accuracy_guard
+from rollingq_kernels.indicators import indicator_cosines, indicator_value, mass_disagreement, score_weights
 from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.stats import token_counts
 
@@ -50,7 +50,7 @@ def _inputs(counts, cosines, batch=6, seed=0, norms=(1.0, 1.0)) -> torch.Tensor:
 
 def _step(indicator: str, counts, cosines, max_rotations=0, norms=(1.0, 1.0), lengths=None):
     layer = _identity_layer()
-    controller = RollingQ(layer, beta=0.0, max_rotations=max_rotations, indicator=indicator)
+    controller = RollingQ(layer, mode="paper", beta=0.0, max_rotations=max_rotations, indicator=indicator)
     for seed in range(3):
         layer(_inputs(counts, cosines, seed=seed, norms=norms), list(counts), lengths)
     return controller.step(epoch=1)[0], layer
@@ -196,7 +196,7 @@ def test_accuracy_guard():
 TINY = ["data.synthetic.sizes.train=240", "data.synthetic.sizes.val=40", "data.synthetic.sizes.test=30",
         "data.num_classes=3", "model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2",
         "train.batch_size=16", "train.num_threads=1", "train.progress=false", "train.epochs=1",
-        "rollingq.beta=0.0", "rollingq.start_epoch=1"]
+        "rollingq.beta=0.0", "rollingq.start_epoch=1", "rollingq.mode=paper"]  # the guard alone, no safety rule
 
 
 def test_the_guard_blocks_a_rotation_while_the_model_is_at_chance(tmp_path):
@@ -204,7 +204,8 @@ def test_the_guard_blocks_a_rotation_while_the_model_is_at_chance(tmp_path):
     cfg = load_config("synthetic_rollingq", TINY + ["data.synthetic.strength=[0.0,0.0]", "seed=5"])
     rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "chance")), "metrics.jsonl"))
     assert rows[0]["train_acc"] < rows[0]["train_majority"] + 0.05
-    assert not rows[0]["rotated"] and rows[0]["rollingq"] == [] and "majority-class" in rows[0]["rollingq_guard"]
+    assert not rows[0]["rotated"] and "majority-class" in rows[0]["rollingq_guard"]
+    assert [(r["action"], r["reason"]) for r in rows[0]["rollingq"]] == [("wait", "accuracy_guard")]
     off = load_config("synthetic_rollingq", TINY + ["data.synthetic.strength=[0.0,0.0]", "seed=5",
                                                     "rollingq.min_accuracy_gain=-1"])
     rows_off = read_metrics(os.path.join(train(off, str(tmp_path / "off")), "metrics.jsonl"))

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import rollingq.train as train_mod
+import rollingq.trainer as trainer_mod
 import torch
 from rollingq.checkpoint import atomic_save, load_checkpoint
 from rollingq.cli import main
@@ -61,13 +62,13 @@ class PoisonFromEpoch(Dataset):
 
 
 def _poison_training_set(monkeypatch, epoch: int, index: int) -> None:
-    real = train_mod.build_dataset
+    real = trainer_mod.build_dataset
 
     def build(cfg, split):
         ds = real(cfg, split)
         return PoisonFromEpoch(ds, epoch, index) if split == "train" else ds
 
-    monkeypatch.setattr(train_mod, "build_dataset", build)
+    monkeypatch.setattr(trainer_mod, "build_dataset", build)
 
 
 def test_a_nan_sample_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -290,5 +291,145 @@ def test_a_full_disk_during_training_is_one_line_and_exit_2(tmp_path, monkeypatc
     run = tmp_path / "run"
     assert main(["train", "--config", "synthetic", "--out", str(run), *TINY, "train.epochs=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{run / 'config.yaml'}: no space left on the device to write" in err[0]
+    assert len(err) == 1 and f"{run / 'manifest.txt'}: no space left on the device to write" in err[0]
     assert not [f for f in os.listdir(run) if ".tmp." in f]
+
+
+# ---------------------------------------------------------------- values that overflow (issue 25, item 6)
+def test_a_huge_warmup_is_clamped_to_the_run_and_named_in_the_log(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="rollingq"):
+        assert main(["train", "--config", "synthetic", "--out", str(run), *TINY, "train.epochs=2",
+                     "optim.warmup_epochs=1e308"]) == 0
+    assert "optim.warmup_epochs=1e+308 is longer than the run (train.epochs=2)" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    rows = read_metrics(str(run / "metrics.jsonl"))
+    # 5 steps per epoch, 10 in all: the warm-up takes 9 of them (the schedule's longest), so after epoch 1
+    # the rate is 6/9 of optim.lr (0.05 in the synthetic config)
+    assert rows[0]["lr"] == pytest.approx(0.05 * 6 / 9, rel=1e-12)
+
+
+# ---------------------------------------------------------------- one process per run folder (issue 25, item 2)
+def _env() -> dict:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(repo, "python"), repo, env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _training_process(run: str, *extra: str) -> subprocess.Popen:
+    """A `rollingq train` subprocess, returned once its first epoch is in metrics.jsonl (it keeps training)."""
+    import time
+
+    cmd = [sys.executable, "-m", "rollingq", "train", "--config", "synthetic", "--out", run, *TINY,
+           "data.synthetic.sizes.train=800", "train.epochs=200", *extra]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = os.path.join(run, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and read_metrics(metrics):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the training process ended early: " + proc.stderr.read().decode()[-2000:])
+
+
+def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder(tmp_path, capsys, caplog):
+    run = str(tmp_path / "run")
+    proc = _training_process(run)
+    try:
+        notes = os.path.join(run, "eval_notes.json")
+        with open(notes, "w") as f:
+            f.write("{}")
+        for argv in (["train", "--config", "synthetic", "--out", run, *TINY, "train.epochs=1"],
+                     ["train", "--config", "synthetic", "--out", run, *TINY, "train.epochs=1", "--overwrite"],
+                     ["train", "--resume", run], ["train", "--resume", run, "--force"]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"in use by another rollingq process (pid {proc.pid}" in err[0], (argv, err)
+        assert proc.poll() is None and os.path.exists(os.path.join(run, "checkpoints", "last.pt"))
+        assert os.path.exists(notes)
+    finally:
+        proc.kill()  # SIGKILL: the lock file stays behind, naming a process that is gone
+        proc.wait()
+    done = load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["epoch"]
+    save_config(_cfg(f"train.epochs={done + 1}", "data.synthetic.sizes.train=800"), os.path.join(run, "config.yaml"))
+    with caplog.at_level("WARNING", logger="rollingq"):
+        train_mod.resume(run, force=True)  # the stale lock is taken over, with a log line
+    assert f"taking over the lock of pid {proc.pid}" in caplog.text and "no longer running" in caplog.text
+    assert not os.path.exists(os.path.join(run, "run.lock"))  # released when the run ended
+
+
+# ---------------------------------------------------------------- --overwrite removes what rollingq wrote (item 5)
+def test_overwrite_removes_only_the_files_rollingq_wrote(tmp_path):
+    run = str(tmp_path / "run")
+    train_mod.train(_cfg("train.epochs=1", "seed=1"), run)
+    assert main(["eval", "--run", run, "--split", "val"]) == 0
+    mine = {"eval_notes.json": "{\"mine\": 1}", "evaluation.json": "{}", "checkpoints/notes.txt": "mine",
+            "tensorboard.md": "mine"}
+    for rel, text in mine.items():
+        with open(os.path.join(run, rel), "w") as f:
+            f.write(text)
+    train_mod.train(_cfg("train.epochs=1", "seed=2"), run, overwrite=True)
+    for rel, text in mine.items():
+        with open(os.path.join(run, rel)) as f:
+            assert f.read() == text, rel
+    assert not os.path.exists(os.path.join(run, "eval_val.json"))  # written by rollingq eval: removed
+    assert load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["config"]["seed"] == 2
+
+
+# ---------------------------------------------------------------- --resume --force and the optimizer (item 3)
+def test_force_resume_takes_the_learning_rate_and_schedule_from_the_edited_config(tmp_path, monkeypatch, caplog):
+    from rollingq.schedule import warmup_cosine
+
+    run = train_mod.train(_cfg("train.epochs=1"), str(tmp_path / "run"))  # lr 0.05, momentum 0.9, warm-up 1
+    edited = _cfg("train.epochs=3", "optim.lr=0.4", "optim.momentum=0.5", "optim.warmup_epochs=0",
+                  "optim.min_lr=0.01")
+    save_config(edited, os.path.join(run, "config.yaml"))
+    seen = []
+    real = trainer_mod.Trainer.train_epoch
+
+    def train_epoch(self, epoch, board=None):
+        group = self.optimizer.param_groups[0]
+        seen.append((epoch, group["lr"], group["momentum"]))
+        return real(self, epoch, board)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_epoch", train_epoch)
+    with caplog.at_level("INFO", logger="rollingq"):
+        train_mod.resume(run, force=True)
+    reference = warmup_cosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4), 15, 0, 0.01 / 0.4)
+    expected = []
+    for _ in range(15):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    expected.append(reference.get_last_lr()[0])
+    assert seen[0] == (2, pytest.approx(expected[5], rel=1e-12), 0.5)  # the first update after the resume
+    assert seen[1] == (3, pytest.approx(expected[10], rel=1e-12), 0.5)
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([expected[10], expected[15]], rel=1e-12)
+    assert "optimizer settings from" in caplog.text and "lr 0.05 -> 0.4" in caplog.text
+    assert "momentum 0.9 -> 0.5" in caplog.text and f"learning rate {expected[5]:.4g}" in caplog.text
+
+
+# ---------------------------------------------------------------- Ctrl-C (item 6)
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
+    import signal
+
+    run = str(tmp_path / "run")
+    proc = _training_process(run)
+    try:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = [line for line in err.strip().splitlines() if "rollingq train: interrupted" in line]
+    epoch = load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["epoch"]
+    assert len(last) == 1 and f"{os.path.join(run, 'checkpoints', 'last.pt')} (epoch {epoch} of 200)" in last[0]
+    assert f"`rollingq train --resume {run}`" in last[0]
+    assert not os.path.exists(os.path.join(run, "run.lock"))  # released: the resume command works at once

@@ -50,7 +50,7 @@ def test_a_swapped_timm_vit_loads_a_plain_timm_state_dict_strictly_and_computes_
 def test_a_swapped_timm_vit_trains_and_the_controller_rotates(tmp_path):
     vit = _swapped(seed=3, window="epoch").train()
     attn = vit.blocks[-1].attn
-    controller = RollingQ({"blocks.11.attn": attn}, beta=0.0, max_rotations=1)
+    controller = RollingQ({"blocks.11.attn": attn}, mode="paper", beta=0.0, max_rotations=1)
     trained = [*vit.blocks[-1].parameters(), *vit.norm.parameters(), *vit.head.parameters()]
     vit.requires_grad_(False)  # fine-tune the swapped block and the head: the backward stops there (fast on CPU)
     for p in trained:
@@ -106,8 +106,9 @@ def test_timm_block_passes_a_key_padding_mask_as_lengths():
     not_a_suffix[1, 1] = False  # a hole at the start of modality 0
     with pytest.raises(ValueError, match="attn_mask: the masked keys of modality 0 are not the end"):
         block(tokens, attn_mask=not_a_suffix)
+    causal = torch.ones(197, 197, dtype=torch.bool).tril().expand(3, 1, 197, 197)  # truly query-dependent
     with pytest.raises(ValueError, match="key-padding masks only"):
-        block(tokens, attn_mask=torch.ones(3, 1, 197, 197, dtype=torch.bool))
+        block(tokens, attn_mask=causal)
     with pytest.raises(ValueError, match="is_causal"):
         block(tokens, is_causal=True)
 

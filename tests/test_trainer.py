@@ -15,6 +15,7 @@ from rollingq.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from rollingq.config import load_config
 from rollingq.records import read_metrics
 from rollingq.train import load_run, resume, train
+from subprocess_env import child_pythonpath
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,12 +32,13 @@ TINY = [
     "train.batch_size=16",
     "train.num_threads=1",
     "train.progress=false",
+    "rollingq.mode=paper",  # the paper's rule without the safety rule: these tests check the trainer's plumbing
 ]
 
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python"), REPO, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH", ""))
     env["OMP_NUM_THREADS"] = "1"
     return env
 
@@ -165,16 +167,16 @@ def test_rotation_keeps_the_target_present_if_interrupted(tmp_path, monkeypatch)
 
 def test_best_is_written_before_last(tmp_path, monkeypatch):
     """An improved epoch writes best.pt first, so a crash between the two writes keeps a best checkpoint."""
-    import rollingq.train as train_mod
+    import rollingq.trainer as trainer_mod
 
     written = []
-    real_save = train_mod.atomic_save
+    real_save = trainer_mod.atomic_save
 
     def recording_save(obj, path, keep_previous=None):
         written.append((obj["epoch"], os.path.basename(path)))
         real_save(obj, path, keep_previous=keep_previous)
 
-    monkeypatch.setattr(train_mod, "atomic_save", recording_save)
+    monkeypatch.setattr(trainer_mod, "atomic_save", recording_save)
     train(load_config("synthetic", TINY + ["train.epochs=1"]), str(tmp_path / "run"))
     assert written == [(1, "best.pt"), (1, "last.pt")]
 
@@ -220,7 +222,8 @@ def test_estimation_pass_before_a_rotation(tmp_path):
 def test_controller_waits_for_its_start_epoch(tmp_path):
     cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=2", "rollingq.beta=0.0", "rollingq.start_epoch=2"])
     rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
-    assert rows[0]["rollingq"] == [] and not rows[0]["rotated"]
+    assert [(r["action"], r["reason"]) for r in rows[0]["rollingq"]] == [("wait", "before_start_epoch")]
+    assert not rows[0]["rotated"]
     assert rows[1]["rotated"] and rows[1]["rollingq"][0]["count"] == 211  # epoch 2's window only
 
 
@@ -244,3 +247,48 @@ def test_the_epoch_log_reads_the_layers_statistics_and_only_a_controlled_layer_k
         assert seen.num_batches == 14 and layer.statistics.num_batches == (14 if controlled else 0)
         assert row["air"] == pytest.approx(imbalance(window), abs=1e-12)
         assert row["mass"] == pytest.approx(window.mass_mean.mean(0).tolist(), abs=1e-12)
+
+
+# ---------------------------------------------------------------- damaged checkpoints: one line naming the key
+def _edited_checkpoint(run: str, edit) -> None:
+    path = os.path.join(run, "checkpoints", "last.pt")
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> str:
+    return train(load_config("synthetic", TINY + ["train.epochs=1"]), str(tmp_path_factory.mktemp("f") / "run"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("rng"), "has no 'rng'"),
+    (lambda s: s.pop("optimizer"), "has no 'optimizer'"),
+    (lambda s: s.pop("history"), "has no 'history'"),
+    (lambda s: s.pop("scheduler"), "has no 'scheduler'"),
+    (lambda s: s.pop("best_val"), "has no 'best_val'"),
+    (lambda s: s["rng"].pop("numpy"), "'rng' lacks the numpy"),
+    (lambda s: s.update(epoch=-5), "'epoch' must be the number of finished epochs (an integer >= 1), got -5"),
+    (lambda s: s.update(epoch=True), "'epoch' must be the number"),
+    (lambda s: s.update(history=[]), "'history' holds 0 row(s) for 'epoch' 1"),
+    (lambda s: s.update(optimizer={"x": 1}), "'optimizer' is not an optimizer's state dict"),
+    (lambda s: s.update(stage=7), "'stage' must be 1 or 2, got 7"),
+    (lambda s: s["model"].pop(next(iter(s["model"]))), "its model does not fit the model of config.yaml"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_the_key(finished_run, tmp_path, capsys, edit, message):
+    import shutil
+
+    from rollingq.cli import main
+
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    save_config_path = os.path.join(run, "config.yaml")
+    with open(save_config_path) as f:
+        text = f.read()
+    with open(save_config_path, "w") as f:
+        f.write(text.replace("epochs: 1\n", "epochs: 2\n"))
+    _edited_checkpoint(run, edit)
+    assert main(["train", "--resume", run, "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "last.pt" in err[0], err

@@ -22,6 +22,7 @@ if not _INTERPRET and not torch.cuda.is_available() and not _COLLECT_ONLY:
     pytest.skip("needs TRITON_INTERPRET=1 (Triton's CPU interpreter) or a CUDA GPU", allow_module_level=True)
 
 from rollingq_kernels import dropout_mask, rollingq_attention  # noqa: E402
+from rollingq_kernels.stats import KERNEL_STATISTICS, STATISTICS, KernelOutputs  # noqa: E402
 from rollingq_kernels.triton import configs  # noqa: E402
 from rollingq_kernels.triton import launch as ta  # noqa: E402
 from rollingq_kernels.triton.launch import SPLITS_ENV  # noqa: E402
@@ -39,6 +40,7 @@ TOL = {
     torch.float16: {"out": 2e-3, "grad": 4e-3},
     torch.bfloat16: {"out": 2e-2, "grad": 3e-2},
 }
+FLOAT_STATS = tuple(s.name for s in STATISTICS if s.dtype.is_floating_point)  # every float statistic
 STATS_TOL = 2e-5  # statistics are float32 and computed from exact products in every dtype
 
 
@@ -93,7 +95,7 @@ def _compare(segments, *, B=2, H=2, Dh=24, class_only=False, dtype=torch.float32
     if not compute_stats:
         assert stats is None
         return out, grads, lengths
-    for field in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+    for field in FLOAT_STATS:
         a, r = getattr(stats, field), getattr(r_stats, field)
         assert a.dtype == torch.float32, field
         torch.testing.assert_close(a.cpu().double(), r.double(), atol=STATS_TOL, rtol=STATS_TOL,
@@ -176,9 +178,9 @@ def test_without_stats(class_only):
     q, k, v, _ = (t.to(DEVICE) for t in _inputs(2, 2, N, 24, class_only, torch.float32, seed=8))
     lengths = LENGTHS_2.to(DEVICE)
     fwd = ta.attention_fwd(q, k, v, segments, lengths, None, 0.3, 0.0, 0, False)
-    assert all(t.shape == (0,) and t.dtype == torch.float32 for t in fwd[2:])
+    assert all(getattr(fwd, s.name).shape == (0,) and getattr(fwd, s.name).dtype == s.dtype for s in KERNEL_STATISTICS)
     with_stats = ta.attention_fwd(q, k, v, segments, lengths, None, 0.3, 0.0, 0, True)
-    assert torch.equal(fwd[0], with_stats[0]) and torch.equal(fwd[1], with_stats[1])
+    assert torch.equal(fwd.out, with_stats.out) and torch.equal(fwd.lse, with_stats.lse)
     _compare(segments, class_only=class_only, lengths=lengths, compute_stats=False, seed=8)
 
 
@@ -187,9 +189,8 @@ def test_lse_is_the_natural_log_sum_exp():
     N = 1 + sum(segments)
     q, k, v, _ = _inputs(2, 2, N, 24, False, torch.float32, seed=9)
     scale = 0.37
-    _, lse, *_ = ta.attention_fwd(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), segments, LENGTHS_2.to(DEVICE), None,
-                                  scale, 0.0, 0, True)
-    lse = lse.cpu()
+    lse = ta.attention_fwd(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), segments, LENGTHS_2.to(DEVICE), None,
+                           scale, 0.0, 0, True).lse.cpu()
     from rollingq_kernels.reference import key_valid_mask
 
     scores = scale * q.double() @ k.double().transpose(-1, -2)
@@ -335,7 +336,7 @@ def test_agrees_with_cpp_kernels(class_only):
     torch.testing.assert_close(out, c_out, atol=1e-5, rtol=1e-5)
     for name, a, c in zip(("dq", "dk", "dv"), grads, c_grads):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    for field in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+    for field in FLOAT_STATS:
         torch.testing.assert_close(getattr(stats, field), getattr(c_stats, field), atol=1e-5, rtol=1e-5)
 
 
@@ -356,7 +357,8 @@ def test_backward_ignores_the_lse_of_padded_query_rows():
     segs = (5, 6)
     q, k, v = (t.to(DEVICE) for t in _inputs(2, 2, 12, 16, False, torch.float32, seed=32)[:3])
     lengths = torch.tensor([[2, 6], [5, 1]], device=DEVICE)
-    out, lse, *_ = ta.attention_fwd(q, k, v, list(segs), lengths, None, 16**-0.5, 0.0, 0, False)
+    fwd = ta.attention_fwd(q, k, v, list(segs), lengths, None, 16**-0.5, 0.0, 0, False)
+    out, lse = fwd.out, fwd.lse
     padded = torch.tensor([[i >= 1 + 2 and i < 6 for i in range(12)], [i >= 7 for i in range(12)]], device=DEVICE)
     lse_wild = torch.where(padded[:, None, :], torch.full_like(lse, -1e30), lse)
     grad = torch.randn_like(out)
@@ -397,7 +399,7 @@ def test_padded_tokens_are_never_read(value, class_only):
     assert torch.equal(clean[0], dirty[0])
     if not class_only:
         assert torch.count_nonzero(dirty[0].masked_select(pad)) == 0
-    for name in ("key_mean", "mass", "cos", "cos_per_head", "query"):
+    for name in FLOAT_STATS:
         assert torch.equal(getattr(clean[1], name), getattr(dirty[1], name)), name
     for name, a, b in zip(("dq", "dk", "dv"), clean[2], dirty[2]):
         assert torch.equal(a, b), name
@@ -412,10 +414,11 @@ def test_empty_batch_or_heads_give_empty_outputs(B, H, class_only):
     N = 1 + sum(segments)
     q = torch.randn(B, H, 1 if class_only else N, 16, device=DEVICE)
     k, v = torch.randn(B, H, N, 16, device=DEVICE), torch.randn(B, H, N, 16, device=DEVICE)
-    out, lse, key_mean, mass, query = ta.attention_fwd(q, k, v, segments, None, None, 0.25, 0.0, 0, True)
-    assert out.shape == q.shape and lse.shape == (B, H, q.shape[2])
-    assert key_mean.shape == (B, H, 2, 16) and mass.shape == (B, H, 3) and query.shape == (B, H, 16)
-    dq, dk, dv = ta.attention_bwd(torch.randn_like(q), q, k, v, out, lse, segments, None, None, 0.25, 0.0, 0)
+    fwd = ta.attention_fwd(q, k, v, segments, None, None, 0.25, 0.0, 0, True)
+    assert fwd.out.shape == q.shape and fwd.lse.shape == (B, H, q.shape[2])
+    for s in KERNEL_STATISTICS:
+        assert getattr(fwd, s.name).shape == s.shape_of(B, H, 2, 16), s.name
+    dq, dk, dv = ta.attention_bwd(torch.randn_like(q), q, k, v, fwd.out, fwd.lse, segments, None, None, 0.25, 0.0, 0)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -504,6 +507,7 @@ def test_triton_ops_schema_no_aliasing_no_mutation(class_only):
     lengths = torch.tensor([[2, 4], [3, 1]], device=DEVICE)
     fwd_args = (q, k, v, segs, lengths, None, 0.25, 0.1, 3, True)
     torch.library.opcheck(register.triton_attention_fwd, fwd_args, test_utils=("test_schema",))
-    out, lse, *_ = register.triton_attention_fwd(*fwd_args)
+    fwd = KernelOutputs(*register.triton_attention_fwd(*fwd_args))
+    out, lse = fwd.out, fwd.lse
     bwd_args = (torch.randn_like(q), q, k, v, out, lse, segs, lengths, None, 0.25, 0.1, 3)
     torch.library.opcheck(register.triton_attention_bwd, bwd_args, test_utils=("test_schema",))

@@ -87,5 +87,4 @@ def build_controller(cfg: ConfigLike, model: MultimodalModel) -> RollingQ | None
     rq = as_config(cfg).rollingq
     if not rq.enabled:
         return None
-    return RollingQ([model.fusion_attention], rho=rq.rho, beta=rq.beta, max_rotations=rq.max_rotations,
-                    window=rq.window, method=rq.method, estimate=rq.estimate, indicator=rq.indicator)
+    return RollingQ([model.fusion_attention], settings=rq.settings(), seed=as_config(cfg).seed)

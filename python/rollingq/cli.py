@@ -7,8 +7,11 @@
 ``rollingq prepare DATASET ...`` (one-time conversions, :data:`rollingq.prepare.PREPARERS`).
 
 A user's mistake (a bad config key or value, a missing or corrupt data file or checkpoint, a run
-folder that is missing or already taken) ends with one line on stderr and exit code 2; ``--debug``
-shows the traceback instead.
+folder that is missing, already taken or in use by another process) ends with one line on stderr and
+exit code 2; ``--debug`` shows the traceback instead. The line is at most :data:`MAX_MESSAGE` characters;
+an error raised in a DataLoader worker is shown as the worker's own error, not its traceback. Ctrl-C
+(SIGINT) ends with one line (for ``train``: where the last checkpoint is and the command that continues
+the run) and exit code 130.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from .analysis.report import write_report
@@ -28,13 +32,24 @@ from .evaluate import evaluate_run, summarize
 from .extras import MissingExtra
 from .prepare import PREPARERS
 from .records import CHECKPOINT_NAMES
-from .train import NonFiniteError, resume, train
+from .train import NonFiniteError, RunLockedError, resume, train
 
 logger = logging.getLogger("rollingq.cli")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, MissingExtra, OSError, ValueError, NonFiniteError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, MissingExtra, OSError, ValueError, NonFiniteError,
+               RunLockedError)
 """What a user's input can cause; reported in one line (the message names the key, file or argument).
-A run that diverges (:class:`~rollingq.train.NonFiniteError`: bad data or too high a learning rate) too."""
+A run that diverges (:class:`~rollingq.train.NonFiniteError`: bad data or too high a learning rate) too, and a
+run folder held by another process (:class:`~rollingq.runlock.RunLockedError`)."""
+
+MAX_MESSAGE = 1000
+"""The longest error line printed (the message is cut in the middle beyond it)."""
+
+INTERRUPTED = 130
+"""The exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+_WORKER = re.compile(r"^Caught (?P<type>\w+) in DataLoader worker process (?P<worker>\d+)\.\s*\n"
+                     r"Original Traceback \(most recent call last\):\n(?P<trace>.*)$", re.S)
 
 
 class UsageError(SystemExit):
@@ -81,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="report", metavar="DIR")
 
-    d = sub.add_parser("demo", help="vanilla MT's attention collapse, and vanilla MT vs vanilla MT + RollingQ "
-                                    "(no downloads; about a minute on 2 quiet CPU cores)", parents=[common])
+    d = sub.add_parser("demo", help="vanilla MT's attention collapse, RollingQ beside it, unimodal and concat rows "
+                                    "for scale (no downloads; a few minutes on 2 CPU cores)", parents=[common])
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     d.add_argument("--dataset", default="all", choices=["all", "synthetic", "avdigits"],
@@ -90,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                    "under OUT/avdigits/data, read by the CREMA-D loader); or one of them")
     d.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
                    help="seeds to train (two or more: paired differences with 95%% t-intervals)")
+    d.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="runs trained at a time, one process and one torch thread each (default 2)")
 
     pr = sub.add_parser("prepare", help="write a dataset in the layout its loader reads (from a raw release, "
                         "or from what the package ships)", parents=[common])
@@ -145,11 +162,32 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    table, report = run_demo(args.out, epochs=args.epochs, dataset=args.dataset, seeds=args.seeds)
+    table, report = run_demo(args.out, epochs=args.epochs, dataset=args.dataset, seeds=args.seeds, jobs=args.jobs)
     print(table)
     if f"report: {report}" not in table:
         print(f"\nreport: {report}")
     return 0
+
+
+def one_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:
+    """The message of ``exc`` on one line of at most ``limit`` characters.
+
+    A DataLoader worker's error arrives as ``Caught X in DataLoader worker process N`` followed by the
+    worker's whole traceback; only the worker's own message is kept (with the worker named).
+    """
+    text = str(exc)
+    worker = _WORKER.match(text)
+    if worker is not None:
+        lines = worker["trace"].rstrip().splitlines()
+        frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+        cause = [line for line in lines[frames[-1] + 1 if frames else 0:] if not line.startswith(" ")]
+        message = " ".join(cause).split(": ", 1)[-1] if cause else worker["type"]
+        text = f"{message} (in DataLoader worker process {worker['worker']})"
+    text = " ".join(text.split())
+    if len(text) > limit:
+        half = (limit - 5) // 2
+        text = f"{text[:half]} [...] {text[-half:]}"
+    return text
 
 
 def _main_process() -> bool:
@@ -176,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split())
-        print(f"rollingq {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        print(f"rollingq {args.command}: error: {one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C; train's TrainingInterrupted says where the run stands
+        if args.debug:
+            raise
+        detail = f": {one_line(exc)}" if str(exc) else ""
+        print(f"rollingq {args.command}: interrupted (Ctrl-C){detail}", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

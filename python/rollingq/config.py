@@ -1,50 +1,38 @@
-"""Configuration: typed sections, YAML files with ``base:``, dotted overrides, strict validation.
+"""Configuration: a run's :class:`Config`, YAML files with ``base:``, dotted overrides, strict validation.
 
 A :class:`Config` has one dataclass per section (:class:`DataConfig`, :class:`ModelConfig`,
-:class:`RollingQConfig`, :class:`OgmConfig`, :class:`OptimConfig`, :class:`TrainConfig`); every
-default lives in its field and nowhere else. A YAML file only states what differs; overrides such as
-``optim.lr=0.01`` or ``data.modalities=[audio,visual]`` are read with ``yaml.safe_load`` and set at
-the dotted path. :meth:`Config.from_dict` rejects unknown keys (suggesting the closest valid one),
-values of the wrong type or out of range and inconsistent settings, naming the dotted key.
-Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["epochs"]``.
+:class:`RollingQConfig`, :class:`OgmConfig`, :class:`OptimConfig`, :class:`TrainConfig`, in
+:mod:`rollingq.sections`); every default lives in its field and nowhere else. A YAML file only states
+what differs; overrides such as ``optim.lr=0.01`` or ``data.modalities=[audio,visual]`` are read as
+bounded YAML and set at the dotted path. :meth:`Config.from_dict` validates the merged dict as an
+OmegaConf structured config (:mod:`rollingq.schema`): unknown keys (with the closest valid one
+suggested), values of the wrong type or out of range and inconsistent settings are errors naming the
+dotted key. Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["epochs"]``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
 
-from rollingq_kernels.accumulator import INDICATORS
-from rollingq_kernels.checks import BACKENDS
-from rollingq_kernels.controller import ESTIMATES, METHODS
-from rollingq_kernels.module import ROTATION_MODES
+from rollingq_kernels.settings import PRESETS
 
 from .data.registry import DATASETS
 from .distributed import DEVICES
 from .files import atomic_write_bytes
-from .models import ATTENTION_FUSIONS, FUSIONS
-from .models.encoders import BACKBONES
-from .schema import (
-    ConfigError,
-    Section,
-    build,
-    build_fields,
-    convert,
-    field_names,
-    join,
-    option,
-    plain,
-    unknown_key_error,
-)
+from .models import ATTENTION_FUSIONS
+from .schema import ConfigError, Section, build, echo, field_names, option
+from .sections import DATA_SECTIONS, DataConfig, ModelConfig, OgmConfig, OptimConfig, RollingQConfig, TrainConfig
+from .yaml_input import deep_merge, parse_override, read_yaml_file, set_dotted
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OgmConfig", "OptimConfig", "RollingQConfig",
@@ -54,218 +42,21 @@ __all__ = [
 
 logger = logging.getLogger("rollingq.config")
 
+SEED_MAX = 2**32 - 1
+"""The largest ``seed``: NumPy's legacy seeds are 32-bit, and the seed enters torch generators in sums."""
+
 RENAMED = {("model", "rotation"): "rotation_mode"}
 """Keys renamed since runs were saved with them: (section, old) -> new (read with a warning)."""
 
 
-def _distinct_names(names: list[str]) -> str | None:
-    if not names or len(set(names)) != len(names):
-        return "expected a non-empty list of distinct modality names"
-    return None
-
-
-def _window(value: Any) -> str | None:
-    if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+def _plain_name(value: Any) -> str | None:
+    """A run's ``name`` becomes part of a folder name: one plain path component, at most 100 characters."""
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    if (isinstance(value, str) and value not in ("", ".", "..") and len(value) <= 100
+            and not any(c in value for c in separators) and value.isprintable()):
         return None
-    return "expected 'epoch' or an integer >= 1 (the last K batches)"
-
-
-@dataclass
-class DataConfig(Section):
-    """``data``: the dataset, and the options of that dataset (``options``, flat in YAML).
-
-    The common keys are fields here; the dataset's own keys (``data.num_frames`` for CREMA-D,
-    ``data.task`` for MOSEI, ``data.synthetic.*`` for the synthetic task, …) are the fields of its
-    options section, named by the registry :data:`~rollingq.data.registry.DATASETS`.
-
-    Attributes:
-        name: the dataset, a key of the registry.
-        modalities: modality names in the model's input order; AIR is ``cos(first) − cos(second)``.
-        num_classes: classes of the labels (the head's outputs).
-        root: the dataset folder (file datasets).
-        val_fraction: the seeded hold-out of the training list used as validation when the dataset
-            has no validation list.
-        skip_bad: skip samples with missing or corrupt files (their count is logged) instead of failing.
-        num_workers: DataLoader worker processes.
-        options: the dataset's own keys.
-    """
-
-    name: str = option("synthetic", choices=tuple(DATASETS))
-    modalities: list[str] = option(factory=lambda: ["audio", "visual"], check=_distinct_names)
-    num_classes: int = option(2, ge=2)
-    root: str | None = None
-    val_fraction: float = option(0.1, gt=0.0, lt=1.0)
-    skip_bad: bool = False
-    num_workers: int = option(0, ge=0)
-    options: Section | None = None
-
-    def __post_init__(self) -> None:
-        if self.options is None:
-            self.options = DATASETS[self.name].options()
-
-    @classmethod
-    def from_raw(cls, raw: Any, prefix: str = "data") -> DataConfig:
-        """The section from its YAML keys: common ones here, the rest the options of ``data.name``."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
-        common = [f for f in field_names(cls) if f != "options"]
-        name_meta = cls.__dataclass_fields__["name"].metadata
-        name = convert(raw.get("name", cls.name), str, name_meta, join(prefix, "name"))
-        entry = DATASETS[name]
-        own = field_names(entry.options)
-        options_raw = {}
-        for key, value in raw.items():
-            if key in common:
-                continue
-            if key in own:
-                options_raw[key] = value
-                continue
-            others = [n for n, e in DATASETS.items() if key in field_names(e.options)]
-            if others:
-                datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
-                raise ConfigError(f"{join(prefix, key)}: a key of the {datasets}, not of "
-                                  f"{join(prefix, 'name')}={name!r} (its keys: {', '.join(common + own)})")
-            raise unknown_key_error(prefix, key, value, common + own)
-        options = build(entry.options, options_raw, prefix)
-        return build_fields(cls, {k: v for k, v in raw.items() if k in common}, prefix, extra={"options": options})
-
-    def __getitem__(self, key: str) -> Any:
-        if key in field_names(type(self.options)):
-            return getattr(self.options, key)
-        return super().__getitem__(key)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {name: plain(getattr(self, name)) for name in field_names(type(self)) if name != "options"}
-        out.update(self.options.to_dict())
-        return out
-
-
-@dataclass
-class ModelConfig(Section):
-    """``model``: encoders, the fusion head and its attention.
-
-    Attributes:
-        fusion: ``unimodal`` (with ``modality``), ``concat``, ``sum``, ``ogm_ge``, ``vanilla_mt``,
-            ``vanilla_mt_star``.
-        dim: token width of the encoders and the fusion.
-        encoder_depth, encoder_heads, mlp_ratio: each encoder's timm ViT blocks.
-        fusion_heads: heads of the fusion attention.
-        attn_drop, drop: attention-probability dropout (fusion) and dropout after projections.
-        backbone: ``vit`` (patch embeddings) or ``resnet18`` (the paper's Table 7 tokenizer).
-        pretrained: a local timm ViT checkpoint for the encoders (never downloaded).
-        rotation_mode: ``global`` (one ``(D, D)`` rotation) or ``per_head``.
-        backend: the op's backend (``auto``, ``cpp``, ``triton``, ``reference``).
-        progressive_epochs: ``vanilla_mt_star``: epochs trained with the first fusion block only.
-        modality: the modality the ``unimodal`` head reads.
-    """
-
-    fusion: str = option("vanilla_mt", choices=FUSIONS)
-    dim: int = option(64, ge=1)
-    encoder_depth: int = option(2, ge=0)
-    encoder_heads: int = option(4, ge=1)
-    mlp_ratio: float = option(2.0, gt=0.0)
-    fusion_heads: int = option(1, ge=1)
-    attn_drop: float = option(0.0, ge=0.0, lt=1.0)
-    drop: float = option(0.0, ge=0.0, lt=1.0)
-    backbone: str = option("vit", choices=BACKBONES)
-    pretrained: str | None = None
-    rotation_mode: str = option("global", choices=ROTATION_MODES)
-    backend: str = option("auto", choices=BACKENDS)
-    progressive_epochs: int = option(0, ge=0)
-    modality: str | None = None
-
-    def arguments(self) -> dict[str, Any]:
-        """The model's constructor arguments (``progressive_epochs`` is the trainer's)."""
-        out = self.to_dict()
-        del out["progressive_epochs"]
-        return out
-
-
-@dataclass
-class RollingQConfig(Section):
-    """``rollingq``: the controller (:class:`rollingq_kernels.controller.RollingQ`).
-
-    Attributes:
-        enabled: control the model's last active fusion attention.
-        rho, beta, max_rotations, window, method, estimate, indicator: the controller's arguments
-            (``indicator``: ``cos``, the paper's AIR, or ``score``, Eq. 3 weighted by token counts and
-            mean-key norms; ``docs/synthetic_study.md``).
-        start_epoch: the first epoch at whose end it may rotate (earlier windows are discarded).
-        min_accuracy_gain: the first-rotation guard: rotate only after an epoch whose training accuracy
-            beats the majority-class share by this much (a negative value switches it off;
-            :func:`rollingq_kernels.controller.accuracy_guard`).
-    """
-
-    enabled: bool = False
-    rho: float = option(1.0, gt=0.0)
-    beta: float = option(0.1, ge=0.0)
-    max_rotations: int = option(1, ge=0)
-    window: str | int = option("epoch", check=_window)
-    method: str = option("plane", choices=METHODS)
-    estimate: str = option("accumulate", choices=ESTIMATES)
-    start_epoch: int = option(1, ge=1)
-    min_accuracy_gain: float = option(0.05, le=1.0)
-    indicator: str = option("cos", choices=INDICATORS)
-
-
-@dataclass
-class OgmConfig(Section):
-    """``ogm``: OGM-GE gradient modulation (``model.fusion: ogm_ge``).
-
-    Attributes:
-        alpha: the modulation strength (coefficient ``1 − tanh(alpha · ratio)``).
-        start_epoch, end_epoch: the epochs (inclusive) in which it modulates.
-    """
-
-    alpha: float = option(0.1, ge=0.0)
-    start_epoch: int = option(1, ge=1)
-    end_epoch: int = option(1000, ge=1)
-
-
-@dataclass
-class OptimConfig(Section):
-    """``optim``: the optimizer and the warm-up + cosine schedule (per step).
-
-    Attributes:
-        name: ``sgd`` (with ``momentum``) or ``adamw``.
-        lr, weight_decay: learning rate and weight decay.
-        momentum: SGD's momentum.
-        warmup_epochs: linear warm-up length, in epochs (fractions allowed).
-        min_lr: the learning rate at the end of the cosine.
-    """
-
-    name: str = option("sgd", choices=("sgd", "adamw"))
-    lr: float = option(1e-3, ge=0.0)
-    momentum: float = option(0.9, ge=0.0, le=1.0)
-    weight_decay: float = option(1e-4, ge=0.0)
-    warmup_epochs: float = option(1.0, ge=0.0)
-    min_lr: float = option(0.0, ge=0.0)
-
-
-@dataclass
-class TrainConfig(Section):
-    """``train``: the loop.
-
-    Attributes:
-        epochs: epochs to train.
-        batch_size: samples per step (over all processes); eval_batch_size: per validation batch.
-        probe_loss_weight: weight of the detached linear probes' loss.
-        bf16: bf16 autocast on GPU (never on CPU).
-        grad_clip: clip the gradient norm to this, or None.
-        progress: progress bars on a terminal.
-        num_threads: torch CPU threads, or None for torch's default.
-    """
-
-    epochs: int = option(30, ge=1)
-    batch_size: int = option(64, ge=1)
-    eval_batch_size: int = option(128, ge=1)
-    probe_loss_weight: float = option(1.0, ge=0.0)
-    bf16: bool = True
-    grad_clip: float | None = option(None, gt=0.0)
-    progress: bool = True
-    num_threads: int | None = option(None, ge=1)
+    return ("expected one plain folder name (no '/', '\\', '.' or '..', printable, at most 100 characters; "
+            "the run folder is <out_dir>/<dataset>_<name>_<time>)")
 
 
 @dataclass
@@ -273,29 +64,24 @@ class Config(Section):
     """A whole run's configuration (``config.yaml``).
 
     Attributes:
-        name: the run's label (runs of one dataset and name form a group in reports).
-        seed: seeds everything: data order, augmentation, initialization, the synthetic task.
+        name: the run's label (runs of one dataset and name form a group in reports); one plain folder name.
+        seed: seeds everything: data order, augmentation, initialization, the synthetic task
+            (0 to :data:`SEED_MAX`).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         out_dir: where a run without ``--out`` goes.
         data, model, rollingq, ogm, optim, train: the sections.
     """
 
-    name: str = "run"
-    seed: int = option(0, ge=0)
+    name: str = option("run", check=_plain_name)
+    seed: int = option(0, ge=0, le=SEED_MAX)
     device: str = option("auto", choices=DEVICES)
     out_dir: str = "runs"
-    data: DataConfig = option(factory=DataConfig)
+    data: DataConfig = option(factory=lambda: DATA_SECTIONS["synthetic"]())
     model: ModelConfig = option(factory=ModelConfig)
     rollingq: RollingQConfig = option(factory=RollingQConfig)
     ogm: OgmConfig = option(factory=OgmConfig)
     optim: OptimConfig = option(factory=OptimConfig)
     train: TrainConfig = option(factory=TrainConfig)
-
-    @classmethod
-    def from_raw(cls, raw: Any, prefix: str = "") -> Config:
-        cfg = build_fields(cls, _apply_renames(raw), prefix)
-        cfg.check()
-        return cfg
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Config:
@@ -304,7 +90,25 @@ class Config(Section):
         Raises:
             ConfigError: naming the dotted key of the first problem.
         """
-        return cls.from_raw(raw)
+        raw = _apply_renames(raw)
+        data = raw.get("data") if isinstance(raw, Mapping) else None
+        name = data.get("name", "synthetic") if isinstance(data, Mapping) else "synthetic"
+        if not isinstance(name, str) or name not in DATASETS:
+            raise ConfigError(f"data.name: expected one of {', '.join(DATASETS)}, got {echo(name)}")
+        own = field_names(DATA_SECTIONS[name])
+        for key in data if isinstance(data, Mapping) else ():
+            others = [n for n, e in DATASETS.items() if key not in own and key in field_names(e.options)]
+            if others:
+                datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
+                raise ConfigError(f"data.{key}: a key of the {datasets}, not of data.name={name!r} "
+                                  f"(its keys: {', '.join(own)})")
+        rq = raw.get("rollingq") if isinstance(raw, Mapping) else None
+        mode = rq.get("mode") if isinstance(rq, Mapping) else None
+        if isinstance(mode, str) and mode in PRESETS:  # the preset's values, replaced by the keys given
+            raw = {**raw, "rollingq": {**PRESETS[mode], **rq}}
+        cfg = build(_schema(name), raw)
+        cfg.check()
+        return cfg
 
     def check(self) -> None:
         """Rules across keys: the dataset has the modalities, heads divide ``model.dim``, RollingQ
@@ -324,6 +128,9 @@ class Config(Section):
                               f"modalities, got {d.modalities}")
         if m.fusion == "unimodal" and m.modality not in d.modalities:
             raise ConfigError(f"model.modality: the unimodal head needs one of {d.modalities}, got {m.modality!r}")
+        if m.init_encoders and set(m.init_encoders) - set(d.modalities):
+            raise ConfigError(f"model.init_encoders: {sorted(set(m.init_encoders) - set(d.modalities))} not among "
+                              f"data.modalities {d.modalities}")
         if self.rollingq.enabled and not attention:
             raise ConfigError(f"rollingq.enabled: RollingQ needs an attention fusion {ATTENTION_FUSIONS}, "
                               f"got model.fusion={m.fusion!r}")
@@ -344,12 +151,26 @@ class Config(Section):
         if self.rollingq.enabled and self.rollingq.start_epoch > epochs:
             logger.warning("rollingq.start_epoch %d is after the last epoch (train.epochs=%d): RollingQ never rotates",
                            self.rollingq.start_epoch, epochs)
+        if self.rollingq.enabled and self.rollingq.mode == "official":
+            for key, (value, official) in self.rollingq.settings().deviations().items():
+                logger.warning("rollingq.%s=%r departs from the official semantics (rollingq.mode=official sets %r)",
+                               key, value, official)
+            if m.fusion_block != "official" or m.fusion_heads != 1:
+                logger.warning("rollingq.mode=official with model.fusion_block=%r and model.fusion_heads=%d: the "
+                               "official fusion is model.fusion_block=official with one head", m.fusion_block,
+                               m.fusion_heads)
         if m.progressive_epochs and m.fusion != "vanilla_mt_star":
             logger.warning("model.progressive_epochs=%d has no effect with model.fusion=%r (only vanilla_mt_star "
                            "trains progressively)", m.progressive_epochs, m.fusion)
         elif m.progressive_epochs >= epochs > 0 and m.fusion == "vanilla_mt_star":
             logger.warning("model.progressive_epochs=%d >= train.epochs=%d: the second fusion block never trains",
                            m.progressive_epochs, epochs)
+
+
+@functools.cache
+def _schema(dataset: str) -> DictConfig:
+    """The structured config of :class:`Config` with the ``data`` section of ``dataset`` (its defaults)."""
+    return OmegaConf.structured(Config(data=DATA_SECTIONS[dataset]()))
 
 
 def _apply_renames(raw: Any) -> Any:
@@ -371,51 +192,6 @@ def _apply_renames(raw: Any) -> Any:
 def as_config(cfg: Config | Mapping[str, Any]) -> Config:
     """``cfg`` itself, or the validated :class:`Config` of a YAML-shaped dict."""
     return cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """Return a copy of ``base`` with ``update`` merged in recursively (dicts merge, other values replace)."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
-    """Set ``cfg[a][b][c] = value`` for ``dotted == "a.b.c"``, creating intermediate dicts."""
-    parts = dotted.split(".")
-    if not all(parts):
-        raise ConfigError(f"override key: expected a dotted path like 'optim.lr', got {dotted!r}")
-    node = cfg
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            raise ConfigError(f"{dotted}: {where} holds {child!r}, not a mapping of keys")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``key=value``; the value is read with ``yaml.safe_load`` (so ``1e-3``, ``true``, ``[a,b]`` work)."""
-    if "=" not in text:
-        raise ConfigError(f"override: expected key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
-    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-    return key.strip(), value
 
 
 def packaged_config_dir() -> str:
@@ -449,24 +225,18 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return Config.from_dict(raw)
 
 
-def _read_yaml(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config {path}: cannot read it as YAML ({type(exc).__name__}: {exc})") from exc
-
-
 def _read_with_bases(path: str, chain: list[str]) -> dict:
     """A config file merged over its ``base:`` file (a path relative to it), recursively."""
     if path in chain:
         raise ConfigError(f"config {path}: circular 'base:' chain {chain + [path]}")
-    loaded = _read_yaml(path) or {}
+    loaded = read_yaml_file(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
     base = loaded.pop("base", None)
     if base is None:
         return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"config {path}: base: expected a file name relative to it, got {echo(base)}")
     base_path = os.path.join(os.path.dirname(path), base)
     if not os.path.isfile(base_path):
         raise ConfigError(f"config {path}: base file {base!r} not found (looked at {base_path})")
@@ -487,6 +257,6 @@ def read_config(path: str) -> Config:
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file (expected a run folder written by rollingq train)")
     try:
-        return Config.from_dict(_read_yaml(path) or {})
+        return Config.from_dict(read_yaml_file(path) or {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

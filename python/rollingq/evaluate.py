@@ -35,7 +35,7 @@ from .analysis.noise import NOISE_LEVELS, RunningMoments, add_gaussian_noise, re
 from .build import build_dataset, make_loader
 from .data.common import SPLITS
 from .files import atomic_write_bytes
-from .records import eval_filename
+from .records import eval_filename, record_written
 from .train import load_run
 
 logger = logging.getLogger(__name__)
@@ -336,6 +336,7 @@ def evaluate_run(
         **evaluate_model(model, loader, modalities, noise_modality=noise_modality, seed=seed),
     }
     path = os.path.join(run_dir, eval_filename(split))
+    record_written(run_dir, [eval_filename(split)])  # --overwrite removes it with the run
     atomic_write_bytes(json.dumps(result, indent=1).encode("utf-8"), path)
     logger.info("wrote %s (accuracy %.4f, noise modality %s)", path, result["accuracy"], result["noise_modality"])
     return result

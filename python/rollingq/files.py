@@ -65,6 +65,34 @@ def _write_file(path: str, data: bytes | memoryview) -> None:
         os.close(fd)
 
 
+def _disk_full(exc: OSError, path: str, size: int) -> DiskFullError:
+    folder = os.path.dirname(os.path.abspath(path))
+    free = _free_bytes(folder)
+    left = "" if free is None else f", {free} bytes free in {folder}"
+    return DiskFullError(
+        exc.errno, f"{path}: no space left on the device to write {size} bytes{left} "
+        f"({os.strerror(exc.errno)}); free some space and continue the run with --resume", path,
+    )
+
+
+def append_bytes(data: bytes, path: str) -> None:
+    """Append ``data`` to ``path`` (created if missing) with one ``O_APPEND`` write, then fsync: a short
+    record (a line) lands whole even when several processes append. A full disk is a :class:`DiskFullError`."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise _disk_full(exc, path, len(data)) from exc
+        raise
+
+
 def atomic_write_bytes(data: bytes | memoryview, path: str, keep_previous: str | None = None) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename, folder fsync).
 
@@ -87,13 +115,7 @@ def atomic_write_bytes(data: bytes | memoryview, path: str, keep_previous: str |
         if os.path.lexists(tmp):
             os.remove(tmp)
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-            size = memoryview(data).nbytes
-            free = _free_bytes(folder)
-            left = "" if free is None else f", {free} bytes free in {folder}"
-            raise DiskFullError(
-                exc.errno, f"{path}: no space left on the device to write {size} bytes{left} "
-                f"({os.strerror(exc.errno)}); free some space and continue the run with --resume", path,
-            ) from exc
+            raise _disk_full(exc, path, memoryview(data).nbytes) from exc
         raise
     if keep_previous is not None and os.path.exists(path):
         # hard-link the current file to a temporary name and rename that over keep_previous, so

@@ -139,12 +139,16 @@ def _number(value: Any, fmt: str) -> str:
 def record_summary(record: dict) -> str:
     """One line of a controller record (``RotationRecord`` as a dict): what it decided and why."""
     what = "rotated" if record.get("rotated") else f"not rotated ({record.get('reason') or 'no reason'})"
+    if record.get("action") in ("cap", "rollback"):
+        what = "rotated (capped)" if record["action"] == "cap" else f"rolled back ({record.get('reason')})"
     parts = [f"AIR {_number(record.get('air'), '{:+.4f}')}"]
     if record.get("indicator", "cos") != "cos":
         parts.append(f"{record['indicator']} {_number(record.get('value'), '{:+.4f}')}")
     parts.append(f"samples {record.get('count')}")
     if record.get("rotated"):
-        parts.append(f"angle {_number(record.get('angle_deg'), '{:.2f}')} deg")
+        applied = record.get("applied_angle_deg", record.get("angle_deg"))
+        proposed = "" if applied == record.get("angle_deg") else f" of {_number(record.get('angle_deg'), '{:.2f}')}"
+        parts.append(f"angle {_number(applied, '{:.2f}')}{proposed} deg")
     parts.append(f"rotations {record.get('num_rotations')}")
     if record.get("assumption_warning"):
         parts.append("the indicator and the attention mass favour different modalities")

@@ -8,6 +8,11 @@ A run folder written by ``rollingq train`` (and ``rollingq eval``) holds::
     tensorboard/              TENSORBOARD_DIR
     checkpoints/{best,last,previous}.pt   checkpoint_path(run_dir, name)
     eval.json                 EVAL_FILENAME: the test split's evaluation (eval_<split>.json otherwise)
+    manifest.txt              MANIFEST_FILENAME: every path above that rollingq wrote (record_written)
+    run.lock                  while a process runs in the folder (rollingq.runlock)
+
+``--overwrite`` removes exactly the paths of ``manifest.txt`` (any other file in the folder is the
+user's and stays); a folder written before the manifest existed falls back to the fixed names above.
 
 JSON has no NaN or infinity: :func:`jsonable` writes a non-finite float as the string ``"nan"``,
 ``"inf"`` or ``"-inf"`` (never ``null``, which means "not applicable" here), and :func:`read_metrics`
@@ -23,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .files import TEMPORARY, atomic_write_bytes
+from .files import TEMPORARY, append_bytes, atomic_write_bytes
 
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.jsonl"
@@ -34,6 +39,9 @@ CHECKPOINT_NAMES = ("best", "last", "previous")
 """``best``: best validation accuracy; ``last``: end of the last finished epoch; ``previous``: the one before."""
 EVAL_FILENAME = "eval.json"
 """The test split's evaluation; any other split ``s`` goes to ``eval_<s>.json`` (:func:`eval_filename`)."""
+EVAL_SPLITS = ("train", "val", "test")
+MANIFEST_FILENAME = "manifest.txt"
+"""The paths (relative to the run folder, one per line) that rollingq wrote there: what ``--overwrite`` removes."""
 
 
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -43,14 +51,14 @@ NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 def _is_run_file(name: str) -> bool:
     match = TEMPORARY.match(name)
     name = match["target"] if match else name
-    return name in (CONFIG_FILENAME, METRICS_FILENAME, LOG_FILENAME, TENSORBOARD_DIR) or (
-        name.startswith("eval") and name.endswith(".json")
-    )
+    return name in (CONFIG_FILENAME, METRICS_FILENAME, LOG_FILENAME, TENSORBOARD_DIR, MANIFEST_FILENAME) or (
+        name in {eval_filename(split) for split in EVAL_SPLITS})
 
 
 def run_files(run_dir: str) -> list[str]:
     """The files and folders of a run that exist in ``run_dir``: config, metrics, log, TensorBoard,
-    evaluations, checkpoints, and the temporaries of their atomic writes. Other files are not a run's."""
+    evaluations, checkpoints, the manifest, and the temporaries of their atomic writes, by their fixed
+    names. Other files are not a run's."""
     found = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         if _is_run_file(name):
@@ -62,6 +70,39 @@ def run_files(run_dir: str) -> list[str]:
             if (match["target"] if match else name) in {f"{c}.pt" for c in CHECKPOINT_NAMES}:
                 found.append(os.path.join(checkpoints, name))
     return found
+
+
+def _plain_relative(entry: str) -> bool:
+    """A path inside the run folder: relative, without ``..``, ``.`` or empty parts."""
+    parts = entry.split("/")
+    return bool(entry) and not os.path.isabs(entry) and "\\" not in entry and all(
+        p not in ("", ".", "..") for p in parts)
+
+
+def record_written(run_dir: str, entries: list[str]) -> None:
+    """Add ``entries`` (paths relative to ``run_dir``, ``/``-separated) to ``manifest.txt`` before they are
+    written (write-ahead: a crash never leaves a file of ours unrecorded). Appends one line per new entry
+    (``O_APPEND``: a concurrent ``rollingq eval`` adds its lines whole)."""
+    for entry in entries:
+        if not _plain_relative(entry):
+            raise ValueError(f"manifest entry: expected a relative path inside the run folder, got {entry!r}")
+    known = set(recorded_files(run_dir))
+    new = [e for e in dict.fromkeys(entries) if e not in known]
+    if not new:
+        return
+    append_bytes("".join(e + "\n" for e in new).encode("utf-8"), os.path.join(run_dir, MANIFEST_FILENAME))
+
+
+def recorded_files(run_dir: str) -> list[str]:
+    """The entries of ``manifest.txt`` (relative paths, in order, each once); ``[]`` without a manifest.
+    Lines that are not a plain relative path inside the folder are ignored (a manifest never removes
+    anything outside its run folder)."""
+    path = os.path.join(run_dir, MANIFEST_FILENAME)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.rstrip("\n") for line in f]
+    return list(dict.fromkeys(line for line in lines if _plain_relative(line)))
 
 
 def checkpoint_path(run_dir: str, name: str) -> str:

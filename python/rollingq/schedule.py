@@ -7,6 +7,12 @@ import math
 import torch
 
 
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, epochs: int) -> int:
+    """The warm-up in optimizer steps: ``warmup_epochs`` (fractions allowed) of ``steps_per_epoch`` steps,
+    at most the run's ``epochs`` (so a huge value such as ``1e308`` does not overflow)."""
+    return int(min(float(warmup_epochs), float(epochs)) * steps_per_epoch)
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -14,8 +14,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
+
+from .analysis.metrics import accuracy, mean_mass_by_modality
+from .analysis.noise import replace_with_noise
+from .build import build_dataset, make_loader
+from .evaluate import collect_outputs
 from .extras import require
+from .files import atomic_write_bytes
 from .records import eval_filename, read_metrics
+from .train import load_run
 
 #: The collapse criteria of issue 12 (vanilla MT, equal token counts).
 MIN_DOMINANT_MASS = 0.70
@@ -38,6 +46,8 @@ class RunSummary:
         air_epochs, mass_epochs: AIR and the mass on ``dominant`` per training epoch (training batches).
         val_epochs: validation accuracy per epoch.
         rotations: epochs at whose end the query was rotated.
+        accuracy_weak_replaced: accuracy with the weak modality replaced by noise (None unless
+            :func:`evaluate_replaced` ran): for attention fusion, the dominant modality alone, attention-pooled.
         air_sign: +1 when a growing AIR means a growing lean toward ``dominant`` (it is the first of two
             modalities), -1 when it is the second of two; +1 with more than two modalities, where the
             value is the spread max − min, which has no direction: ``air_grows`` then means "the
@@ -63,6 +73,7 @@ class RunSummary:
     val_epochs: list[float]
     rotations: list[int]
     air_sign: int = 1
+    accuracy_weak_replaced: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +93,11 @@ def summarize_run(run_dir: str, split: str = "test") -> RunSummary:
     attention = result.get("attention") or {}
     pearson = result.get("pearson") or {}
     curve = result["noise_robustness"]
+    replaced_path = os.path.join(run_dir, replaced_filename(split))
+    weak_replaced = None
+    if os.path.isfile(replaced_path) and len(mods) == 2:
+        with open(replaced_path, encoding="utf-8") as f:
+            weak_replaced = json.load(f).get(weak, {}).get("accuracy")
     return RunSummary(
         name=str(result["name"]),
         seed=int(result["run_seed"]),
@@ -102,7 +118,39 @@ def summarize_run(run_dir: str, split: str = "test") -> RunSummary:
         val_epochs=[float(row["val_acc"]) for row in history],
         rotations=[int(row["epoch"]) for row in history if row.get("rotated")],
         air_sign=-1 if len(mods) == 2 and m == 1 else 1,
+        accuracy_weak_replaced=weak_replaced,
     )
+
+
+# ---------------------------------------------------------------------------- each modality replaced
+def replaced_filename(split: str) -> str:
+    """``eval_replaced_<split>.json``: accuracy and mass with each modality replaced by noise."""
+    return f"eval_replaced_{split}.json"
+
+
+def evaluate_replaced(run_dir: str, split: str = "test", seed: int = 0, checkpoint: str = "last") -> dict:
+    """Accuracy (and, for attention fusion, the class-row mass) with each modality in turn replaced by
+    Gaussian noise of each sample's own mean and std (the protocol of ``eval.json``'s ``noise_replaced``).
+
+    With the weak modality replaced, an attention model shows what it does with the dominant modality
+    alone, pooled by its own attention: the like-with-like counterpart of a unimodal model. Writes
+    ``RUN_DIR/eval_replaced_<split>.json``: ``{modality: {"accuracy": float, "mass": {name: float} | None}}``.
+    """
+    model, cfg = load_run(run_dir, checkpoint=checkpoint)
+    loader = make_loader(build_dataset(cfg, split), cfg, train=False)
+    mods = list(cfg.data.modalities)
+    out = {}
+    for m, name in enumerate(mods):
+        generator = torch.Generator().manual_seed(seed + 1)
+
+        def transform(inputs, idx, m=m, generator=generator):
+            return [replace_with_noise(x, generator) if i == m else x for i, x in enumerate(inputs)]
+
+        c = collect_outputs(model, loader, transform, desc=f"{name} replaced")
+        out[name] = {"accuracy": accuracy(c.logits, c.labels),
+                     "mass": None if c.mass is None else mean_mass_by_modality(c.mass, mods)}
+    atomic_write_bytes(json.dumps(out, indent=1).encode("utf-8"), os.path.join(run_dir, replaced_filename(split)))
+    return out
 
 
 # ---------------------------------------------------------------------------- the collapse criteria
@@ -187,6 +235,7 @@ def paired_rows(pairs: Sequence[tuple[RunSummary, RunSummary]]) -> list[tuple[st
     first = pairs[0][0]
     add("accuracy, clean", lambda r: r.accuracy)
     add(f"accuracy, {first.dominant} replaced by noise", lambda r: r.accuracy_replaced)
+    add(f"accuracy, {first.weak} replaced by noise", lambda r: r.accuracy_weak_replaced)
     for i, level in enumerate(first.noise_levels):
         if level > 0:
             add(f"accuracy, noise level {level:g} on {first.dominant}", lambda r, i=i: _at(r.noise_curve, i))
@@ -251,7 +300,8 @@ def _value(run: RunSummary, label: str):
         level = float(label.split()[3])
         return _at(run.noise_curve, run.noise_levels.index(level)) if level in run.noise_levels else None
     if label.startswith("accuracy, ") and label.endswith("replaced by noise"):
-        return run.accuracy_replaced
+        return run.accuracy_replaced if label == f"accuracy, {run.dominant} replaced by noise" \
+            else run.accuracy_weak_replaced
     if label.startswith("Pearson"):
         return run.pearson
     if label.startswith("probe accuracy"):

@@ -143,7 +143,7 @@ def class_only_fwd_kernel(
 
 @triton.jit(do_not_specialize=["H", "SPLITS"])
 def class_only_combine_kernel(
-    PartML, PartAcc, PartSeg, PartKey, Out, Lse, KeyMean, Mass, Table, Lengths,
+    PartML, PartAcc, PartSeg, PartKey, Out, Lse, Table, Lengths, KeyMean, Mass, ScoreMax,
     H, SPLITS,
     NUM_MOD: tl.constexpr, S_PAD: tl.constexpr, M_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, STATS: tl.constexpr, WITH_V: tl.constexpr,
@@ -151,8 +151,10 @@ def class_only_combine_kernel(
 ):
     """Merge the splits of one ``(b, h)`` in split order (deterministic).
 
-    Writes Out ``(B·H, Dh)`` and Lse ``(B·H,)`` when ``WITH_V``; KeyMean ``(B·H, M, Dh)`` and Mass
-    ``(B·H, M+1)`` (float32) when ``STATS``.
+    Writes Out ``(B·H, Dh)`` and Lse ``(B·H,)`` when ``WITH_V``; when ``STATS`` the kernel statistics of
+    ``rollingq_kernels.stats.STATISTICS`` but ``query`` (the launcher's), in the table's order: KeyMean
+    ``(B·H, M, Dh)``, Mass ``(B·H, M+1)`` and ScoreMax ``(B·H,)`` (float32; the class row's largest scaled
+    score in natural units).
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     bh = tl.program_id(0).to(tl.int64)
@@ -184,6 +186,7 @@ def class_only_combine_kernel(
         tl.store(Lse + bh, ((m + tl.log2(l_sum)) * LN2_K).to(tl.float32))
     if STATS:
         tl.store(Mass + bh * (NUM_MOD + 1) + s_idx, (seg_sum / l_sum).to(tl.float32), mask=s_idx <= NUM_MOD)
+        tl.store(ScoreMax + bh, (m * LN2_K).to(tl.float32))  # the max is kept in scaled log2 units
         count = tl.zeros([M_PAD], tl.int32)
         for mod in tl.static_range(NUM_MOD):
             start, valid_end, _ = segment_bounds(Table, Lengths, b, mod + 1, NUM_MOD, HAS_LENGTHS)

@@ -29,6 +29,7 @@ from .._library import triton_interpret
 from ..checks import INDEX_LIMIT, SUPPORTED_DTYPES, check_alike
 from ..class_query import rotate_class_query, rotation_chain_rule
 from ..dropout import dropout_threshold
+from ..stats import KernelOutputs, empty_kernel_stats
 from .backward import all_query_delta_kernel, all_query_dkdv_kernel, all_query_dq_kernel
 from .class_only import class_only_bwd_kernel, class_only_combine_kernel, class_only_fwd_kernel
 from .common import LOG2E
@@ -145,10 +146,6 @@ def _tables(segments: Sequence[int], lengths: torch.Tensor | None, q: torch.Tens
     return table, (lengths if lengths is not None else q.new_empty((1,), dtype=torch.int64))
 
 
-def _empty_stats(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(q.new_empty((0,), dtype=torch.float32) for _ in range(3))  # type: ignore[return-value]
-
-
 def _class_rows(q0_rot: torch.Tensor, sign: float) -> torch.Tensor:
     """The rotated class rows ``(B, H, Dh)`` as the kernels read them: ``(B·H, Dh)``, contiguous, sign-adjusted."""
     B, H, Dh = q0_rot.shape
@@ -162,7 +159,7 @@ def _class_rows(q0_rot: torch.Tensor, sign: float) -> torch.Tensor:
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[int], lengths: torch.Tensor | None,
     rotation: torch.Tensor | None, scale: float, dropout_p: float, seed: int, compute_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> KernelOutputs:
     """The op's forward (``rollingq::attention_fwd``) with Triton kernels.
 
     Args:
@@ -171,26 +168,24 @@ def attention_fwd(
         rotation: None, ``(H·Dh, H·Dh)`` or ``(H, Dh, Dh)`` (float32/float64).
 
     Returns:
-        ``out`` (like q), ``lse`` ``(B, H, Nq)`` f32 (natural log), ``key_mean`` ``(B, H, M, Dh)``,
-        ``mass`` ``(B, H, M+1)``, ``query`` ``(B, H, Dh)`` (f32; empty ``(0,)`` without stats).
+        :class:`~rollingq_kernels.stats.KernelOutputs`: ``out`` (like q), ``lse`` ``(B, H, Nq)`` f32 (natural
+        log) and the kernel statistics of the table (f32; empty ``(0,)`` without stats).
     """
     segments = [int(s) for s in segments]
     check_arguments(q, k, v, segments, lengths, rotation)
     B, H, N, Dh = k.shape
     nq = q.shape[2]
-    M = len(segments)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
     q0_rot = rotate_class_query(q[:, :, 0, :], rotation)  # (B, H, Dh), input dtype
+    stats = empty_kernel_stats(q, segments, compute_stats)
     if compute_stats:
-        key_mean = torch.empty((B, H, M, Dh), dtype=torch.float32, device=q.device)
-        mass = torch.empty((B, H, M + 1), dtype=torch.float32, device=q.device)
-        query = torch.empty((B, H, Dh), dtype=torch.float32, device=q.device)
-        query.copy_(q0_rot)  # a fresh tensor even for float32 q: outputs never alias inputs
-    else:
-        key_mean, mass, query = _empty_stats(q)
+        stats["query"].copy_(q0_rot)  # a fresh tensor even for float32 q: outputs never alias inputs
+    # the statistics the class-row kernels write, in the table's order (the combine kernel's arguments)
+    written = tuple(t for name, t in stats.items() if name != "query")
+    result = KernelOutputs(out, lse, **stats)
     if B * H == 0:
-        return out, lse, key_mean, mass, query
+        return result
     sign = -1.0 if scale < 0 else 1.0
     qk = _split_float(abs(float(scale)) * LOG2E)
     drop = _split_float(1.0 / (1.0 - float(dropout_p)))
@@ -201,9 +196,9 @@ def attention_fwd(
     dropout = dropout_p > 0.0
     if nq == 1:
         table, lens = _tables(segments, lengths, q, needed=True)
-        _class_only_fwd(q0, k, v, out, lse, key_mean, mass, table, lens, scalars, meta, compute_stats,
+        _class_only_fwd(q0, k, v, out, lse, written, table, lens, scalars, meta, compute_stats,
                         with_v=True, dropout=dropout)
-        return out, lse, key_mean, mass, query
+        return result
     table, lens = _tables(segments, lengths, q, needed=lengths is not None or compute_stats)
     q_main = q.contiguous() if sign > 0 else -q.contiguous()
     wrap_triton(all_query_fwd_kernel)[lambda cfg: (triton.cdiv(nq, cfg["BLOCK_M"]) * B * H,)](
@@ -212,15 +207,18 @@ def attention_fwd(
         EMULATE_BF16=_emulate_bf16(q.dtype), **meta,
     )
     if compute_stats:  # the class row's statistics: one pass over K without values
-        _class_only_fwd(q0, k, v, out, lse, key_mean, mass, table, lens, scalars, meta, True,
+        _class_only_fwd(q0, k, v, out, lse, written, table, lens, scalars, meta, True,
                         with_v=False, dropout=False)
-    return out, lse, key_mean, mass, query
+    return result
 
 
 def _class_only_fwd(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                    key_mean: torch.Tensor, mass: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+                    stat_outputs: tuple[torch.Tensor, ...], table: torch.Tensor, lens: torch.Tensor,
                     scalars: tuple, meta: dict, stats: bool, with_v: bool, dropout: bool) -> None:
-    """Split-N class-row forward + deterministic combine; ``q0`` ``(B·H, Dh)``, ``scalars`` as the kernels'."""
+    """Split-N class-row forward + deterministic combine; ``q0`` ``(B·H, Dh)``, ``scalars`` as the kernels'.
+
+    ``stat_outputs``: the kernel statistics the combine kernel writes, in the table's order (all but ``query``).
+    """
     B, H, N, Dh = k.shape
     bh = B * H
     splits = class_only_splits(bh, N, k.device)
@@ -239,7 +237,7 @@ def _class_only_fwd(q0: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         S_PAD=s_pad, STATS=stats, WITH_V=with_v, DROPOUT=dropout, **meta,
     )
     wrap_triton(class_only_combine_kernel)[(bh,)](
-        part_ml, part_acc, part_seg, part_key, out, lse, key_mean, mass, table, lens, H, splits,
+        part_ml, part_acc, part_seg, part_key, out, lse, table, lens, *stat_outputs, H, splits,
         S_PAD=s_pad, M_PAD=triton.next_power_of_2(M), STATS=stats, WITH_V=with_v, num_warps=4, **meta,
     )
 

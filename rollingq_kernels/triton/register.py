@@ -31,8 +31,13 @@ def _signature(schema: str) -> str:
     return schema[schema.index("(") :]
 
 
+def _attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats):
+    """:func:`~.launch.attention_fwd` as the op returns it: a plain tuple (callers name it with ``KernelOutputs``)."""
+    return tuple(attention_fwd(q, k, v, segments, lengths, rotation, scale, dropout_p, seed, compute_stats))
+
+
 def _define() -> tuple[torch._ops.OpOverload, torch._ops.OpOverload]:
-    fwd = torch.library.triton_op(FWD_OP, attention_fwd, mutates_args=(), schema=_signature(_library.FWD_SCHEMA))
+    fwd = torch.library.triton_op(FWD_OP, _attention_fwd, mutates_args=(), schema=_signature(_library.FWD_SCHEMA))
     bwd = torch.library.triton_op(BWD_OP, attention_bwd, mutates_args=(), schema=_signature(_library.BWD_SCHEMA))
     return fwd._opoverload, bwd._opoverload
 

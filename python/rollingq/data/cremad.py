@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,15 @@ import torch
 from ..inputs import InputSpec
 from ..schema import Section, option
 from .common import DataError, read_list_lines
-from .listed import AudioVisualDataset, audio_visual_specs, read_lists, split_rows
-from .media import check_audio_file, cremad_spectrogram
+from .listed import (
+    AudioVisualDataset,
+    audio_visual_specs,
+    check_duplicates,
+    check_entry_name,
+    read_lists,
+    split_rows,
+)
+from .media import CROP_SCALE, check_audio_file, check_crop_scale, cremad_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 HEADER_LABELS = {"label", "emotion", "class"}
@@ -32,12 +40,17 @@ class CremaDOptions(Section):
 
     Attributes:
         num_frames, image_size: frames per clip (1 in the paper) and their side after resizing.
+        crop_scale: the training frames' random resized crop keeps this fraction of the area,
+            ``[low, high]`` (the paper's pipeline: ``[0.08, 1.0]``); null: no crop.
+        flip: a random horizontal flip of training frames (the paper's pipeline: true).
         train_list, test_list, val_list: list files under ``data.root`` (no ``val_list``: a seeded
             hold-out of the training list).
     """
 
     num_frames: int = option(1, ge=1)
     image_size: int = option(224, ge=16)
+    crop_scale: list[float] | None = option(factory=lambda: list(CROP_SCALE), check=check_crop_scale)
+    flip: bool = True
     train_list: str = "train.csv"
     test_list: str = "test.csv"
     val_list: str | None = None
@@ -48,9 +61,10 @@ def input_specs(modalities: list[str], options: CremaDOptions) -> list[InputSpec
     return audio_visual_specs("cremad", modalities, SPECTROGRAM, options.num_frames, options.image_size)
 
 
-def read_cremad_list(path: str) -> list[tuple[str, int]]:
-    """``(clip, label)`` rows of a CREMA-D csv; a DataError names the file (and the line of a bad row):
-    missing, not UTF-8, empty, or a bad row."""
+def read_cremad_rows(path: str) -> list[tuple[str, int, str]]:
+    """``(clip, label, "path:line")`` rows of a CREMA-D csv; a DataError names the file (and the line of a bad
+    row): missing, not UTF-8, empty, a bad row, a clip that is not one plain name, or a clip listed twice
+    with two labels."""
     rows = []
     for lineno, line in read_list_lines(path, "CREMA-D"):
         fields = next(csv.reader([line]))
@@ -63,10 +77,16 @@ def read_cremad_list(path: str) -> list[tuple[str, int]]:
             continue
         if emotion.upper() not in EMOTIONS:
             raise DataError(f"{path}:{lineno}: unknown emotion {emotion!r}, expected one of {EMOTIONS}")
-        rows.append((clip, EMOTIONS.index(emotion.upper())))
+        rows.append((check_entry_name(clip, f"{path}:{lineno}"), EMOTIONS.index(emotion.upper()), f"{path}:{lineno}"))
     if not rows:
         raise DataError(f"{path}: the CREMA-D list file holds a header but no sample")
+    check_duplicates(rows)
     return rows
+
+
+def read_cremad_list(path: str) -> list[tuple[str, int]]:
+    """``(clip, label)`` rows of a CREMA-D csv (:func:`read_cremad_rows` without the line)."""
+    return [(clip, label) for clip, label, _ in read_cremad_rows(path)]
 
 
 class CremaDDataset(AudioVisualDataset):
@@ -75,6 +95,7 @@ class CremaDDataset(AudioVisualDataset):
     Args: those of :class:`AudioVisualDataset`, and
         val_fraction: the seeded hold-out of ``train_list`` used as validation without ``val_list``.
         skip_bad: skip samples with missing or corrupt files instead of failing.
+        crop_scale, flip: the training frames' augmentation (:class:`CremaDOptions`).
         train_list, test_list, val_list: list files under ``root``.
     """
 
@@ -82,12 +103,13 @@ class CremaDDataset(AudioVisualDataset):
 
     def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
                  num_frames: int, image_size: int, val_fraction: float, skip_bad: bool, train_list: str,
-                 test_list: str, val_list: str | None) -> None:
+                 test_list: str, val_list: str | None, crop_scale: Sequence[float] | None = CROP_SCALE,
+                 flip: bool = True) -> None:
         super().__init__(split, root=root, modalities=modalities, num_classes=num_classes, seed=seed,
-                         num_frames=num_frames, image_size=image_size)
+                         num_frames=num_frames, image_size=image_size, crop_scale=crop_scale, flip=flip)
         if self.num_classes != len(EMOTIONS):
             raise ValueError(f"data.num_classes: CREMA-D has {len(EMOTIONS)} classes, got {self.num_classes}")
-        lists = read_lists(self.root, {"train": train_list, "test": test_list, "val": val_list}, read_cremad_list)
+        lists = read_lists(self.root, {"train": train_list, "test": test_list, "val": val_list}, read_cremad_rows)
         train_rows, test_rows, val_rows = lists["train"], lists["test"], lists.get("val")
         self.finish(split_rows(split, train_rows, test_rows, val_rows, val_fraction, self.seed), skip_bad)
 

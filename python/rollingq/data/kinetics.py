@@ -21,6 +21,7 @@ training list that differs from ``data.num_classes`` is an error naming the list
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,14 @@ import torch
 from ..inputs import InputSpec
 from ..schema import Section, option
 from .common import DataError, read_list_lines
-from .listed import AudioVisualDataset, audio_visual_specs, read_lists, split_rows
+from .listed import (
+    AudioVisualDataset,
+    audio_visual_specs,
+    check_duplicates,
+    check_entry_name,
+    read_lists,
+    split_rows,
+)
 from .media import ensure_finite
 
 
@@ -106,35 +114,46 @@ def load_spectrogram(path: str, frames: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def read_list(path: str) -> list[tuple[str, str]]:
-    """``(name, raw label)`` rows of a space- or comma-separated list file (UTF-8; missing, not UTF-8 or
-    empty is a DataError naming the file)."""
+def read_list(path: str) -> list[tuple[str, str, str]]:
+    """``(name, raw label, "path:line")`` rows of a space- or comma-separated list file (UTF-8; missing, not
+    UTF-8 or empty, a name that is not one plain name, or a clip listed twice with two labels is a
+    DataError naming the file and line)."""
     rows = []
     for lineno, line in read_list_lines(path, "Kinetics-Sounds"):
         line = line.strip()
         fields = [x.strip() for x in line.split(",")] if "," in line else line.split()
         if len(fields) < 2 or not fields[0] or not fields[-1]:
             raise DataError(f"{path}:{lineno}: expected 'name ... label' or 'name,...,label', got {line!r}")
-        rows.append((fields[0], fields[-1]))
+        rows.append((check_entry_name(fields[0], f"{path}:{lineno}"), fields[-1], f"{path}:{lineno}"))
+    check_duplicates(rows)
     return rows
 
 
-def label_ids(rows: list[tuple[str, str]], classes: list[str], path: str) -> list[tuple[str, int]]:
-    """Map raw labels to ids: integers stay, names go through ``classes``."""
+_INTEGER = re.compile(r"-?[0-9]+")
+"""A class id: ASCII digits only (``str.isdigit`` also takes '²' and other digits ``int`` refuses)."""
+
+
+def _is_id(raw: str) -> bool:
+    return _INTEGER.fullmatch(raw) is not None
+
+
+def label_ids(rows: list[tuple[str, str, str]], classes: list[str], path: str) -> list[tuple[str, int, str]]:
+    """Map raw labels to ids: integers stay, names go through ``classes`` (an unknown one is a DataError
+    naming the file and line)."""
     out = []
-    for name, raw in rows:
-        if raw.lstrip("-").isdigit():
-            out.append((name, int(raw)))
+    for name, raw, where in rows:
+        if _is_id(raw):
+            out.append((name, int(raw), where))
         elif raw in classes:
-            out.append((name, classes.index(raw)))
+            out.append((name, classes.index(raw), where))
         else:
-            raise DataError(f"{path}: sample {name!r} has class {raw!r}, which is not among the {len(classes)} known "
+            raise DataError(f"{where}: sample {name!r} has class {raw!r}, which is not among the {len(classes)} known "
                             "classes (data.classes or the training list)")
     return out
 
 
 def class_names(
-    classes: list[str] | None, num_classes: int, raw_train: list[tuple[str, str]], train_path: str
+    classes: list[str] | None, num_classes: int, raw_train: list[tuple[str, str, str]], train_path: str
 ) -> list[str]:
     """``classes`` (``data.classes``), else the sorted class names of the training list (empty for ids).
 
@@ -148,7 +167,7 @@ def class_names(
         if len(classes) != num_classes:
             raise ValueError(f"data.classes: expected data.num_classes={num_classes} names, got {len(classes)}")
         return classes
-    classes = sorted({r for _, r in raw_train if not r.lstrip("-").isdigit()})
+    classes = sorted({r for _, r, _ in raw_train if not _is_id(r)})
     if classes and len(classes) != num_classes:
         raise DataError(
             f"{train_path}: its labels name {len(classes)} distinct classes, but data.num_classes is {num_classes}; "

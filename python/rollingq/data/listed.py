@@ -7,11 +7,17 @@ no validation list), scans every sample's files once at start-up, and either
 raises a :class:`DataError` naming the bad files or, with ``data.skip_bad=true``,
 drops them and logs how many were skipped.
 
-The start-up scan reads file headers (a readable wav with frames, an fbank of
-the right shape, a frame folder with images). With ``data.skip_bad=true`` it
-also loads every audio file, so that files with NaN or inf values are skipped
-too; without it such a file is an error naming it when it is loaded (the
-loaders check every value they return).
+The start-up scan reads file headers (a readable, complete wav with frames, an
+fbank of the right shape, a frame folder with images) and refuses files that
+resolve (through symlinks) outside ``data.root``. With ``data.skip_bad=true`` it
+also loads every audio file and decodes every frame, so that files with NaN or
+inf values and corrupt images are skipped too; without it such a file is an
+error naming it when it is loaded (the loaders check every value they return).
+
+List rows are ``(name, label, where)`` with ``where`` the ``list file:line`` they
+come from: a name must be one plain file name (:func:`check_entry_name`), and a
+clip listed twice with two labels is an error naming both lines
+(:func:`check_duplicates`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -27,7 +33,7 @@ from tqdm import tqdm
 
 from ..inputs import InputSpec
 from .common import DataError, EpochAware, Sample, check_split, sample_rng, seeded_holdout
-from .media import list_frames, load_frames
+from .media import CROP_SCALE, check_crop_scale, list_frames, load_frames, load_image
 
 logger = logging.getLogger("rollingq.data")
 
@@ -48,6 +54,38 @@ def audio_visual_specs(
         else:
             raise ValueError(f"data.modalities: {dataset} has {' and '.join(AUDIO_VISUAL)}, got {m!r}")
     return specs
+
+
+def check_entry_name(name: str, where: str) -> str:
+    """``name`` if it is one plain file name (a list entry names a clip under ``data.root``), else a
+    :class:`DataError` naming ``where`` (``list file:line``)."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
+           or (os.altsep is not None and os.altsep in name) or "\0" in name)
+    if bad:
+        raise DataError(f"{where}: {name!r} is not one plain name (no '/', '\\', '.' or '..'): a list entry names "
+                        "a clip inside data.root")
+    return name
+
+
+def check_duplicates(rows: list[tuple[str, object, str]]) -> None:
+    """Refuse a clip listed twice in one list file with two labels (naming both lines); the same row twice
+    is logged (it is kept, and weighs twice)."""
+    first: dict[str, tuple[object, str]] = {}
+    repeated = []
+    for name, label, where in rows:
+        if name not in first:
+            first[name] = (label, where)
+            continue
+        label0, where0 = first[name]
+        if label != label0:
+            line0 = where0.rsplit(":", 1)[-1]
+            raise DataError(f"{where}: {name} is listed again with another label {label!r} (line {line0} says "
+                            f"{label0!r}); a clip has one label")
+        repeated.append(f"{name} ({where0}, {where})")
+    if repeated:
+        more = f", … {len(repeated) - MAX_LISTED} more" if len(repeated) > MAX_LISTED else ""
+        logger.warning("%d clip(s) listed twice with the same label (each copy is a sample): %s%s", len(repeated),
+                       ", ".join(repeated[:MAX_LISTED]), more)
 
 
 def check_no_leak(lists: dict[str, list]) -> None:
@@ -141,21 +179,32 @@ class AudioVisualDataset(Dataset, EpochAware):
         seed: seeds the validation hold-out and the training augmentation.
         num_frames: frames per clip.
         image_size: the frames' side after resizing.
+        crop_scale: the training crop's area fraction range ``[low, high]``, or None for no crop.
+        flip: a random horizontal flip of training frames.
     """
 
     dataset_name = "audio-visual"
 
     def __init__(self, split: str, *, root: str | None, modalities: list[str], num_classes: int, seed: int,
-                 num_frames: int, image_size: int) -> None:
+                 num_frames: int, image_size: int, crop_scale: Sequence[float] | None = CROP_SCALE,
+                 flip: bool = True) -> None:
         check_split(split)
         for name, value in (("num_frames", num_frames), ("image_size", image_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}: expected an integer >= 1, got {value!r}")
+        problem = check_crop_scale(crop_scale)
+        if problem:
+            raise ValueError(f"data.crop_scale: {problem}, got {crop_scale!r}")
+        if not isinstance(flip, bool):
+            raise ValueError(f"data.flip: expected true or false, got {flip!r}")
+        self.crop_scale = None if crop_scale is None else (float(crop_scale[0]), float(crop_scale[1]))
+        self.flip = flip
         if not root:
             raise ValueError(f"data.root: expected the {self.dataset_name} dataset folder, got {root!r}")
         self.root = str(root)
         if not os.path.isdir(self.root):
             raise DataError(f"data.root: {self.root!r} is not a folder")
+        self.real_root = os.path.realpath(self.root)
         self.split, self.train = split, split == "train"
         self.seed = int(seed)
         self.modalities = list(modalities)
@@ -163,7 +212,8 @@ class AudioVisualDataset(Dataset, EpochAware):
         self.image_size = int(image_size)
         self.num_classes = int(num_classes)
         self.rows: list[tuple[str, int]] = []
-        self.scan_values = False  # the start-up scan also loads the audio (set by finish with skip_bad)
+        self.origins: dict[str, str] = {}
+        self.scan_values = False  # the start-up scan also loads audio and frames (set by finish with skip_bad)
 
     def audio_path(self, name: str) -> str:
         raise NotImplementedError
@@ -177,32 +227,61 @@ class AudioVisualDataset(Dataset, EpochAware):
     def load_audio(self, path: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def check_row(self, row: tuple[str, int]) -> list[str]:
+    def _outside_root(self, path: str) -> str | None:
+        """None if ``path`` (symlinks resolved) lies inside ``data.root``, else where it leads."""
+        real = os.path.realpath(path)
+        return None if os.path.commonpath([self.real_root, real]) == self.real_root else real
+
+    def check_row(self, row: tuple) -> list[str]:
         """Problems of one sample's files, as 'path: reason' strings."""
-        name, _ = row
+        name = row[0]
+        where = f" (listed at {row[2]})" if len(row) > 2 else ""  # after the reason: 'path: reason (listed at …)'
         issues = []
         if "audio" in self.modalities:
-            reason = self.check_audio(self.audio_path(name))
+            audio = self.audio_path(name)
+            outside = self._outside_root(audio)
+            reason = (f"resolves to {outside}, outside data.root {self.real_root}" if outside
+                      else self.check_audio(audio))
             if reason:
-                issues.append(f"{self.audio_path(name)}: {reason}")
+                issues.append(f"{audio}: {reason}{where}")
             elif self.scan_values:
                 try:
-                    self.load_audio(self.audio_path(name))
+                    self.load_audio(audio)
                 except DataError as exc:
                     issues.append(str(exc))
         if "visual" in self.modalities:
-            if not list_frames(self.frame_dir(name)):
-                issues.append(f"{self.frame_dir(name)}: frame folder missing or empty")
+            folder = self.frame_dir(name)
+            frames = list_frames(folder)
+            if not frames:
+                issues.append(f"{folder}: frame folder missing or empty{where}")
+            for path in [folder, *frames]:
+                outside = self._outside_root(path)
+                if outside:
+                    issues.append(f"{path}: resolves to {outside}, outside data.root {self.real_root}{where}")
+                    break
+            else:
+                if self.scan_values:
+                    for path in frames:
+                        try:
+                            load_image(path, 16, None)
+                        except DataError as exc:
+                            issues.append(str(exc))
+                            break
         return issues
 
-    def finish(self, rows: list[tuple[str, int]], skip_bad: bool) -> None:
-        """Validate labels, scan files, keep the good rows."""
-        for name, label in rows:
+    def finish(self, rows: list[tuple], skip_bad: bool) -> None:
+        """Validate labels, scan files, keep the good rows (``(name, label)``; where each came from in
+        ``self.origins``)."""
+        for row in rows:
+            name, label = row[0], row[1]
             if not 0 <= label < self.num_classes:
-                raise DataError(f"{self.root}: sample {name!r} has label {label}, expected 0..{self.num_classes - 1} "
+                where = f"{row[2]}: " if len(row) > 2 else f"{self.root}: "
+                raise DataError(f"{where}sample {name!r} has label {label}, expected 0..{self.num_classes - 1} "
                                 "(check data.num_classes)")
         self.scan_values = bool(skip_bad)
-        self.rows = scan_rows(rows, self.check_row, skip_bad, f"{self.root} ({self.split})")
+        kept = scan_rows(rows, self.check_row, skip_bad, f"{self.root} ({self.split})")
+        self.rows = [(row[0], row[1]) for row in kept]
+        self.origins = {row[0]: row[2] for row in kept if len(row) > 2}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -215,5 +294,6 @@ class AudioVisualDataset(Dataset, EpochAware):
             if m == "audio":
                 out.append(self.load_audio(self.audio_path(name)))
             else:
-                out.append(load_frames(self.frame_dir(name), self.num_frames, self.image_size, rng))
+                out.append(load_frames(self.frame_dir(name), self.num_frames, self.image_size, rng,
+                                       self.crop_scale, self.flip))
         return out, label, index

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import torch
@@ -30,10 +31,40 @@ def ensure_finite(values: np.ndarray, path: str, what: str) -> None:
                         "found and skipped at start-up)")
 
 
+def wav_truncation(path: str) -> str | None:
+    """For a RIFF/WAVE file: None if its ``data`` chunk holds as many bytes as its header announces, else
+    ``"truncated: …"`` (a copy cut short still decodes, to fewer samples than the clip had). Other
+    formats: None (their decoder judges them)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+                return None
+            while True:
+                header = f.read(8)
+                if len(header) < 8:
+                    return "truncated: no 'data' chunk (the file ends inside its header)"
+                chunk, length = header[:4], struct.unpack("<I", header[4:])[0]
+                if chunk == b"data":
+                    if length == 0xFFFFFFFF:  # RF64 / streamed: the size lives elsewhere
+                        return None
+                    held = size - f.tell()
+                    if held < length:
+                        return f"truncated: the header announces {length} bytes of audio, the file holds {held}"
+                    return None
+                f.seek(length + (length & 1), os.SEEK_CUR)
+    except OSError as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+
+
 def check_audio_file(path: str) -> str | None:
-    """None if ``path`` is a readable sound file, else the reason it is not."""
+    """None if ``path`` is a readable, complete sound file, else the reason it is not."""
     if not os.path.isfile(path):
         return "missing"
+    truncated = wav_truncation(path)
+    if truncated:
+        return truncated
     soundfile = require("soundfile", "audio", "reading wav files")
     try:
         info = soundfile.info(path)
@@ -60,6 +91,10 @@ def stft_magnitude(signal: np.ndarray, n_fft: int = 512, hop: int = 353) -> np.n
 def cremad_spectrogram(path: str) -> torch.Tensor:
     """The paper's CREMA-D log-magnitude spectrogram of the wav at ``path``: float32 ``(257, 188)``."""
     soundfile = require("soundfile", "audio", "reading wav files")
+    truncated = wav_truncation(path)
+    if truncated:
+        raise DataError(f"audio file {path!r}: {truncated}; restore it (with data.skip_bad=true such files are "
+                        "found and skipped at start-up)")
     try:
         data, rate = soundfile.read(path, dtype="float32", always_2d=True)
         samples = data.mean(axis=1)  # mono, as librosa.load(mono=True)
@@ -100,10 +135,26 @@ def pick_frames(count: int, num: int, rng: np.random.Generator | None) -> list[i
     return [min(count - 1, int(i * count / num)) for i in range(num)]
 
 
-def _random_resized_crop(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+CROP_SCALE = (0.08, 1.0)
+"""The training crop's area fraction range (torchvision's ``RandomResizedCrop`` default, the paper's pipelines)."""
+
+
+def check_crop_scale(value) -> str | None:
+    """None if ``value`` is null (no crop) or ``[low, high]`` with ``0 < low <= high <= 1``, else what was expected."""
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not 0.0 < value[0] <= value[1] <= 1.0):
+        return "expected null (no crop) or [low, high] area fractions with 0 < low <= high <= 1"
+    return None
+
+
+def _random_resized_crop(width: int, height: int, rng: np.random.Generator,
+                         scale: tuple[float, float] = CROP_SCALE) -> tuple[int, int, int, int]:
     area = width * height
     for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
+        target = area * rng.uniform(scale[0], scale[1])
         ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
         w = int(round(np.sqrt(target * ratio)))
         h = int(round(np.sqrt(target / ratio)))
@@ -114,33 +165,40 @@ def _random_resized_crop(width: int, height: int, rng: np.random.Generator) -> t
     return 0, 0, width, height
 
 
-def load_image(path: str, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """One frame as float32 ``(3, size, size)``: training (``rng``): random resized crop + flip; else a resize."""
+def load_image(path: str, size: int, rng: np.random.Generator | None,
+               crop_scale: tuple[float, float] | None = CROP_SCALE, flip: bool = True) -> np.ndarray:
+    """One frame as float32 ``(3, size, size)``: training (``rng``): a random resized crop keeping a
+    ``crop_scale`` fraction of the area (None: no crop) and, with ``flip``, a random horizontal flip;
+    then a resize. Evaluation (no ``rng``): the resize only."""
     from PIL import Image
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size: expected an integer >= 1, got {size!r}")
+    problem = check_crop_scale(crop_scale)
+    if problem:
+        raise ValueError(f"crop_scale: {problem}, got {crop_scale!r}")
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")  # decodes: 8-bit channels, so the values below are always finite
     except Exception as exc:
         raise DataError(f"cannot decode image file {path!r}: {type(exc).__name__}: {exc}") from exc
-    if rng is not None:
-        im = im.crop(_random_resized_crop(im.width, im.height, rng))
+    if rng is not None and crop_scale is not None:
+        im = im.crop(_random_resized_crop(im.width, im.height, rng, (float(crop_scale[0]), float(crop_scale[1]))))
     im = im.resize((size, size), Image.BILINEAR)
     arr = np.asarray(im, dtype=np.float32) / 255.0
-    if rng is not None and rng.random() < 0.5:
+    if rng is not None and flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
     arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def load_frames(folder: str, num: int, size: int, rng: np.random.Generator | None) -> torch.Tensor:
-    """``num`` frames of ``folder`` as float32 ``(num, 3, size, size)``."""
+def load_frames(folder: str, num: int, size: int, rng: np.random.Generator | None,
+                crop_scale: tuple[float, float] | None = CROP_SCALE, flip: bool = True) -> torch.Tensor:
+    """``num`` frames of ``folder`` as float32 ``(num, 3, size, size)`` (training augmentation: :func:`load_image`)."""
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num: expected an integer >= 1 frames, got {num!r}")
     files = list_frames(folder)
     if not files:
         raise DataError(f"frame folder {folder!r} is missing or holds no image")
     picked = pick_frames(len(files), num, rng)
-    return torch.from_numpy(np.stack([load_image(files[i], size, rng) for i in picked]))
+    return torch.from_numpy(np.stack([load_image(files[i], size, rng, crop_scale, flip) for i in picked]))

@@ -3,8 +3,10 @@
 Static heads (pooled features, no attention statistics): ``unimodal``
 (one modality only), ``concat``, ``sum``, ``ogm_ge`` (concat whose training
 modulates the encoders' gradients, see :mod:`rollingq.ogm`). Dynamic heads:
-``vanilla_mt`` (one class-query-only :class:`FusionBlock`) and
-``vanilla_mt_star`` (two blocks trained progressively, Appendix B of the paper).
+``vanilla_mt`` (one class-query-only block) and ``vanilla_mt_star`` (two blocks
+trained progressively, Appendix B of the paper). The block is a pre-norm
+transformer block (:class:`FusionBlock`, ``fusion_block="prenorm"``) or the
+official code's bare attention (:class:`OfficialFusionBlock`, ``"official"``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.stats import AttentionStats
 
 ATTENTION_FUSIONS = ("vanilla_mt", "vanilla_mt_star")
+FUSION_BLOCKS = ("prenorm", "official")
 STATIC_FUSIONS = ("unimodal", "concat", "sum", "ogm_ge")
 FUSIONS = STATIC_FUSIONS + ATTENTION_FUSIONS
 
@@ -62,6 +65,31 @@ class FusionBlock(nn.Module):
         return y + self.mlp(self.norm2(y))
 
 
+class OfficialFusionBlock(nn.Module):
+    """The official ``AttnFusion`` block: one attention, nothing else.
+
+    The official ``MultiHeadAttention`` (GeWu-Lab/RollingQ_ICML2025, ``models/dynamic.py``) projects
+    q, k, v with biases, attends, applies ``fc`` and a dropout to its output; its ``layer_norm`` is
+    never applied, and ``AttnFusion`` adds no residual and no MLP. One dropout rate (0.2 there) acts on
+    the attention probabilities and on the output: ``attn_drop`` here does both.
+
+    ``forward(x (B, N, D), segments)`` returns the class token's output ``(B, 1, D)`` with
+    ``class_query_only``, otherwise every token ``(B, N, D)``.
+    """
+
+    def __init__(self, dim: int, heads: int, num_modalities: int, class_query_only: bool, *, attn_drop: float,
+                 rotation_mode: str, backend: str) -> None:
+        super().__init__()
+        self.attn = FusedRollingQAttention(
+            dim, num_heads=heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=attn_drop,
+            num_modalities=num_modalities, rotation_mode=rotation_mode, class_query_only=class_query_only,
+            backend=backend,
+        )
+
+    def forward(self, x: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        return self.attn(x, segments=segments)
+
+
 class AttentionFusion(nn.Module):
     """Class token + ``layers`` fusion blocks + linear classifier (``vanilla_mt`` / ``vanilla_mt_star``).
 
@@ -72,23 +100,38 @@ class AttentionFusion(nn.Module):
     Args:
         dim, num_classes, num_modalities: ``D``, ``C``, ``M``.
         layers: 1 (``vanilla_mt``) or 2 (``vanilla_mt_star``).
-        heads, mlp_ratio, attn_drop, drop, rotation_mode, backend: of every :class:`FusionBlock`.
+        heads, mlp_ratio, attn_drop, drop, rotation_mode, backend: of every block.
+        block: ``"prenorm"`` (:class:`FusionBlock`, a LayerNorm before the classifier, the class token
+            ``0.02·N(0, 1)``) or ``"official"`` (:class:`OfficialFusionBlock`, no LayerNorm, the class token
+            ``trunc_normal_(std=0.02)`` as the official ``AttnFusion``).
     """
 
     def __init__(self, dim: int, num_classes: int, num_modalities: int, layers: int, *, heads: int,
-                 mlp_ratio: float, attn_drop: float, drop: float, rotation_mode: str, backend: str) -> None:
+                 mlp_ratio: float, attn_drop: float, drop: float, rotation_mode: str, backend: str,
+                 block: str = "prenorm") -> None:
         super().__init__()
         if layers not in (1, 2):
             raise ValueError(f"layers: expected 1 (vanilla_mt) or 2 (vanilla_mt_star), got {layers}")
         if dim % heads:
             raise ValueError(f"model.fusion_heads: {heads} does not divide model.dim {dim}")
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.blocks = nn.ModuleList([
-            FusionBlock(dim, heads, num_modalities, class_query_only=(i == layers - 1), mlp_ratio=mlp_ratio,
-                        attn_drop=attn_drop, drop=drop, rotation_mode=rotation_mode, backend=backend)
-            for i in range(layers)
-        ])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        if block not in FUSION_BLOCKS:
+            raise ValueError(f"model.fusion_block: expected one of {FUSION_BLOCKS}, got {block!r}")
+        official = block == "official"
+        if official:
+            self.cls = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
+        else:
+            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+
+        def make(i: int) -> nn.Module:
+            last = i == layers - 1
+            if official:
+                return OfficialFusionBlock(dim, heads, num_modalities, last, attn_drop=attn_drop,
+                                           rotation_mode=rotation_mode, backend=backend)
+            return FusionBlock(dim, heads, num_modalities, class_query_only=last, mlp_ratio=mlp_ratio,
+                               attn_drop=attn_drop, drop=drop, rotation_mode=rotation_mode, backend=backend)
+
+        self.blocks = nn.ModuleList([make(i) for i in range(layers)])
+        self.norm = nn.Identity() if official else nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         self.stage = layers
 

@@ -20,7 +20,7 @@ from rollingq_kernels.stats import AttentionStats
 from ..inputs import InputSpec
 from .encoders import ModalityEncoder
 from .fusion import ATTENTION_FUSIONS, FUSIONS, AttentionFusion, StaticFusion
-from .pretrained import load_vit_weights, read_vit_checkpoint
+from .pretrained import load_vit_weights, read_pretrained
 
 logger = logging.getLogger("rollingq.models")
 
@@ -58,10 +58,12 @@ class MultimodalModel(nn.Module):
         dim: token width ``D`` of every encoder and of the fusion.
         encoder_depth, encoder_heads, mlp_ratio, drop: the encoders' timm ViT blocks.
         backbone: ``"vit"`` or ``"resnet18"`` (image and spectrogram tokenizer).
-        pretrained: a local timm ViT checkpoint loaded into every encoder, or None.
+        pretrained: a timm ViT model id or a local checkpoint file loaded into every encoder, or None.
         fusion_heads, attn_drop, rotation_mode, backend: the fusion attention
             (:class:`~rollingq_kernels.module.FusedRollingQAttention`).
         modality: the modality the ``unimodal`` head uses (ignored by other heads).
+        fusion_block: the attention heads' block, ``"prenorm"`` or ``"official"``
+            (:class:`~rollingq.models.fusion.AttentionFusion`).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class MultimodalModel(nn.Module):
         rotation_mode: str,
         backend: str,
         modality: str | None,
+        fusion_block: str = "prenorm",
     ) -> None:
         super().__init__()
         mods = list(modalities)
@@ -98,7 +101,7 @@ class MultimodalModel(nn.Module):
             ModalityEncoder(spec, dim, encoder_depth, encoder_heads, mlp_ratio, drop, backbone) for spec in input_specs
         ])
         if pretrained:
-            state = read_vit_checkpoint(pretrained)
+            state = read_pretrained(pretrained)
             for name, encoder in zip(mods, self.encoders, strict=True):
                 report = load_vit_weights(encoder, state)
                 logger.info("model.pretrained: %s encoder from %s: %s", name, pretrained, report.summary())
@@ -106,13 +109,15 @@ class MultimodalModel(nn.Module):
                 spec.kind in ("frames", "spectrogram") for spec in input_specs):
             logger.warning(
                 "model.pretrained is not set: the ViT-B/16 encoders (model.dim=768, encoder_heads=12) train from "
-                "scratch, while the paper initializes them with ImageNet-21k weights; set model.pretrained to a local "
-                "checkpoint (.pth, .safetensors or .npz; docs/training.md, 'Pretrained weights')")
+                "scratch, while the paper initializes them with ImageNet-21k weights; set model.pretrained to a timm "
+                "id (vit_base_patch16_224.augreg_in21k) or a local checkpoint (.pth, .safetensors or .npz; "
+                "docs/training.md, 'Pretrained weights')")
         self.probes = nn.ModuleList([nn.Linear(dim, num_classes) for _ in mods])
         if fusion in ATTENTION_FUSIONS:
             self.head: nn.Module = AttentionFusion(
                 dim, num_classes, len(mods), layers=2 if fusion == "vanilla_mt_star" else 1, heads=fusion_heads,
                 mlp_ratio=mlp_ratio, attn_drop=attn_drop, drop=drop, rotation_mode=rotation_mode, backend=backend,
+                block=fusion_block,
             )
         else:
             only = None

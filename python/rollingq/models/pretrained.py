@@ -1,6 +1,14 @@
-"""Pretrained ViT weights from local files (never downloaded): ``model.pretrained``.
+"""Pretrained ViT weights for ``model.pretrained``: a local file or a timm model id.
 
-:func:`read_vit_checkpoint` reads a timm ViT checkpoint in any of three formats, with nothing
+:func:`read_pretrained` takes either. A timm model id with its pretrained tag
+(``vit_base_patch16_224.augreg_in21k``) is resolved by :func:`read_timm_pretrained` through timm's
+pretrained config, as ``timm.create_model(id, pretrained=True)`` resolves it: a local ``file`` of the
+config first, then the Hugging Face Hub (``hf_hub_id``) through huggingface_hub's cache, which honours
+``HF_HUB_OFFLINE=1`` (only the cache is read), ``HF_HOME`` / ``HF_HUB_CACHE`` (where the cache is), then
+the config's ``url`` through torch.hub's cache (``TORCH_HOME``). Offline and not cached is an error that
+says where the file was looked for.
+
+:func:`read_vit_checkpoint` reads a timm ViT checkpoint file in any of three formats, with nothing
 executed from the file:
 
 * ``.pth`` / ``.pt`` / ``.bin``: a torch state dict (or ``{"model": …}`` / ``{"state_dict": …}``),
@@ -41,6 +49,79 @@ class PretrainedError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- reading
+def _looks_like_path(spec: str) -> bool:
+    return (os.path.exists(spec) or os.sep in spec or (os.altsep or os.sep) in spec
+            or spec.startswith(("~", ".")) or spec.lower().endswith(FORMATS))
+
+
+def read_pretrained(spec: str) -> dict[str, torch.Tensor]:
+    """The timm-named ViT state dict ``model.pretrained`` names: a checkpoint file or a timm model id.
+
+    A string that exists as a file, holds a path separator, starts with ``~`` or ``.`` or ends with a
+    checkpoint extension is a file (:func:`read_vit_checkpoint`); anything else is a timm model id
+    (:func:`read_timm_pretrained`).
+    """
+    if _looks_like_path(spec):
+        return read_vit_checkpoint(os.path.expanduser(spec))
+    return read_timm_pretrained(spec)
+
+
+def _weights_source(cfg) -> str:
+    """Where timm will look for the weights of a pretrained config, in its order (for messages)."""
+    places = [f"file {cfg.file!r}"] if cfg.file else []
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants
+
+        places.append(f"the Hugging Face Hub repository {cfg.hf_hub_id!r} (cache: {constants.HF_HUB_CACHE}"
+                      f"{', offline: HF_HUB_OFFLINE=1' if constants.HF_HUB_OFFLINE else ''})")
+    if cfg.url:
+        places.append(f"{cfg.url} (cache: {os.path.join(torch.hub.get_dir(), 'checkpoints')})")
+    return "; then ".join(places) or "nowhere (the config names no weights)"
+
+
+def read_timm_pretrained(model_id: str, overlay: dict | None = None) -> dict[str, torch.Tensor]:
+    """The ViT state dict (float32, timm names, no classifier) of a timm model id with pretrained weights.
+
+    ``model_id`` is ``architecture.tag`` as ``timm.list_models(pretrained=True)`` lists it (the
+    architecture alone takes timm's default tag). ``overlay`` updates the model's pretrained config
+    (``pretrained_cfg_overlay`` of ``timm.create_model``), e.g. ``dict(file=path)`` for a local copy.
+
+    Raises:
+        PretrainedError: not a timm model, no pretrained config for the tag, or weights that cannot
+            be had (offline and not in the cache, no network, a corrupt file), naming where timm looked.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    architecture, _ = split_model_name_tag(model_id)
+    if not timm.is_model(architecture):
+        raise PretrainedError(f"model.pretrained: {model_id!r} is neither a checkpoint file nor a timm model id "
+                              "(e.g. vit_base_patch16_224.augreg_in21k; timm.list_models('vit_*', pretrained=True) "
+                              "lists them)")
+    try:
+        cfg = get_pretrained_cfg(model_id)
+    except RuntimeError:  # "Invalid pretrained tag"
+        cfg = None
+    if cfg is None:
+        tags = timm.list_pretrained(f"{architecture}.*")[:8]
+        raise PretrainedError(f"model.pretrained: timm has no pretrained config {model_id!r}; "
+                              f"{architecture} has {tags or 'none'}")
+    if overlay:
+        cfg = cfg.__class__(**{**cfg.to_dict(), **overlay})
+    try:
+        model = timm.create_model(model_id, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+    except Exception as exc:  # huggingface_hub's offline/missing-entry errors, URLError, a corrupt file
+        raise PretrainedError(
+            f"model.pretrained: timm could not load the weights of {model_id!r} from {_weights_source(cfg)}: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. Offline, the "
+            "weights must already be in that cache (download them once with network, e.g. "
+            f"`python -c \"import timm; timm.create_model('{model_id}', pretrained=True)\"`), or set "
+            "model.pretrained to a local checkpoint file"
+        ) from exc
+    logger.info("model.pretrained: %s resolved by timm (%s)", model_id, _weights_source(cfg))
+    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+
+
 def read_vit_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """A timm-named ViT state dict (float32 CPU tensors) from a ``.pth``, ``.safetensors`` or ``.npz`` file.
 

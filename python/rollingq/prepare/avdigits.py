@@ -41,11 +41,18 @@ import numpy as np
 
 from ..data.cremad import EMOTIONS
 from ..extras import require
+from . import avsources
 
 logger = logging.getLogger("rollingq.data")
 
 SAMPLE_RATE = 22050
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SOUNDS = ("vowels", "plucks")
+"""Audio sources: synthetic vowels (the default) or plucked strings (:mod:`rollingq.prepare.avsources`)."""
+SCANS = ("digits", "fonts")
+"""Frame sources: scikit-learn's handwritten scans (the default) or digits rendered from fonts."""
+SPLIT_IDS = {"train": 1, "test": 2, "pretrain": 3}
+"""Each split's own stream of per-clip random numbers (a clip's files depend on (seed, split, position))."""
 NUM_CLASSES = len(EMOTIONS)
 CANVAS = 32
 """Side of the written frames (pixels); the loader resizes them to ``data.image_size``."""
@@ -132,14 +139,17 @@ def vowel_clip(label: int, rng: np.random.Generator, seconds: float = 1.0,
     return mix.astype(np.float32)
 
 
-def _split_indices(labels: np.ndarray, train_per_class: int, test_per_class: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    train, test = [], []
+def _split_indices(labels: np.ndarray, counts: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Disjoint scan indices per split, ``counts[split]`` per class (test first, then train, then pretrain)."""
+    out: dict[str, list[int]] = {split: [] for split in counts}
     for c in range(NUM_CLASSES):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        test.extend(idx[:test_per_class].tolist())
-        train.extend(idx[test_per_class : test_per_class + train_per_class].tolist())
-    return rng.permutation(np.array(train)), rng.permutation(np.array(test))
+        start = 0
+        for split, count in counts.items():
+            out[split].extend(idx[start : start + count].tolist())
+            start += count
+    order = [split for split in ("train", "test", "pretrain") if split in out]  # the order of format 1
+    return {split: rng.permutation(np.array(out[split], dtype=np.int64)) for split in order}
 
 
 def _prepare_target(root: str, overwrite: bool) -> None:
@@ -150,6 +160,39 @@ def _prepare_target(root: str, overwrite: bool) -> None:
                               "(--overwrite)")
 
 
+def _check_options(seed, counts: dict[str, int], clip_seconds, snr_db, sounds: str, scans: str
+                   ) -> tuple[float, float]:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    if sounds not in SOUNDS:
+        raise ValueError(f"sounds: expected one of {SOUNDS}, got {sounds!r}")
+    if scans not in SCANS:
+        raise ValueError(f"scans: expected one of {SCANS}, got {scans!r}")
+    most = 10**6
+    if scans == "digits":
+        _, labels = load_digit_scans()
+        most = int(np.bincount(labels, minlength=NUM_CLASSES).min())
+    for split, count in counts.items():
+        if split == "pretrain" and count == 0:
+            continue
+        _check_count(count, f"{split}_per_class", most)
+    if sum(counts.values()) > most:
+        order = [split for split in ("train", "test", "pretrain") if split in counts]
+        names = " + ".join(f"{split}_per_class" for split in order)
+        values = " + ".join(str(counts[split]) for split in order)
+        raise ValueError(f"{names}: expected at most {most} (scans per digit in scikit-learn's digits, "
+                         f"each used once), got {values}")
+    if not 0.3 <= float(clip_seconds) <= 3.0:
+        raise ValueError(f"clip_seconds: expected 0.3..3.0, got {clip_seconds!r}")
+    try:
+        lo, hi = (float(v) for v in snr_db)
+    except (TypeError, ValueError):
+        raise ValueError(f"snr_db: expected (low, high) in dB, got {snr_db!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+        raise ValueError(f"snr_db: expected (low, high) with low <= high, got {snr_db!r}")
+    return lo, hi
+
+
 def write_avdigits(
     root: str,
     seed: int = 0,
@@ -158,37 +201,52 @@ def write_avdigits(
     clip_seconds: float = 1.0,
     snr_db: tuple[float, float] = (-5.0, 10.0),
     overwrite: bool = False,
+    pretrain_per_class: int = 0,
+    sounds: str = "vowels",
+    scans: str = "digits",
+    frames_per_clip: int = 1,
+    blank_frames: float = 0.0,
 ) -> str:
     """Write the AV-digits dataset into ``root`` (CREMA-D layout, see the module docstring); returns ``root``.
 
     Args:
         root: the dataset folder (created; must be missing or empty unless ``overwrite``).
         seed: every random choice (split, frame placement, audio) derives from it.
-        train_per_class, test_per_class: clips per class in ``train.csv`` / ``test.csv``
-            (at most 177 together: the scans of the rarest digit).
+        train_per_class, test_per_class: clips per class in ``train.csv`` / ``test.csv``.
         clip_seconds: audio length (the loader tiles clips shorter than 3 s).
         snr_db: the range of the background-noise SNR of the audio, in dB.
         overwrite: replace a non-empty ``root``.
+        pretrain_per_class: clips per class in ``pretrain.csv`` (0: none), a split disjoint from the other
+            two (other scans, other sounds) for unimodal pre-training of the encoders
+            (``model.init_encoders``). With ``scans="digits"`` the three counts together are at most 177
+            per class (the scans of the rarest digit; each scan is used once).
+        sounds: ``vowels`` (default) or ``plucks`` (:func:`rollingq.prepare.avsources.pluck_clip`).
+        scans: ``digits`` (scikit-learn's handwritten scans, default) or ``fonts``
+            (:func:`rollingq.prepare.avsources.font_scan`).
+        frames_per_clip: frames written per clip (``frame_00000.jpg`` …), each the clip's scan with its own
+            contrast, background and pixel noise; the loader reads ``data.num_frames`` of them (4 ViT
+            tokens per 32 px frame).
+        blank_frames: the fraction of clips (drawn per clip) whose frames show no digit, only background
+            and noise: the frames carry the label on the other clips only, as the audio does on the clips
+            whose SNR leaves the vowel audible (the two modalities fail on different clips).
     """
-    scans, labels = load_digit_scans()
-    most = int(np.bincount(labels, minlength=NUM_CLASSES).min())
-    _check_count(train_per_class, "train_per_class", most)
-    _check_count(test_per_class, "test_per_class", most)
-    if train_per_class + test_per_class > most:
-        raise ValueError(f"train_per_class + test_per_class: expected at most {most}, got "
-                         f"{train_per_class} + {test_per_class}")
-    if not 0.3 <= float(clip_seconds) <= 3.0:
-        raise ValueError(f"clip_seconds: expected 0.3..3.0, got {clip_seconds!r}")
-    lo, hi = (float(v) for v in snr_db)
-    if not lo <= hi:
-        raise ValueError(f"snr_db: expected (low, high) with low <= high, got {snr_db!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    counts = {"test": test_per_class, "train": train_per_class, "pretrain": pretrain_per_class}
+    lo, hi = _check_options(seed, counts, clip_seconds, snr_db, sounds, scans)
+    if isinstance(frames_per_clip, bool) or not isinstance(frames_per_clip, int) or not 1 <= frames_per_clip <= 64:
+        raise ValueError(f"frames_per_clip: expected an integer 1..64, got {frames_per_clip!r}")
+    if isinstance(blank_frames, bool) or not isinstance(blank_frames, (int, float)) or not 0 <= blank_frames < 1:
+        raise ValueError(f"blank_frames: expected a fraction in [0, 1), got {blank_frames!r}")
     root = os.path.abspath(root)
     _prepare_target(root, overwrite)
 
     soundfile = require("soundfile", "audio", "writing the avdigits WAV files")
     image = require("PIL.Image", "train", "writing the avdigits JPEG frames")
+    if scans == "digits":
+        scan_images, labels = load_digit_scans()
+    else:  # no scans: labels cycle through the classes, each frame is rendered
+        fonts = avsources.font_paths()
+        labels = np.tile(np.arange(NUM_CLASSES), sum(counts.values()))
+    sound = vowel_clip if sounds == "vowels" else avsources.pluck_clip
 
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
@@ -196,28 +254,35 @@ def write_avdigits(
     try:
         os.makedirs(os.path.join(tmp, "AudioWAV"))
         split_rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD161]))
-        train_idx, test_idx = _split_indices(labels, train_per_class, test_per_class, split_rng)
-        for split, indices in (("train", train_idx), ("test", test_idx)):
+        indices = _split_indices(labels, {k: v for k, v in counts.items() if v > 0}, split_rng)
+        for split, picked in indices.items():
             lines = []
-            for i, scan_index in enumerate(indices.tolist()):
+            for i, scan_index in enumerate(picked.tolist()):
                 label = int(labels[scan_index])
                 clip = f"{split}{i:04d}_D{label}_{EMOTIONS[label]}"
-                rng = np.random.default_rng(np.random.SeedSequence([seed, 1 if split == "train" else 2, i]))
-                audio = vowel_clip(label, rng, float(clip_seconds), (lo, hi))
+                rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], i]))
+                audio = sound(label, rng, float(clip_seconds), (lo, hi))
                 soundfile.write(os.path.join(tmp, "AudioWAV", clip + ".wav"), audio, SAMPLE_RATE, subtype="PCM_16")
                 folder = os.path.join(tmp, "Image-01-FPS", clip)
                 os.makedirs(folder)
-                image.fromarray(digit_frame(scans[scan_index], rng)).save(
-                    os.path.join(folder, "frame_00000.jpg"), quality=95)
+                scan = scan_images[scan_index] if scans == "digits" else avsources.font_scan(label, rng, fonts)
+                blank = np.random.default_rng(np.random.SeedSequence([seed, 0xB1A4, SPLIT_IDS[split], i]))
+                if blank_frames and blank.random() < blank_frames:  # its own stream: other clips are unchanged
+                    scan = np.zeros_like(scan)
+                for f in range(frames_per_clip):  # one scan, filmed: each frame its own contrast and noise
+                    image.fromarray(digit_frame(scan, rng)).save(os.path.join(folder, f"frame_{f:05d}.jpg"),
+                                                                 quality=95)
                 lines.append(f"{clip},{EMOTIONS[label]}")
             with open(os.path.join(tmp, f"{split}.csv"), "w", encoding="utf-8", newline="\n") as f:
                 f.write("clip,label\n" + "\n".join(lines) + "\n")
         manifest = {
             "dataset": "avdigits", "format_version": FORMAT_VERSION, "seed": seed,
-            "train": int(train_idx.size), "test": int(test_idx.size), "classes": list(EMOTIONS),
+            **{split: int(picked.size) for split, picked in indices.items()}, "classes": list(EMOTIONS),
             "digits": list(range(NUM_CLASSES)), "clip_seconds": float(clip_seconds), "snr_db": [lo, hi],
-            "sample_rate": SAMPLE_RATE, "frame_size": CANVAS,
-            "frames": "scikit-learn load_digits (UCI Optical Recognition of Handwritten Digits), digits 0-5",
+            "sample_rate": SAMPLE_RATE, "frame_size": CANVAS, "sounds": sounds, "scans": scans,
+            "frames_per_clip": frames_per_clip, "blank_frames": float(blank_frames),
+            "frames": ("scikit-learn load_digits (UCI Optical Recognition of Handwritten Digits), digits 0-5"
+                       if scans == "digits" else "digits 0-5 rendered from matplotlib's fonts, scan-like distortions"),
         }
         with open(os.path.join(tmp, "avdigits.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
@@ -225,7 +290,7 @@ def write_avdigits(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("avdigits: wrote %d training and %d test clips into %s", train_idx.size, test_idx.size, root)
+    logger.info("avdigits: wrote %s clips into %s", ", ".join(f"{p.size} {s}" for s, p in indices.items()), root)
     return root
 
 
@@ -250,10 +315,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-per-class", type=int, default=120, metavar="N")
     parser.add_argument("--test-per-class", type=int, default=50, metavar="N")
+    parser.add_argument("--pretrain-per-class", type=int, default=0, metavar="N",
+                        help="also write pretrain.csv: N clips per class with scans of their own, for unimodal "
+                             "pre-training (model.init_encoders); default 0 (none)")
+    parser.add_argument("--snr-db", type=float, nargs=2, default=(-5.0, 10.0), metavar=("LOW", "HIGH"),
+                        help="the audio's background-noise SNR range in dB (default -5 10)")
+    parser.add_argument("--sounds", choices=SOUNDS, default="vowels",
+                        help="vowels (default) or plucks (plucked strings: the independent set)")
+    parser.add_argument("--scans", choices=SCANS, default="digits",
+                        help="digits (scikit-learn's handwritten scans, default) or fonts (digits rendered from "
+                             "fonts: the independent set)")
+    parser.add_argument("--frames-per-clip", type=int, default=1, metavar="F",
+                        help="frames written per clip (default 1), each with its own contrast and noise; read "
+                             "data.num_frames of them")
+    parser.add_argument("--blank-frames", type=float, default=0.0, metavar="P",
+                        help="the fraction of clips whose frames show no digit (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
 def run(args: argparse.Namespace) -> str:
     """``rollingq prepare avdigits``: write the set; returns its folder."""
     return write_avdigits(args.out, seed=args.seed, train_per_class=args.train_per_class,
-                          test_per_class=args.test_per_class, overwrite=args.overwrite)
+                          test_per_class=args.test_per_class, pretrain_per_class=args.pretrain_per_class,
+                          snr_db=tuple(args.snr_db), sounds=args.sounds, scans=args.scans,
+                          frames_per_clip=args.frames_per_clip, blank_frames=args.blank_frames,
+                          overwrite=args.overwrite)

@@ -28,7 +28,7 @@ import numpy as np
 from ..data.common import DataError
 from ..data.cremad import EMOTIONS, read_cremad_list
 from ..data.media import SAMPLE_RATE
-from .common import check_problems, clip_error, run_jobs, write_lines
+from .common import check_problems, check_separate_folders, clip_error, run_jobs, write_lines
 from .media import decode_audio, find_videos, require_decoder, sample_frames, write_frames, write_wav
 
 logger = logging.getLogger("rollingq.prepare")
@@ -107,6 +107,7 @@ def prepare_cremad(raw: str, out: str, *, lists: str | None = None, test_fractio
     if jobs < 1:
         raise ValueError(f"--jobs: expected an int >= 1, got {jobs}")
     require_decoder()
+    check_separate_folders(raw, out)  # before anything is read or written
     videos: dict[str, str] = {}
     unnamed = []
     for path in find_videos(raw):
@@ -131,7 +132,7 @@ def prepare_cremad(raw: str, out: str, *, lists: str | None = None, test_fractio
         for clip, video in sorted(videos.items())
     ]
     problems = run_jobs(job_list, prepare_clip, jobs, "CREMA-D clips")
-    check_problems(problems, skip_bad, f"prepare cremad {raw}")
+    check_problems(problems, skip_bad, f"prepare cremad {raw}", total=len(job_list))
     done = [j.clip for j in job_list if os.path.isfile(j.out_wav) and os.path.isdir(j.out_frames)]
     if lists:
         prepared = set(done)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..data.common import DataError
 from .audio import FBANK_RATE, SPECTROGRAM_RATE, kaldi_fbank, paper_spectrogram
-from .common import check_problems, clip_error, run_jobs, write_lines
+from .common import check_problems, check_separate_folders, clip_error, run_jobs, write_lines
 from .media import VIDEO_EXTENSIONS, decode_audio, require_decoder, sample_frames, write_frames, write_npy
 
 HELP = "Kinetics-Sounds clips (RAW/<split>/<class>/) -> 1-fps frames, spectrograms or fbanks, lists"
@@ -102,6 +102,7 @@ def prepare_kinetics_sounds(raw: str, out: str, *, audio: str = "spectrogram", m
     if max_frames < 1 or jobs < 1:
         raise ValueError(f"--max-frames, --jobs: expected ints >= 1, got {max_frames}, {jobs}")
     require_decoder()
+    check_separate_folders(raw, out)  # before anything is read or written
     for split in ("train", "test"):
         if not os.path.isdir(os.path.join(raw, split)):
             raise FileNotFoundError(f"RAW: expected {os.path.join(raw, split)!r} with one folder per class")
@@ -125,7 +126,7 @@ def prepare_kinetics_sounds(raw: str, out: str, *, audio: str = "spectrogram", m
                          os.path.join(out, "visual", clip), max_frames, overwrite)
                  for rows in splits.values() for clip, _name, path in rows]
     problems = run_jobs(jobs_list, prepare_clip, jobs, "Kinetics-Sounds clips")
-    check_problems(problems, skip_bad, f"prepare kinetics-sounds {raw}")
+    check_problems(problems, skip_bad, f"prepare kinetics-sounds {raw}", total=len(jobs_list))
     counts = []
     for split, rows in splits.items():
         done = [(clip, name) for clip, name, _ in rows

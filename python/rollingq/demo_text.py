@@ -1,0 +1,133 @@
+"""What ``rollingq demo`` prints: the collapse at a glance, one table with every arm, paired differences.
+
+Every number is read from the runs' ``eval.json`` (:func:`rollingq.evaluate.evaluate_run`),
+``eval_replaced_test.json`` (:func:`rollingq.study.evaluate_replaced`) and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .records import read_metrics
+from .study import collapse_checks, pair_by_seed, paired_rows, replaced_filename, summarize_run
+
+
+def _fmt(values, fmt: str = "{:.2f}") -> str:
+    if values is None:
+        return "n/a"
+    return " ".join("n/a" if v is None else fmt.format(v) for v in values)
+
+
+def table_entry(run_dir: str, label: str) -> dict:
+    """The numbers of one evaluated run that the table shows (``label`` heads its column)."""
+    with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
+        result = json.load(f)
+    history = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    modalities = list(result["modalities"])
+    attention = result.get("attention") or {}
+    replaced = {}
+    path = os.path.join(run_dir, replaced_filename("test"))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            replaced = json.load(f)
+
+    def masses(key: str) -> list[float] | None:
+        node = attention.get(key)
+        return None if node is None else [node[k] for k in ("class", *modalities)]
+
+    probes = result.get("probe_accuracy")
+    return {
+        "run_dir": run_dir, "label": label, "name": result["name"], "seed": result.get("run_seed"),
+        "modalities": modalities, "noise_modality": result["noise_modality"],
+        "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+        # the noise modality's number is eval.json's (one definition; evaluate_replaced draws the same noise)
+        "replaced": {m: result["accuracy_noise_replaced"] if m == result["noise_modality"]
+                     else (replaced.get(m) or {}).get("accuracy") for m in modalities},
+        "noise_curve": result["noise_robustness"]["accuracy"],
+        "pearson": (result.get("pearson") or {}).get("r_quality"),
+        "probe_acc": None if probes is None else [probes[m] for m in modalities],
+        "mass": masses("clean"), "mass_noise_replaced": masses("noise_replaced"),
+        "air": [row["air"] for row in history],
+        "rotation_epochs": [row["epoch"] for row in history if row.get("rotated")],
+        "attention": result.get("attention") is not None,
+    }
+
+
+def format_table(entries: list[dict]) -> str:
+    """A plain-text table, one column per run (static heads show n/a for the attention rows)."""
+    mods = entries[0]["modalities"]
+    noisy = entries[0]["noise_modality"]
+    rows = [
+        ("", [e["label"] for e in entries]),
+        ("test accuracy (clean)", [f"{e['accuracy']:.3f}" for e in entries]),
+        *[(f"test accuracy ({m} = noise)", [_fmt([e["replaced"].get(m)], "{:.3f}") for e in entries]) for m in mods],
+        (f"accuracy, noise on {noisy} 0.25/0.5/0.75/1", [_fmt(e["noise_curve"][1:], "{:.2f}") for e in entries]),
+        ("probe accuracy " + "/".join(mods) + " (mean-pooled)", [_fmt(e["probe_acc"], "{:.3f}") for e in entries]),
+        ("attention mass cls/" + "/".join(mods), [_fmt(e["mass"]) if e["attention"] else "-" for e in entries]),
+        (f"attention mass ({noisy} = noise)",
+         [_fmt(e["mass_noise_replaced"]) if e["attention"] else "-" for e in entries]),
+        ("Pearson r (quality vs attention)", [_fmt([e["pearson"]], "{:+.3f}") if e["attention"] else "-"
+                                             for e in entries]),
+        ("rotations (epochs)", [(", ".join(map(str, e["rotation_epochs"])) or "none") if e["attention"] else "-"
+                                for e in entries]),
+    ]
+    epochs = max(len(e["air"]) for e in entries)
+    shown = sorted({0, epochs // 2, epochs - 1}) if epochs else []
+    for i in shown:
+        rows.append((f"AIR epoch {i + 1}", [_fmt([e["air"][i]], "{:+.3f}") if e["attention"] and i < len(e["air"])
+                                           else "-" for e in entries]))
+    width = max(len(r[0]) for r in rows)
+    cols = [max(len(r[1][i]) for r in rows) for i in range(len(entries))]
+    lines = []
+    for k, (label, cells) in enumerate(rows):
+        lines.append(f"{label:<{width}} | " + " | ".join(f"{c:>{cols[i]}}" for i, c in enumerate(cells)))
+        if k == 0:
+            lines.append("-" * width + "-+-" + "-+-".join("-" * c for c in cols))
+    return "\n".join(lines)
+
+
+def format_phenomenon(vanilla: list[str], scale: dict[str, list[str]]) -> str:
+    """Vanilla MT's collapse per seed, against the unimodal and concat rows of the same seed.
+
+    ``scale`` maps ``audio_only``/``visual_only``/``concat`` (those that ran) to their run folders, in seed order.
+    """
+    lines = ["Vanilla MT's collapse (the paper's Figure 1c), per seed:"]
+    for i, run_dir in enumerate(vanilla):
+        r = summarize_run(run_dir)
+        checks = collapse_checks(r)
+        met = sum(1 for v in checks.values() if v)
+        air = [a for a in r.air_epochs if a is not None]
+        others = {k: summarize_run(v[i]) for k, v in scale.items() if i < len(v)}
+        weak_alone = others.get(f"{r.weak}_only")
+        strong_alone = others.get(f"{r.dominant}_only")
+        concat = others.get("concat")
+        text = (f"  seed {r.seed}: attention on {r.dominant} {r.mass_clean:.3f} clean -> {r.mass_replaced:.3f} with "
+                f"{r.dominant} = noise; AIR {air[0]:+.3f} (epoch 1) -> {air[-1]:+.3f} (epoch {len(air)}).\n"
+                f"    accuracy {r.accuracy:.3f}")
+        if strong_alone is not None:
+            text += f" (the {r.dominant}-only model: {strong_alone.accuracy:.3f}"
+            text += f", concat: {concat.accuracy:.3f})" if concat is not None else ")"
+        if r.accuracy_weak_replaced is not None:
+            text += f"; with {r.weak} = noise {r.accuracy_weak_replaced:.3f}"
+        text += f"; with {r.dominant} = noise {r.accuracy_replaced:.3f}"
+        if weak_alone is not None:
+            text += f" although the {r.weak}-only model reaches {weak_alone.accuracy:.3f}"
+        text += (f".\n    the {r.weak} encoder's linear probe inside vanilla MT: {r.probe_weak:.3f}"
+                 + (f" (the {r.weak}-only model's linear head on the same pooling: {weak_alone.accuracy:.3f})"
+                    if weak_alone is not None else "")
+                 + f". Collapse criteria met: {met}/4 ({', '.join(k for k, v in checks.items() if not v) or 'all'}"
+                 + f"{' failed' if met < 4 else ''})")
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def format_paired(vanilla: list[str], rollingq: list[str]) -> str:
+    """RollingQ − vanilla per quantity (same seed), mean and 95 % t-interval, for two or more seeds."""
+    pairs = pair_by_seed([summarize_run(d) for d in vanilla], [summarize_run(d) for d in rollingq])
+    if len(pairs) < 2:
+        return ""
+    rows = [(label, stat.text()) for label, stat in paired_rows(pairs) if "epoch" not in label]
+    width = max(len(label) for label, _ in rows)
+    head = f"MT + RollingQ - vanilla MT, paired over {len(pairs)} seeds: mean [95 % t-interval]"
+    return "\n".join([head] + [f"  {label:<{width}}  {text}" for label, text in rows])
