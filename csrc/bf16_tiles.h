@@ -25,9 +25,16 @@ bool use_bf16_gemms() {
     return false;
   } else {
     const bool on = float_row_ops().gemm_nt_bf16 != nullptr;
-    if (!on)
-      TORCH_WARN_ONCE("rollingq: bfloat16 inputs on this CPU (or at this instruction-set level) have no AVX512_BF16 "
-                      "kernels: they are computed in float32 (upcast), as docs/op.md says");
+    if (!on) {
+      // once per process through a static's thread-safe initialization, not TORCH_WARN_ONCE: that one reads
+      // c10::WarningUtils::get_warnAlways(), a symbol outside the stable ABI (tests/test_wheel_abi.py)
+      static const bool warned = [] {
+        TORCH_WARN("rollingq: bfloat16 inputs on this CPU (or at this instruction-set level) have no AVX512_BF16 "
+                   "kernels: they are computed in float32 (upcast), as docs/op.md says");
+        return true;
+      }();
+      (void)warned;
+    }
     return on;
   }
 }
