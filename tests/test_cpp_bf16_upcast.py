@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from subprocess_env import child_pythonpath
 
 from rollingq_kernels import _library
-from subprocess_env import child_pythonpath
 
 CHILD = """
 import warnings
