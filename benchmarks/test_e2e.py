@@ -51,6 +51,8 @@ def test_the_timm_peer_computes_the_op_and_its_statistics() -> None:
     # the peer must time the same model: the rotated class query, the same outputs and statistics
     pytest.importorskip("timm")
     try:
+        from timm.models.vision_transformer import Attention
+
         from rollingq_kernels.module import FusedRollingQAttention
 
         from ._e2e import FusionClassifier, TimmFusionClassifier
@@ -63,7 +65,10 @@ def test_the_timm_peer_computes_the_op_and_its_statistics() -> None:
     peer = TimmFusionClassifier(cfg, 4)
     ours = FusionClassifier(cfg, 4, class_query_only=False, backend="reference")
     ours.load_state_dict(peer.state_dict(), strict=False)  # embeddings, class token, norm, head
-    ours.attn = FusedRollingQAttention.from_timm(peer.attn, num_modalities=2, backend="reference")
+    # a twin of the peer's Attention: from_timm holds the given qkv module, whose hook rotates the peer's query
+    twin = Attention(cfg.dim, num_heads=1, qkv_bias=True)
+    twin.load_state_dict(peer.attn.state_dict())
+    ours.attn = FusedRollingQAttention.from_timm(twin, num_modalities=2, backend="reference")
     rotation = torch.linalg.qr(torch.randn(cfg.dim, cfg.dim, dtype=torch.float64))[0]
     if torch.linalg.det(rotation) < 0:  # a rotation, not a reflection
         rotation[:, 0] = -rotation[:, 0]
