@@ -153,10 +153,13 @@ def class_row_stats(q0_rot: torch.Tensor, k: torch.Tensor, segments: list[int]):
     with torch.no_grad():
         q0, keys = q0_rot.detach().float(), k.detach().float()
         onehot = nn.functional.one_hot(modality_index(segments, keys.device), len(segments) + 1).float()  # (N, M+1)
-        probs = torch.softmax(keys.shape[-1] ** -0.5 * torch.einsum("bhd,bhnd->bhn", q0, keys), dim=-1)
+        scores = keys.shape[-1] ** -0.5 * torch.einsum("bhd,bhnd->bhn", q0, keys)  # (B, H, N)
+        probs = torch.softmax(scores, dim=-1)
         key_sum = torch.einsum("bhnd,nm->bhmd", keys, onehot[:, 1:])
         key_mean = key_sum / torch.tensor(segments, dtype=keys.dtype, device=keys.device)[None, None, :, None]
-        return finish_stats(key_mean, probs @ onehot, q0, None, segments)
+        # score_max and the class row's lse: the statistics the fused kernel also gives (max_prob)
+        return finish_stats(key_mean, probs @ onehot, q0, None, segments, score_max=scores.amax(-1),
+                            lse=torch.logsumexp(scores, -1, keepdim=True))
 
 
 VARIANTS = ("fused", "official", "timm-sdpa+hook")

@@ -81,4 +81,5 @@ def test_the_timm_peer_computes_the_op_and_its_statistics() -> None:
     assert a.samples == b.samples == 5
     torch.testing.assert_close(a.cos_mean, b.cos_mean, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.mass_mean, b.mass_mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.max_prob_mean, b.max_prob_mean, atol=1e-5, rtol=0)  # main's epilogue statistic
     assert a.air == pytest.approx(b.air, abs=1e-5)
