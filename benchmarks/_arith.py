@@ -143,10 +143,19 @@ def matmul_tflops(n: int, seconds: float) -> float:
 
 #: the most calls one side of a gate pair is timed with (their median counts)
 PAIR_MAX_CALLS = 15
+#: the shortest a side of a gate pair should last: a side of ms calls is timed several times, so one
+#: preemption on a shared machine (several ms) cannot decide a pair alone
+PAIR_MIN_SIDE_S = 0.03
 
 
-def pair_call_counts(probe_seconds: list[float], most: int = PAIR_MAX_CALLS) -> list[int]:
+def pair_call_counts(probe_seconds: list[float], most: int = PAIR_MAX_CALLS,
+                     min_side_s: float = PAIR_MIN_SIDE_S) -> list[int]:
     """Calls per pair for each side of a gate, from one probe call of each: a side ``k`` times faster than
-    the slowest is timed ``round(k)`` times (at least 1, at most ``most``), so each side lasts about as long."""
+    the slowest is timed ``round(k)`` times, so each side lasts about as long, and every side at least
+    ``ceil(min_side_s / t)`` times (at least 1, at most ``most``)."""
     longest = max(probe_seconds)
-    return [min(most, max(1, round(longest / max(t, 1e-9)))) for t in probe_seconds]
+    counts = []
+    for t in probe_seconds:
+        t = max(t, 1e-9)
+        counts.append(min(most, max(1, round(longest / t), math.ceil(min_side_s / t))))
+    return counts

@@ -12,6 +12,14 @@ fusion layer (pre-norm) and a linear classifier on the class output.
   attention, statistics recomputed from the keys afterwards), controller
   ``estimate="pass"`` with ``window=1`` (AIR from the last batch, then a full
   no-grad pass over the training set before the rotation), as the official code.
+* ``timm-sdpa+hook``: what a user writes today without these kernels: timm's
+  ``Attention`` (every token queries, ``F.scaled_dot_product_attention`` inside)
+  with a forward hook on its ``qkv`` projection that rotates the class query and
+  computes the class row's statistics from the same batch's query and keys (no
+  extra pass); the controller ``estimate="accumulate"`` as ``fused``. The
+  rotation and the statistics window live in a :class:`FusedRollingQAttention`
+  that only holds them (its own forward never runs), since the controller
+  drives such layers.
 
 Both rotate at the end of every timed epoch (``beta=0``), so the time per epoch
 includes the rotation (and, for ``official``, its extra pass).
@@ -96,8 +104,65 @@ class FusionClassifier(nn.Module):
     def forward(self, modalities: list[torch.Tensor]) -> torch.Tensor:
         b = modalities[0].shape[0]
         tokens = torch.cat([self.cls.expand(b, -1, -1)] + [e(x) for e, x in zip(self.embed, modalities)], dim=1)
-        y = self.attn(self.norm(tokens), self.segments)  # (B, 1, D) class-only or (B, N, D)
+        y = self.attend(self.norm(tokens))  # (B, 1, D) class-only or (B, N, D)
         return self.head(y[:, 0])
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The fusion layer on the normalized tokens ``(B, N, D)``."""
+        return self.attn(x, self.segments)
+
+
+class TimmFusionClassifier(FusionClassifier):
+    """:class:`FusionClassifier` with timm's SDPA ``Attention`` as the fusion layer and the RollingQ rotation and
+    statistics in a forward hook on its ``qkv`` projection (``holder`` keeps the rotation and the window)."""
+
+    def __init__(self, cfg: E2EConfig, num_classes: int) -> None:
+        from timm.models.vision_transformer import Attention
+
+        from rollingq_kernels.module import FusedRollingQAttention
+
+        super().__init__(cfg, num_classes, class_query_only=False, backend="reference")
+        self.attn = Attention(cfg.dim, num_heads=1, qkv_bias=True)
+        # not a submodule: the controller's rotation and statistics only, no weights in the optimizer
+        self.__dict__["holder"] = FusedRollingQAttention(cfg.dim, num_heads=1, num_modalities=len(cfg.segments))
+        self.attn.qkv.register_forward_hook(self._rotate_and_collect)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)  # timm's Attention: every token queries, SDPA inside
+
+    def _rotate_and_collect(self, module: nn.Module, inputs: tuple, qkv: torch.Tensor) -> torch.Tensor:
+        from rollingq_kernels.accumulator import batch_sums
+        from rollingq_kernels.class_query import rotate_class_query
+
+        B, N, _ = qkv.shape
+        H, Dh = self.attn.num_heads, self.attn.head_dim
+        q, k, v = qkv.reshape(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) each
+        q0_rot = rotate_class_query(q[:, 0], self.holder.rotation)
+        if self.training:
+            self.holder.statistics.add_sums(batch_sums(class_row_stats(q0_rot, k.transpose(1, 2), self.segments)))
+        q = torch.cat([q0_rot.unsqueeze(1), q[:, 1:]], dim=1)
+        return torch.stack([q, k, v], dim=2).reshape(B, N, 3 * H * Dh)
+
+
+def class_row_stats(q0_rot: torch.Tensor, k: torch.Tensor, segments: list[int]):
+    """The op's statistics (``docs/op.md``) of the class row from its rotated query ``(B, H, Dh)`` and the keys
+    ``(B, H, N, Dh)`` of the same batch, every token valid: what a forward hook computes next to SDPA."""
+    from rollingq_kernels.reference import modality_index
+    from rollingq_kernels.stats import finish_stats
+
+    with torch.no_grad():
+        q0, keys = q0_rot.detach().float(), k.detach().float()
+        onehot = nn.functional.one_hot(modality_index(segments, keys.device), len(segments) + 1).float()  # (N, M+1)
+        scores = keys.shape[-1] ** -0.5 * torch.einsum("bhd,bhnd->bhn", q0, keys)  # (B, H, N)
+        probs = torch.softmax(scores, dim=-1)
+        key_sum = torch.einsum("bhnd,nm->bhmd", keys, onehot[:, 1:])
+        key_mean = key_sum / torch.tensor(segments, dtype=keys.dtype, device=keys.device)[None, None, :, None]
+        # score_max and the class row's lse: the statistics the fused kernel also gives (max_prob)
+        return finish_stats(key_mean, probs @ onehot, q0, None, segments, score_max=scores.amax(-1),
+                            lse=torch.logsumexp(scores, -1, keepdim=True))
+
+
+VARIANTS = ("fused", "official", "timm-sdpa+hook")
 
 
 def _batches(mods: list[torch.Tensor], labels: torch.Tensor, batch: int, order: torch.Tensor) -> list:
@@ -105,20 +170,25 @@ def _batches(mods: list[torch.Tensor], labels: torch.Tensor, batch: int, order: 
 
 
 def run_epochs(variant: str, cfg: E2EConfig, mods: list[torch.Tensor], labels: torch.Tensor) -> dict:
-    """Train ``variant`` (``fused`` or ``official``) for 1 + ``cfg.epochs`` epochs; time the last ``cfg.epochs``.
+    """Train ``variant`` (one of ``VARIANTS``) for 1 + ``cfg.epochs`` epochs; time the last ``cfg.epochs``.
 
     Returns a JSON-friendly record with the median seconds per epoch (training
     steps plus the end-of-epoch RollingQ step, rotation included).
     """
     from rollingq_kernels.controller import RollingQ
 
-    if variant not in ("fused", "official"):
-        raise ValueError(f"variant: expected 'fused' or 'official', got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     official = variant == "official"
     torch.manual_seed(0)
-    model = FusionClassifier(cfg, int(labels.max()) + 1, class_query_only=not official,
-                             backend="reference" if official else "auto")
-    controller = RollingQ(model.attn, mode="paper", rho=1.0, beta=0.0, max_rotations=1000,
+    if variant == "timm-sdpa+hook":
+        model = TimmFusionClassifier(cfg, int(labels.max()) + 1)
+        layer = model.holder
+    else:
+        model = FusionClassifier(cfg, int(labels.max()) + 1, class_query_only=not official,
+                                 backend="reference" if official else "auto")
+        layer = model.attn
+    controller = RollingQ(layer, mode="paper", rho=1.0, beta=0.0, max_rotations=1000,
                           window=1 if official else "epoch", estimate="pass" if official else "accumulate")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
@@ -151,6 +221,7 @@ def run_epochs(variant: str, cfg: E2EConfig, mods: list[torch.Tensor], labels: t
         "segments": list(cfg.segments),
         "dim": cfg.dim,
         "heads": 1,
-        "attention": "eager all-query" if official else "fused class-only",
+        "attention": {"fused": "fused class-only", "official": "eager all-query",
+                      "timm-sdpa+hook": "timm SDPA all-query + stats hook"}[variant],
         "estimate": "pass" if official else "accumulate",
     }

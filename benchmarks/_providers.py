@@ -47,7 +47,7 @@ from rollingq_kernels.reference import key_valid_mask, modality_index
 from rollingq_kernels.stats import AttentionStats, finish_stats
 
 from ._gpu_providers import GPU_PROVIDERS, build_gpu_provider, gpu_skip_reason
-from ._shapes import COMPILE_SHAPES, BenchShape
+from ._shapes import COMPILE_SHAPES, CPU_BF16_PROVIDERS, ROLE_GATE_ALL_QUERY, BenchShape
 
 PROVIDERS = (
     "fused", "fused-nostats", "eager", "sdpa", "sdpa+stats", "flex", "flex+stats", "compile-eager"
@@ -321,7 +321,7 @@ def materialized_bytes(shape: BenchShape, mode: str) -> int:
 
 def skip_reason(
     provider: str, shape: BenchShape, mode: str, device: torch.device, quick: bool, memory_budget: int,
-    pass_: str = "fwd",
+    pass_: str = "fwd", dtype: str = "fp32",
 ) -> str | None:
     """Why ``provider`` cannot run this case (``pass_``) here, or None when it can.
 
@@ -331,6 +331,9 @@ def skip_reason(
     gpu_reason = gpu_skip_reason(provider, shape, mode, torch.bfloat16, device)
     if gpu_reason:
         return gpu_reason
+    if device.type == "cpu" and dtype == "bf16" and (
+            provider not in CPU_BF16_PROVIDERS or ROLE_GATE_ALL_QUERY not in shape.roles):
+        return f"{provider}: CPU bf16 runs only {CPU_BF16_PROVIDERS} on the all-query gate shapes (fused vs SDPA)"
     if provider == "compile-eager":
         if quick:
             return "compile-eager: not in --quick mode (compilation takes minutes)"

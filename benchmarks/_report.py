@@ -14,8 +14,8 @@ PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
 PROVIDER_ORDER = {p: i for i, p in enumerate(PROVIDERS)}
 
 ROW_HEADER = ("shape", "mode", "dtype", "pass", "provider", "median ms", "x fused", "TFLOP/s", "GB/s",
-              "% copy BW", "% matmul", "peak MiB")
-GATE_HEADER = ("gate", "shape", "dtype", "ratio", "rows' ratio", "threshold", "status", "note")
+              "% copy BW", "% matmul", "% tile GEMM", "peak MiB")
+GATE_HEADER = ("gate", "shape", "dtype", "ratio", "min pair", "rows' ratio", "threshold", "status", "note")
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -43,6 +43,7 @@ def row_cells(r: Row) -> list[str]:
         _num(r.gbps, ".1f"),
         _num(100 * r.frac_copy_bw, ".1f"),
         _num(100 * r.frac_matmul, ".1f"),
+        _num(100 * r.frac_gemm, ".1f"),
         _num(r.peak_mem_bytes / 2**20, ".1f"),
     ]
 
@@ -50,12 +51,19 @@ def row_cells(r: Row) -> list[str]:
 def gate_cells(g: GateResult | dict[str, Any]) -> list[str]:
     """The cells of one gate result (object or its ``to_dict``), in :data:`GATE_HEADER` order."""
     d = g.to_dict() if isinstance(g, GateResult) else g
-    thr = d["threshold"]
     note = "; ".join(x for x in (d.get("reason", ""), d.get("source", "")) if x)
     return [
-        d["name"], d["shape"], d["dtype"], _num(d["ratio"], ".2f"), _num(d.get("row_ratio"), ".2f"),
-        "-" if thr is None else f">= {thr:g}", d["status"], note,
+        d["name"], d["shape"], d["dtype"], _num(d["ratio"], ".2f"), _num(d.get("min_ratio"), ".2f"),
+        _num(d.get("row_ratio"), ".2f"), threshold_text(d), d["status"], note,
     ]
+
+
+def threshold_text(d: dict[str, Any]) -> str:
+    """``>= 1.2, min >= 1.05`` (the median's threshold, then the smallest pair's), ``-`` without one."""
+    thr, low = d["threshold"], d.get("min_threshold")
+    if thr is None:
+        return "-"
+    return f">= {thr:g}" + (f", min >= {low:g}" if low is not None else "")
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -59,6 +59,7 @@ class Row:
     peak_mem_bytes: int
     roles: list[str] = field(default_factory=list)
     ratio_to_fused: float | None = None
+    frac_gemm: float = math.nan  # of the machine's tile GEMM rate (the roofline; NaN in older files)
 
     @property
     def group(self) -> tuple[str, str, str, str]:
@@ -82,7 +83,7 @@ class Row:
         """Inverse of :meth:`to_dict` (None times become NaN)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {("pass_" if k == "pass" else k): v for k, v in d.items() if ("pass_" if k == "pass" else k) in names}
-        for k in ("tflops", "gbps", "frac_copy_bw", "frac_matmul", "median_s", "min_s"):
+        for k in ("tflops", "gbps", "frac_copy_bw", "frac_matmul", "frac_gemm", "median_s", "min_s"):
             if kw.get(k) is None:
                 kw[k] = math.nan
         return cls(**kw)
@@ -132,7 +133,11 @@ def cpu_flags() -> list[str]:
 
 
 def cpu_capabilities() -> dict[str, Any]:
-    """The instruction sets in use: the C++ kernels' (None without them) and ATen's, and the build's."""
+    """The instruction sets in use: the C++ kernels' (None without them) and ATen's, and the build's.
+
+    ``level`` says whether the kernels run the best level this CPU and build support (``native``) or a lower
+    one forced by ``ATEN_CPU_CAPABILITY`` (``forced``): a forced level does not predict a CPU that has only it.
+    """
     kernels, supported, native = None, [], None
     try:
         from rollingq_kernels import _C
@@ -140,8 +145,19 @@ def cpu_capabilities() -> dict[str, Any]:
         kernels, supported, native = _C.cpu_capability(), list(_C.supported_cpu_capabilities()), _C.MARCH_NATIVE
     except (ImportError, AttributeError):
         pass
+    level = None if kernels is None else ("native" if supported and kernels == supported[-1] else "forced")
     return {"kernels": kernels, "kernels_supported": supported, "kernels_march_native": native,
-            "aten": torch.backends.cpu.get_cpu_capability()}
+            "aten": torch.backends.cpu.get_cpu_capability(), "level": level}
+
+
+def level_text() -> str:
+    """One line naming the instruction sets a run measures: ``C++ kernels avx2 (forced; the CPU runs avx512),
+    ATen AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2`` (for gate failures and logs)."""
+    cap = cpu_capabilities()
+    best = cap["kernels_supported"][-1] if cap["kernels_supported"] else None
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
+    return (f"C++ kernels {cap['kernels']} ({cap['level']}; this CPU and build run up to {best}), "
+            f"ATen {cap['aten']}" + (f", MKL_ENABLE_INSTRUCTIONS={mkl}" if mkl else ""))
 
 
 def _cpu_model() -> str:

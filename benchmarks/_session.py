@@ -23,7 +23,7 @@ from ._arith import (
     pair_call_counts,
     tflops,
 )
-from ._gates import Gate, PairedRatios
+from ._gates import TILE_GEMM, Gate, PairedRatios
 from ._providers import (
     DTYPES,
     MODES,
@@ -36,10 +36,14 @@ from ._providers import (
     make_inputs,
 )
 from ._results import Recorder, Row
-from ._shapes import BenchShape, dtypes_for, shapes_for
-from ._timing import MachineRates, measure_machine, time_rounds
+from ._shapes import ROLE_GATE_ROOFLINE, BenchShape, TileShape, dtypes_for, shapes_for, tile_shape
+from ._timing import MachineRates, TileGemm, measure_machine, time_rounds
 
 logger = logging.getLogger("benchmarks")
+
+#: timed probe calls per side of a gate pair (their fastest sizes the pair's call counts: one preempted
+#: probe of a 2 ms call measured 40 ms on the shared VM and would have timed the other side 15 times)
+PROBE_CALLS = 3
 
 STATS_PROVIDERS = ("fused", "eager", "sdpa+stats", "flex+stats", "compile-eager")
 
@@ -97,7 +101,7 @@ class BenchConfig:
             return cls(device, True, warmup=1, rounds=7, max_rounds=15, target_s=0.1, input_sets=2, gate_pairs=3)
         if use_cuda:
             return cls(device, False, warmup=3, rounds=20, max_rounds=200, target_s=0.5, input_sets=3, gate_pairs=21)
-        return cls(device, False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3, gate_pairs=9)
+        return cls(device, False, warmup=1, rounds=3, max_rounds=30, target_s=5.0, input_sets=3, gate_pairs=7)
 
     def rounds_for(self, seconds_per_call: float) -> int:
         """Timed rounds for a case whose warm-up call took ``seconds_per_call``."""
@@ -152,12 +156,23 @@ class BenchSession:
         self.started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._compiled: dict[tuple[str, str, str, str], Callable] = {}
 
+    def roofline_tiles(self) -> dict[int, TileShape]:
+        """Head dim -> the roofline's tile GEMMs: those of the roofline gate's shape for its head dim, else of
+        the first shape with that head dim."""
+        shapes = shapes_for(self.config.device.type, self.config.quick)
+        ordered = sorted(shapes, key=lambda s: ROLE_GATE_ROOFLINE not in s.roles)  # stable: roofline shape first
+        tiles: dict[int, TileShape] = {}
+        for s in ordered:
+            tiles.setdefault(s.head_dim, tile_shape(s))
+        return tiles
+
     @property
     def machine(self) -> MachineRates:
-        """Copy bandwidth and matmul rates, measured on first use."""
+        """Copy bandwidth, matmul and tile GEMM rates, measured on first use."""
         if self._machine is None:
             dtypes = {d: DTYPES[d] for d in dtypes_for(self.config.device.type, self.config.quick)}
-            self._machine = measure_machine(self.config.device, dtypes, self.config.quick)
+            self._machine = measure_machine(self.config.device, dtypes, self.config.quick,
+                                            list(self.roofline_tiles().values()))
         return self._machine
 
     def input_sets(self, shape: BenchShape, mode: str, dtype: str) -> list[OpInputs]:
@@ -192,13 +207,16 @@ class BenchSession:
         """Re-measures one gate in ``config.gate_pairs`` alternating pairs (fused, then the other provider,
         each after its untimed setup) following one warm-up call of each; returns t_other / t_fused per pair.
 
-        Within a pair each side is timed for about as long as the slower side's probe call (one timed
-        call of each after the warm-up): a side k times faster runs up to ``_arith.PAIR_MAX_CALLS`` calls
-        back to back and counts their median, so that one scheduler hiccup on a 5 ms call (the
-        class-only gate against a 0.4 s eager call) cannot decide the pair. The sides are then timed
+        Within a pair each side is timed for about as long as the slower side's probe (the fastest of
+        ``PROBE_CALLS`` timed calls of each after the warm-up), and for at least
+        ``_arith.PAIR_MIN_SIDE_S``: a side k times faster runs up to ``_arith.PAIR_MAX_CALLS`` calls back
+        to back and counts their median, so that one scheduler hiccup on a 2-5 ms call (class-only
+        against SDPA, or against a 0.4 s eager call) cannot decide the pair. The sides are then timed
         differently (several warm calls against one), which can favour the repeated side by a few
         per cent; the counts are kept in :attr:`pair_calls` and the results file."""
         shape = next(s for s in shapes_for(self.config.device.type, self.config.quick) if s.name == shape_name)
+        if gate.other == TILE_GEMM:
+            return self._roofline_ratios(gate, shape, dtype)
         sides = []
         for provider, mode in ((gate.fused_provider, gate.fused_mode), (gate.other, gate.other_mode)):
             sets = [
@@ -208,7 +226,7 @@ class BenchSession:
             setup, target = pass_functions(gate.pass_, self.provider(Case(provider, shape, mode, dtype, gate.pass_)),
                                            sets)
             time_rounds(target, setup, self.config.device, warmup=1, rounds=0)
-            first = time_rounds(target, setup, self.config.device, warmup=0, rounds=1)[0]
+            first = min(time_rounds(target, setup, self.config.device, warmup=0, rounds=PROBE_CALLS))
             sides.append((setup, target, first))
         calls = pair_call_counts([first for _, _, first in sides])
         self.pair_calls[(gate.name, shape_name, dtype)] = (calls[0], calls[1])
@@ -219,6 +237,34 @@ class BenchSession:
                 for (setup, target, _), n in zip(sides, calls)
             )
             ratios.append(other_s / fused_s)
+        return ratios
+
+    def _roofline_ratios(self, gate: Gate, shape: BenchShape, dtype: str) -> list[float]:
+        """The roofline gate in ``config.gate_pairs`` alternating pairs: the fused call's rate (its median over
+        the pair's calls) divided by the tile GEMM rate measured right after it (the fastest of as many calls
+        of torch's batched GEMM and of the kernels' own GEMMs, the faster of the two)."""
+        nq = shape.n_keys if gate.fused_mode == "all-query" else 1
+        dims = OpDims(shape.batch, shape.heads, shape.n_keys, shape.head_dim, nq, len(shape.segments),
+                      DTYPES[dtype].itemsize)
+        flops = attention_flops(dims, gate.pass_)
+        sets = [make_inputs(shape, gate.fused_mode, DTYPES[dtype], self.config.device, seed=1009 * i + 17,
+                            requires_grad=True) for i in range(2)]
+        provider = self.provider(Case(gate.fused_provider, shape, gate.fused_mode, dtype, gate.pass_))
+        setup, target = pass_functions(gate.pass_, provider, sets)
+        tiles = TileGemm(self.roofline_tiles()[shape.head_dim], DTYPES[dtype], self.config.device)
+        time_rounds(target, setup, self.config.device, warmup=1, rounds=0)
+        fused_probe = min(time_rounds(target, setup, self.config.device, warmup=0, rounds=PROBE_CALLS))
+        gemm_probe = tiles.blas_seconds(1)
+        calls = pair_call_counts([fused_probe, gemm_probe])
+        self.pair_calls[(gate.name, shape.name, dtype)] = (calls[0], calls[1])
+        ratios = []
+        for _ in range(self.config.gate_pairs):
+            fused_s = statistics.median(time_rounds(target, setup, self.config.device, 0, calls[0]))
+            rates = [tflops(tiles.tile.flops, tiles.blas_seconds(calls[1]))]
+            own = tiles.own_seconds(calls[1])
+            if own is not None:
+                rates.append(tflops(tiles.tile.flops, own))
+            ratios.append(tflops(flops, fused_s) / max(rates))
         return ratios
 
     def make_row(self, case: Case, samples: list[float], peak_mem: int) -> Row:
@@ -241,6 +287,7 @@ class BenchSession:
             frac_copy_bw=fraction(achieved_gbps, self.machine.copy_gbps),
             frac_matmul=fraction(achieved_tflops, self.machine.matmul_tflops.get(case.dtype)),
             peak_mem_bytes=peak_mem, roles=list(s.roles),
+            frac_gemm=fraction(achieved_tflops, self.machine.tile_rate(case.dtype, s.head_dim)),
         )
 
 

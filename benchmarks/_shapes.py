@@ -15,6 +15,11 @@ KS_SEGMENTS = (512, 588)  # Kinetics-Sounds fusion
 
 ROLE_GATE_ALL_QUERY = "gate-all-query"  # fused vs sdpa / eager, every query
 ROLE_GATE_CLASS_ONLY = "gate-class-only"  # fused class-only vs eager all-query
+ROLE_GATE_ROOFLINE = "gate-roofline"  # fused all-query forward as a fraction of the tile GEMM rate
+
+# The largest tiles of the C++ kernels (query rows x keys), which are also SDPA's CPU blocks: the
+# roofline's GEMMs run at these shapes (``tile_shape``).
+TILE_ROWS, TILE_KEYS = 256, 512
 
 
 @dataclass(frozen=True)
@@ -66,18 +71,41 @@ CPU_SHAPES = (
     BenchShape("cremad-b8", 8, 12, 64, CREMAD_SEGMENTS),
     BenchShape("ks-b8", 8, 12, 64, KS_SEGMENTS, roles=(ROLE_GATE_ALL_QUERY,)),
     # every token valid: no mask for any provider, so nothing is skipped and SDPA pays no masking
-    BenchShape("ks-b4-unpadded", 4, 12, 64, KS_SEGMENTS, roles=(ROLE_GATE_ALL_QUERY,), padded=False),
+    BenchShape("ks-b4-unpadded", 4, 12, 64, KS_SEGMENTS, roles=(ROLE_GATE_ALL_QUERY, ROLE_GATE_ROOFLINE),
+               padded=False),
     BenchShape("cremad-1head", 64, 1, 768, CREMAD_SEGMENTS, roles=(ROLE_GATE_CLASS_ONLY,)),
 )
 
 QUICK_SHAPES = (
-    BenchShape("quick", 2, 3, 16, (13, 17), roles=(ROLE_GATE_ALL_QUERY,)),
+    BenchShape("quick", 2, 3, 16, (13, 17), roles=(ROLE_GATE_ALL_QUERY, ROLE_GATE_ROOFLINE)),
     BenchShape("quick-1head", 3, 1, 48, (11, 19), roles=(ROLE_GATE_CLASS_ONLY,)),
 )
 
 # torch.compile of the eager reference compiles once per case (minutes on a 2-core CPU, tens of
 # seconds on a GPU): only these shapes.
 COMPILE_SHAPES = {"cpu": ("cremad-b8",), "cuda": ("ks",)}
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """The GEMMs of one attention tile, ``tiles`` times: ``S = Q Kᵀ`` with ``Q`` ``(rows, head_dim)`` and ``K``
+    ``(keys, head_dim)``, then ``O = S V``: ``4 · tiles · rows · keys · head_dim`` FLOPs."""
+
+    tiles: int
+    rows: int
+    keys: int
+    head_dim: int
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of the two GEMMs over every tile."""
+        return 4 * self.tiles * self.rows * self.keys * self.head_dim
+
+
+def tile_shape(shape: BenchShape) -> TileShape:
+    """The roofline's GEMMs for ``shape``: one tile of at most ``TILE_ROWS`` x ``TILE_KEYS`` per (batch, head)."""
+    n = shape.n_keys
+    return TileShape(shape.batch * shape.heads, min(TILE_ROWS, n), min(TILE_KEYS, n), shape.head_dim)
 
 
 def shapes_for(device_type: str, quick: bool) -> tuple[BenchShape, ...]:
@@ -91,8 +119,13 @@ def shapes_for(device_type: str, quick: bool) -> tuple[BenchShape, ...]:
     raise ValueError(f"device_type: expected 'cpu' or 'cuda', got {device_type!r}")
 
 
+# CPU bf16 runs only these providers, on the all-query gate shapes: fused against SDPA in bf16 (issue 28)
+CPU_BF16_PROVIDERS = ("fused", "sdpa")
+
+
 def dtypes_for(device_type: str, quick: bool) -> tuple[str, ...]:
-    """dtype names to run: fp32 on CPU; bf16 and fp16 on GPU (bf16 only in quick mode)."""
+    """dtype names to run: fp32 on CPU (and bf16 for ``CPU_BF16_PROVIDERS`` in full runs); bf16 and fp16 on GPU
+    (bf16 only in quick mode)."""
     if device_type == "cpu":
-        return ("fp32",)
+        return ("fp32",) if quick else ("fp32", "bf16")
     return ("bf16",) if quick else ("bf16", "fp16")

@@ -7,15 +7,21 @@
   allocated before the call; on CPU the peak of the running sum of the
   allocations and frees the torch profiler records (``profile_memory=True``)
   during one extra call: bytes the call allocated on top of its inputs.
-* Machine rates (once per session): copy bandwidth of a large ``copy_`` and the
-  rate of a large square matmul (the fastest of a few calls: the best the
-  machine does), so rows can report fractions of them.
+* Machine rates (once per session): copy bandwidth of a large ``copy_``, the
+  rate of a large square matmul, and the **tile GEMM rate** (the roofline): the
+  two GEMMs of an attention tile (``S = Q Kᵀ``, ``O = S V``, ``_shapes.TileShape``)
+  over one tile per (batch, head) at the same thread count, by torch's batched
+  GEMM and, on CPU, by the C++ kernels' own GEMMs (``_C._tile_gemm_seconds``);
+  the faster of the two is the machine's rate at those shapes. Each is the
+  fastest of a few calls: the best the machine does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -25,7 +31,8 @@ from typing import Any
 
 import torch
 
-from ._arith import copy_bandwidth_gbps, matmul_tflops
+from ._arith import copy_bandwidth_gbps, matmul_tflops, tflops
+from ._shapes import TileShape
 
 logger = logging.getLogger("benchmarks")
 
@@ -124,6 +131,11 @@ def peak_memory_bytes(
     return _cpu_profiled_peak(fn, args, kwargs)
 
 
+def tile_key(dtype: str, head_dim: int) -> str:
+    """The key of a tile GEMM rate in :attr:`MachineRates.tile_gemm`: ``"fp32-dh64"``."""
+    return f"{dtype}-dh{head_dim}"
+
+
 @dataclass(frozen=True)
 class MachineRates:
     """The machine's measured reference rates.
@@ -131,14 +143,23 @@ class MachineRates:
     Attributes:
         copy_gbps: GB/s of a large device-to-device ``copy_`` (read + write counted).
         matmul_tflops: dtype name -> TFLOP/s of a large square matmul in that dtype.
+        tile_gemm: :func:`tile_key` -> ``{"blas": TFLOP/s of torch's batched GEMM, "own": of the C++ kernels'
+            GEMMs (absent where they do not exist), "best": the larger, "tiles", "rows", "keys", "head_dim"}``.
     """
 
     copy_gbps: float
     matmul_tflops: dict[str, float]
+    tile_gemm: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    def tile_rate(self, dtype: str, head_dim: int) -> float | None:
+        """The best tile GEMM rate (TFLOP/s) measured for ``dtype`` and ``head_dim``, or None."""
+        entry = self.tile_gemm.get(tile_key(dtype, head_dim))
+        return None if entry is None else entry["best"]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
-        return {"copy_gbps": self.copy_gbps, "matmul_tflops": dict(self.matmul_tflops)}
+        return {"copy_gbps": self.copy_gbps, "matmul_tflops": dict(self.matmul_tflops),
+                "tile_gemm": {k: dict(v) for k, v in self.tile_gemm.items()}}
 
 
 def _best_time(fn: Callable[[], Any], device: torch.device, rounds: int) -> float:
@@ -146,8 +167,51 @@ def _best_time(fn: Callable[[], Any], device: torch.device, rounds: int) -> floa
     return min(time_rounds(fn, lambda: ((), {}), device, warmup=1, rounds=rounds))
 
 
-def measure_machine(device: torch.device, dtypes: dict[str, torch.dtype], quick: bool) -> MachineRates:
-    """Measure copy bandwidth and matmul rates on ``device`` (a few seconds; less in quick mode)."""
+class TileGemm:
+    """The tile GEMMs of the roofline for one :class:`TileShape` and dtype: torch's batched GEMM (``blas``)
+    and, for float32 on CPU with the C++ kernels built, their own GEMMs (``own``)."""
+
+    def __init__(self, tile: TileShape, dtype: torch.dtype, device: torch.device) -> None:
+        self.tile, self.device = tile, device
+        g = torch.Generator().manual_seed(3)
+        t, r, k, d = tile.tiles, tile.rows, tile.keys, tile.head_dim
+        self._q, self._kt, self._v = (torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+                                      for s in ((t, r, d), (t, d, k), (t, k, d)))
+        self.has_own = False
+        if device.type == "cpu" and dtype == torch.float32:
+            try:
+                from rollingq_kernels import _C
+
+                self._own_seconds = _C._tile_gemm_seconds
+                self.has_own = True
+            except (ImportError, AttributeError):
+                pass
+
+    def blas_seconds(self, rounds: int) -> float:
+        """Fastest seconds of ``bmm(bmm(Q, Kᵀ), V)`` over ``rounds`` calls (after one warm-up)."""
+        return _best_time(lambda: torch.bmm(torch.bmm(self._q, self._kt), self._v), self.device, rounds)
+
+    def own_seconds(self, rounds: int) -> float | None:
+        """Fastest seconds of the C++ kernels' tile GEMMs over ``rounds`` runs, or None without them."""
+        if not self.has_own:
+            return None
+        t = self.tile
+        return self._own_seconds(t.tiles, t.rows, t.keys, t.head_dim, rounds)
+
+    def rates(self, rounds: int) -> dict[str, float]:
+        """``{"blas": TFLOP/s, ["own": TFLOP/s,] "best": the larger}`` from ``rounds`` calls of each."""
+        out = {"blas": tflops(self.tile.flops, self.blas_seconds(rounds))}
+        own = self.own_seconds(rounds)
+        if own is not None:
+            out["own"] = tflops(self.tile.flops, own)
+        out["best"] = max(v for v in out.values() if math.isfinite(v))
+        return out
+
+
+def measure_machine(device: torch.device, dtypes: dict[str, torch.dtype], quick: bool,
+                    tiles: list[TileShape] | tuple[TileShape, ...] = ()) -> MachineRates:
+    """Measure copy bandwidth, square matmul and tile GEMM rates (``tiles``, every dtype) on ``device``
+    (a few seconds; less in quick mode)."""
     if device.type == "cuda":
         copy_bytes, n = (256 << 20, 4096) if quick else (1 << 30, 8192)
     else:
@@ -157,9 +221,14 @@ def measure_machine(device: torch.device, dtypes: dict[str, torch.dtype], quick:
     dst = torch.empty_like(src)
     copy = copy_bandwidth_gbps(copy_bytes, _best_time(lambda: dst.copy_(src), device, rounds))
     rates: dict[str, float] = {}
+    tile_rates: dict[str, dict[str, float]] = {}
     for name, dt in dtypes.items():
         a = torch.rand(n, n, device=device).to(dt)
         b = torch.rand(n, n, device=device).to(dt)
         rates[name] = matmul_tflops(n, _best_time(lambda a=a, b=b: torch.mm(a, b), device, rounds))
-    logger.info("machine: copy %.1f GB/s, matmul %s TFLOP/s", copy, rates)
-    return MachineRates(copy, rates)
+        for tile in tiles:
+            entry = TileGemm(tile, dt, device).rates(rounds)
+            tile_rates[tile_key(name, tile.head_dim)] = {
+                **entry, "tiles": tile.tiles, "rows": tile.rows, "keys": tile.keys, "head_dim": tile.head_dim}
+    logger.info("machine: copy %.1f GB/s, matmul %s TFLOP/s, tile GEMM %s", copy, rates, tile_rates)
+    return MachineRates(copy, rates, tile_rates)

@@ -20,7 +20,8 @@ from ._timing import CallTimer, peak_memory_bytes, synchronize, time_rounds
 
 def test_attention(case: Case, bench: BenchSession, benchmark) -> None:
     cfg = bench.config
-    reason = skip_reason(case.provider, case.shape, case.mode, cfg.device, cfg.quick, cfg.memory_budget(), case.pass_)
+    reason = skip_reason(case.provider, case.shape, case.mode, cfg.device, cfg.quick, cfg.memory_budget(), case.pass_,
+                         case.dtype)
     if reason:
         pytest.skip(reason)
     provider = bench.provider(case)

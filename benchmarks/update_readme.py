@@ -38,7 +38,14 @@ def latest_per_machine(directory: Path) -> list[Path]:
 
 def _machine_line(machine: dict[str, Any]) -> str:
     mm = ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in machine.get("matmul_tflops", {}).items())
-    return f"measured by the suite: copy bandwidth {machine.get('copy_gbps', float('nan')):.1f} GB/s; matmul {mm}"
+    line = f"measured by the suite: copy bandwidth {machine.get('copy_gbps', float('nan')):.1f} GB/s; matmul {mm}"
+    tiles = []
+    for key, t in machine.get("tile_gemm", {}).items():
+        parts = [f"{src} {t[src]:.3f}" for src in ("blas", "own") if t.get(src) is not None]
+        tiles.append(f"{key} ({t['tiles']} tiles of {t['rows']}x{t['keys']}): " + ", ".join(parts) + " TFLOP/s")
+    if tiles:
+        line += "; tile GEMM (the roofline, `% tile GEMM` divides by the faster): " + "; ".join(tiles)
+    return line
 
 
 # The flags that decide which vector code can run (the full list is in the results file).
@@ -53,7 +60,9 @@ def _isa_line(meta: dict[str, Any]) -> str | None:
     flags = [f for f in VECTOR_FLAGS if f in set(meta.get("cpu_flags") or [])]
     env = {k: v for k, v in (meta.get("env") or {}).items() if v is not None}
     return (
-        f"Instruction sets: C++ kernels **{cap.get('kernels')}** (supported here: "
+        f"Instruction sets: C++ kernels **{cap.get('kernels')}**"
+        + (f" ({cap['level']})" if cap.get("level") else "")
+        + " (supported here: "
         f"{', '.join(cap.get('kernels_supported') or []) or '-'}; -march=native: {cap.get('kernels_march_native')}), "
         f"ATen **{cap.get('aten')}**; CPU vector flags: {' '.join(flags) or '-'}; "
         f"environment: {', '.join(f'{k}={v}' for k, v in env.items()) or 'none set'}."

@@ -13,8 +13,10 @@
 #include <ATen/Parallel.h>
 
 #include "attention_kernels.h"
+#include "bf16_tiles.h"
 #include "kernel_utils.h"
 #include "row_ops.h"
+#include "tile_gemm.h"
 
 namespace rollingq {
 namespace {
@@ -49,6 +51,16 @@ template <typename scalar_t, typename acc_t>
 inline void write_scaled_row(scalar_t* dst, acc_t alpha, const acc_t* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(alpha * x[i]);
+}
+
+// dst (n x d) row j = round(w[j] * x): float through the per-level kernel, else row by row.
+template <typename scalar_t, typename acc_t>
+inline void write_outer_rows(const RowOps<acc_t>& ops, const acc_t* w, const acc_t* x, int64_t n, int64_t d,
+                             scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    ops.t.outer_rows(w, x, n, d, dst);
+  else
+    for (int64_t j = 0; j < n; ++j) write_scaled_row(dst + j * d, w[j], x, d);
 }
 
 template <typename scalar_t>
@@ -89,15 +101,27 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     for (const Tile& t : layout.keys_of(bh / p.H)) keys += t.size;
     cost[bh] = rows * keys;
   }
-  double flops = 0;  // the five GEMMs: 10 Dh flops per (row, key)
-  for (int64_t c : cost) flops += 10.0 * static_cast<double>(c) * static_cast<double>(Dh);
-  const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
+  double visits = 0;  // (query row, key) pairs
+  for (int64_t c : cost) visits += static_cast<double>(c);
+  // all-query: the five GEMMs, 10 Dh flops per visit; class-only calls are memory-bound: split by the
+  // bytes of K and V read and of dK and dV written
+  const int64_t workers = all_query ? worker_count(10.0 * static_cast<double>(Dh) * visits, at::get_num_threads())
+                                    : worker_count_for_bytes(4.0 * static_cast<double>(Dh) * sizeof(scalar_t) * visits,
+                                                             at::get_num_threads());
+  const std::vector<int64_t> bounds = balance_tasks(cost, workers);
 
+  const TileGemm<acc_t> gemm;
+  const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
+  const int64_t row_block = std::min(qB, TileGemm<acc_t>::kBackwardRowBlock);
+  const bool bf16_gemms = all_query && use_bf16_gemms<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), dobuf(qB * Dh), obuf(convert ? qB * Dh : 0);
     std::vector<acc_t> kbuf(kvB * Dh), vbuf(kvB * Dh);
-    std::vector<acc_t> scores(qB * kvB), dp(qB * kvB), delta(qB), lse(qB);
+    TilePacker<acc_t> key_panels(gemm, kvB, Dh), value_panels(gemm, kvB, Dh);
+    // bfloat16 inputs with AVX512_BF16: S and dP from the bfloat16 rows (dV, dQ, dK stay float32)
+    Bf16Operands<scalar_t> bf16(bf16_gemms, qB, kvB, Dh, row_block, ldS);
+    std::vector<acc_t> scores(row_block * ldS), dp(row_block * ldS), delta(qB), lse(qB);
     std::vector<uint32_t> row_keys(qB);
     const bool full_buffers = convert && all_query;
     std::vector<acc_t> dq_acc(full_buffers ? Nq * Dh : 0), dk_acc(full_buffers ? N * Dh : 0);
@@ -133,17 +157,21 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         written = j0 + nk;
         const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
         const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
-        for (int64_t j = 0; j < nk; ++j) {  // padded keys: P = 0 below, their keys and values never read
-          scores[j] = tile_valid[j] ? scale * ops.dot(qt, kt + j * Dh, Dh) : acc_t(0);
-          dp[j] = tile_valid[j] ? ops.dot(dot, vt + j * Dh, Dh) : acc_t(0);
-        }
+        // padded keys: P = 0 below, their keys and values never read
+        std::fill(scores.begin(), scores.begin() + nk, acc_t(0));
+        std::fill(dp.begin(), dp.begin() + nk, acc_t(0));
+        for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t) {
+          ops.dot_rows(qt, kt + (lo - j0) * Dh, hi - lo, Dh, scale, scores.data() + lo - j0, nullptr);
+          ops.dot_rows(dot, vt + (lo - j0) * Dh, hi - lo, Dh, acc_t(1), dp.data() + lo - j0, nullptr);
+        });
         ops.backward_row(scores.data(), dp.data(), ktile.all_valid ? nullptr : key_mask + j0, nk, lse0, delta0,
                          dropout ? layout.col_hash.data() + j0 : nullptr, row_key, threshold, inv_keep);
-        for (int64_t j = 0; j < nk; ++j) {  // scores = P_d, dp = dS
-          write_scaled_row(dV + (j0 + j) * Dh, scores[j], dot, Dh);
-          write_scaled_row(dK + (j0 + j) * Dh, scale * dp[j], qt, Dh);
-          if (dp[j] != acc_t(0)) ops.axpy(scale * dp[j], kt + j * Dh, dq_row.data(), Dh);
-        }
+        for (int64_t j = 0; j < nk; ++j) dp[j] *= scale;  // scores = P_d, dp = scale dS
+        write_outer_rows(ops, scores.data(), dot, nk, Dh, dV + j0 * Dh);
+        write_outer_rows(ops, dp.data(), qt, nk, Dh, dK + j0 * Dh);
+        for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t) {
+          ops.weighted_rows(dp.data() + lo - j0, kt + (lo - j0) * Dh, hi - lo, Dh, dq_row.data());
+        });
       }
       zero_rows(dK, written, N, Dh);
       zero_rows(dV, written, N, Dh);
@@ -175,6 +203,12 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         const acc_t* dot = load_valid_rows<scalar_t, acc_t>(go + bh * Nq * Dh, r0, nr, Dh, key_valid + r0,
                                                             qtile.all_valid, dobuf.data());
         const acc_t* ot = load_rows<scalar_t, acc_t>(o + bh * Nq * Dh, r0, nr, Dh, obuf.data());
+        const uint16_t *q16 = nullptr, *do16 = nullptr;
+        if (bf16.on()) {
+          q16 = bf16.query_tile(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0, nr, key_valid + r0,
+                                qtile.all_valid, 0);
+          do16 = bf16.query_tile(go + bh * Nq * Dh, nullptr, r0, nr, key_valid + r0, qtile.all_valid, 1);
+        }
         for (int64_t i = 0; i < nr; ++i) {
           delta[i] = key_valid[r0 + i] ? ops.dot(dot + i * Dh, ot + i * Dh, Dh) : acc_t(0);
           lse[i] = static_cast<acc_t>(buf.lse[bh * Nq + r0 + i]);
@@ -185,30 +219,60 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
         if constexpr (std::is_same_v<acc_t, double>)
           exact_lse(qt, k + bh * N * Dh, key_valid, key_mask, key_tiles, nr, Dh, kvB, scale, scores.data(),
                     lse.data());
-        for (const Tile& ktile : key_tiles) {
+        for (size_t kti = 0; kti < key_tiles.size(); ++kti) {
+          const Tile& ktile = key_tiles[kti];
           const int64_t j0 = ktile.start, nk = ktile.size;
           const uint8_t* tile_valid = key_valid + j0;
           if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
-          const acc_t* kt = load_valid_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, tile_valid,
-                                                             ktile.all_valid, kbuf.data());
-          const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
-                                                             ktile.all_valid, vbuf.data());
-          gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
-          gemm_abt<acc_t>(nr, nk, Dh, acc_t(1), dot, vt, dp.data(), kvB);
-          for (int64_t i = 0; i < nr; ++i) {
-            acc_t* s = scores.data() + i * kvB;
-            acc_t* dpi = dp.data() + i * kvB;
-            if (!qtile.all_valid && all_query && !key_valid[r0 + i]) {
-              std::fill(s, s + nk, acc_t(0));
-              std::fill(dpi, dpi + nk, acc_t(0));
-              continue;
-            }
-            ops.backward_row(s, dpi, ktile.all_valid ? nullptr : key_mask + j0, nk, lse[i], delta[i],
-                             dropout ? layout.col_hash.data() + j0 : nullptr, row_keys[i], threshold, inv_keep);
+          // padded keys and values enter the GEMMs as zeros, whatever the tensors hold there
+          auto valid_rows = [&](const scalar_t* x, acc_t* scratch) {
+            return [&, x, scratch](const Tile& t) {
+              return load_valid_rows<scalar_t, acc_t>(x + bh * N * Dh, t.start, t.size, Dh, key_valid + t.start,
+                                                      t.all_valid, scratch);
+            };
+          };
+          // (double: used in place, so each keeps its own scratch; kt and kp then hold the same rows)
+          const acc_t *kp = nullptr, *vp = nullptr;
+          const uint16_t *kp16 = nullptr, *vp16 = nullptr;
+          if (bf16.on()) {
+            kp16 = bf16.keys(bh, key_tiles, kti, k + bh * N * Dh, key_valid, true, 0);
+            vp16 = bf16.keys(bh, key_tiles, kti, v + bh * N * Dh, key_valid, true, 1);
+          } else {
+            kp = key_panels.get(bh, key_tiles, kti, valid_rows(k, kbuf.data()));
+            vp = value_panels.get(bh, key_tiles, kti, valid_rows(v, vbuf.data()));
           }
-          gemm_ptx<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, dot, dV + j0 * Dh);
-          gemm_pv<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, kt, acc_t(1), dQ + r0 * Dh);
-          gemm_ptx<acc_t>(nr, nk, Dh, scale, dp.data(), kvB, qt, dK + j0 * Dh);
+          const acc_t* kt = valid_rows(k, kbuf.data())(ktile);
+          // Row blocks: P and dS of a few query rows, then their share of dV, dQ and dK.
+          for (int64_t i0 = 0; i0 < nr; i0 += row_block) {
+            const int64_t nb = std::min(row_block, nr - i0);
+            const acc_t* qb = qt + i0 * Dh;
+            const acc_t* dob = dot + i0 * Dh;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              if (bf16.on()) {
+                bf16.scores(nb, nk, scale, q16 + i0 * Dh, kp16, scores.data(), ldS, nullptr);
+                bf16.scores(nb, nk, 1.0f, do16 + i0 * Dh, vp16, dp.data(), ldS, nullptr);
+              }
+            }
+            if (!bf16.on()) {
+              gemm.scores(nb, nk, Dh, scale, qb, kp, scores.data(), ldS, nullptr);
+              gemm.scores(nb, nk, Dh, acc_t(1), dob, vp, dp.data(), ldS, nullptr);
+            }
+            for (int64_t ib = 0; ib < nb; ++ib) {
+              const int64_t i = i0 + ib;
+              acc_t* s = scores.data() + ib * ldS;
+              acc_t* dpi = dp.data() + ib * ldS;
+              if (!qtile.all_valid && !key_valid[r0 + i]) {
+                std::fill(s, s + nk, acc_t(0));
+                std::fill(dpi, dpi + nk, acc_t(0));
+                continue;
+              }
+              ops.backward_row(s, dpi, ktile.all_valid ? nullptr : key_mask + j0, nk, lse[i], delta[i],
+                               dropout ? layout.col_hash.data() + j0 : nullptr, row_keys[i], threshold, inv_keep);
+            }
+            gemm.ptx(nb, nk, Dh, acc_t(1), scores.data(), ldS, dob, dV + j0 * Dh);
+            gemm.pv(nb, Dh, nk, scale, dp.data(), ldS, kt, dQ + (r0 + i0) * Dh, nullptr);
+            gemm.ptx(nb, nk, Dh, scale, dp.data(), ldS, qb, dK + j0 * Dh);
+          }
         }
       }
       if (dq0rot != nullptr) std::copy_n(dQ, Dh, dq0rot + bh * Dh);

@@ -1,6 +1,7 @@
-// The table of float row kernels that csrc/cpu/row_ops_impl.h builds once per
-// instruction set (see row_ops.h for how the kernels use it). Plain C++ only:
-// the per-level translation units include this file with their ISA flags.
+// The table of float kernels that csrc/cpu/ builds once per instruction set: the
+// row operations of row_ops_impl.h (see row_ops.h for how the kernels use them)
+// and the tile GEMMs of gemm_impl.h (see tile_gemm.h). Plain C++ only: the
+// per-level translation units include this file with their ISA flags.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +34,44 @@ struct FloatRowOps {
   float (*dot_and_add)(const float* a, const float* b, float* sum, int64_t n);
   void (*axpy)(float alpha, const float* x, float* y, int64_t n);  // y += alpha * x
   void (*scale)(float* x, float alpha, int64_t n);                 // x *= alpha
+
+  // Tile GEMMs (gemm_impl.h), row-major float32, fixed summation order per level.
+  // gemm_nt reads B from panels of `panel` rows written by pack_rows: B (n x k, ldb) takes
+  // round_up(n, panel) * k floats there.
+  int64_t panel;
+  void (*pack_rows)(const float* b, int64_t n, int64_t k, int64_t ldb, float* bp);
+  // C (m x n, ldc >= round_up(n, panel)) = alpha A (m x k, lda) B^T, also writing the columns up to
+  // round_up(n, panel); row_max (optional): row_max[i] = max(row_max[i], max_{j < n} C[i, j]).
+  void (*gemm_nt)(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* bp,
+                  float* c, int64_t ldc, float* row_max);
+  // C (m x n) = C * c_scale[i] + factor A (m x k) B (k x n) (c_scale nullptr: 1); accumulate false:
+  // C = factor A B (C is not read).
+  void (*gemm_nn)(int64_t m, int64_t n, int64_t k, float factor, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float* c, int64_t ldc, const float* c_scale, bool accumulate);
+  // C (m x n) += factor A^T B, A (k x m, lda), B (k x n, ldb).
+  void (*gemm_tn)(int64_t m, int64_t n, int64_t k, float factor, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float* c, int64_t ldc);
+
+  // Streaming kernels of the class-only calls (class_row_impl.h), over n rows x_j of x (n x dh):
+  // scores[j] = scale * (q . x_j), and sum (optional, dh) += sum_j x_j;
+  void (*dot_rows)(const float* q, const float* x, int64_t n, int64_t dh, float scale, float* scores, float* sum);
+  // acc (dh) += sum_j w[j] x_j.
+  void (*weighted_rows)(const float* w, const float* x, int64_t n, int64_t dh, float* acc);
+  // dst (n x dh) row j = w[j] x (x: dh).
+  void (*outer_rows)(const float* w, const float* x, int64_t n, int64_t dh, float* dst);
+
+  // bfloat16 operands (as uint16 bits), float32 accumulation (cpu/bf16_gemm_impl.h): set only at the
+  // AVX512 level on CPUs with AVX512_BF16, nullptr elsewhere (the kernels then upcast bfloat16 to float32).
+  // pack_rows_bf16: B (n x k, ldb) into panels of `panel` rows and reduction pairs, round_up(n, panel) *
+  // round_up(k, 2) values; gemm_nt_bf16: as gemm_nt with A (m x k, lda) and B in bfloat16.
+  void (*pack_rows_bf16)(const uint16_t* b, int64_t n, int64_t k, int64_t ldb, uint16_t* bp);
+  void (*gemm_nt_bf16)(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                       const uint16_t* bp, float* c, int64_t ldc, float* row_max);
+  // pack_pairs_bf16: V (k x n, contiguous) as pairs of rows, round_up(k, 2) * n values; gemm_pv_bf16:
+  // C (m x n) = C * c_scale[i] + round_bf16(P) V with P (m x k) float32, pbuf m * round_up(k, 2) values.
+  void (*pack_pairs_bf16)(const uint16_t* v, int64_t k, int64_t n, uint16_t* vp);
+  void (*gemm_pv_bf16)(int64_t m, int64_t n, int64_t k, const float* p, int64_t ldp, const uint16_t* vp, float* c,
+                       int64_t ldc, const float* c_scale, uint16_t* pbuf);
 };
 
 // The table of each level (csrc/cpu/row_ops_<level>.cpp); AVX2 and AVX512 exist on x86-64 only.

@@ -15,8 +15,10 @@
 #include <limits>
 
 #include "attention_kernels.h"
+#include "bf16_tiles.h"
 #include "kernel_utils.h"
 #include "row_ops.h"
+#include "tile_gemm.h"
 
 namespace rollingq {
 namespace {
@@ -45,7 +47,21 @@ struct ClassRowStats {
   // Adds one kv tile of the class row: p0 (nk,) = exp(s - running max), alpha the rescale.
   void add_mass(const acc_t* p0, acc_t alpha, const int32_t* segment_of, int64_t nk) {
     for (auto& x : mass) x *= alpha;
-    for (int64_t j = 0; j < nk; ++j) mass[segment_of[j]] += p0[j];
+    for (int64_t j = 0; j < nk;) {  // a run of one segment at a time (padded keys add their p = 0)
+      int64_t end = j + 1;
+      while (end < nk && segment_of[end] == segment_of[j]) ++end;
+      mass[segment_of[j]] += run_sum(p0 + j, end - j);
+      j = end;
+    }
+  }
+  // sum of x (n,) with 8 independent partial sums (no serial chain of adds; the compiler vectorizes it)
+  static acc_t run_sum(const acc_t* x, int64_t n) {
+    acc_t part[8] = {};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int u = 0; u < 8; ++u) part[u] += x[j + u];
+    for (; j < n; ++j) part[0] += x[j];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   }
   // The sum a key (dh,) adds to: its modality's, or nullptr (invalid key, class key).
   acc_t* key_sum_of(bool valid, int32_t segment, int64_t dh) {
@@ -121,14 +137,26 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       cost.push_back(query_tiles[t].size * keys);
     }
   }
-  double flops = 0;  // the two GEMMs: 4 Dh flops per (row, key)
-  for (int64_t c : cost) flops += 4.0 * static_cast<double>(c) * static_cast<double>(Dh);
-  const std::vector<int64_t> bounds = balance_tasks(cost, worker_count(flops, at::get_num_threads()));
+  double visits = 0;  // (query row, key) pairs
+  for (int64_t c : cost) visits += static_cast<double>(c);
+  const double row_elems = static_cast<double>(Dh);
+  // all-query: the two GEMMs, 4 Dh flops per visit; class-only calls are memory-bound: split by
+  // the bytes of K and V they read
+  const int64_t workers = all_query ? worker_count(4.0 * row_elems * visits, at::get_num_threads())
+                                    : worker_count_for_bytes(2.0 * row_elems * sizeof(scalar_t) * visits,
+                                                             at::get_num_threads());
+  const std::vector<int64_t> bounds = balance_tasks(cost, workers);
 
+  const TileGemm<acc_t> gemm;
+  const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
+  const int64_t row_block = std::min(qB, TileGemm<acc_t>::kRowBlock);
+  const bool bf16_gemms = all_query && use_bf16_gemms<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
     SerialBlasGuard serial_blas;
     std::vector<acc_t> qbuf(qB * Dh), kbuf(kvB * Dh), vbuf(kvB * Dh);
-    std::vector<acc_t> scores(qB * kvB), acc(qB * Dh);
+    TilePacker<acc_t> key_panels(gemm, kvB, Dh);
+    Bf16Operands<scalar_t> bf16(bf16_gemms, qB, kvB, Dh, row_block, ldS);
+    std::vector<acc_t> scores(row_block * ldS), acc(qB * Dh), tile_max(row_block), alpha(row_block);
     RowState<acc_t> rows(qB);
     std::vector<uint32_t> row_keys(qB);
     ClassRowStats<acc_t> stats(p.M, Dh);
@@ -147,6 +175,8 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       const acc_t* qt = load_query_tile<scalar_t, acc_t>(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0,
                                                          nr, Dh, key_valid + r0, qtile.all_valid || !all_query,
                                                          qbuf.data());
+      const uint16_t* q16 = bf16.on() ? bf16.query_tile(q + bh * Nq * Dh, q0rot ? q0rot + bh * Dh : nullptr, r0, nr,
+                                                         key_valid + r0, qtile.all_valid) : nullptr;
       const bool class_tile = want_stats && r0 == 0;
       const bool single_row = nr == 1;
       rows.reset(nr);
@@ -155,44 +185,73 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       if (dropout)
         for (int64_t i = 0; i < nr; ++i) row_keys[i] = dropout_row_key(p.seed, b, h, r0 + i);
 
-      for (const Tile& ktile : layout.keys_of(b)) {  // the first tile holds the class key: running max finite
+      const std::vector<Tile>& key_tiles = layout.keys_of(b);
+      for (size_t kti = 0; kti < key_tiles.size(); ++kti) {  // tile 0 holds the class key: running max finite
+        const Tile& ktile = key_tiles[kti];
         const int64_t j0 = ktile.start, nk = ktile.size;
         const uint8_t* tile_valid = key_valid + j0;
         if (!ktile.all_valid && !any_valid(tile_valid, nk)) continue;
         const uint32_t* mask = ktile.all_valid ? nullptr : key_mask + j0;
         if (single_row) {  // one streaming pass over the valid keys: scores and key sums together
           const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
-          for (int64_t j = 0; j < nk; ++j) {
-            const acc_t* kj = kt + j * Dh;
-            acc_t* key_sum = class_tile ? stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh) : nullptr;
-            scores[j] = !tile_valid[j] ? -std::numeric_limits<acc_t>::infinity()
-                        : key_sum    ? scale * ops.dot_and_add(qt, kj, key_sum, Dh)
-                                     : scale * ops.dot(qt, kj, Dh);
-          }
-          mask = nullptr;  // padded keys are already -inf
-        } else {
-          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
-          gemm_abt<acc_t>(nr, nk, Dh, scale, qt, kt, scores.data(), kvB);
-          if (class_tile)
-            for (int64_t j = 0; j < nk; ++j)
-              if (acc_t* key_sum = stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh))
-                ops.axpy(acc_t(1), kt + j * Dh, key_sum, Dh);
-        }
-        for (int64_t i = 0; i < nr; ++i) {
-          acc_t* s = scores.data() + i * kvB;
-          const acc_t alpha = softmax_row_update(ops, s, mask, nk, rows.max[i], rows.sum[i]);
-          if (class_tile && i == 0) stats.add_mass(s, alpha, layout.segment_of.data() + j0, nk);
-          if (dropout) ops.dropout(s, nk, row_keys[i], layout.col_hash.data() + j0, threshold, inv_keep);
-          if (alpha != acc_t(1)) ops.scale(acc.data() + i * Dh, alpha, Dh);
-        }
-        if (single_row) {  // padded keys have probability 0: their value rows are never read
+          acc_t* s = scores.data();
+          std::fill(s, s + nk, -std::numeric_limits<acc_t>::infinity());  // padded keys
+          for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t segment) {
+            acc_t* key_sum = class_tile && segment > 0 ? stats.key_sum.data() + (segment - 1) * Dh : nullptr;
+            ops.dot_rows(qt, kt + (lo - j0) * Dh, hi - lo, Dh, scale, s + lo - j0, key_sum);
+          });
+          const acc_t a0 = softmax_row_update(ops, s, nullptr, nk, rows.max[0], rows.sum[0]);
+          if (class_tile) stats.add_mass(s, a0, layout.segment_of.data() + j0, nk);
+          if (dropout) ops.dropout(s, nk, row_keys[0], layout.col_hash.data() + j0, threshold, inv_keep);
+          if (a0 != acc_t(1)) ops.scale(acc.data(), a0, Dh);
+          // padded keys have probability 0: their value rows are never read
           const acc_t* vt = load_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, vbuf.data());
-          for (int64_t j = 0; j < nk; ++j)
-            if (scores[j] != acc_t(0)) ops.axpy(scores[j], vt + j * Dh, acc.data(), Dh);
+          for_valid_runs(p, b, j0, nk, [&](int64_t lo, int64_t hi, int64_t) {
+            ops.weighted_rows(s + lo - j0, vt + (lo - j0) * Dh, hi - lo, Dh, acc.data());
+          });
+          continue;
+        }
+        const acc_t* kp = nullptr;
+        const acc_t* vt = nullptr;
+        const uint16_t *kp16 = nullptr, *vp16 = nullptr;
+        if (bf16.on()) {
+          kp16 = bf16.keys(bh, key_tiles, kti, k + bh * N * Dh, key_valid, false);
+          vp16 = bf16.values(bh, key_tiles, kti, v + bh * N * Dh, key_valid);
         } else {
-          const acc_t* vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid,
-                                                             ktile.all_valid, vbuf.data());
-          gemm_pv<acc_t>(nr, nk, Dh, acc_t(1), scores.data(), kvB, vt, acc_t(1), acc.data());
+          kp = key_panels.get(bh, key_tiles, kti, [&](const Tile& t) {
+            return load_rows<scalar_t, acc_t>(k + bh * N * Dh, t.start, t.size, Dh, kbuf.data());
+          });
+          vt = load_valid_rows<scalar_t, acc_t>(v + bh * N * Dh, j0, nk, Dh, tile_valid, ktile.all_valid, vbuf.data());
+        }
+        if (class_tile) {
+          const acc_t* kt = load_rows<scalar_t, acc_t>(k + bh * N * Dh, j0, nk, Dh, kbuf.data());
+          for (int64_t j = 0; j < nk; ++j)
+            if (acc_t* key_sum = stats.key_sum_of(tile_valid[j], layout.segment_of[j0 + j], Dh))
+              ops.axpy(acc_t(1), kt + j * Dh, key_sum, Dh);
+        }
+        // Row blocks: scores, softmax and P V of a few query rows while their scores are in L1.
+        for (int64_t i0 = 0; i0 < nr; i0 += row_block) {
+          const int64_t nb = std::min(row_block, nr - i0);
+          std::fill(tile_max.begin(), tile_max.begin() + nb, -std::numeric_limits<acc_t>::infinity());
+          // padded keys: masked_max below replaces their scores (the fused maximum would see them)
+          acc_t* fused_max = mask ? nullptr : tile_max.data();
+          if constexpr (std::is_same_v<acc_t, float>)
+            if (bf16.on()) bf16.scores(nb, nk, scale, q16 + i0 * Dh, kp16, scores.data(), ldS, fused_max);
+          if (!bf16.on()) gemm.scores(nb, nk, Dh, scale, qt + i0 * Dh, kp, scores.data(), ldS, fused_max);
+          for (int64_t ib = 0; ib < nb; ++ib) {
+            const int64_t i = i0 + ib;
+            acc_t* s = scores.data() + ib * ldS;
+            const acc_t m_tile = mask ? ops.masked_max(s, mask, nk) : tile_max[ib];
+            const acc_t m_new = std::max(rows.max[i], m_tile);  // finite: tile 0 holds the class key
+            alpha[ib] = exp_vec(rows.max[i] - m_new);
+            rows.sum[i] = rows.sum[i] * alpha[ib] + ops.exp_sum(s, nk, m_new);
+            rows.max[i] = m_new;
+            if (class_tile && i == 0) stats.add_mass(s, alpha[ib], layout.segment_of.data() + j0, nk);
+            if (dropout) ops.dropout(s, nk, row_keys[i], layout.col_hash.data() + j0, threshold, inv_keep);
+          }
+          if constexpr (std::is_same_v<acc_t, float>)
+            if (bf16.on()) bf16.pv(nb, nk, scores.data(), ldS, vp16, acc.data() + i0 * Dh, alpha.data());
+          if (!bf16.on()) gemm.pv(nb, Dh, nk, acc_t(1), scores.data(), ldS, vt, acc.data() + i0 * Dh, alpha.data());
         }
       }
 

@@ -164,6 +164,25 @@ inline int64_t worker_count(double flops, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(flops / kMinFlopsPerThread)));
 }
 
+// Memory-bound calls (class-only: a few flops per element read) are split by bytes read instead:
+// at most one thread per kMinBytesPerThread.
+constexpr double kMinBytesPerThread = 2.0 * (1 << 20);  // about 80 microseconds of one core's reads
+inline int64_t worker_count_for_bytes(double bytes, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(bytes / kMinBytesPerThread)));
+}
+
+// Calls f(lo, hi, segment) for each run [lo, hi) of valid keys of sample b inside [j0, j0 + n) that
+// lies in one segment (0: the class token, m + 1: modality m), in increasing order.
+template <typename F>
+inline void for_valid_runs(const Problem& p, int64_t b, int64_t j0, int64_t n, const F& f) {
+  for (int64_t s = 0; s <= p.M; ++s) {
+    const int64_t start = s == 0 ? 0 : p.offsets[s - 1];
+    const int64_t len = s == 0 ? 1 : p.lengths ? p.lengths[b * p.M + s - 1] : p.offsets[s] - p.offsets[s - 1];
+    const int64_t lo = std::max(start, j0), hi = std::min(start + len, j0 + n);
+    if (lo < hi) f(lo, hi, s);
+  }
+}
+
 // Deterministic load balancing of independent tasks with unequal costs: the
 // task list cut into `workers` contiguous runs of about equal total cost
 // (contiguous, so a thread's consecutive tasks share the same K and V). The

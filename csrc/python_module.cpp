@@ -9,6 +9,9 @@
 //   _set_cpu_capability(name: str) -> str         use `name` from now on (tests); returns the previous
 //   _row_ops_level() -> str                       the level the dispatched table was compiled for, in
 //                                                 cpu_capability()'s spelling (tests: equal to it)
+//   _bf16_kernels() -> bool                       bfloat16 inputs get the AVX512_BF16 GEMMs at this level
+//   _tile_gemm_seconds(tiles, rows, keys, head_dim, reps) -> float
+//                                                 the GEMM-rate probe of the benchmarks (gemm_probe.h)
 //   MARCH_NATIVE: bool                            built with -march=native (ROLLINGQ_NATIVE=1)
 //
 // It uses CPython's limited API only (Py_LIMITED_API, defined by the build for
@@ -20,6 +23,7 @@
 
 #include "cpu_capability.h"
 #include "float_row_ops.h"
+#include "gemm_probe.h"
 
 #ifndef ROLLINGQ_MARCH_NATIVE
 #define ROLLINGQ_MARCH_NATIVE 0
@@ -79,6 +83,22 @@ PyObject* row_ops_level(PyObject*, PyObject*) {
   return PyUnicode_FromString(level.c_str());
 }
 
+PyObject* bf16_kernels(PyObject*, PyObject*) { return PyBool_FromLong(rollingq::float_row_ops().gemm_nt_bf16 != nullptr); }
+
+PyObject* tile_gemm_seconds(PyObject*, PyObject* args) {
+  long long tiles, rows, keys, head_dim, reps;
+  if (!PyArg_ParseTuple(args, "LLLLL", &tiles, &rows, &keys, &head_dim, &reps)) return nullptr;
+  if (tiles < 1 || rows < 1 || keys < 1 || head_dim < 1 || reps < 1) {
+    PyErr_Format(PyExc_ValueError, "tiles, rows, keys, head_dim, reps: expected positive ints, got %lld, %lld, "
+                 "%lld, %lld, %lld", tiles, rows, keys, head_dim, reps);
+    return nullptr;
+  }
+  PyThreadState* released = PyEval_SaveThread();  // the GIL is not needed while it runs
+  const double seconds = rollingq::tile_gemm_seconds(tiles, rows, keys, head_dim, reps);
+  PyEval_RestoreThread(released);
+  return PyFloat_FromDouble(seconds);
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "The instruction set of the float row kernels in use."},
     {"supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS,
@@ -87,6 +107,10 @@ PyMethodDef methods[] = {
      "Use the given instruction set from now on (for tests); returns the previous one."},
     {"_row_ops_level", row_ops_level, METH_NOARGS,
      "The instruction set the dispatched float row kernels were compiled for (for tests)."},
+    {"_bf16_kernels", bf16_kernels, METH_NOARGS,
+     "Whether bfloat16 inputs get the AVX512_BF16 tile GEMMs at the level in use (else they are upcast)."},
+    {"_tile_gemm_seconds", tile_gemm_seconds, METH_VARARGS,
+     "Fastest seconds of the kernels' own tile GEMMs (S = Q K^T, O += S V) over independent tiles (benchmarks)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -8,9 +8,11 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_kernels.h"
+#include "float_row_ops.h"
 #include "kernel_utils.h"
 
 namespace rollingq {
@@ -20,22 +22,37 @@ namespace {
 // rows of X and Y are n-element slices with leading dimension ld. A is mem^T
 // when a_is_mem_transposed, else mem (mem row-major, n x n).
 // Column blocks of Y are fixed (kColumnBlock) and run in parallel (when the
-// product is large enough to be worth it), one serial BLAS call each: the
-// result is bitwise the same for any thread count.
+// product is large enough to be worth it), one serial call each (float: the
+// per-level kernels of float_row_ops.h; double: BLAS): the result is bitwise
+// the same for any thread count.
 constexpr int64_t kColumnBlock = 64;
 template <typename T>
 void rows_times(const T* x, const T* mem, bool a_is_mem_transposed, int64_t rows, int64_t n, int64_t ld, T* y) {
   const int64_t blocks = (n + kColumnBlock - 1) / kColumnBlock;
-  const int64_t workers = worker_count(2.0 * static_cast<double>(rows * n) * static_cast<double>(n),
-                                       at::get_num_threads());
+  // a few rows times R: bound by reading R (n x n), so also split by its bytes, a thread per
+  // kRotationBytesPerThread (about 40 us of one core's reads, more than waking a thread on idle cores)
+  constexpr double kRotationBytesPerThread = 1 << 20;
+  const double r_bytes = static_cast<double>(n * n) * sizeof(T);
+  const int64_t workers = std::max(worker_count(2.0 * static_cast<double>(rows * n) * static_cast<double>(n),
+                                                at::get_num_threads()),
+                                   std::min<int64_t>(at::get_num_threads(),
+                                                     static_cast<int64_t>(r_bytes / kRotationBytesPerThread)));
   at::parallel_for(0, blocks, (blocks + workers - 1) / workers, [&](int64_t i0, int64_t i1) {
     SerialBlasGuard serial_blas;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c0 = i * kColumnBlock, nc = std::min(kColumnBlock, n - c0);
-      if (a_is_mem_transposed)  // Y[:, c0:] = X @ mem[c0:, :]^T
+      if constexpr (std::is_same_v<T, float>) {  // the per-level kernels: BLAS would pack R on every call
+        const FloatRowOps& ops = float_row_ops();
+        if (a_is_mem_transposed)  // Y[r, c0 + j] = X[r] . mem[c0 + j]: the block of mem rows stays in cache
+          for (int64_t r = 0; r < rows; ++r)
+            ops.dot_rows(x + r * ld, mem + c0 * n, nc, n, 1.0f, y + r * ld + c0, nullptr);
+        else
+          ops.gemm_nn(rows, nc, n, 1.0f, x, ld, mem + c0, n, y + c0, ld, nullptr, false);
+      } else if (a_is_mem_transposed) {  // Y[:, c0:] = X @ mem[c0:, :]^T
         gemm(true, false, nc, rows, n, T(1), mem + c0 * n, n, x, ld, T(0), y + c0, ld);
-      else  // Y[:, c0:] = X @ mem[:, c0:]
+      } else {  // Y[:, c0:] = X @ mem[:, c0:]
         gemm(false, false, nc, rows, n, T(1), mem + c0, n, x, ld, T(0), y + c0, ld);
+      }
     }
   });
 }

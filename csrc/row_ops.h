@@ -49,6 +49,12 @@ struct RowOps<float> {
   float dot_and_add(const float* a, const float* b, float* sum, int64_t n) const { return t.dot_and_add(a, b, sum, n); }
   void axpy(float alpha, const float* x, float* y, int64_t n) const { t.axpy(alpha, x, y, n); }
   void scale(float* x, float alpha, int64_t n) const { t.scale(x, alpha, n); }
+  void dot_rows(const float* q, const float* x, int64_t n, int64_t dh, float scale, float* scores, float* sum) const {
+    t.dot_rows(q, x, n, dh, scale, scores, sum);
+  }
+  void weighted_rows(const float* w, const float* x, int64_t n, int64_t dh, float* acc) const {
+    t.weighted_rows(w, x, n, dh, acc);
+  }
 };
 
 template <>
@@ -105,6 +111,14 @@ struct RowOps<double> {
   }
   static void scale(double* x, double alpha, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+  }
+  static void dot_rows(const double* q, const double* x, int64_t n, int64_t dh, double scale, double* scores,
+                       double* sum) {
+    for (int64_t j = 0; j < n; ++j)
+      scores[j] = scale * (sum ? dot_and_add(q, x + j * dh, sum, dh) : dot(q, x + j * dh, dh));
+  }
+  static void weighted_rows(const double* w, const double* x, int64_t n, int64_t dh, double* acc) {
+    for (int64_t j = 0; j < n; ++j) axpy(w[j], x + j * dh, acc, dh);
   }
 };
 

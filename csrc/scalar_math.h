@@ -1,6 +1,7 @@
-// Arithmetic shared by the scalar code and the per-level vector code
-// (csrc/cpu/row_ops_impl.h): the Cephes exp polynomial and the dropout hash of
-// docs/op.md. Plain C++ with no includes beyond <cstdint>, so the
+// Arithmetic of the scalar code, shared with the per-level vector code
+// (csrc/cpu/row_ops_impl.h): the Cephes exp polynomial (the scalar exp; the
+// vector rows use their own exp2 polynomial, cpu/row_ops_impl.h) and the dropout
+// hash of docs/op.md. Plain C++ with no includes beyond <cstdint>, so the
 // per-instruction-set translation units can include it; everything here is in
 // the per-unit inline namespace of isa_namespace.h, so a unit compiled with
 // AVX flags never shares a copy with the baseline.
@@ -13,7 +14,7 @@
 namespace rollingq {
 inline namespace ROLLINGQ_ISA_NS {
 
-// a * b + c. The vector code specializes it with a fused multiply-add.
+// a * b + c (a point of specialization; the scalar exp below uses the plain form).
 template <typename T>
 struct MulAdd {
   static T apply(const T& a, const T& b, const T& c) { return a * b + c; }
@@ -21,7 +22,7 @@ struct MulAdd {
 
 // The Cephes expf kernel: exp(xc) / 2**n for xc clamped to [-87, 88] and
 // n = round(xc / ln 2), i.e. exp of the reduced argument r = xc - n ln 2 by a
-// degree-5 polynomial. T is float or at::vec::Vectorized<float>.
+// degree-5 polynomial. T is float (exp_float below).
 template <typename T>
 inline T cephes_exp_reduced(const T& xc, const T& n) {
   const auto madd = MulAdd<T>::apply;
@@ -36,9 +37,10 @@ inline T cephes_exp_reduced(const T& xc, const T& n) {
   return madd(p * r, r, r) + T(1.0f);
 }
 
-// exp(x) for float with the polynomial above (the scalar twin of the vector code in
-// csrc/cpu/row_ops_impl.h): relative error ~2e-7, exactly 0 below -87 (-inf included), NaN for
-// NaN; the rounding by the 1.5 * 2**23 trick, 2**n from the bits of that float.
+// exp(x) for float with the polynomial above (the softmax's running-max rescale
+// factors, forward.cpp via exp_vec): relative error ~2e-7, exactly 0 below -87
+// (-inf included), NaN for NaN; the rounding by the 1.5 * 2**23 trick, 2**n
+// from the bits of that float.
 inline float exp_float(float x) {
   float xc = x < -87.0f ? -87.0f : x;  // NaN stays NaN
   xc = xc > 88.0f ? 88.0f : xc;

@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Symbols of torch's unstable C++ API the built _C may use, by the unit that needs them (docs/install.md,
 # "Stable ABI"). Everything else it takes from torch must be a stable C shim (aoti_torch_*, torch_*).
 UNSTABLE_ALLOWED = {
-    # at::parallel_for (ATen/Parallel.h) in the kernels: forward.cpp, backward.cpp, rotation.cpp
+    # at::parallel_for (ATen/Parallel.h) in the kernels: forward.cpp, backward.cpp, rotation.cpp, gemm_probe.cpp
     r"at::get_thread_num\(\)", r"at::get_num_threads\(\)", r"at::init_num_threads\(\)",
     r"at::in_parallel_region\(\)", r"at::internal::set_thread_num\(int\)", r"c10::ParallelGuard::.*",
     # typed errors (errors.cpp, rotation.cpp, cpu_capability.cpp) and TORCH_CHECK in the kernels
     r"c10::ValueError::ValueError\(.*", r"c10::TypeError::TypeError\(.*", r"c10::Error::.*",
     r"(typeinfo|vtable) for c10::(Error|ValueError|TypeError)", r"c10::detail::torchCheckFail\(.*",
     r"c10::detail::torchInternalAssertFail\(.*",
-    # TORCH_WARN in cpu_capability.cpp
+    # TORCH_WARN in cpu_capability.cpp and bf16_tiles.h (once, through a static: no TORCH_WARN_ONCE)
     r"c10::warn\(.*", r"c10::Warning::Warning\(.*",
 }
 

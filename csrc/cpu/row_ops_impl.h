@@ -27,17 +27,14 @@
 
 #include "../float_row_ops.h"
 #include "../scalar_math.h"
+#include "class_row_impl.h"
+#include "gemm_impl.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include "bf16_gemm_impl.h"
+#endif
 
 namespace rollingq {
 namespace CPU_CAPABILITY {  // the inline namespace of isa_namespace.h: scalar_math.h's code is here too
-
-template <>
-struct MulAdd<at::vec::Vectorized<float>> {
-  static at::vec::Vectorized<float> apply(const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b,
-                                          const at::vec::Vectorized<float>& c) {
-    return at::vec::fmadd(a, b, c);
-  }
-};
 
 namespace {
 
@@ -55,20 +52,40 @@ inline float hmax(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }, v);
 }
 
-// exp(x): the Cephes polynomial of scalar_math.h; 0 below -87 (including -inf), NaN for NaN.
-C10_ALWAYS_INLINE Vec exp(const Vec& x) {
-  const Vec lo(-87.0f);
-  const Vec xc = at::vec::clamp(x, lo, Vec(88.0f));  // NaN stays NaN
-  // t = 1.5 * 2**23 + round(xc / ln 2): a float of ulp 1, whose low bits hold the integer
+// 2**f for f in [-0.5, 0.5]: a degree-6 polynomial fitted for relative error (< 1e-7 in float,
+// below the rounding of the argument).
+C10_ALWAYS_INLINE Vec exp2_reduced(const Vec& f) {
+  Vec p(1.53455970576033e-4f);
+  p = at::vec::fmadd(p, f, Vec(1.3399929739534855e-3f));
+  p = at::vec::fmadd(p, f, Vec(9.618490003049374e-3f));
+  p = at::vec::fmadd(p, f, Vec(5.550328642129898e-2f));
+  p = at::vec::fmadd(p, f, Vec(2.4022646248340607e-1f));
+  p = at::vec::fmadd(p, f, Vec(6.931471824645996e-1f));
+  return at::vec::fmadd(p, f, Vec(1.0f));
+}
+
+// exp(x - shift) = 2**t, t = (x - shift) log2(e): t = n + f with n = round(t), 2**f by the
+// polynomial, 2**n from the exponent bits (AVX-512: vscalefps). 0 for x - shift below about -88
+// (-inf included), inf above about 88, NaN for NaN. The softmax rows and the backward's P call it
+// with shift = the row max or the log-sum-exp, so t <= 0 there.
+C10_ALWAYS_INLINE Vec exp_shifted(const Vec& x, const Vec& shift) {
+  const Vec t = (x - shift) * Vec(1.44269504088896341f);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 tc = _mm512_max_ps(_mm512_set1_ps(-160.0f), t);  // NaN stays NaN (second operand)
+  const __m512 n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return Vec(_mm512_scalef_ps(exp2_reduced(Vec(tc) - Vec(n)), n));
+#else
+  const Vec tc = at::vec::clamp(t, Vec(-127.0f), Vec(128.0f));  // NaN stays NaN
+  // r = 1.5 * 2**23 + round(tc): a float of ulp 1, whose low bits hold the integer n
   const Vec magic(12582912.0f);
-  const Vec t = xc * Vec(1.44269504088896341f) + magic;
-  const Vec n = t - magic;
-  const Vec y = cephes_exp_reduced(xc, n);
-  // 2**n from the bits of t: bits(t) = 0x4B400000 + n, so bits(2**n) = (bits(t) - 0x4B400000 + 127) << 23
+  const Vec r = tc + magic;
+  const Vec y = exp2_reduced(tc - (r - magic));
+  // 2**n from the bits of r: bits(r) = 0x4B400000 + n, so bits(2**n) = (bits(r) - 0x4B400000 + 127) << 23
+  // (n = -127 gives 0.0, n = 128 gives inf)
   using IVec = at::vec::Vectorized<int32_t>;
-  const IVec e = (at::vec::cast<int32_t>(t) - IVec(0x4B400000 - 127)) << IVec(23);
-  const Vec result = y * at::vec::cast<float>(e);
-  return Vec::blendv(result, Vec(0.0f), x < lo);
+  const IVec e = (at::vec::cast<int32_t>(r) - IVec(0x4B400000 - 127)) << IVec(23);
+  return y * at::vec::cast<float>(e);
+#endif
 }
 
 // Dropout factors of lanes [0, count): inv_keep where the hash keeps the score, else 0
@@ -120,8 +137,8 @@ float exp_sum(float* s, int64_t n, float shift) {
   Vec acc0(0.0f), acc1(0.0f);
   int64_t j = 0;
   for (; j + 2 * kW <= n; j += 2 * kW) {
-    const Vec e0 = exp(Vec::loadu(s + j) - sh);
-    const Vec e1 = exp(Vec::loadu(s + j + kW) - sh);
+    const Vec e0 = exp_shifted(Vec::loadu(s + j), sh);
+    const Vec e1 = exp_shifted(Vec::loadu(s + j + kW), sh);
     e0.store(s + j);
     e1.store(s + j + kW);
     acc0 = acc0 + e0;
@@ -129,7 +146,7 @@ float exp_sum(float* s, int64_t n, float shift) {
   }
   for (; j < n; j += kW) {
     const int64_t c = std::min(kW, n - j);
-    const Vec e = exp(Vec::loadu(s + j, c) - sh);
+    const Vec e = exp_shifted(Vec::loadu(s + j, c), sh);
     e.store(s + j, c);
     acc0 = acc0 + Vec::set(Vec(0.0f), e, c);
   }
@@ -152,7 +169,7 @@ void backward_row_impl(float* s, float* dp, const uint32_t* mask, int64_t n, flo
   const Vec vlse(lse), vdelta(delta), inv(inv_keep), zero(0.0f);
   for (int64_t j = 0; j < n; j += kW) {
     const int64_t c = std::min(kW, n - j);
-    const Vec p = exp(Vec::loadu(s + j, c) - vlse);
+    const Vec p = exp_shifted(Vec::loadu(s + j, c), vlse);
     const Vec d = Vec::loadu(dp + j, c);
     Vec pd, ds;
     if constexpr (kDropout) {
@@ -243,8 +260,21 @@ void scale(float* x, float alpha, int64_t n) {
 }  // namespace
 
 const FloatRowOps& float_row_ops() {
-  static const FloatRowOps ops{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot,
-                               dot_and_add, axpy, scale};
+  static const FloatRowOps ops = [] {
+    FloatRowOps t{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot, dot_and_add, axpy,
+                  scale, gemm::kPanel, gemm::pack_rows, gemm::gemm_nt, gemm::gemm_nn, gemm::gemm_tn,
+                  class_row::dot_rows, class_row::weighted_rows, class_row::outer_rows,
+                  nullptr, nullptr, nullptr, nullptr};
+#if defined(CPU_CAPABILITY_AVX512)
+    if (__builtin_cpu_supports("avx512bf16")) {  // the bfloat16 dot products run here
+      t.pack_rows_bf16 = bf16::pack_rows_bf16;
+      t.gemm_nt_bf16 = bf16::gemm_nt_bf16;
+      t.pack_pairs_bf16 = bf16::pack_pairs_bf16;
+      t.gemm_pv_bf16 = bf16::gemm_pv_bf16;
+    }
+#endif
+    return t;
+  }();
   return ops;
 }
 

@@ -1,0 +1,84 @@
+"""bfloat16 in the C++ kernels (docs/op.md, "Backends"): the AVX512_BF16 tile GEMMs where the CPU and level have
+them, else the float32 upcast, both within the documented bfloat16 tolerance; the upcast is said once per process
+(checked in a child process, since "once" is per process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import test_cpp_kernels
+import torch
+from subprocess_env import child_pythonpath
+from test_cpp_kernels import CASES, LOW_PRECISION_TOLERANCE, STAT_FIELDS, assert_close, case_inputs, run
+
+import rollingq_kernels
+from rollingq_kernels import _library
+
+cpu_level = test_cpp_kernels.cpu_level  # the fixture: each test once per instruction-set level
+
+pytestmark = pytest.mark.skipif(not rollingq_kernels.HAS_CPP, reason="rollingq_kernels._C (C++ kernels) not built")
+
+
+def test_bfloat16_gets_the_avx512_bf16_kernels_exactly_where_the_cpu_has_them(cpu_level):
+    # docs/op.md: the bfloat16 GEMMs at the AVX512 level on CPUs with AVX512_BF16, the float32 upcast elsewhere
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    assert _library._C._bf16_kernels() == (cpu_level == "avx512" and "avx512_bf16" in flags)
+
+
+# odd head dim (bfloat16 pairs with a zero half), key tiles of odd sizes, empty and one-token modalities
+BF16_CASES = {
+    "aq-odd-dh": (2, 2, 17, (40, 1, 29), [[40, 1, 0], [3, 0, 29]], False, "global"),
+    "aq-multi-tile-dh64": (1, 2, 64, (300, 333), [[211, 333]], False, "per_head"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BF16_CASES))
+def test_bfloat16_within_tolerance_table_at_every_level(name, cpu_level, monkeypatch):
+    # the bfloat16 tile GEMMs (AVX512_BF16) and the float32 upcast (other levels) both stay within the
+    # documented bfloat16 tolerance: outputs, every gradient and the statistics
+    monkeypatch.setitem(CASES, name, BF16_CASES[name])
+    factor, atol = LOW_PRECISION_TOLERANCE[torch.bfloat16]
+    q, k, v, segs, lengths, rotation = case_inputs(name, torch.bfloat16)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    kw = dict(lengths=lengths, rotation=rotation)
+    exact = run("reference", q.double(), k.double(), v.double(), segs, grad_out=g.double(), **kw)
+    eager = run("reference", q, k, v, segs, grad_out=g, **kw)
+    cpp = run("cpp", q, k, v, segs, grad_out=g, **kw)
+    pairs = [("out", cpp[0], eager[0], exact[0])]
+    pairs += [(f"d{n}", a, b, c) for n, a, b, c in zip("qkv", cpp[2], eager[2], exact[2])]
+    for what, ours, theirs, ref in pairs:
+        eager_err = (theirs.double() - ref.double()).abs().max().item()
+        assert_close(ours, ref, factor * eager_err + atol, what=f"{cpu_level} {what} (eager error {eager_err:.2e})")
+    for field in STAT_FIELDS:
+        eager_err = (getattr(eager[1], field).double() - getattr(exact[1], field).double()).abs().max().item()
+        assert_close(getattr(cpp[1], field), getattr(exact[1], field), factor * eager_err + 5e-5,
+                     what=f"{cpu_level} stats.{field}")
+
+
+CHILD = """
+import warnings
+import torch
+from rollingq_kernels import _C, rollingq_attention
+_C._set_cpu_capability("default")  # no bfloat16 kernels at this level, whatever the CPU
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 2, 23, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        rollingq_attention(q, k, v, [10, 12], backend="cpp")
+print("python warnings:", sum("computed in float32 (upcast)" in str(w.message) for w in caught))
+"""
+
+
+def test_bfloat16_upcast_warns_once_per_process():
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(os.environ.get("PYTHONPATH", "")))
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # TORCH_WARN: a Python warning where the caller installed c10's Python handler, else c10's stderr log
+    said = int(out.stdout.split("python warnings:")[1]) + out.stderr.count("computed in float32 (upcast)")
+    assert said == 1, out.stdout + out.stderr
