@@ -151,7 +151,7 @@ class Config(Section):
 
 @functools.cache
 def _schema(dataset: str) -> DictConfig:
-    return OmegaConf.structured(Config(data=DATA_SECTIONS[dataset]()), flags={"convert": False})  # strict types
+    return OmegaConf.structured(Config(data=DATA_SECTIONS[dataset]()))
 
 
 def as_config(cfg: Config | Mapping[str, Any]) -> Config:

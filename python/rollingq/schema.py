@@ -2,7 +2,8 @@
 
 A section is a dataclass deriving from :class:`Section`; :func:`option` gives a field its default and the
 values it accepts. :func:`build` sets a YAML-shaped dict on the structured config in OmegaConf's strict mode
-(no implicit conversions) and checks the rules; every problem is a :class:`ConfigError` naming the dotted key.
+(flag ``convert`` off: no implicit conversions) and checks the rules; every problem is a :class:`ConfigError`
+naming the dotted key.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def _assign(node: DictConfig, raw: Any, prefix: str) -> None:
             _assign(node[key], value, f"{prefix}{key}.")
             continue
         _literal(value, prefix + key)
-        try:  # strict mode cannot hold a mapping in an ``Any`` field: such a field takes any plain value
+        try:  # OmegaConf's strict mode (no conversion); it cannot hold a mapping in an ``Any`` field
             with flag_override(node, "convert", hints[key] is Any):
                 node[key] = _widen(value, hints[key])
         except (ValueError, OverflowError):
@@ -205,7 +206,6 @@ def _check(section: Any, prefix: str) -> None:
 
 def build(schema: DictConfig, raw: Any) -> Any:
     """The section of the structured config ``schema`` (left as it is) with the keys of the nested dict ``raw`` set.
-    ``schema`` is in OmegaConf's strict mode (``flags={"convert": False}``): a value must have its field's type.
 
     Raises:
         ConfigError: an unknown key, a wrong type or a value out of range, naming the dotted key.
