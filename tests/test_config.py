@@ -348,3 +348,59 @@ def test_configs_pickle_for_process_pools():
         cfg = load_config(name)
         again = pickle.loads(pickle.dumps(cfg))
         assert again == cfg and again.data.options == cfg.data.options
+
+
+def _leaves(section, prefix=""):
+    """(dotted key, field type, option rules) of every key of a config section, recursively."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], f.metadata
+
+
+_DATASET_CONFIGS = ("synthetic", "cremad_vanilla_mt", "kinetics_sounds_vanilla_mt", "mosei_vanilla_mt")
+_WRONG = {int: "'7'", float: "'0.5'", bool: "1", str: "5"}  # each a value OmegaConf would convert
+
+
+def _violations():
+    """(config, override, key) breaking each key's type and each of its rules once, over every dataset's keys."""
+    out = {}
+    for config in _DATASET_CONFIGS:
+        for key, tp, rules in _leaves(load_config(config)):
+            if tp in _WRONG:
+                out[(key, "type")] = (config, f"{key}={_WRONG[tp]}", key)
+            if "choices" in rules:
+                out[(key, "choices")] = (config, f"{key}=not_a_choice", key)
+            for rule, shift in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
+                if rule in rules:
+                    bad = rules[rule] + shift if tp is int or shift == 0 else rules[rule] + shift / 2
+                    out[(key, rule)] = (config, f"{key}={bad!r}", key)
+    return sorted(out.values())
+
+
+@pytest.mark.parametrize("config, override, key", _violations())
+def test_every_type_and_rule_of_every_key_is_enforced(config, override, key):
+    """Each key refuses a value of another type (even one OmegaConf would convert) and each of its bounds and
+    choices, naming the dotted key: no strictness is lost when the machinery changes."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected"):
+        load_config(config, [override])
+
+
+def test_the_violations_cover_every_key_of_every_section():
+    covered = {override.split("=")[0] for _, override, _ in _violations()}
+    assert len(_violations()) > 80 and {"seed", "train.epochs", "rollingq.beta", "data.synthetic.sizes.train",
+                                         "data.num_frames", "data.task", "optim.momentum", "model.fusion"} <= covered
+
+
+def test_an_unknown_rule_of_an_option_is_an_error():
+    """``option(min=1)`` (a typo for ``ge``) would check nothing: it is refused when the section is defined."""
+    from rollingq.schema import option
+
+    with pytest.raises(TypeError, match=r"option: unknown rules \['min'\]"):
+        option(1, min=1)

@@ -1,13 +1,8 @@
 """Configuration: a run's :class:`Config`, YAML files with ``base:``, dotted overrides, strict validation.
 
-A :class:`Config` has one dataclass per section (:class:`DataConfig`, :class:`ModelConfig`,
-:class:`RollingQConfig`, :class:`OgmConfig`, :class:`OptimConfig`, :class:`TrainConfig`, in
-:mod:`rollingq.sections`); every default lives in its field and nowhere else. A YAML file only states
-what differs; overrides such as ``optim.lr=0.01`` or ``data.modalities=[audio,visual]`` are read as
-bounded YAML and set at the dotted path. :meth:`Config.from_dict` validates the merged dict as an
-OmegaConf structured config (:mod:`rollingq.schema`): unknown keys (with the closest valid one
-suggested), values of the wrong type or out of range and inconsistent settings are errors naming the
-dotted key. Sections read like the YAML they come from: ``cfg.train.epochs == cfg["train"]["epochs"]``.
+Every default lives in a section's field (:mod:`rollingq.sections`); a YAML file states only what differs,
+overrides (``optim.lr=0.01``) are bounded YAML set at the dotted path, and :meth:`Config.from_dict` validates
+the merged dict (:mod:`rollingq.schema`). ``docs/training.md`` (Configs) lists the keys.
 """
 
 from __future__ import annotations
@@ -49,28 +44,18 @@ RENAMED = {("model", "rotation"): "rotation_mode"}
 """Keys renamed since runs were saved with them: (section, old) -> new (read with a warning)."""
 
 
-def _plain_name(value: Any) -> str | None:
-    """A run's ``name`` becomes part of a folder name: one plain path component, at most 100 characters."""
-    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
-    if (isinstance(value, str) and value not in ("", ".", "..") and len(value) <= 100
-            and not any(c in value for c in separators) and value.isprintable()):
+def _plain_name(value: str) -> str | None:
+    """None if ``value`` is one plain folder name (the run folder is ``<out_dir>/<dataset>_<name>_<time>``)."""
+    if value not in ("", ".", "..") and len(value) <= 100 and value.isprintable() and not set(value) & {
+            "/", "\\", os.sep, os.altsep or "/", "\0"}:
         return None
-    return ("expected one plain folder name (no '/', '\\', '.' or '..', printable, at most 100 characters; "
-            "the run folder is <out_dir>/<dataset>_<name>_<time>)")
+    return "expected one plain folder name (no '/', '\\', '.' or '..', printable, at most 100 characters)"
 
 
 @dataclass
 class Config(Section):
-    """A whole run's configuration (``config.yaml``).
-
-    Attributes:
-        name: the run's label (runs of one dataset and name form a group in reports); one plain folder name.
-        seed: seeds everything: data order, augmentation, initialization, the synthetic task
-            (0 to :data:`SEED_MAX`).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        out_dir: where a run without ``--out`` goes.
-        data, model, rollingq, ogm, optim, train: the sections.
-    """
+    """A whole run's configuration (``config.yaml``): its ``name``, ``seed``, ``device``, ``out_dir`` and the
+    sections; ``cfg.train.epochs == cfg["train"]["epochs"]``."""
 
     name: str = option("run", check=_plain_name)
     seed: int = option(0, ge=0, le=SEED_MAX)
@@ -90,75 +75,72 @@ class Config(Section):
         Raises:
             ConfigError: naming the dotted key of the first problem.
         """
-        raw = _apply_renames(raw)
-        data = raw.get("data") if isinstance(raw, Mapping) else None
-        name = data.get("name", "synthetic") if isinstance(data, Mapping) else "synthetic"
+        raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()} if isinstance(raw, Mapping) else raw
+        part = {k: raw[k] if isinstance(raw, dict) and isinstance(raw.get(k), dict) else {}
+                for k in ("data", "model", "rollingq")}
+        for (section, old), new in RENAMED.items():
+            if old in part[section] and new not in part[section]:
+                logger.warning("%s.%s is now %s.%s; reading it as such", section, old, section, new)
+                part[section][new] = part[section][old]
+            part[section].pop(old, None)
+        name = part["data"].get("name", "synthetic")
         if not isinstance(name, str) or name not in DATASETS:
             raise ConfigError(f"data.name: expected one of {', '.join(DATASETS)}, got {echo(name)}")
         own = field_names(DATA_SECTIONS[name])
-        for key in data if isinstance(data, Mapping) else ():
-            others = [n for n, e in DATASETS.items() if key not in own and key in field_names(e.options)]
-            if others:
+        for key in part["data"]:
+            if key not in own and (others := [n for n, e in DATASETS.items() if key in field_names(e.options)]):
                 datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
                 raise ConfigError(f"data.{key}: a key of the {datasets}, not of data.name={name!r} "
                                   f"(its keys: {', '.join(own)})")
-        rq = raw.get("rollingq") if isinstance(raw, Mapping) else None
-        mode = rq.get("mode") if isinstance(rq, Mapping) else None
-        if isinstance(mode, str) and mode in PRESETS:  # the preset's values, replaced by the keys given
-            raw = {**raw, "rollingq": {**PRESETS[mode], **rq}}
+        if isinstance(mode := part["rollingq"].get("mode"), str) and mode in PRESETS:  # replaced by the keys given
+            raw["rollingq"] = {**PRESETS[mode], **part["rollingq"]}
         cfg = build(_schema(name), raw)
         cfg.check()
         return cfg
 
     def check(self) -> None:
-        """Rules across keys: the dataset has the modalities, heads divide ``model.dim``, RollingQ
-        needs an attention fusion, the unimodal head names one of the modalities."""
-        d, m = self.data, self.model
+        """Rules across keys: the dataset has the modalities, heads divide ``model.dim``, RollingQ needs an
+        attention fusion, the unimodal head names one of the modalities, OGM-GE's epochs are in order."""
+        d, m, ogm = self.data, self.model, self.ogm
         try:
             DATASETS[d.name].input_specs(d.modalities, d.options)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if m.dim % m.encoder_heads:
-            raise ConfigError(f"model.encoder_heads: {m.encoder_heads} does not divide model.dim {m.dim}")
-        attention = m.fusion in ATTENTION_FUSIONS
-        if attention and m.dim % m.fusion_heads:
-            raise ConfigError(f"model.fusion_heads: {m.fusion_heads} does not divide model.dim {m.dim}")
-        if attention and len(d.modalities) < 2:
-            raise ConfigError(f"data.modalities: attention fusion (model.fusion={m.fusion!r}) needs >= 2 "
-                              f"modalities, got {d.modalities}")
-        if m.fusion == "unimodal" and m.modality not in d.modalities:
-            raise ConfigError(f"model.modality: the unimodal head needs one of {d.modalities}, got {m.modality!r}")
-        if m.init_encoders and set(m.init_encoders) - set(d.modalities):
-            raise ConfigError(f"model.init_encoders: {sorted(set(m.init_encoders) - set(d.modalities))} not among "
-                              f"data.modalities {d.modalities}")
-        if self.rollingq.enabled and not attention:
-            raise ConfigError(f"rollingq.enabled: RollingQ needs an attention fusion {ATTENTION_FUSIONS}, "
-                              f"got model.fusion={m.fusion!r}")
-        if m.fusion == "ogm_ge" and self.ogm.start_epoch > self.ogm.end_epoch:
-            raise ConfigError(f"ogm.start_epoch: {self.ogm.start_epoch} is after ogm.end_epoch {self.ogm.end_epoch}")
+        attention, stray = m.fusion in ATTENTION_FUSIONS, sorted(set(m.init_encoders or ()) - set(d.modalities))
+        for bad, message in (
+                (m.dim % m.encoder_heads, f"model.encoder_heads: {m.encoder_heads} does not divide model.dim {m.dim}"),
+                (attention and m.dim % m.fusion_heads,
+                 f"model.fusion_heads: {m.fusion_heads} does not divide model.dim {m.dim}"),
+                (attention and len(d.modalities) < 2, f"data.modalities: attention fusion (model.fusion={m.fusion!r}) "
+                                                      f"needs >= 2 modalities, got {d.modalities}"),
+                (m.fusion == "unimodal" and m.modality not in d.modalities,
+                 f"model.modality: the unimodal head needs one of {d.modalities}, got {m.modality!r}"),
+                (stray, f"model.init_encoders: {stray} not among data.modalities {d.modalities}"),
+                (self.rollingq.enabled and not attention, f"rollingq.enabled: RollingQ needs an attention fusion "
+                                                          f"{ATTENTION_FUSIONS}, got model.fusion={m.fusion!r}"),
+                (m.fusion == "ogm_ge" and ogm.start_epoch > ogm.end_epoch,
+                 f"ogm.start_epoch: {ogm.start_epoch} is after ogm.end_epoch {ogm.end_epoch}")):
+            if bad:
+                raise ConfigError(message)
 
     def warn_inert_settings(self) -> None:
-        """Log settings that are valid but can have no effect in this run (e.g. after an override).
-
-        Called once by the trainer (rank 0) when a run starts, not on every load of a config."""
-        m, epochs = self.model, self.train.epochs
-        taken = DATASETS[self.data.name].common
+        """Log settings that are valid but can have no effect in this run (called once, when a run starts)."""
+        m, rq, epochs = self.model, self.rollingq, self.train.epochs
         defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
-        for key in ("root", "val_fraction", "skip_bad"):
-            if key not in taken and getattr(self.data, key) != defaults[key]:
+        for key in {"root", "val_fraction", "skip_bad"} - set(DATASETS[self.data.name].common):
+            if getattr(self.data, key) != defaults[key]:
                 logger.warning("data.%s=%r has no effect with data.name=%r (it does not read it)",
                                key, getattr(self.data, key), self.data.name)
-        if self.rollingq.enabled and self.rollingq.start_epoch > epochs:
+        if rq.enabled and rq.start_epoch > epochs:
             logger.warning("rollingq.start_epoch %d is after the last epoch (train.epochs=%d): RollingQ never rotates",
-                           self.rollingq.start_epoch, epochs)
-        if self.rollingq.enabled and self.rollingq.mode == "official":
-            for key, (value, official) in self.rollingq.settings().deviations().items():
-                logger.warning("rollingq.%s=%r departs from the official semantics (rollingq.mode=official sets %r)",
-                               key, value, official)
-            if m.fusion_block != "official" or m.fusion_heads != 1:
-                logger.warning("rollingq.mode=official with model.fusion_block=%r and model.fusion_heads=%d: the "
-                               "official fusion is model.fusion_block=official with one head", m.fusion_block,
-                               m.fusion_heads)
+                           rq.start_epoch, epochs)
+        official_mode = rq.enabled and rq.mode == "official"
+        for key, (value, official) in rq.settings().deviations().items() if official_mode else ():
+            logger.warning("rollingq.%s=%r departs from the official semantics (rollingq.mode=official sets %r)",
+                           key, value, official)
+        if official_mode and (m.fusion_block != "official" or m.fusion_heads != 1):
+            logger.warning("rollingq.mode=official with model.fusion_block=%r and model.fusion_heads=%d: the official "
+                           "fusion is model.fusion_block=official with one head", m.fusion_block, m.fusion_heads)
         if m.progressive_epochs and m.fusion != "vanilla_mt_star":
             logger.warning("model.progressive_epochs=%d has no effect with model.fusion=%r (only vanilla_mt_star "
                            "trains progressively)", m.progressive_epochs, m.fusion)
@@ -169,24 +151,7 @@ class Config(Section):
 
 @functools.cache
 def _schema(dataset: str) -> DictConfig:
-    """The structured config of :class:`Config` with the ``data`` section of ``dataset`` (its defaults)."""
     return OmegaConf.structured(Config(data=DATA_SECTIONS[dataset]()))
-
-
-def _apply_renames(raw: Any) -> Any:
-    if not isinstance(raw, Mapping):
-        return raw
-    raw = dict(raw)
-    for (section, old), new in RENAMED.items():
-        part = raw.get(section)
-        if isinstance(part, Mapping) and old in part:
-            part = dict(part)
-            if new not in part:
-                logger.warning("%s.%s is now %s.%s; reading it as such", section, old, section, new)
-                part[new] = part[old]
-            del part[old]
-            raw[section] = part
-    return raw
 
 
 def as_config(cfg: Config | Mapping[str, Any]) -> Config:
@@ -199,29 +164,23 @@ def packaged_config_dir() -> str:
     return str(resources.files("rollingq") / "configs")
 
 
-def resolve_config_path(path: str) -> str:
-    """Find a config: an existing path, or a name (with or without ``.yaml``) among the packaged configs."""
-    if os.path.isfile(path):
-        return path
-    name = os.path.basename(path if path.endswith(".yaml") else path + ".yaml")
-    candidate = os.path.join(packaged_config_dir(), name)
-    if os.path.isfile(candidate):
-        return candidate
-    raise ConfigError(f"--config: no file {path!r} and no packaged config {name!r} in {packaged_config_dir()}")
-
-
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """The defaults, the YAML file at ``path`` (if any, with its ``base:`` chain), then the dotted ``overrides``.
+    """The defaults, the YAML file at ``path`` (a file or a packaged config's name, with its ``base:`` chain),
+    then the dotted ``overrides``.
 
     Raises:
         ConfigError: a missing or malformed file, a malformed override, or an invalid config (naming the key).
     """
     raw: dict = {}
-    if path is not None:
-        raw = _read_with_bases(resolve_config_path(path), [])
+    if path is not None and os.path.isfile(path):
+        raw = _read_with_bases(path, [])
+    elif path is not None:
+        name = os.path.basename(path if path.endswith(".yaml") else path + ".yaml")
+        if not os.path.isfile(os.path.join(packaged_config_dir(), name)):
+            raise ConfigError(f"--config: no file {path!r} and no packaged config {name!r} in {packaged_config_dir()}")
+        raw = _read_with_bases(os.path.join(packaged_config_dir(), name), [])
     for text in overrides or []:
-        key, value = parse_override(text)
-        set_dotted(raw, key, value)
+        set_dotted(raw, *parse_override(text))
     return Config.from_dict(raw)
 
 
@@ -233,14 +192,12 @@ def _read_with_bases(path: str, chain: list[str]) -> dict:
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(loaded).__name__}")
     base = loaded.pop("base", None)
-    if base is None:
-        return loaded
-    if not isinstance(base, str):
+    if base is not None and not isinstance(base, str):
         raise ConfigError(f"config {path}: base: expected a file name relative to it, got {echo(base)}")
-    base_path = os.path.join(os.path.dirname(path), base)
-    if not os.path.isfile(base_path):
+    base_path = os.path.join(os.path.dirname(path), base or "")
+    if base is not None and not os.path.isfile(base_path):
         raise ConfigError(f"config {path}: base file {base!r} not found (looked at {base_path})")
-    return deep_merge(_read_with_bases(base_path, chain + [path]), loaded)
+    return loaded if base is None else deep_merge(_read_with_bases(base_path, chain + [path]), loaded)
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -1,13 +1,9 @@
-"""Typed, strict config sections: dataclasses validated as OmegaConf structured configs.
+"""Typed, strict config sections on OmegaConf structured configs (``docs/architecture.md``, Configuration).
 
-A section is a dataclass deriving from :class:`Section`; each field holds its type, its default and,
-through :func:`option`, the values it accepts. :func:`build` sets the keys of a YAML-shaped dict on
-``OmegaConf.structured(section)``, one key at a time, so that OmegaConf checks each value against the
-field's type (with its implicit conversions, ``"3"`` to 3 or 1 to true, refused), then instantiates
-the dataclasses and checks the choices and bounds. Every problem is a :class:`ConfigError` naming the
-dotted key: an unknown key (with the closest valid key suggested), a value of the wrong type, one out
-of range. OmegaConf never parses text here (YAML is read by :mod:`rollingq.yaml_input`, bounded), and
-``${...}`` interpolations and ``???`` are refused: a config states its values literally.
+A section is a dataclass deriving from :class:`Section`; :func:`option` gives a field its default and the
+values it accepts. :func:`build` sets a YAML-shaped dict on the structured config in OmegaConf's strict mode
+(flag ``convert`` off: no implicit conversions) and checks the rules; every problem is a :class:`ConfigError`
+naming the dotted key.
 """
 
 from __future__ import annotations
@@ -17,15 +13,15 @@ import dataclasses
 import difflib
 import functools
 import math
+import operator
 import re
 import reprlib
 import types
 import typing
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, flag_override
 
 
 class ConfigError(ValueError):
@@ -42,7 +38,10 @@ _ECHO.maxstring, _ECHO.maxlong, _ECHO.maxother = 80, 40, 80
 INT64 = (-(2**63), 2**63 - 1)
 """The integers a config accepts: what torch, NumPy and the loaders can hold."""
 
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 _PLAIN_KEY = re.compile(r"[\w.\[\]+-]{1,160}")
+_WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings")}
 
 
 def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
@@ -54,11 +53,8 @@ def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
 
 def clip(text: str, limit: int = ECHO_LIMIT) -> str:
     """``text`` on one line, cut in the middle to at most ``limit`` characters (for messages quoted in errors)."""
-    text = " ".join(str(text).split())
-    if len(text) <= limit:
-        return text
-    half = (limit - 5) // 2
-    return f"{text[:half]} [...] {text[-half:]}"
+    text, half = " ".join(str(text).split()), (limit - 5) // 2
+    return text if len(text) <= limit else f"{text[:half]} [...] {text[-half:]}"
 
 
 class Section:
@@ -79,15 +75,13 @@ class Section:
         return self.to_dict()
 
 
-def option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
-           choices: tuple | None = None, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+def option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **rules: Any) -> Any:
     """A dataclass field with its default (or ``factory`` for a mutable one) and the values it accepts:
-    ``choices``, bounds of a number (``>=``, ``>``, ``<=``, ``<``), and ``check``, which returns the text
-    ``expected …`` of a problem or None."""
-    meta = {k: v for k, v in {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "check": check}.items()
-            if v is not None}
-    return dataclasses.field(default=default, default_factory=factory or dataclasses.MISSING, metadata=meta)
+    ``choices``, bounds ``ge``, ``gt``, ``le``, ``lt``, and ``check``, which returns the text ``expected …`` of
+    a problem or None."""
+    if not set(rules) <= {"choices", "check", *_BOUNDS}:
+        raise TypeError(f"option: unknown rules {sorted(set(rules) - {'choices', 'check', *_BOUNDS})}")
+    return dataclasses.field(default=default, default_factory=factory or dataclasses.MISSING, metadata=rules)
 
 
 def field_names(cls: type) -> list[str]:
@@ -95,40 +89,32 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def join(prefix: str, key: Any) -> str:
-    """``prefix.key`` (just ``key`` at the top)."""
-    return f"{prefix}.{key}" if prefix else str(key)
-
-
-def _initials(word: str) -> str:
-    return "".join(part[0] for part in word.split("_") if part)
-
-
 def closest(word: str, candidates: list[str]) -> str | None:
     """The candidate a misspelled ``word`` most likely meant, or None: the same word in another case, an
     abbreviation either way (``learning_rate`` ~ ``lr``), a close spelling (difflib), the same letters in
     another order (``trian`` ~ ``train``)."""
     low = str(word).lower()
-    for rule in (lambda c: c.lower() == low, lambda c: c == _initials(low) or _initials(c) == low):
-        for c in candidates:
-            if rule(c):
-                return c
+
+    def initials(w: str) -> str:
+        return "".join(part[0] for part in w.split("_") if part)
+
+    for rule in (lambda c: c.lower() == low, lambda c: c == initials(low) or initials(c) == low):
+        if hit := next((c for c in candidates if rule(c)), None):
+            return hit
     close = difflib.get_close_matches(low, candidates, n=1, cutoff=0.6)
     return close[0] if close else next((c for c in candidates if sorted(c) == sorted(low)), None)
 
 
-def unknown_key_error(prefix: str, key: Any, value: Any, valid: list[str]) -> ConfigError:
-    """The error for an unknown key at ``prefix``: names it as written (``trian.epochs``, following the nested
-    keys of ``value``) and suggests the closest valid key."""
+def _unknown_key(prefix: str, key: Any, value: Any, valid: list[str]) -> ConfigError:
+    """An unknown key, named as written (``trian.epochs``: its nested keys followed), with the closest valid key."""
     rest = ""
     while isinstance(value, Mapping) and len(value) == 1:
         (sub, value), = value.items()
         rest += f".{sub}"
-    written = join(prefix, f"{key}{rest}")
-    if not _PLAIN_KEY.fullmatch(written):  # spaces, control characters, a huge key: quoted and cut
-        written = echo(written)
+    written = f"{prefix}{key}{rest}"
+    written = written if _PLAIN_KEY.fullmatch(written) else echo(written)  # spaces, control characters, huge
     guess = closest(str(key), valid)
-    hint = f"did you mean {join(prefix, guess)}{rest}?" if guess else f"expected one of {', '.join(valid)}"
+    hint = f"did you mean {prefix}{guess}{rest}?" if guess else f"expected one of {', '.join(valid)}"
     return ConfigError(f"{written}: unknown key; {hint}")
 
 
@@ -137,13 +123,10 @@ def _members(tp: Any) -> tuple:
 
 
 def _describe(tp: Any) -> str:
-    if len(_members(tp)) > 1:
-        args = _members(tp)
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + (" or null" * (type(None) in args))
-    if typing.get_origin(tp) is list:
-        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
-        return f"a list of {plural.get(typing.get_args(tp)[0], 'values')}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, "a plain value")
+    """A field's type in words: ``an integer``, ``a string or null``, ``a number or a list of numbers``."""
+    words = [f"a list of {_WORDS.get(typing.get_args(t)[0], ('', 'values'))[1]}" if typing.get_origin(t) is list
+             else _WORDS.get(t, ("a plain value",))[0] for t in _members(tp) if t is not type(None)]
+    return " or ".join(words) + " or null" * (type(None) in _members(tp))
 
 
 def _widen(value: Any, tp: Any) -> Any:
@@ -161,8 +144,7 @@ def _widen(value: Any, tp: Any) -> Any:
 
 
 def _literal(value: Any, key: str) -> None:
-    """Refuse the strings OmegaConf would not take literally: interpolations (``${...}``, which can read
-    environment variables and other keys) and its missing value ``???``."""
+    """Refuse OmegaConf's interpolations (``${...}``: other keys, environment variables) and missing value ``???``."""
     if isinstance(value, str) and ("${" in value or value == "???"):
         raise ConfigError(f"{key}: {echo(value)} would be an OmegaConf interpolation or missing value; a config "
                           "states its values literally (no '${' and no '???')")
@@ -172,78 +154,64 @@ def _literal(value: Any, key: str) -> None:
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    """The types of the fields of the dataclass ``cls``, in order."""
     hints = typing.get_type_hints(cls)
     return {name: hints[name] for name in field_names(cls)}
 
 
-def assign(node: DictConfig, raw: Any, prefix: str = "") -> None:
-    """Set the keys of the YAML-shaped ``raw`` on the structured config ``node`` (a section), recursively.
-
-    Raises:
-        ConfigError: an unknown key or a value of the wrong type, naming the dotted key.
-    """
+def _assign(node: DictConfig, raw: Any, prefix: str) -> None:
+    """Set the keys of ``raw`` on the section ``node``; OmegaConf checks each value against its field's type."""
     if raw is None:
         return
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {echo(raw)}")
+        raise ConfigError(f"{prefix[:-1] or 'config'}: expected a mapping of keys, got {echo(raw)}")
     hints = _hints(OmegaConf.get_type(node))
-    names = list(hints)
     OmegaConf.set_readonly(node, False)  # a frozen dataclass is a read-only node
     for key, value in raw.items():
-        path = join(prefix, key)
-        if key not in names:
-            raise unknown_key_error(prefix, key, value, names)
+        if key not in hints:
+            raise _unknown_key(prefix, key, value, list(hints))
         if dataclasses.is_dataclass(hints[key]):
-            assign(node[key], value, path)
+            _assign(node[key], value, f"{prefix}{key}.")
             continue
-        _literal(value, path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", FutureWarning)  # OmegaConf warns before an implicit conversion
+        _literal(value, prefix + key)
+        try:  # OmegaConf's strict mode (no conversion); it cannot hold a mapping in an ``Any`` field
+            with flag_override(node, "convert", hints[key] is Any):
                 node[key] = _widen(value, hints[key])
-        except (ValueError, OverflowError, FutureWarning):
-            raise ConfigError(f"{path}: expected {_describe(hints[key])}, got {echo(value)}") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{prefix}{key}: expected {_describe(hints[key])}, got {echo(value)}") from None
 
 
-def _check_value(value: Any, meta: Mapping[str, Any], key: str) -> None:
-    """A typed value against the bounds no type states: finite numbers, 64-bit integers, ``meta``'s rules."""
-    for v in value if isinstance(value, list) else [value]:
-        if type(v) is float and not math.isfinite(v):
-            raise ConfigError(f"{key}: expected a number, got {echo(value)} (not finite)")
-        if type(v) is int and not INT64[0] <= v <= INT64[1]:
-            raise ConfigError(f"{key}: expected an integer between {INT64[0]} and {INT64[1]}, got {echo(value)}")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {echo(value)}")
-    bounds = [(k, op, meta[k]) for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in meta]
-    if type(value) in (int, float) and not all(
-            {"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, _, b in bounds):
-        kind = "an integer" if type(value) is int else "a number"
-        raise ConfigError(f"{key}: expected {kind} {' and '.join(f'{op} {b}' for _, op, b in bounds)}, "
-                          f"got {echo(value)}")
-    problem = meta["check"](value) if "check" in meta else None
-    if problem:
-        raise ConfigError(f"{key}: {problem}, got {echo(value)}")
-
-
-def check(section: Section, prefix: str = "") -> None:
-    """Check every field of ``section`` (recursively) against its :func:`option` rules, naming the dotted key."""
+def _check(section: Any, prefix: str) -> None:
+    """Check every field of ``section`` (recursively): finite numbers, 64-bit integers and its :func:`option`
+    rules."""
     for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
+        key, value, rules = prefix + f.name, getattr(section, f.name), f.metadata
         if dataclasses.is_dataclass(value):
-            check(value, join(prefix, f.name))
-        else:
-            _check_value(value, f.metadata, join(prefix, f.name))
+            _check(value, key + ".")
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if type(v) is float and not math.isfinite(v):
+                raise ConfigError(f"{key}: expected a number, got {echo(value)} (not finite)")
+            if type(v) is int and not INT64[0] <= v <= INT64[1]:
+                raise ConfigError(f"{key}: expected an integer between {INT64[0]} and {INT64[1]}, got {echo(value)}")
+        if "choices" in rules and value not in rules["choices"]:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, rules['choices']))}, got {echo(value)}")
+        bounds = [(*_BOUNDS[name], rules[name]) for name in _BOUNDS if name in rules]
+        if type(value) in (int, float) and not all(test(value, b) for _, test, b in bounds):
+            kind = "an integer" if type(value) is int else "a number"
+            raise ConfigError(f"{key}: expected {kind} {' and '.join(f'{op} {b}' for op, _, b in bounds)}, "
+                              f"got {echo(value)}")
+        if problem := rules["check"](value) if "check" in rules else None:
+            raise ConfigError(f"{key}: {problem}, got {echo(value)}")
 
 
-def build(schema: DictConfig, raw: Any, prefix: str = "") -> Any:
+def build(schema: DictConfig, raw: Any) -> Any:
     """The section of the structured config ``schema`` (left as it is) with the keys of the nested dict ``raw`` set.
 
     Raises:
         ConfigError: an unknown key, a wrong type or a value out of range, naming the dotted key.
     """
     conf = copy.deepcopy(schema)  # a few times faster than OmegaConf.structured
-    assign(conf, raw, prefix)
+    _assign(conf, raw, "")
     out = OmegaConf.to_object(conf)
-    check(out, prefix)
+    _check(out, "")
     return out

@@ -1,7 +1,6 @@
 """The sections of a run's configuration, one dataclass each: every key's type, default and allowed values.
 
-:class:`DataConfig` (with the subclass of each dataset, :data:`DATA_SECTIONS`), :class:`ModelConfig`,
-:class:`RollingQConfig`, :class:`OgmConfig`, :class:`OptimConfig`, :class:`TrainConfig`; the whole
+What each key means is in ``docs/training.md`` (Configs, the key table); the whole
 :class:`~rollingq.config.Config` and its loading are in :mod:`rollingq.config`, the validation in
 :mod:`rollingq.schema`.
 """
@@ -29,31 +28,13 @@ __all__ = ["DATA_SECTIONS", "DataConfig", "ModelConfig", "OgmConfig", "OptimConf
 
 
 def _distinct_names(names: list[str]) -> str | None:
-    if not names or len(set(names)) != len(names):
-        return "expected a non-empty list of distinct modality names"
-    return None
-
+    return "expected a non-empty list of distinct modality names" if not names or len(set(names)) < len(names) else None
 
 
 @dataclass
 class DataConfig(Section):
-    """``data``: the dataset, and the options of that dataset (flat beside the common keys, as in YAML).
-
-    The common keys are fields here; a config's ``data`` is the subclass of the chosen dataset
-    (:data:`DATA_SECTIONS`), which adds that dataset's own keys (``data.num_frames`` for CREMA-D,
-    ``data.task`` for MOSEI, ``data.synthetic.*`` for the synthetic task, …): the fields of its
-    options dataclass, named by the registry :data:`~rollingq.data.registry.DATASETS`.
-
-    Attributes:
-        name: the dataset, a key of the registry.
-        modalities: modality names in the model's input order; AIR is ``cos(first) − cos(second)``.
-        num_classes: classes of the labels (the head's outputs).
-        root: the dataset folder (file datasets).
-        val_fraction: the seeded hold-out of the training list used as validation when the dataset
-            has no validation list.
-        skip_bad: skip samples with missing or corrupt files (their count is logged) instead of failing.
-        num_workers: DataLoader worker processes.
-    """
+    """``data``: the common keys; a config's ``data`` is the subclass of its dataset (:data:`DATA_SECTIONS`),
+    which adds that dataset's own keys, the fields of its options dataclass, flat as in YAML."""
 
     name: str = option("synthetic", choices=tuple(DATASETS))
     modalities: list[str] = option(factory=lambda: ["audio", "visual"], check=_distinct_names)
@@ -71,7 +52,6 @@ class DataConfig(Section):
 
 
 def _data_section(name: str, options: type[Section]) -> type[DataConfig]:
-    """:class:`DataConfig` with the fields of ``options`` added (flat, as in YAML)."""
     hints = typing.get_type_hints(options)
     own = [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                      metadata=f.metadata)) for f in dataclasses.fields(options)]
@@ -86,28 +66,7 @@ globals().update({cls.__name__: cls for cls in DATA_SECTIONS.values()})
 
 @dataclass
 class ModelConfig(Section):
-    """``model``: encoders, the fusion head and its attention.
-
-    Attributes:
-        fusion: ``unimodal`` (with ``modality``), ``concat``, ``sum``, ``ogm_ge``, ``vanilla_mt``,
-            ``vanilla_mt_star``.
-        dim: token width of the encoders and the fusion.
-        encoder_depth, encoder_heads, mlp_ratio: each encoder's timm ViT blocks.
-        fusion_heads: heads of the fusion attention.
-        attn_drop, drop: attention-probability dropout (fusion) and dropout after projections.
-        backbone: ``vit`` (patch embeddings) or ``resnet18`` (the paper's Table 7 tokenizer).
-        pretrained: a timm ViT model id (resolved through the Hugging Face cache; only the cache under
-            HF_HUB_OFFLINE=1) or a local checkpoint file for the encoders.
-        rotation_mode: ``global`` (one ``(D, D)`` rotation) or ``per_head``.
-        backend: the op's backend (``auto``, ``cpp``, ``triton``, ``reference``).
-        progressive_epochs: ``vanilla_mt_star``: epochs trained with the first fusion block only.
-        modality: the modality the ``unimodal`` head reads.
-        fusion_block: ``prenorm`` (LayerNorm, attention, residual, MLP) or ``official`` (the official
-            ``AttnFusion``: a raw class token, attention alone with ``attn_drop`` on its probabilities
-            and its output, no LayerNorm, residual or MLP).
-        init_encoders: ``{modality: run folder or checkpoint}``: warm-start those encoders from an earlier
-            run's (:mod:`rollingq.models.warmstart`; fresh runs only).
-    """
+    """``model``: encoders, the fusion head and its attention."""
 
     fusion: str = option("vanilla_mt", choices=FUSIONS)
     dim: int = option(64, ge=1)
@@ -135,15 +94,8 @@ class ModelConfig(Section):
 
 @dataclass(frozen=True)
 class RollingQConfig(Section, RollingQSettings):
-    """``rollingq``: ``enabled`` and the controller's settings (:class:`rollingq_kernels.settings.RollingQSettings`).
-
-    Every other key is a field of the settings, with its default and its check stated there once
-    (``docs/controller.md`` lists them). ``mode`` picks a preset (``safe``, the default; ``paper``;
-    ``official``) whose values the other keys given in the file or the overrides replace.
-
-    Attributes:
-        enabled: control the model's last active fusion attention.
-    """
+    """``rollingq``: ``enabled`` and the controller's settings, whose defaults and checks are stated once in
+    :class:`rollingq_kernels.settings.RollingQSettings`."""
 
     enabled: bool = False
 
@@ -163,12 +115,7 @@ class RollingQConfig(Section, RollingQSettings):
 
 @dataclass
 class OgmConfig(Section):
-    """``ogm``: OGM-GE gradient modulation (``model.fusion: ogm_ge``).
-
-    Attributes:
-        alpha: the modulation strength (coefficient ``1 − tanh(alpha · ratio)``).
-        start_epoch, end_epoch: the epochs (inclusive) in which it modulates.
-    """
+    """``ogm``: OGM-GE gradient modulation (``model.fusion: ogm_ge``)."""
 
     alpha: float = option(0.1, ge=0.0)
     start_epoch: int = option(1, ge=1)
@@ -177,15 +124,7 @@ class OgmConfig(Section):
 
 @dataclass
 class OptimConfig(Section):
-    """``optim``: the optimizer and the warm-up + cosine schedule (per step).
-
-    Attributes:
-        name: ``sgd`` (with ``momentum``) or ``adamw``.
-        lr, weight_decay: learning rate and weight decay.
-        momentum: SGD's momentum.
-        warmup_epochs: linear warm-up length, in epochs (fractions allowed).
-        min_lr: the learning rate at the end of the cosine.
-    """
+    """``optim``: the optimizer and the warm-up + cosine schedule (per step)."""
 
     name: str = option("sgd", choices=("sgd", "adamw"))
     lr: float = option(1e-3, ge=0.0)
@@ -197,17 +136,7 @@ class OptimConfig(Section):
 
 @dataclass
 class TrainConfig(Section):
-    """``train``: the loop.
-
-    Attributes:
-        epochs: epochs to train.
-        batch_size: samples per step (over all processes); eval_batch_size: per validation batch.
-        probe_loss_weight: weight of the detached linear probes' loss.
-        bf16: bf16 autocast on GPU (never on CPU).
-        grad_clip: clip the gradient norm to this, or None.
-        progress: progress bars on a terminal.
-        num_threads: torch CPU threads, or None for torch's default.
-    """
+    """``train``: the loop."""
 
     epochs: int = option(30, ge=1)
     batch_size: int = option(64, ge=1)
