@@ -25,6 +25,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rollingq_kernels.class_query import rotate_class_query
 from rollingq_kernels.reference import key_valid_mask
 
+from ._inputs import OpInputs, make_inputs
+from ._shapes import BenchShape
+
 GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn")
 _BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -34,7 +37,7 @@ def _backend(provider: str, device: torch.device) -> SDPBackend:
     return _BACKENDS[provider] if device.type == "cuda" else SDPBackend.MATH
 
 
-def _rotated_query(x) -> torch.Tensor:
+def _rotated_query(x: OpInputs) -> torch.Tensor:
     """``q`` with its class row rotated (a new tensor; ``q`` keeps its gradient path)."""
     q0_rot = rotate_class_query(x.q[:, :, 0, :], x.rotation)
     if x.q.shape[2] == 1:
@@ -51,7 +54,7 @@ def _packed(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return jagged.transpose(1, 2)
 
 
-def sdpa_flash(x) -> tuple[torch.Tensor, None]:
+def sdpa_flash(x: OpInputs) -> tuple[torch.Tensor, None]:
     """SDPA (FlashAttention on CUDA) on the packed valid tokens; padded query rows 0."""
     q_rot = _rotated_query(x)
     B, H, nq, Dh = q_rot.shape
@@ -66,7 +69,7 @@ def sdpa_flash(x) -> tuple[torch.Tensor, None]:
     return out.transpose(1, 2), None
 
 
-def sdpa_cudnn(x) -> tuple[torch.Tensor, None]:
+def sdpa_cudnn(x: OpInputs) -> tuple[torch.Tensor, None]:
     """SDPA (cuDNN on CUDA) with the boolean key-padding mask; padded query rows 0."""
     q_rot = _rotated_query(x)
     B, _, nq, Dh = q_rot.shape
@@ -89,9 +92,6 @@ def build_gpu_provider(name: str) -> Callable:
 @functools.lru_cache(maxsize=64)
 def _probe(provider: str, mode: str, dtype: torch.dtype, head_dim: int, device: str) -> str | None:
     """Run ``provider`` once on a small problem; the error text when its backend cannot."""
-    from ._providers import make_inputs
-    from ._shapes import BenchShape
-
     shape = BenchShape("probe", 2, 2, head_dim, (13, 17))
     x = make_inputs(shape, mode, dtype, torch.device(device), seed=1, requires_grad=True)
     try:

@@ -104,7 +104,8 @@ if (( DRY_RUN )); then
     step "shell syntax" 10 "$OUT/setup.log" bash -n benchmarks/run_gpu.sh
     step "benchmark plan and warm-up list" 300 "$OUT/setup.log" "$PYTHON" -m benchmarks.gpu_plan dry-run
     ROLLINGQ_COLLECT_ONLY=1 step "CUDA tests collect" 300 "$OUT/tests.log" \
-        "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider tests/test_triton_cuda.py tests/test_triton_kernels.py
+        "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider tests/test_triton_cuda.py tests/test_triton_kernels.py \
+        tests/test_triton_launch.py
     grep -E "tests? collected|error" "$OUT/tests.log" | tee -a "$OUT/summary.txt"
     exit $FAILED
 fi
@@ -123,7 +124,7 @@ step "warm Triton's cache ($JOBS processes)" $(( $(left) < 100 ? $(left) : 100 )
     "$PYTHON" -m benchmarks.gpu_plan warm --jobs "$JOBS"
 
 # ----------------------------------------------------------------------------- 3. CUDA tests
-# tests/test_triton_cuda.py, then the contract tests of tests/test_triton_kernels.py on the GPU
+# tests/test_triton_cuda.py, then the contract tests of tests/test_triton_kernels.py and _launch.py on the GPU
 # (padding never read, empty batches, launcher errors, negative scale); fixed configurations
 TESTS_LIMIT=$(( $(left) - 190 ))
 TESTS_LIMIT=$(( TESTS_LIMIT > 150 ? 150 : TESTS_LIMIT ))
@@ -131,7 +132,7 @@ ROLLINGQ_TRITON_AUTOTUNE=0 step "CUDA tests" "$TESTS_LIMIT" "$OUT/tests.log" \
     "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$OUT/tests.xml" tests/test_triton_cuda.py
 ROLLINGQ_TRITON_AUTOTUNE=0 step "contract tests on the GPU" $(( $(left) < 200 ? $(left) - 160 : 40 )) \
     "$OUT/tests.log" "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs tests/test_triton_kernels.py \
-    -k "padded or empty or launcher or negative or alias or deterministic"
+    tests/test_triton_launch.py -k "padded or empty or launcher or negative or alias or deterministic"
 
 # ----------------------------------------------------------------------------- 4. benchmarks
 mapfile -t BENCH_IDS < <("$PYTHON" -m benchmarks.gpu_plan bench-ids)

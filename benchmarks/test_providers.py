@@ -16,7 +16,8 @@ import torch
 import rollingq_kernels
 
 from ._gpu_providers import GPU_PROVIDERS
-from ._providers import PROVIDERS, OpInputs, build_provider, make_inputs
+from ._inputs import OpInputs, make_inputs
+from ._providers import PROVIDERS, build_provider
 from ._session import BenchSession
 from ._shapes import BenchShape
 

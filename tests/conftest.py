@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cpp_cases import LEVELS  # the CPU levels the C++ kernels run here (none without them)
 
 import rollingq_kernels
 
@@ -43,3 +44,18 @@ def pytest_sessionstart(session) -> None:
             f"{INSTALLED_ENV}=1: expected an installed rollingq_kernels (not {SOURCE}) with its C++ kernels, "
             f"got {where} (C++ kernels: {rollingq_kernels.HAS_CPP}); run pytest from outside the repository"
         )
+
+
+@pytest.fixture(params=LEVELS)
+def cpu_level(request):
+    """Runs the test with the float row kernels of one instruction set, then restores the previous one."""
+    from rollingq_kernels import _C
+
+    previous = _C._set_cpu_capability(request.param)
+    try:
+        assert _C.cpu_capability() == request.param
+        # the table the kernels now call was compiled for this level (its unit's CPU_CAPABILITY)
+        assert _C._row_ops_level() == request.param
+        yield request.param
+    finally:
+        _C._set_cpu_capability(previous)

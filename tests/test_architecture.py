@@ -1,8 +1,12 @@
-"""The import graph of both packages: no circle, no upward import, no hidden (in-function) import.
+"""The import graph of the whole tree: no circle, no upward import, no hidden (in-function) import.
 
 The layers are those of ``docs/architecture.md``. A module imports only from its own layer or the
-ones below; the kernel package lies below the training package. A module missing from the table
-fails the test: place it in a layer (here and in the document).
+ones below; the kernel package lies below the training package, and the folders that use the
+packages (``benchmarks/``, ``scripts/``, ``examples/``) lie above both: they may import the packages,
+never the reverse, and none of them imports another (``MAY_IMPORT``). Nothing imports ``tests/``.
+A module missing from the table fails the test: place it in a layer (here and in the document).
+In-function imports are refused in the packages only (benchmarks and scripts import optional
+tools such as Triton lazily), but every import, wherever it stands, is an edge of the circle check.
 """
 
 from __future__ import annotations
@@ -12,8 +16,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"rollingq_kernels": ROOT / "rollingq_kernels", "rollingq": ROOT / "python" / "rollingq"}
+# The folders around the packages. benchmarks is a package (relative imports); the files of scripts/
+# and examples/ run as scripts, each importing a sibling by its bare name (``from study_tables import``).
+USERS = {"benchmarks": ROOT / "benchmarks", "scripts": ROOT / "scripts", "examples": ROOT / "examples"}
+FLAT = {"scripts", "examples"}
+TESTS = "tests"  # first-party too, so that an import of it is seen (and refused) anywhere above
+# The top-level parts each part may import (its own included).
+MAY_IMPORT = {
+    "rollingq_kernels": {"rollingq_kernels"},
+    "rollingq": {"rollingq_kernels", "rollingq"},
+    "benchmarks": {"rollingq_kernels", "rollingq", "benchmarks"},
+    "scripts": {"rollingq_kernels", "rollingq", "scripts"},
+    "examples": {"rollingq_kernels", "rollingq"},
+}
 EXTENSIONS = {"rollingq_kernels._C"}  # compiled; imports nothing of the packages
 TRAINING = 10  # every layer of the training package lies above every layer of the kernel package
+USER = 30  # benchmarks, scripts and examples lie above every layer of both packages
 
 # First-party imports allowed inside a function: (importing module, prefix of the imported module) -> why.
 # docs/architecture.md ("Optional imports") lists the same; each is still an edge of the layer and circle checks.
@@ -94,12 +112,16 @@ LAYERS = {
     "rollingq.cli": TRAINING + 7,
     "rollingq.__main__": TRAINING + 7,
     "rollingq": TRAINING + 7,
+    # the users of the packages
+    "benchmarks": USER,
+    "scripts": USER,
+    "examples": USER,
 }
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for package, folder in PACKAGES.items():
+    for package, folder in (PACKAGES | USERS).items():
         for path in sorted(folder.rglob("*.py")):
             parts = [package, *path.relative_to(folder).with_suffix("").parts]
             if parts[-1] == "__init__":
@@ -108,8 +130,26 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _part(name: str) -> str:
+    """The top-level part of a module name: a package, a folder of :data:`USERS`, ``tests``, or another."""
+    return name.split(".")[0]
+
+
 def _first_party(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in PACKAGES)
+    return _part(name) in PACKAGES or _part(name) in USERS or _part(name) == TESTS
+
+
+def _sibling(module: str, name: str, modules: dict[str, Path]) -> str:
+    """``name`` as the importing script sees it: a sibling file of a :data:`FLAT` folder, or ``name``."""
+    folder = _part(module)
+    if folder in FLAT and f"{folder}.{name}" in modules:
+        return f"{folder}.{name}"
+    return name
+
+
+def _refused_part(module: str, target: str) -> bool:
+    """Whether ``module`` may not import ``target`` by :data:`MAY_IMPORT` (tests: by nobody here)."""
+    return _part(target) not in MAY_IMPORT.get(_part(module), set())
 
 
 def _layer(module: str) -> int | None:
@@ -136,14 +176,15 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
         for child in ast.iter_child_nodes(node):
             inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
             if isinstance(child, ast.Import):
-                found.extend((a.name, child.lineno, inner) for a in child.names if _first_party(a.name))
+                names = (_sibling(module, a.name, modules) for a in child.names)
+                found.extend((name, child.lineno, inner) for name in names if _first_party(name))
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     parts = module.split(".")
                     keep = len(parts) - child.level + (1 if is_package else 0)
                     base = ".".join(parts[:keep] + ([child.module] if child.module else []))
                 else:
-                    base = child.module or ""
+                    base = _sibling(module, child.module or "", modules)
                 if _first_party(base):
                     found.extend((resolve(base, a.name), child.lineno, inner) for a in child.names)
             visit(child, inner)
@@ -159,7 +200,11 @@ def _graph() -> tuple[dict[str, set[str]], list[str]]:
     for module, path in modules.items():
         for target, line, nested in _imports(module, path, modules):
             where = f"{path.relative_to(ROOT)}:{line}"
-            if nested and not _declared_optional(module, target):
+            if _refused_part(module, target):
+                problems.append(f"{where}: {module} imports {target}: {_part(module)} may import only "
+                                f"{sorted(MAY_IMPORT.get(_part(module), ()))}")
+                continue
+            if nested and _part(module) in PACKAGES and not _declared_optional(module, target):
                 problems.append(f"{where}: {module} imports {target} inside a function or class (a hidden edge)")
             if target in EXTENSIONS or target == module:
                 continue
@@ -229,3 +274,19 @@ def test_the_checker_sees_circles_and_upward_imports():
     assert "rollingq_kernels.triton" in edges["rollingq_kernels.ops"]  # a declared optional import
     assert not _declared_optional("rollingq_kernels.module", "rollingq_kernels.triton")
     assert _layer("rollingq_kernels.controller") > _layer("rollingq_kernels.accumulator")
+
+
+def test_the_checker_sees_the_tree_around_the_packages():
+    """benchmarks/ and scripts/ are in the graph, with their lazy and sibling imports, and held to MAY_IMPORT."""
+    edges, _ = _graph()
+    assert "benchmarks._shapes" in edges["benchmarks._providers"]
+    assert "benchmarks._cubin" in edges["benchmarks.compile_gate"]  # an in-function `from . import _cubin`
+    assert "scripts.study_indicators" in edges["scripts.study_tables"]  # a bare sibling import
+    assert "rollingq.study" in edges["scripts.study_tables"]
+    assert _refused_part("rollingq_kernels.ops", "benchmarks._arith")
+    assert _refused_part("rollingq.train", "scripts.study_tables")
+    assert _refused_part("benchmarks._e2e", "scripts.study_tables")
+    assert _refused_part("scripts.study_tables", "benchmarks._arith")
+    assert _refused_part("benchmarks._e2e", "tests.fake_data")
+    assert not _refused_part("benchmarks._e2e", "rollingq.build")
+    assert _layer("benchmarks._providers") == _layer("scripts.synthetic_study") == USER

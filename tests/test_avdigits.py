@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from file_tree import read_tree
 from rollingq.build import build_dataset
 from rollingq.cli import main
 from rollingq.config import load_config
@@ -20,13 +21,7 @@ TINY_MODEL = ["model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2", 
 
 
 def _digest(root: str) -> dict[str, str]:
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    return {path: hashlib.sha256(data).hexdigest() for path, data in read_tree(root).items()}
 
 
 @pytest.fixture(scope="module")

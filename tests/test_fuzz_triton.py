@@ -1,7 +1,7 @@
 """Fuzz: the Triton kernels against the float64 reference (see ``fuzz_op.py``), smaller than the C++ fuzz.
 
 Runs in Triton's interpreter on CPU (the CI step ``TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
-tests/test_fuzz_triton.py``; the variable must be set before Triton is imported) or on a CUDA GPU.
+... tests/test_fuzz_triton.py``, see ``.ci/run``; the variable must be set before Triton is imported) or on a CUDA GPU.
 """
 
 from __future__ import annotations

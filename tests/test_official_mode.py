@@ -24,6 +24,7 @@ import os
 
 import pytest
 import torch
+from official_reference import official_svd_rotation
 from rollingq.config import load_config, packaged_config_dir
 from rollingq.models.fusion import AttentionFusion
 from rollingq.records import read_metrics
@@ -70,17 +71,6 @@ def ref_target(avg_a, avg_v, query, air, sigma=0.0):
     return target * query.norm() / target.norm(), alpha
 
 
-def ref_rotation(X, Y):
-    X, Y = X / X.norm(), Y / Y.norm()
-    U, _, Vh = torch.linalg.svd(torch.outer(Y, X))
-    W = U @ Vh
-    if torch.linalg.det(W) < 0:
-        U = U.clone()
-        U[:, -1] = -U[:, -1]
-        W = U @ Vh
-    return W
-
-
 def ref_fusion_logits(tokens, fusion: AttentionFusion):
     """The official AttnFusion in eval mode: [cls, a, v] -> attention (class row) -> fc -> classifier."""
     layer = fusion.blocks[0].attn
@@ -123,7 +113,7 @@ def test_official_mode_follows_the_official_steps_over_two_rotations():
             air = ref_air(last, layer, R_old)
             avg_a, avg_v, query = ref_estimate(loader, layer, R_old)
             target, alpha = ref_target(avg_a, avg_v, query, air)
-            W = ref_rotation(query, target)
+            W = official_svd_rotation(query, target)
         layer.eval()
         # accuracy at chance: the official code has no guard
         (rec,) = ctl.step(epoch, loader, forward, accuracy=0.1, majority=0.5, loss=2.0)
@@ -153,7 +143,7 @@ def test_the_svd_is_fed_the_official_x_and_y_in_float32():
     assert ours.dtype == F32 and torch.equal(ours, target)  # the official Y, bit for bit
     assert float(ours.norm()) == pytest.approx(float(query.norm()), rel=1e-6)  # rescaled to |E[q]|
     W = svd_rotation(query, target, F32)
-    assert W.dtype == F32 and torch.equal(W, ref_rotation(query, target))  # the official W, bit for bit
+    assert W.dtype == F32 and torch.equal(W, official_svd_rotation(query, target))  # the official W, bit for bit
     assert RollingQSettings.preset("official").rotation_dtype(F32) == F32
 
 

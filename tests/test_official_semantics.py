@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from official_reference import official_svd_rotation
 
 from rollingq_kernels.accumulator import attention_imbalance_rate
 from rollingq_kernels.controller import RollingQ
@@ -43,18 +44,6 @@ def official_fusion(x, layer, R):
 def official_air(q_cls, k_a, k_v) -> float:
     cos = torch.nn.functional.cosine_similarity
     return float((cos(q_cls, k_a, dim=-1) - cos(q_cls, k_v, dim=-1)).mean().detach())
-
-
-def official_svd_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """R with R x̂ = ŷ from the SVD of ŷx̂ᵀ, last column of U negated if det < 0."""
-    xh, yh = x / x.norm(), y / y.norm()
-    U, _, Vh = torch.linalg.svd(torch.outer(yh, xh))
-    R = U @ Vh
-    if torch.linalg.det(R) < 0:
-        U = U.clone()
-        U[:, -1] = -U[:, -1]
-        R = U @ Vh
-    return R
 
 
 def official_anchor(E_q, E_ka, E_kv, air, rho):

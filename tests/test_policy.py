@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from identity_layer import identity_layer
 
 from rollingq_kernels.controller import RollingQ
 from rollingq_kernels.module import FusedRollingQAttention
@@ -24,13 +25,6 @@ F64 = torch.float64
 DIM = 6
 COUNTS = (9, 7)
 
-
-def _layer() -> FusedRollingQAttention:
-    layer = FusedRollingQAttention(DIM, num_heads=1, qkv_bias=True, class_query_only=True, backend="reference").to(F64)
-    with torch.no_grad():
-        layer.qkv.weight.copy_(torch.cat([torch.eye(DIM, dtype=F64)] * 3))
-        layer.qkv.bias.zero_()
-    return layer.train()
 
 
 def _inputs(cosines, batch=8, seed=0, jitter=0.05) -> torch.Tensor:
@@ -48,7 +42,7 @@ def _inputs(cosines, batch=8, seed=0, jitter=0.05) -> torch.Tensor:
 
 
 def _trained(cosines, batches=3, **settings):
-    layer = _layer()
+    layer = identity_layer(DIM)
     ctl = RollingQ(layer, **{"beta": 0.0, **settings})
     for seed in range(batches):
         layer(_inputs(cosines, seed=seed), list(COUNTS))
@@ -110,7 +104,7 @@ def test_the_cap_is_a_setting_and_a_small_rotation_is_not_capped(cap):
 
 def test_mass_disagreement_is_a_reason_to_refuse():
     """Equal cosines would balance; here AIR points to modality 1 while the mass sits on modality 0 (more tokens)."""
-    layer = _layer()
+    layer = identity_layer(DIM)
     ctl = RollingQ(layer, beta=0.0)
     for seed in range(3):
         x = _inputs((0.3, 0.5), seed=seed)
@@ -128,7 +122,7 @@ def test_the_rules_are_off_with_safety_false():
 
 # ---------------------------------------------------------------------------- the probe
 def test_probe_rank_correlation_is_minus_one_for_a_reversed_query_and_one_for_none():
-    layer = _layer()
+    layer = identity_layer(DIM)
     inputs = ProbeInputs(_inputs((0.4, 0.1), seed=3), COUNTS, None)
     eye = torch.eye(DIM, dtype=F64)
     e0 = eye[0]
@@ -196,7 +190,7 @@ def test_random_direction_rotates_by_the_same_angle_in_another_direction():
     again_layer, again = _trained((0.6, 0.2), direction="random")
     again.step(epoch=1)
     assert torch.equal(again_layer.rotation, rand_layer.rotation)  # deterministic for a seed
-    other_layer = _layer()
+    other_layer = identity_layer(DIM)
     other = RollingQ(other_layer, beta=0.0, direction="random", seed=7)
     for seed in range(3):
         other_layer(_inputs((0.6, 0.2), seed=seed), list(COUNTS))
@@ -215,7 +209,7 @@ def _rotate_then(result: tuple[float, float], resume: bool = False):
         torch.save({"model": layer.state_dict(), "ctl": ctl.state_dict()}, buf)
         buf.seek(0)
         state = torch.load(buf, weights_only=True)
-        layer = _layer()
+        layer = identity_layer(DIM)
         layer.load_state_dict(state["model"])
         ctl = RollingQ(layer)
         ctl.load_state_dict(state["ctl"])

@@ -13,6 +13,7 @@ import wave
 import numpy as np
 import pytest
 import yaml
+from file_tree import read_tree
 from PIL import Image
 
 av = pytest.importorskip("av")
@@ -232,30 +233,22 @@ def test_prepare_needs_the_raw_layout(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- input and output folders
-def _tree(root: str) -> dict[str, bytes]:
-    out = {}
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 def test_prepare_cremad_into_its_own_input_folder_is_refused_before_touching_it(tmp_path, capsys):
     raw = str(tmp_path / "raw")
     _cremad_raw(raw)
-    before = _tree(raw)
+    before = read_tree(raw)
     assert main(["prepare", "cremad", raw, raw]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "OUT" in err[0] and "RAW" in err[0] and "the same folder" in err[0], err
-    assert _tree(raw) == before and sorted(os.listdir(raw)) == ["AudioWAV", "VideoFlash"]
+    assert read_tree(raw) == before and sorted(os.listdir(raw)) == ["AudioWAV", "VideoFlash"]
     # through another spelling of the same folder, a symlink to it, or one inside the other
     os.symlink(raw, str(tmp_path / "link"))
     for out in (raw + "/./", str(tmp_path / "link"), os.path.join(raw, "prepared"), str(tmp_path)):
         assert main(["prepare", "cremad", raw, out]) == 2
         assert "RAW" in capsys.readouterr().err
-    assert _tree(raw) == before and not os.path.exists(os.path.join(raw, "prepared"))
+    assert read_tree(raw) == before and not os.path.exists(os.path.join(raw, "prepared"))
 
 
 @pytest.mark.parametrize("inside", ["same", "out_in_raw", "raw_in_out"])
@@ -267,10 +260,10 @@ def test_prepare_kinetics_sounds_refuses_nested_input_and_output(tmp_path, insid
         (raw / split / "a class").mkdir(parents=True)
         (raw / split / "a class" / f"{split}0.mp4").write_bytes(b"not a video")
     out = {"same": raw, "out_in_raw": raw / "train" / "out", "raw_in_out": tmp_path}[inside]
-    before = _tree(str(raw))
+    before = read_tree(str(raw))
     with pytest.raises(ValueError, match=r"OUT: .* RAW"):
         prepare_kinetics_sounds(str(raw), str(out), skip_bad=True)
-    assert _tree(str(raw)) == before and not (raw / "train" / "out").exists() and not (raw / "audio").exists()
+    assert read_tree(str(raw)) == before and not (raw / "train" / "out").exists() and not (raw / "audio").exists()
 
 
 @pytest.mark.parametrize("dataset", ["kinetics-sounds", "cremad"])

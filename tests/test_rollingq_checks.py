@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from identity_layer import identity_layer
 from rollingq.config import load_config, packaged_config_dir
 from rollingq.records import read_metrics
 from rollingq.train import train
@@ -15,20 +16,11 @@ from rollingq.train import train
 import rollingq_kernels
 from rollingq_kernels.controller import RollingQ, accuracy_guard
 from rollingq_kernels.indicators import indicator_cosines, indicator_value, mass_disagreement, score_weights
-from rollingq_kernels.module import FusedRollingQAttention
 from rollingq_kernels.stats import token_counts
 
 F64 = torch.float64
 DIM = 4
 
-
-def _identity_layer() -> FusedRollingQAttention:
-    """One head, q = k = v = the input (so the keys and the class query are what we write)."""
-    layer = FusedRollingQAttention(DIM, num_heads=1, qkv_bias=True, class_query_only=True, backend="reference").to(F64)
-    with torch.no_grad():
-        layer.qkv.weight.copy_(torch.cat([torch.eye(DIM, dtype=F64)] * 3))
-        layer.qkv.bias.zero_()
-    return layer.train()
 
 
 def _tokens(count: int, cos: float, axis: int, batch: int, gen: torch.Generator, norm: float = 1.0) -> torch.Tensor:
@@ -49,7 +41,7 @@ def _inputs(counts, cosines, batch=6, seed=0, norms=(1.0, 1.0)) -> torch.Tensor:
 
 
 def _step(indicator: str, counts, cosines, max_rotations=0, norms=(1.0, 1.0), lengths=None):
-    layer = _identity_layer()
+    layer = identity_layer(DIM)
     controller = RollingQ(layer, mode="paper", beta=0.0, max_rotations=max_rotations, indicator=indicator)
     for seed in range(3):
         layer(_inputs(counts, cosines, seed=seed, norms=norms), list(counts), lengths)
@@ -72,7 +64,7 @@ def test_score_weights_have_mean_one_and_equal_air_when_counts_and_norms_are_equ
     with pytest.raises(ValueError, match="tokens"):
         indicator_cosines(cos, norm, None, "score")
     with pytest.raises(ValueError, match="indicator"):
-        RollingQ(_identity_layer(), indicator="sum")
+        RollingQ(identity_layer(DIM), indicator="sum")
 
 
 def test_mass_disagreement_needs_a_clear_mass_lead():
@@ -170,7 +162,7 @@ def test_token_counts_without_lengths_copy_nothing_from_the_host():
 
 
 def test_indicator_is_saved_and_old_states_load_as_cos():
-    layer = _identity_layer()
+    layer = identity_layer(DIM)
     controller = RollingQ(layer, indicator="score")
     state = controller.state_dict()
     assert state["indicator"] == "score"

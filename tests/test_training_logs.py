@@ -14,12 +14,10 @@ from rollingq import distributed
 from rollingq.config import load_config
 from rollingq.train import Trainer, resume, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_run import TINY as TINY_RUN
 
 TINY = [
-    "data.synthetic.sizes.train=67", "data.synthetic.sizes.val=23", "data.synthetic.sizes.test=19",
-    "data.synthetic.tokens=[5,7]", "data.synthetic.feature_dim=11", "data.num_classes=3",
-    "model.dim=16", "model.encoder_depth=1", "model.encoder_heads=2",
-    "train.batch_size=16", "train.num_threads=1", "train.progress=false",
+    *TINY_RUN,
     "rollingq.beta=0.0", "rollingq.start_epoch=1", "rollingq.min_accuracy_gain=-1",  # rotate after epoch 1
     "rollingq.mode=paper",  # without the safety rule
 ]

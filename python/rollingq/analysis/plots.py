@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +33,12 @@ NOISE_COLOR = "red"
 def _figure(**kwargs) -> Figure:
     """A matplotlib ``Figure`` (Agg canvas), or :class:`~rollingq.extras.MissingExtra` naming ``[analysis]``."""
     return require("matplotlib.figure", "analysis", "rollingq report's figures").Figure(**kwargs)
+
+
+def _colored_groups(runs: Sequence[RunRecord]) -> Iterator[tuple[str, str, list[RunRecord]]]:
+    """``(colour, group label, member runs)`` of each group of :func:`group_runs`, colours from GROUP_COLORS."""
+    for g, (group, members) in enumerate(group_runs(runs).items()):
+        yield GROUP_COLORS[g % len(GROUP_COLORS)], group, members
 
 
 def _integer_ticks(ax: Axes) -> None:
@@ -201,8 +207,7 @@ def plot_noise_robustness(runs: Sequence[RunRecord], path: str) -> str | None:
         return None
     fig = _figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.subplots()
-    for g, (group, members) in enumerate(group_runs(evaluated).items()):
-        color = GROUP_COLORS[g % len(GROUP_COLORS)]
+    for color, group, members in _colored_groups(evaluated):
         levels = members[0].eval["noise_robustness"]["levels"]
         curves = np.array([m.eval["noise_robustness"]["accuracy"] for m in members], dtype=float)
         for curve in curves:
@@ -229,8 +234,7 @@ def plot_accuracy_over_training(runs: Sequence[RunRecord], path: str) -> str | N
     fig = _figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
     # colour by group (the label is dataset/name when the runs span several datasets), never by bare run name
-    for g, (group, members) in enumerate(group_runs(runs).items()):
-        color = GROUP_COLORS[g % len(GROUP_COLORS)]
+    for color, group, members in _colored_groups(runs):
         for i, run in enumerate(members):
             epochs = [int(e["epoch"]) for e in run.epochs]
             acc = [np.nan if e.get("val_acc") is None else float(e["val_acc"]) for e in run.epochs]

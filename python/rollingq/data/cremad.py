@@ -19,14 +19,7 @@ import torch
 from ..inputs import InputSpec
 from ..schema import Section, option
 from .common import DataError, read_list_lines
-from .listed import (
-    AudioVisualDataset,
-    audio_visual_specs,
-    check_duplicates,
-    check_entry_name,
-    read_lists,
-    split_rows,
-)
+from .listed import AudioVisualDataset, audio_visual_specs, check_duplicates, check_entry_name, read_lists, split_rows
 from .media import CROP_SCALE, check_audio_file, check_crop_scale, cremad_spectrogram
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")

@@ -30,14 +30,7 @@ import torch
 from ..inputs import InputSpec
 from ..schema import Section, option
 from .common import DataError, read_list_lines
-from .listed import (
-    AudioVisualDataset,
-    audio_visual_specs,
-    check_duplicates,
-    check_entry_name,
-    read_lists,
-    split_rows,
-)
+from .listed import AudioVisualDataset, audio_visual_specs, check_duplicates, check_entry_name, read_lists, split_rows
 from .media import ensure_finite
 
 

@@ -40,12 +40,12 @@ import tempfile
 import numpy as np
 
 from ..data.cremad import EMOTIONS
+from ..data.media import SAMPLE_RATE
 from ..extras import require
 from . import avsources
 
 logger = logging.getLogger("rollingq.data")
 
-SAMPLE_RATE = 22050
 FORMAT_VERSION = 2
 SOUNDS = ("vowels", "plucks")
 """Audio sources: synthetic vowels (the default) or plucked strings (:mod:`rollingq.prepare.avsources`)."""
@@ -102,9 +102,7 @@ def vowel_clip(label: int, rng: np.random.Generator, seconds: float = 1.0,
 
     Returns float32 ``(seconds * 22050,)`` in [-1, 1].
     """
-    if not 0 <= label < NUM_CLASSES:
-        raise ValueError(f"label: expected 0..{NUM_CLASSES - 1}, got {label}")
-    n = int(round(seconds * SAMPLE_RATE))
+    n = avsources.clip_samples(label, seconds)
     f0, f1, f2 = VOICES[label]
     f0 *= rng.uniform(0.97, 1.03)
     f1 *= rng.uniform(0.95, 1.05)
@@ -126,11 +124,7 @@ def vowel_clip(label: int, rng: np.random.Generator, seconds: float = 1.0,
     envelope[length - ramp :] = np.linspace(1.0, 0.0, ramp)
     voice *= envelope
     voice /= np.sqrt(np.mean(voice**2)) + 1e-12
-    white = rng.standard_normal(n)
-    brown = np.cumsum(rng.standard_normal(n))
-    brown -= np.linspace(brown[0], brown[-1], n)  # no drift
-    noise = white / white.std() + 0.5 * brown / (brown.std() + 1e-12)
-    noise /= np.sqrt(np.mean(noise**2))
+    noise = avsources.background_noise(n, rng)
     snr = rng.uniform(*snr_db)
     signal = np.zeros(n)
     signal[onset : onset + length] = voice * 10.0 ** (snr / 20.0)

@@ -21,10 +21,11 @@ import os
 
 import numpy as np
 
+from ..data.cremad import EMOTIONS
+from ..data.media import SAMPLE_RATE
 from ..extras import require
 
-SAMPLE_RATE = 22050
-NUM_CLASSES = 6
+NUM_CLASSES = len(EMOTIONS)
 
 #: Per class (digit 0..5): the root (Hz) and the interval (semitones) of the plucked phrase.
 PLUCKS: tuple[tuple[float, int], ...] = (
@@ -56,7 +57,20 @@ def font_paths() -> list[str]:
     return found
 
 
-def _noise(n: int, rng: np.random.Generator) -> np.ndarray:
+def check_label(label: int) -> None:
+    """Raise ValueError unless ``label`` is a class, 0..NUM_CLASSES-1."""
+    if not 0 <= label < NUM_CLASSES:
+        raise ValueError(f"label: expected 0..{NUM_CLASSES - 1}, got {label}")
+
+
+def clip_samples(label: int, seconds: float) -> int:
+    """The number of audio samples of a ``seconds`` long clip of class ``label`` (checked)."""
+    check_label(label)
+    return int(round(seconds * SAMPLE_RATE))
+
+
+def background_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """White plus half as loud drift-free brown noise, float64 ``(n,)`` of unit RMS (both sources' clips)."""
     white = rng.standard_normal(n)
     brown = np.cumsum(rng.standard_normal(n))
     brown -= np.linspace(brown[0], brown[-1], n)
@@ -82,9 +96,7 @@ def pluck_clip(label: int, rng: np.random.Generator, seconds: float = 1.0,
 
     Returns float32 ``(seconds * 22050,)`` in [-1, 1].
     """
-    if not 0 <= label < NUM_CLASSES:
-        raise ValueError(f"label: expected 0..{NUM_CLASSES - 1}, got {label}")
-    n = int(round(seconds * SAMPLE_RATE))
+    n = clip_samples(label, seconds)
     root, interval = PLUCKS[label]
     root *= rng.uniform(0.97, 1.03)
     upper = root * 2.0 ** (interval / 12.0)
@@ -97,7 +109,7 @@ def pluck_clip(label: int, rng: np.random.Generator, seconds: float = 1.0,
         signal[start : start + note] += _pluck(freq, note, rng, decay)
     signal /= np.sqrt(np.mean(signal[onset : onset + 3 * note] ** 2)) + 1e-12
     snr = rng.uniform(*snr_db)
-    mix = signal * 10.0 ** (snr / 20.0) + _noise(n, rng)
+    mix = signal * 10.0 ** (snr / 20.0) + background_noise(n, rng)
     mix *= rng.uniform(0.2, 0.6) / np.max(np.abs(mix))
     return mix.astype(np.float32)
 
@@ -106,8 +118,7 @@ def font_scan(label: int, rng: np.random.Generator, fonts: list[str]) -> np.ndar
     """The digit ``label`` rendered from a random font of ``fonts`` with scan-like distortions, at the
     scikit-learn scans' resolution and scale: float64 ``(8, 8)`` grey levels 0..16 (frames:
     :func:`rollingq.prepare.avdigits.digit_frame`)."""
-    if not 0 <= label < NUM_CLASSES:
-        raise ValueError(f"label: expected 0..{NUM_CLASSES - 1}, got {label}")
+    check_label(label)
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
     big = 128
