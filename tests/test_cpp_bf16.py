@@ -9,15 +9,13 @@ import subprocess
 import sys
 
 import pytest
-import test_cpp_kernels
 import torch
+from cpp_cases import CASES, STAT_FIELDS, assert_close, case_inputs, run
 from subprocess_env import child_pythonpath
-from test_cpp_kernels import CASES, LOW_PRECISION_TOLERANCE, STAT_FIELDS, assert_close, case_inputs, run
+from test_cpp_kernels import LOW_PRECISION_TOLERANCE
 
 import rollingq_kernels
 from rollingq_kernels import _library
-
-cpu_level = test_cpp_kernels.cpu_level  # the fixture: each test once per instruction-set level
 
 pytestmark = pytest.mark.skipif(not rollingq_kernels.HAS_CPP, reason="rollingq_kernels._C (C++ kernels) not built")
 
