@@ -89,3 +89,29 @@ def case_inputs(name, dtype):
 
 def fwd_args(q, k, v, segs, lengths, rotation, dropout_p=0.0, seed=0, compute_stats=True):
     return (q, k, v, segs, lengths, rotation, q.shape[-1] ** -0.5, dropout_p, seed, compute_stats)
+
+
+LOW_PRECISION_TOLERANCE = {torch.bfloat16: (2.0, 8e-3), torch.float16: (2.0, 1e-3)}
+"""dtype -> (factor, atol): the C++ kernels' error against the float64 reference may be ``factor`` times the
+eager reference's error in that dtype, plus ``atol`` (docs/op.md, the tolerance table)."""
+
+
+def check_reduced_precision(name, dtype, seed, stats, label, stat_atol=None):
+    """The C++ kernels in ``dtype`` on case ``name`` within :data:`LOW_PRECISION_TOLERANCE` of the float64
+    reference: the output, dq, dk, dv, and each statistic of ``stats`` (its floor ``stat_atol``, default the
+    table's atol); ``label`` prefixes the messages."""
+    factor, atol = LOW_PRECISION_TOLERANCE[dtype]
+    q, k, v, segs, lengths, rotation = case_inputs(name, dtype)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    kw = dict(lengths=lengths, rotation=rotation)
+    exact = run("reference", q.double(), k.double(), v.double(), segs, grad_out=g.double(), **kw)
+    eager = run("reference", q, k, v, segs, grad_out=g, **kw)
+    cpp = run("cpp", q, k, v, segs, grad_out=g, **kw)
+    pairs = [("out", cpp[0], eager[0], exact[0], atol)]
+    pairs += [(f"d{n}", a, b, c, atol) for n, a, b, c in zip("qkv", cpp[2], eager[2], exact[2])]
+    pairs += [(f"stats.{f}", getattr(cpp[1], f), getattr(eager[1], f), getattr(exact[1], f),
+               atol if stat_atol is None else stat_atol) for f in stats]
+    for what, ours, theirs, ref, floor in pairs:
+        assert ours.dtype == theirs.dtype, f"{label} {what}: {ours.dtype} vs the eager {theirs.dtype}"
+        eager_err = (theirs.double() - ref.double()).abs().max().item()
+        assert_close(ours, ref, factor * eager_err + floor, what=f"{label} {what} (eager error {eager_err:.2e})")

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
-from cpp_cases import CASES, STAT_FIELDS, assert_close, case_inputs, run
+from cpp_cases import CASES, STAT_FIELDS, check_reduced_precision
 from subprocess_env import child_pythonpath
-from test_cpp_kernels import LOW_PRECISION_TOLERANCE
 
 import rollingq_kernels
 from rollingq_kernels import _library
@@ -39,22 +38,7 @@ def test_bfloat16_within_tolerance_table_at_every_level(name, cpu_level, monkeyp
     # the bfloat16 tile GEMMs (AVX512_BF16) and the float32 upcast (other levels) both stay within the
     # documented bfloat16 tolerance: outputs, every gradient and the statistics
     monkeypatch.setitem(CASES, name, BF16_CASES[name])
-    factor, atol = LOW_PRECISION_TOLERANCE[torch.bfloat16]
-    q, k, v, segs, lengths, rotation = case_inputs(name, torch.bfloat16)
-    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    kw = dict(lengths=lengths, rotation=rotation)
-    exact = run("reference", q.double(), k.double(), v.double(), segs, grad_out=g.double(), **kw)
-    eager = run("reference", q, k, v, segs, grad_out=g, **kw)
-    cpp = run("cpp", q, k, v, segs, grad_out=g, **kw)
-    pairs = [("out", cpp[0], eager[0], exact[0])]
-    pairs += [(f"d{n}", a, b, c) for n, a, b, c in zip("qkv", cpp[2], eager[2], exact[2])]
-    for what, ours, theirs, ref in pairs:
-        eager_err = (theirs.double() - ref.double()).abs().max().item()
-        assert_close(ours, ref, factor * eager_err + atol, what=f"{cpu_level} {what} (eager error {eager_err:.2e})")
-    for field in STAT_FIELDS:
-        eager_err = (getattr(eager[1], field).double() - getattr(exact[1], field).double()).abs().max().item()
-        assert_close(getattr(cpp[1], field), getattr(exact[1], field), factor * eager_err + 5e-5,
-                     what=f"{cpu_level} stats.{field}")
+    check_reduced_precision(name, torch.bfloat16, seed=5, stats=STAT_FIELDS, label=cpu_level, stat_atol=5e-5)
 
 
 CHILD = """

@@ -22,7 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from cpp_cases import CASES, STAT_FIELDS, assert_close, case_inputs, make_inputs, random_rotation, run
+from cpp_cases import (
+    CASES,
+    STAT_FIELDS,
+    assert_close,
+    case_inputs,
+    check_reduced_precision,
+    make_inputs,
+    random_rotation,
+    run,
+)
 
 import rollingq_kernels
 from rollingq_kernels import rollingq_attention
@@ -231,23 +240,7 @@ def test_rotation_layouts_match_reference_and_are_thread_count_independent(kind,
 # Reduced precision: error of the kernels against a float64 reference of the same
 # rounded inputs must stay within FACTOR x the eager reference's own error in that
 # dtype, plus ATOL (one rounding of an O(1) value).
-LOW_PRECISION_TOLERANCE = {torch.bfloat16: (2.0, 8e-3), torch.float16: (2.0, 1e-3)}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["aq-lengths-empty-modality", "co-lengths-M3", "aq-multi-tile"])
 def test_reduced_precision_within_tolerance_table(name, dtype):
-    factor, atol = LOW_PRECISION_TOLERANCE[dtype]
-    q, k, v, segs, lengths, rotation = case_inputs(name, dtype)
-    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
-    kw = dict(lengths=lengths, rotation=rotation)
-    exact = run("reference", q.double(), k.double(), v.double(), segs, grad_out=g.double(), **kw)
-    eager = run("reference", q, k, v, segs, grad_out=g, **kw)
-    cpp = run("cpp", q, k, v, segs, grad_out=g, **kw)
-    pairs = [("out", cpp[0], eager[0], exact[0])]
-    pairs += [(f"d{n}", a, b, c) for n, a, b, c in zip("qkv", cpp[2], eager[2], exact[2])]
-    pairs += [(f, getattr(cpp[1], f), getattr(eager[1], f), getattr(exact[1], f)) for f in ("mass", "cos")]
-    for what, ours, theirs, ref in pairs:
-        assert ours.dtype == theirs.dtype
-        eager_err = (theirs.double() - ref.double()).abs().max().item()
-        assert_close(ours, ref, factor * eager_err + atol, what=f"{dtype} {what} (eager error {eager_err:.2e})")
+    check_reduced_precision(name, dtype, seed=9, stats=("mass", "cos"), label=str(dtype))
