@@ -334,7 +334,8 @@ class Trainer:
 
         Ctrl-C (SIGINT) raises :class:`KeyboardInterrupt` at the next safe point: before a training step
         (the epoch is dropped), or, once an epoch's training steps are done, after its checkpoint, metrics
-        row and log line are written; a second Ctrl-C raises at once (:mod:`rollingq.interrupts`).
+        row and log line are written (after the last epoch, the run finishes); a second Ctrl-C raises at
+        once (:mod:`rollingq.interrupts`).
         """
         with self.interrupt:
             board = None
