@@ -135,7 +135,10 @@ def test_an_ignored_or_custom_sigint_handler_is_left_alone():
 
 def test_sigint_during_the_last_epochs_writes_lets_the_run_finish(tmp_path, monkeypatch):
     _patch(monkeypatch, rollingq.trainer, "write_metrics", lambda path, history: AT if len(history) == EPOCHS else None)
-    run = train(tiny_config(f"train.epochs={EPOCHS}"), str(tmp_path / "run"))
+    try:
+        run = train(tiny_config(f"train.epochs={EPOCHS}"), str(tmp_path / "run"))
+    except KeyboardInterrupt as exc:  # not raised on: pytest would take it for the user's Ctrl-C and stop
+        pytest.fail(f"the run was stopped instead of finishing: {exc}")
     assert load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["epoch"] == EPOCHS
     assert [row["epoch"] for row in read_metrics(os.path.join(run, "metrics.jsonl"))] == list(range(1, EPOCHS + 1))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
