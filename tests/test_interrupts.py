@@ -7,9 +7,14 @@ so every case is deterministic."""
 
 from __future__ import annotations
 
+import functools
 import glob
+import inspect
 import os
 import signal
+import sys
+import threading
+import time
 
 import pytest
 import rollingq.logs
@@ -142,3 +147,45 @@ def test_sigint_during_the_last_epochs_writes_lets_the_run_finish(tmp_path, monk
     assert load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["epoch"] == EPOCHS
     assert [row["epoch"] for row in read_metrics(os.path.join(run, "metrics.jsonl"))] == list(range(1, EPOCHS + 1))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_inside_tensorboards_queue_does_not_stall_the_exit(tmp_path, monkeypatch):
+    """The hang seen under load: SIGINT right after ``Condition.notify`` released the TensorBoard writer thread's
+    waiter (while the epoch's scalars are queued) left that waiter in the list, so the next notify (the writer's
+    close) woke nobody and the exit waited for the writer's flush timer. The Ctrl-C must not be raised there."""
+    source, first = inspect.getsourcelines(threading.Condition.notify)
+    lines = [first + i for i, text in enumerate(source) if text.strip() == "n -= 1"]
+    if len(lines) != 1:
+        pytest.skip("this Python's threading.Condition.notify has another shape")
+    monkeypatch.setattr(rollingq.logs, "SummaryWriter", functools.partial(rollingq.logs.SummaryWriter, flush_secs=60))
+    armed, sent = [], []
+
+    def in_notify(frame, event, arg):
+        if armed and event == "line" and frame.f_lineno == lines[0]:  # the waiter is released, not yet removed
+            armed.clear()
+            sent.append(time.monotonic())
+            _sigint(1)
+        return in_notify
+
+    def tracer(frame, event, arg):
+        return in_notify if frame.f_code is threading.Condition.notify.__code__ else None
+
+    real = rollingq.logs.RunBoard.log_epoch
+
+    def log_epoch(self, row, *args):
+        if row["epoch"] != AT:
+            return real(self, row, *args)
+        armed.append(True)
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            return real(self, row, *args)
+        finally:
+            sys.settrace(previous)
+
+    monkeypatch.setattr(rollingq.logs.RunBoard, "log_epoch", log_epoch)
+    run, hint = _interrupted_run(tmp_path)
+    assert sent, "no notify released a waiter while the epoch was logged"
+    assert time.monotonic() - sent[0] < 20, "the exit waited for TensorBoard's flush timer"
+    assert f"(epoch {AT} of {EPOCHS})" in hint, hint
+    assert load_checkpoint(os.path.join(run, "checkpoints", "last.pt"))["epoch"] == AT
