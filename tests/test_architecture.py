@@ -78,6 +78,7 @@ LAYERS = {
     # rollingq
     "rollingq.files": TRAINING + 0,
     "rollingq.runlock": TRAINING + 0,
+    "rollingq.interrupts": TRAINING + 0,
     "rollingq.seeding": TRAINING + 0,
     "rollingq.distributed": TRAINING + 0,
     "rollingq.schedule": TRAINING + 0,

@@ -152,11 +152,12 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
     proc = training_process(run)
     try:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
+        err = proc.communicate(timeout=60)[1].decode()  # stderr read while waiting: a full pipe cannot block it
     finally:
         if proc.poll() is None:
             proc.kill()
-    err = proc.stderr.read().decode()
+            proc.communicate()
+    code = proc.returncode
     assert code == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     last = [line for line in err.strip().splitlines() if "rollingq train: interrupted" in line]

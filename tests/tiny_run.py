@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,9 @@ def training_process(run: str, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rollingq", "train", "--config", "synthetic", "--out", run, *TINY,
            "data.synthetic.sizes.train=800", "train.epochs=200", *extra]
     env = {**os.environ, "PYTHONPATH": child_pythonpath(os.environ.get("PYTHONPATH", "")), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # SIGINT as a terminal delivers it, even when the tests run as a background job (which ignores it)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = os.path.join(run, "metrics.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

@@ -29,6 +29,7 @@ from . import distributed
 from .build import build_controller, build_dataset, build_model, build_optimizer, make_loader
 from .checkpoint import CheckpointError, atomic_save
 from .config import Config
+from .interrupts import DeferredInterrupt
 from .logs import RunBoard, log_epoch
 from .models.warmstart import warm_start_encoders
 from .ogm import modulate_gradients, ogm_coefficients
@@ -131,6 +132,8 @@ class Trainer:
             self.ddp = self.model
         self.autocast_enabled = self.device.type == "cuda" and cfg.train.bf16
         self.progress = cfg.train.progress and info.is_main and sys.stderr.isatty()
+        # Ctrl-C stops at a safe point (rollingq.interrupts); a multi-process run keeps Python's handler
+        self.interrupt = DeferredInterrupt(enabled=not info.distributed)
 
     # ----------------------------------------------------------------- state
     def _load_state(self, state: dict) -> None:
@@ -257,6 +260,7 @@ class Trainer:
         steps = len(self.train_loader)
         with layer.collecting(epoch_statistics) if layer is not None else nullcontext():
             for step, batch in enumerate(bar, start=1):
+                self.interrupt.check()  # Ctrl-C: drop this epoch, last.pt stays the previous one
                 mods = [x.to(self.device, non_blocking=True) for x in batch["modalities"]]
                 labels = batch["label"].to(self.device)
                 with self._autocast():
@@ -326,18 +330,27 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
-        """Train from ``start_epoch`` to ``epochs``; returns the metric history."""
-        board = None
-        if self.info.is_main:
-            board = RunBoard(self.run_dir, self.start_epoch, (self.start_epoch - 1) * len(self.train_loader) + 1)
-            if self.start_epoch == 1:
-                board.log_hparams(self.cfg.to_dict())
-        try:
-            for epoch in range(self.start_epoch, self.epochs + 1):
-                self._fit_epoch(epoch, board)
-        finally:
-            if board is not None:
-                board.close()
+        """Train from ``start_epoch`` to ``epochs``; returns the metric history.
+
+        Ctrl-C (SIGINT) raises :class:`KeyboardInterrupt` at the next safe point: before a training step
+        (the epoch is dropped), or, once an epoch's training steps are done, after its checkpoint, metrics
+        row and log line are written (after the last epoch, the run finishes); a second Ctrl-C raises at
+        once (:mod:`rollingq.interrupts`).
+        """
+        with self.interrupt:
+            board = None
+            if self.info.is_main:
+                board = RunBoard(self.run_dir, self.start_epoch,
+                                 (self.start_epoch - 1) * len(self.train_loader) + 1)
+                if self.start_epoch == 1:
+                    board.log_hparams(self.cfg.to_dict())
+            try:
+                for epoch in range(self.start_epoch, self.epochs + 1):
+                    self.interrupt.check()
+                    self._fit_epoch(epoch, board)
+            finally:
+                if board is not None:
+                    board.close()
         return self.history
 
     def _fit_epoch(self, epoch: int, board: RunBoard | None) -> None:
