@@ -160,6 +160,22 @@ def write_results(out: str, task: str, done: dict[str, list[str]], figures: bool
         if v != "vanilla_mt":
             lines += ["", f"## Paired differences: {v} − vanilla_mt (same seed)", ""]
             lines += paired_table(pair_by_seed(vanilla, runs), "vanilla_mt", v)
+    lines += ["", "## What the controllers decided (every epoch end of every seed)", "",
+              "| arm | seeds that rotated | decisions (action/reason: count) | applied angles (deg) | "
+              "proposed angles (deg) |", "|---|---|---|---|---|"]
+    for v, dirs in done.items():
+        per_run = [decisions(d) for d in dirs]
+        if not any(p["reasons"] for p in per_run):
+            continue
+        counts: dict[str, int] = {}
+        for p in per_run:
+            for key, n in p["reasons"].items():
+                counts[key] = counts.get(key, 0) + n
+        rotated = sorted(r.seed for r, p in zip(summaries[v], per_run) if p["applied"])
+        lines.append(f"| {v} | {len(rotated)} of {len(dirs)} ({', '.join(map(str, rotated)) or 'none'}) | "
+                     + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + " | "
+                     + (" ".join(f"{a:.0f}" for p in per_run for a in p["applied"]) or "-") + " | "
+                     + (" ".join(f"{a:.0f}" for p in per_run for a in p["proposed"]) or "-") + " |")
     indicator = indicator_lines([d for a, dirs in done.items() if a not in static for d in dirs])
     if indicator:
         lines += ["", "## AIR and the Eq. 3 score indicator vs the attention mass", ""] + indicator
