@@ -300,7 +300,7 @@ def main() -> None:
     if args.phase == "regime":
         path = write_regime(args.out, args.task, done, split, args.overrides + args.data)
     elif args.phase == "tune":
-        path = write_tuning(args.out, args.task, done, split, TUNING_SEEDS)
+        path = write_tuning(args.out, args.task, done, split, seeds)
     else:
         path = write_results(args.out, args.task, done, figures=not args.no_figures, static=NO_ROTATION[:3])
     logger.info("wrote %s (%.0f s)", path, time.time() - start)
