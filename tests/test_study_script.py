@@ -29,16 +29,24 @@ def study():
     return module
 
 
-def test_arms_resolve_to_their_roles_configs(study):
+def test_arms_resolve_to_their_roles_configs(study, monkeypatch):
     for arm, fusion in (("audio_only", "unimodal"), ("visual_only", "unimodal"), ("concat", "concat"),
                         ("vanilla_mt", "vanilla_mt")):
         cfg = study.arm_config("avdigits", arm, 101, "/data/x", {"audio": "/runs/a"}, [])
         assert cfg.name == arm and cfg.model.fusion == fusion and cfg.seed == 101 and not cfg.rollingq.enabled
         assert cfg.data.root == "/data/x" and cfg.model.init_encoders == {"audio": "/runs/a"}
     assert study.arm_config("synthetic", "rollingq", 3, None, {}, []).rollingq.enabled
+    for task in ("synthetic", "avdigits"):  # the frozen safe default is the chosen tuning setting
+        frozen, tuned = (study.arm_config(task, a, 3, None, {}, [])
+                         for a in ("rollingq", "rq_lim180_cap30_start1_rot1"))
+        assert frozen.rollingq == tuned.rollingq
     base = load_config("avdigits_vanilla_mt")
     assert study.arm_overrides("avdigits", "lr_x2", base) == [f"optim.lr={base.optim.lr * 2:g}"]
     assert study.arm_overrides("avdigits", "warmup_3", base) == ["optim.warmup_epochs=3"]
+    # frozen after tuning: lr x 0.5 on both tuned tasks, the independent set takes avdigits'
+    assert study.arm_overrides("avdigits", "optim_only", base) == [f"optim.lr={base.optim.lr * 0.5:g}"]
+    assert study.OPTIM_ONLY["avdigits_independent"] == study.OPTIM_ONLY["avdigits"]
+    monkeypatch.setitem(study.OPTIM_ONLY, "avdigits", None)
     with pytest.raises(ValueError, match="optim_only: no frozen optimiser-only change"):
         study.arm_overrides("avdigits", "optim_only", base)
     with pytest.raises(ValueError, match="arm: expected one of"):
