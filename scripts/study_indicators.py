@@ -88,6 +88,10 @@ def indicator_lines(run_dirs: list[str], split: str = "test") -> list[str]:
                      f"{sum(c['score_agrees'] for c in sel)} | {len(neg)} | "
                      f"{sum(c['score_agrees'] for c in pos)} of {len(pos)} | "
                      f"{sum(c['score_agrees'] for c in neg)} of {len(neg)} |")
+    ratios = sorted(c["norm"][0] / c["norm"][1] for c in cases if c["where"].startswith("epoch") and c["norm"][1] > 0)
+    if ratios:
+        lines += ["", f"Mean-key norm ratio ‖k̄_a‖ / ‖k̄_v‖ at those epoch ends: median {ratios[len(ratios) // 2]:.2f}, "
+                  f"range {ratios[0]:.2f}–{ratios[-1]:.2f} (the paper's AIR assumes about 1 and equal token counts)."]
     tokens = sorted({tuple(c["tokens"]) for c in cases})
     lines += ["", f"Token counts seen: {[list(t) for t in tokens]}. Key norms: per-sample E‖k̄‖ of the final "
               "model, ‖E k̄‖ of the training window at epoch ends."]

@@ -20,9 +20,16 @@ from study_indicators import indicator_lines
 NOISE_MODALITY = "audio"
 
 
+SAFE_MEAN = -0.01
+"""A setting is safe on a task when its mean clean difference to vanilla is at least this ..."""
+SAFE_LOW = -0.02
+"""... and the low end of its 95 % interval at least this (protocol amendment 1: the done-when bound)."""
+
+
 def tuning_objective(vanilla, treated) -> dict:
     """Paired (setting − vanilla) differences; the objective is the mean over seeds of
-    (Δ clean accuracy + Δ accuracy with audio replaced) / 2; ``safe``: mean Δ clean ≥ −0.01."""
+    (Δ clean accuracy + Δ accuracy with audio replaced) / 2; ``safe``: mean Δ clean ≥ :data:`SAFE_MEAN` and the
+    low end of its 95 % interval ≥ :data:`SAFE_LOW` (a single seed: the mean for both)."""
     pairs = pair_by_seed(vanilla, treated)
     clean = paired_interval([b.accuracy - a.accuracy for a, b in pairs])
     replaced = paired_interval([b.accuracy_replaced - a.accuracy_replaced for a, b in pairs])
@@ -31,8 +38,29 @@ def tuning_objective(vanilla, treated) -> dict:
     objective = paired_interval([((b.accuracy - a.accuracy) + (b.accuracy_replaced - a.accuracy_replaced)) / 2
                                  for a, b in pairs])
     return {"clean": clean.__dict__, "replaced": replaced.__dict__, "probe": probe.__dict__,
-            "objective": objective.__dict__, "safe": clean.mean is not None and clean.mean >= -0.01,
+            "objective": objective.__dict__,
+            "safe": clean.mean is not None and clean.mean >= SAFE_MEAN
+            and (clean.mean if clean.low is None else clean.low) >= SAFE_LOW,
             "rotations": [b.rotations for _, b in pairs], "seeds": [a.seed for a, _ in pairs]}
+
+
+def decisions(run_dir: str) -> dict:
+    """The controller's records of one run (``metrics.jsonl``): ``reasons`` {"action/reason": count} over every
+    epoch end, ``applied`` the applied angle of each rotation (degrees), ``proposed`` the angle each rotation or
+    refusal proposed, ``cos_query_keys`` cos(E[q], E[k̄_m]) at each refusal or rotation."""
+    from rollingq.records import read_metrics
+
+    out: dict = {"reasons": {}, "applied": [], "proposed": [], "cos_query_keys": []}
+    for row in read_metrics(os.path.join(run_dir, "metrics.jsonl")):
+        for rec in row.get("rollingq") or []:
+            key = f"{rec['action']}/{rec['reason']}"
+            out["reasons"][key] = out["reasons"].get(key, 0) + 1
+            if rec["action"] in ("rotate", "cap"):
+                out["applied"].append(float(rec.get("applied_angle_deg") or 0.0))
+            if rec["action"] in ("rotate", "cap", "refuse") and rec.get("cos_query_keys"):
+                out["proposed"].append(float(rec.get("angle_deg") or 0.0))
+                out["cos_query_keys"].append(rec["cos_query_keys"])
+    return out
 
 
 def _mean(values) -> str:
@@ -85,17 +113,29 @@ def write_regime(out: str, task: str, done: dict[str, list[str]], split: str, co
 def write_tuning(out: str, task: str, done: dict[str, list[str]], split: str, seeds: list[int]) -> str:
     summaries = {v: [summarize_run(r, split) for r in dirs] for v, dirs in done.items()}
     table = {v: tuning_objective(summaries["vanilla_mt"], s) for v, s in summaries.items() if v != "vanilla_mt"}
+    for v, t in table.items():
+        counts: dict[str, int] = {}
+        angles: list[str] = []
+        for d in done[v]:
+            for key, n in decisions(d)["reasons"].items():
+                counts[key] = counts.get(key, 0) + n
+            angles += [f"{a:.0f}" for a in decisions(d)["applied"]]
+        t["decisions"] = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) or "-"
+        t["angles"] = " ".join(angles) or "-"
     ranked = sorted(table, key=lambda v: (not table[v]["safe"], -(table[v]["objective"]["mean"] or -1e9)))
     lines = [f"# Tuning: {task} ({split} split, last checkpoint, seeds {seeds})", "",
              "Objective: mean over seeds of ((clean acc − vanilla) + (acc with audio replaced − vanilla)) / 2; "
-             "safe: mean clean difference ≥ −0.01 (safe settings rank first).", "",
-             "| setting | objective [95 % CI] | clean diff | replaced diff | weak probe diff | safe | rotations |",
-             "|---|---|---|---|---|---|---|"]
+             "safe: mean clean difference ≥ −0.01 and its 95 % interval's low end ≥ −0.02 (safe settings rank "
+             "first). Decisions: the controller's actions over every epoch end of the five runs (reason: count); "
+             "angles: the applied angle of each rotation.", "",
+             "| setting | objective [95 % CI] | clean diff | replaced diff | weak probe diff | safe | rotations | "
+             "decisions | angles (deg) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in ranked:
         t = table[v]
         lines.append(f"| {v} | {Paired(**t['objective']).text()} | {Paired(**t['clean']).text()} | "
                      f"{Paired(**t['replaced']).text()} | {Paired(**t['probe']).text()} | "
-                     f"{'yes' if t['safe'] else 'no'} | {t['rotations']} |")
+                     f"{'yes' if t['safe'] else 'no'} | {t['rotations']} | {t['decisions']} | {t['angles']} |")
     lines += ["", "## Every run", ""] + per_seed_table([r for runs in summaries.values() for r in runs], checks=True)
     os.makedirs(out, exist_ok=True)
     atomic_write_bytes(json.dumps({"task": task, "ranking": ranked, "settings": table,
@@ -120,6 +160,22 @@ def write_results(out: str, task: str, done: dict[str, list[str]], figures: bool
         if v != "vanilla_mt":
             lines += ["", f"## Paired differences: {v} − vanilla_mt (same seed)", ""]
             lines += paired_table(pair_by_seed(vanilla, runs), "vanilla_mt", v)
+    lines += ["", "## What the controllers decided (every epoch end of every seed)", "",
+              "| arm | seeds that rotated | decisions (action/reason: count) | applied angles (deg) | "
+              "proposed angles (deg) |", "|---|---|---|---|---|"]
+    for v, dirs in done.items():
+        per_run = [decisions(d) for d in dirs]
+        if not any(p["reasons"] for p in per_run):
+            continue
+        counts: dict[str, int] = {}
+        for p in per_run:
+            for key, n in p["reasons"].items():
+                counts[key] = counts.get(key, 0) + n
+        rotated = sorted(r.seed for r, p in zip(summaries[v], per_run) if p["applied"])
+        lines.append(f"| {v} | {len(rotated)} of {len(dirs)} ({', '.join(map(str, rotated)) or 'none'}) | "
+                     + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + " | "
+                     + (" ".join(f"{a:.0f}" for p in per_run for a in p["applied"]) or "-") + " | "
+                     + (" ".join(f"{a:.0f}" for p in per_run for a in p["proposed"]) or "-") + " |")
     indicator = indicator_lines([d for a, dirs in done.items() if a not in static for d in dirs])
     if indicator:
         lines += ["", "## AIR and the Eq. 3 score indicator vs the attention mass", ""] + indicator
@@ -133,4 +189,86 @@ def write_results(out: str, task: str, done: dict[str, list[str]], figures: bool
         from rollingq.analysis.report import write_report
 
         write_report([d for dirs in done.values() for d in dirs], out)
+    return path
+
+
+# ---------------------------------------------------------------------------- the frozen choice
+TIE = 0.005
+"""Objectives within this of the best tie (then: weak-probe difference, the more conservative setting)."""
+FALLBACK = "rq_lim90_cap30_start3_rot1"
+"""Shipped when no candidate is safe on every tuned task: the library's defaults, the later start, one rotation."""
+
+
+def _conservative(name: str) -> tuple:
+    """Sort key, most conservative first: anchor limit, cap, later start, fewer rotations (``rq_lim…`` names)."""
+    fields: dict[str, int] = {}
+    for part in name.split("_")[1:]:
+        for key in ("lim", "cap", "start", "rot"):
+            if part.startswith(key) and part[len(key):].isdigit():
+                fields[key] = int(part[len(key):])
+    return (fields.get("lim", 0), fields.get("cap", 0), -fields.get("start", 0), fields.get("rot", 0))
+
+
+def _score(tables: dict[str, dict], name: str, key: str) -> float:
+    values = [tables[t]["settings"][name][key]["mean"] for t in tables]
+    return sum(0.0 if v is None else v for v in values) / len(values)
+
+
+def choose_default(tables: dict[str, dict], candidates: list[str]) -> tuple[str, list[str]]:
+    """The shipped default by the protocol's rule: among ``candidates`` safe on every task of ``tables`` (task ->
+    ``tuning.json``), the highest objective averaged over the tasks; ties (within :data:`TIE`) go to the higher
+    mean weak-probe difference, then to the more conservative setting (anchor limit 90 before 180, the smaller
+    cap, the later start, fewer rotations). None safe: :data:`FALLBACK`. Returns (name, the lines that say why)."""
+    safe = [c for c in candidates if all(c in t["settings"] and t["settings"][c]["safe"] for t in tables.values())]
+    lines = [f"candidates safe on {', '.join(sorted(tables))}: {', '.join(safe) or 'none'}"]
+    if not safe:
+        return FALLBACK, lines + [f"no candidate is safe on every task: the fallback {FALLBACK}"]
+    best = max(_score(tables, c, "objective") for c in safe)
+    tied = [c for c in safe if _score(tables, c, "objective") >= best - TIE]
+    tied.sort(key=lambda c: (-round(_score(tables, c, "probe"), 6), _conservative(c)))
+    lines.append(f"best mean objective {best:+.4f}; within {TIE}: {', '.join(tied)}")
+    return tied[0], lines + [f"chosen: {tied[0]} (objective {_score(tables, tied[0], 'objective'):+.4f}, weak "
+                             f"probe {_score(tables, tied[0], 'probe'):+.4f})"]
+
+
+def choose_optimiser(table: dict, candidates: list[str]) -> str | None:
+    """The optimiser-only winner of one task: the first of ``candidates`` in the tuning ranking (safe first,
+    then the objective); ties (within :data:`TIE`) go to the higher weak-probe difference, then grid order."""
+    ranked = [c for c in table["ranking"] if c in candidates]
+    if not ranked:
+        return None
+    top = ranked[0]
+    s = table["settings"]
+    tied = [c for c in ranked if s[c]["safe"] == s[top]["safe"]
+            and (s[c]["objective"]["mean"] or 0.0) >= (s[top]["objective"]["mean"] or 0.0) - TIE]
+    tied.sort(key=lambda c: (-(s[c]["probe"]["mean"] or 0.0), candidates.index(c)))
+    return tied[0]
+
+
+def write_choice(out: str, tuning_dirs: dict[str, str], candidates: list[str], optim: list[str]) -> str:
+    """``choice.md`` / ``choice.json``: the shipped default over the tasks of ``tuning_dirs`` (task -> folder with
+    ``tuning.json``) and each task's optimiser-only winner."""
+    tables = {}
+    for task, folder in tuning_dirs.items():
+        with open(os.path.join(folder, "tuning.json"), encoding="utf-8") as f:
+            tables[task] = json.load(f)
+    name, why = choose_default(tables, candidates)
+    winners = {task: choose_optimiser(t, optim) for task, t in tables.items()}
+    lines = ["# The frozen settings (tuning seeds)", "", *[f"- {line}" for line in why], "",
+             "| setting | " + " | ".join(f"{t} objective | {t} clean | {t} probe | {t} safe" for t in tables) + " |",
+             "|---|" + "---|---|---|---|" * len(tables)]
+    for c in candidates:
+        cells = []
+        for t in tables.values():
+            s = t["settings"].get(c)
+            cells += ["n/a"] * 4 if s is None else [
+                Paired(**s["objective"]).text(), Paired(**s["clean"]).text(), Paired(**s["probe"]).text(),
+                "yes" if s["safe"] else "no"]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += ["", "Optimiser only: " + ", ".join(f"{t}: {w}" for t, w in winners.items())]
+    os.makedirs(out, exist_ok=True)
+    atomic_write_bytes(json.dumps({"default": name, "why": why, "optim_only": winners}, indent=1).encode(),
+                       os.path.join(out, "choice.json"))
+    path = os.path.join(out, "choice.md")
+    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
     return path

@@ -9,8 +9,10 @@ same angle, and the best optimiser-only change without rotation. Phases:
 
 * ``regime`` (tuning seeds 100-104): the arms without RollingQ, evaluated on the tuning seeds' held-out split
   (:data:`TUNE_SPLIT`), with ``--set`` overrides naming a regime: the table of the regime grid.
-* ``tune`` (tuning seeds): vanilla MT, every setting of :data:`RQ_GRID` and :data:`OPTIM_GRID`; the objective
-  per setting (:func:`tuning_objective`), ranked.
+* ``tune`` (tuning seeds): vanilla MT, every setting of :data:`RQ_GRID`, :data:`RQ_MEASURE` and
+  :data:`OPTIM_GRID`, and the official mode; the objective per setting (``study_tables.tuning_objective``), ranked.
+* ``choose``: from the tuning tables of both tuned tasks (``--tuning synthetic=DIR avdigits=DIR``), the shipped
+  default by the protocol's rule and each task's optimiser-only winner (``choice.md``).
 * ``report`` (report seeds 0-9): every arm on the test split; paired differences (arm − vanilla MT, same
   seed) with 95 % t-intervals, the collapse criteria, figures.
 
@@ -38,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "python"), ROOT, os.path.join(ROOT, "scripts")]
 
 from rollingq.config import ConfigError, load_config, parse_override  # noqa: E402
-from study_tables import write_regime, write_results, write_tuning  # noqa: E402
+from study_tables import write_choice, write_regime, write_results, write_tuning  # noqa: E402
 
 logger = logging.getLogger("study")
 
@@ -75,35 +77,56 @@ TUNE_SPLIT = {"synthetic": "val", "avdigits": "test", "avdigits_independent": "t
 the tuning seeds' own datasets (300 clips; the validation hold-out has 36), never used for reporting."""
 
 # ---------------------------------------------------------------------------- arms and grids
-# Keys marked TBC are the policy-science branch's (safe rotation, official mode, random direction, angle cap):
-# their names are placeholders until that branch merges; a run needing a missing key stops with its name.
 ARMS: dict[str, tuple[str, list[str]]] = {
     "audio_only": ("audio_only", []),
     "visual_only": ("visual_only", []),
     "concat": ("concat", []),
     "vanilla_mt": ("vanilla_mt", []),
     "rollingq": ("rollingq", []),  # the frozen safe default (the task's RollingQ config)
-    "rollingq_official": ("rollingq", ["rollingq.mode=official"]),  # TBC
-    "random_rotation": ("rollingq", ["rollingq.direction=random"]),  # TBC: same angle, random direction
+    # vanilla MT's model with the official preset alone: no key of the task's RollingQ config overrides it
+    "rollingq_official": ("vanilla_mt", ["rollingq.enabled=true", "rollingq.mode=official"]),
+    "random_rotation": ("rollingq", ["rollingq.direction=random"]),  # the same angle, a random direction
     "optim_only": ("vanilla_mt", []),  # + OPTIM_ONLY[task], frozen after tuning
 }
 NO_ROTATION = ("audio_only", "visual_only", "concat", "vanilla_mt")
-OPTIM_ONLY: dict[str, list[str] | None] = {"synthetic": None, "avdigits": None, "avdigits_independent": None}
-"""The frozen optimiser-only change per task (the best of :data:`OPTIM_GRID`); None until tuned."""
+OPTIM_ONLY: dict[str, list[str] | None] = {
+    "synthetic": ["optim.lr=0.025"], "avdigits": ["optim.lr=0.005"], "avdigits_independent": ["optim.lr=0.005"]}
+"""The frozen optimiser-only change per task: the winner of :data:`OPTIM_GRID` on the tuning seeds, lr × 0.5 on
+both tuned tasks (``docs/figures/synthetic_study/choice/choice.md``); the independent set takes avdigits'."""
 
 
-def _rq(cap: int, start: int, rotations: int) -> tuple[str, list[str]]:
-    return (f"rq_cap{cap}_start{start}_rot{rotations}",
-            [f"rollingq.max_angle_deg={cap}", f"rollingq.start_epoch={start}",  # max_angle_deg: TBC
-             f"rollingq.max_rotations={rotations}"])
+def _rq(limit: int, cap: int, start: int, rotations: int, safety: bool = True) -> tuple[str, list[str]]:
+    name = f"rq_lim{limit}_cap{cap}_start{start}_rot{rotations}" if safety else \
+        f"nosafe_cap{cap}_start{start}_rot{rotations}"
+    keys = [f"rollingq.anchor_limit_deg={limit}", f"rollingq.max_angle_deg={cap}", f"rollingq.start_epoch={start}",
+            f"rollingq.max_rotations={rotations}"]
+    return name, keys + ([] if safety else ["rollingq.safety=false"])
 
 
-RQ_GRID: dict[str, list[str]] = dict(_rq(c, s, r) for c in (30, 60, 90) for s in (1, 3) for r in (1, 3))
-"""Safe-mode RollingQ settings (every other key at the task config's / the merged defaults)."""
-OPTIM_GRID: dict[str, tuple[tuple[str, float], ...]] = {
+_COMMON = [(90, 30, 1, 1), (90, 30, 3, 1), (180, 15, 3, 1), (180, 30, 3, 1), (180, 60, 3, 1), (180, 30, 1, 1)]
+RQ_GRID: dict[str, dict[str, list[str]]] = {
+    "synthetic": dict(_rq(*g) for g in [*_COMMON, (180, 15, 1, 1), (180, 60, 1, 1), (180, 30, 1, 3)]),
+    "avdigits": dict(_rq(*g) for g in _COMMON),
+}
+"""Safe-mode RollingQ settings per tuned task (protocol amendment 1, ``docs/synthetic_study.md``): the anchor
+limit (90: refuse far anchors; 180: cap them), the angle cap, the start epoch, the rotations; every other key at
+the task config's values (the safe defaults). Settings of both tasks are the candidates for the shipped default."""
+RQ_MEASURE: dict[str, dict[str, list[str]]] = {
+    "synthetic": dict([_rq(180, 30, 1, 1, safety=False)]),
+    "avdigits": dict([_rq(180, 30, 3, 1, safety=False)]),
+}
+"""Settings that measure what a capped rotation does where the safety rule refuses (safety off, the cap and the
+rollback on); never candidates for the shipped default."""
+OPTIM_GRID: dict[str, tuple[tuple[str, float | None], ...]] = {
     "lr_x0.5": (("optim.lr", 0.5),), "lr_x2": (("optim.lr", 2.0),), "warmup_3": (("optim.warmup_epochs", None),),
 }
 """Optimiser-only changes of vanilla MT (no rotation): ``(key, factor)``; a None factor sets warm-up to 3 epochs."""
+
+
+def rq_settings(task: str) -> dict[str, list[str]]:
+    """Every RollingQ setting tuned on ``task`` (the independent set uses avdigits')."""
+    key = "avdigits" if task == "avdigits_independent" else task
+    return {**RQ_GRID[key], **RQ_MEASURE[key]}
 
 
 def arm_overrides(task: str, arm: str, base_cfg) -> list[str]:
@@ -116,8 +139,8 @@ def arm_overrides(task: str, arm: str, base_cfg) -> list[str]:
                                  "and write the winner of OPTIM_GRID into OPTIM_ONLY")
             extra += OPTIM_ONLY[task]
         return extra
-    if arm in RQ_GRID:
-        return list(RQ_GRID[arm])
+    if arm in rq_settings(task):
+        return list(rq_settings(task)[arm])
     if arm in OPTIM_GRID:
         out = []
         for key, factor in OPTIM_GRID[arm]:
@@ -125,23 +148,23 @@ def arm_overrides(task: str, arm: str, base_cfg) -> list[str]:
             value = 3.0 if factor is None else getattr(getattr(base_cfg, section), name) * factor
             out.append(f"{key}={value:g}")
         return out
-    raise ValueError(f"arm: expected one of {sorted(ARMS)} or a setting of RQ_GRID / OPTIM_GRID, got {arm!r}")
+    raise ValueError(f"arm: expected one of {sorted(ARMS)} or a setting of RQ_GRID / RQ_MEASURE / OPTIM_GRID, "
+                     f"got {arm!r}")
 
 
-def role_of(arm: str) -> str:
-    return ARMS[arm][0] if arm in ARMS else ("rollingq" if arm in RQ_GRID else "vanilla_mt")
+def role_of(task: str, arm: str) -> str:
+    return ARMS[arm][0] if arm in ARMS else ("rollingq" if arm in rq_settings(task) else "vanilla_mt")
 
 
 def arm_config(task: str, arm: str, seed: int, data_root: str | None, init: dict[str, str], common: list[str]):
-    config = TASKS[task].configs[role_of(arm)]
+    config = TASKS[task].configs[role_of(task, arm)]
     base = [f"seed={seed}", "train.progress=false", "train.num_threads=1", *common]
     base += [f"data.root={data_root}"] if data_root else []
     base += [f"model.init_encoders={json.dumps(init)}"] if init else []
     try:
         cfg = load_config(config, [*base, *arm_overrides(task, arm, load_config(config, base))])
     except ConfigError as exc:
-        raise ConfigError(f"arm {arm!r} of {task!r}: {exc} (keys marked TBC in ARMS/RQ_GRID come with the "
-                          "policy-science merge)") from exc
+        raise ConfigError(f"arm {arm!r} of {task!r}: {exc}") from exc
     cfg.name = arm
     return cfg
 
@@ -229,18 +252,18 @@ def run_all(task: str, split: str, runs_root: str, seeds: list[int], arms: list[
     return done
 
 
-def default_arms(phase: str) -> list[str]:
+def default_arms(phase: str, task: str) -> list[str]:
     if phase == "regime":
         return list(NO_ROTATION)
     if phase == "tune":
-        return ["vanilla_mt", *RQ_GRID, "rollingq_official", *OPTIM_GRID]
+        return ["vanilla_mt", *rq_settings(task), "rollingq_official", *OPTIM_GRID]
     return list(ARMS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
-    parser.add_argument("--phase", choices=["regime", "tune", "report"], required=True)
+    parser.add_argument("--phase", choices=["regime", "tune", "choose", "report"], required=True)
     parser.add_argument("--runs", default="runs/study", help="where run directories (and avdigits data) go")
     parser.add_argument("--out", required=True, help="where the tables (and report figures) go")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -251,13 +274,22 @@ def main() -> None:
                         help="dotted override applied to every run (pre-training too)")
     parser.add_argument("--data", dest="data", action="append", default=[], metavar="key=value",
                         help="a write_avdigits argument of the files (e.g. snr_db=[-15,-5], blank_frames=0.3)")
+    parser.add_argument("--tuning", nargs="+", default=[], metavar="task=folder",
+                        help="choose phase: each tuned task's tuning folder (with tuning.json)")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.phase == "choose":
+        folders = dict(item.split("=", 1) for item in args.tuning)
+        if set(folders) != set(RQ_GRID):
+            parser.error(f"--tuning: expected a folder for each of {sorted(RQ_GRID)}, got {sorted(folders)}")
+        candidates = [c for c in RQ_GRID["synthetic"] if all(c in RQ_GRID[t] for t in RQ_GRID)]
+        logger.info("wrote %s", write_choice(args.out, folders, candidates, list(OPTIM_GRID)))
+        return
     seeds = args.seeds or (REPORT_SEEDS if args.phase == "report" else TUNING_SEEDS)
     if args.phase != "report" and set(seeds) & set(REPORT_SEEDS):
         parser.error(f"--seeds: the {args.phase} phase never uses the report seeds {REPORT_SEEDS}")
-    arms = args.arms or default_arms(args.phase)
+    arms = args.arms or default_arms(args.phase, args.task)
     if args.phase != "report" and "vanilla_mt" not in arms:
         arms = ["vanilla_mt", *arms]
     split = "test" if args.phase == "report" else TUNE_SPLIT[args.task]
@@ -270,7 +302,7 @@ def main() -> None:
     if args.phase == "regime":
         path = write_regime(args.out, args.task, done, split, args.overrides + args.data)
     elif args.phase == "tune":
-        path = write_tuning(args.out, args.task, done, split, TUNING_SEEDS)
+        path = write_tuning(args.out, args.task, done, split, seeds)
     else:
         path = write_results(args.out, args.task, done, figures=not args.no_figures, static=NO_ROTATION[:3])
     logger.info("wrote %s (%.0f s)", path, time.time() - start)

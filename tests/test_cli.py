@@ -119,6 +119,11 @@ def test_demo_prints_every_arm_side_by_side(tmp_path):
         assert replaced["audio"]["accuracy"] == pytest.approx(result["accuracy_noise_replaced"])  # same noise
         assert f"{replaced['visual']['accuracy']:.3f}" in visual_row
     assert "Vanilla MT's collapse" in table and "the audio-only model" in table
+    # RollingQ beside vanilla at a glance: the paired numbers and what the controller did
+    assert "MT + RollingQ (the shipped safe default) beside vanilla MT:" in table
+    verdict = table[table.index("beside vanilla MT:"):].splitlines()
+    assert verdict[1].strip().startswith("seed 0: clean") and "RollingQ " in verdict[2]
+    assert "RollingQ decisions (epoch ends)" in table
 
 
 def test_demo_prints_the_phenomenon_and_paired_differences_over_seeds(tmp_path):

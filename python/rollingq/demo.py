@@ -33,7 +33,7 @@ import torch
 
 from .analysis.report import write_report
 from .config import load_config
-from .demo_text import format_paired, format_phenomenon, format_table, table_entry
+from .demo_text import format_paired, format_phenomenon, format_table, format_verdict, table_entry
 from .evaluate import evaluate_run
 from .prepare.avdigits import write_avdigits
 from .study import evaluate_replaced
@@ -187,7 +187,8 @@ def _task_text(task: DemoTask, runs: dict[str, list[str]], seeds: list[int], out
     entries = [table_entry(runs[role][i], label + ("" if len(seeds) == 1 else f" ({seeds[i]})"))
                for i in range(len(seeds)) for role, label, _ in task.arms]
     scale = {role: runs[role] for role in SCALE_ROLES if role in runs}
-    parts = [format_phenomenon(runs["vanilla_mt"], scale), "", format_table(entries)]
+    parts = [format_phenomenon(runs["vanilla_mt"], scale), "", format_verdict(runs["vanilla_mt"], runs["rollingq"]), "",
+             format_table(entries)]
     paired = format_paired(runs["vanilla_mt"], runs["rollingq"])
     if paired:
         parts += ["", paired]

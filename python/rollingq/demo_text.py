@@ -50,8 +50,68 @@ def table_entry(run_dir: str, label: str) -> dict:
         "mass": masses("clean"), "mass_noise_replaced": masses("noise_replaced"),
         "air": [row["air"] for row in history],
         "rotation_epochs": [row["epoch"] for row in history if row.get("rotated")],
+        "decisions": controller_summary(history),
         "attention": result.get("attention") is not None,
     }
+
+
+def controller_summary(history: list[dict]) -> dict:
+    """What the RollingQ controller decided over a run (``metrics.jsonl`` rows): ``counts`` per action, ``reasons``
+    per ``action/reason``, ``applied`` / ``proposed`` angles (degrees) of each rotation, ``rolled_back`` epochs;
+    empty counts for a run without a controller."""
+    out: dict = {"counts": {}, "reasons": {}, "applied": [], "proposed": [], "rolled_back": []}
+    for row in history:
+        for rec in row.get("rollingq") or []:
+            action, reason = rec["action"], rec["reason"]
+            out["counts"][action] = out["counts"].get(action, 0) + 1
+            out["reasons"][f"{action}/{reason}"] = out["reasons"].get(f"{action}/{reason}", 0) + 1
+            if action in ("rotate", "cap"):
+                out["applied"].append(float(rec.get("applied_angle_deg") or 0.0))
+                out["proposed"].append(float(rec.get("angle_deg") or 0.0))
+            if action == "rollback":
+                out["rolled_back"].append(row["epoch"])
+    return out
+
+
+def _decisions_cell(summary: dict) -> str:
+    counts = summary["counts"]
+    if not counts:
+        return "-"
+    return " ".join(f"{a} {counts[a]}" for a in ("rotate", "cap", "refuse", "rollback", "wait") if a in counts)
+
+
+def format_verdict(vanilla: list[str], rollingq: list[str], label: str = "MT + RollingQ", split: str = "test") -> str:
+    """RollingQ beside vanilla MT in three lines per seed: clean accuracy, accuracy with the dominant modality
+    replaced and the weak modality's probe (RollingQ − vanilla), then what the controller did and why."""
+    lines = [f"{label} (the shipped safe default) beside vanilla MT:"]
+    for v_dir, r_dir in zip(vanilla, rollingq):
+        v, r = summarize_run(v_dir, split), summarize_run(r_dir, split)
+        decided = controller_summary(read_metrics(os.path.join(r_dir, "metrics.jsonl")))
+
+        def pair(a, b):
+            return "n/a" if a is None or b is None else f"{b:.3f} vs {a:.3f} ({b - a:+.3f})"
+
+        lines.append(f"  seed {r.seed}: clean {pair(v.accuracy, r.accuracy)}; {v.dominant} = noise "
+                     f"{pair(v.accuracy_replaced, r.accuracy_replaced)}; {v.weak} probe "
+                     f"{pair(v.probe_weak, r.probe_weak)}")
+        reasons = decided["reasons"]
+        refused = {k.split("/", 1)[1]: n for k, n in reasons.items() if k.startswith("refuse/")}
+        if decided["applied"]:
+            angles = ", ".join(f"{a:.0f} deg" + (f" (cut from {p:.0f})" if p > a + 0.5 else "")
+                               for a, p in zip(decided["applied"], decided["proposed"]))
+            what = f"rotated {len(decided['applied'])} time(s): {angles}"
+            if decided["rolled_back"]:
+                what += (f"; rolled back at the end of epoch(s) {', '.join(map(str, decided['rolled_back']))} "
+                         "(training collapsed after the rotation)")
+        elif refused:
+            what = "never rotated: the safety rule refused every rotation that was due"
+        else:
+            what = "never rotated: no rotation was due (start epoch, guard or |AIR| below beta)"
+        if refused:
+            ranked = sorted(refused.items(), key=lambda item: -item[1])
+            what += " (refused: " + ", ".join(f"{k} x{n}" for k, n in ranked) + ")"
+        lines.append(f"    RollingQ {what}.")
+    return "\n".join(lines)
 
 
 def format_table(entries: list[dict]) -> str:
@@ -71,6 +131,7 @@ def format_table(entries: list[dict]) -> str:
                                              for e in entries]),
         ("rotations (epochs)", [(", ".join(map(str, e["rotation_epochs"])) or "none") if e["attention"] else "-"
                                 for e in entries]),
+        ("RollingQ decisions (epoch ends)", [_decisions_cell(e["decisions"]) for e in entries]),
     ]
     epochs = max(len(e["air"]) for e in entries)
     shown = sorted({0, epochs // 2, epochs - 1}) if epochs else []
