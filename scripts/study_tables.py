@@ -96,18 +96,23 @@ def regime_lines(task: str, summaries: dict[str, list]) -> list[str]:
     return lines
 
 
+def write_table(out: str, stem: str, lines: list[str], payload: dict) -> str:
+    """``<out>/<stem>.md`` (``lines``) and ``<out>/<stem>.json`` (``payload``), each written atomically;
+    returns the Markdown file's path."""
+    os.makedirs(out, exist_ok=True)
+    atomic_write_bytes(json.dumps(payload, indent=1).encode(), os.path.join(out, f"{stem}.json"))
+    path = os.path.join(out, f"{stem}.md")
+    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
+    return path
+
+
 def write_regime(out: str, task: str, done: dict[str, list[str]], split: str, common: list[str]) -> str:
     summaries = {a: [summarize_run(r, split) for r in dirs] for a, dirs in done.items()}
     lines = [f"# Regime: {task} ({split} split of the tuning seeds' data, last checkpoint)", "",
              f"Overrides: `{' '.join(common) or '(the shipped configs)'}`", ""] + regime_lines(task, summaries)
     lines += ["", "## Every run", ""] + per_seed_table([r for runs in summaries.values() for r in runs])
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(json.dumps({"task": task, "split": split, "overrides": common,
-                                   "runs": {a: [r.to_dict() for r in s] for a, s in summaries.items()}},
-                                  indent=1).encode(), os.path.join(out, "regime.json"))
-    path = os.path.join(out, "regime.md")
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
-    return path
+    return write_table(out, "regime", lines, {"task": task, "split": split, "overrides": common,
+                                              "runs": {a: [r.to_dict() for r in s] for a, s in summaries.items()}})
 
 
 def write_tuning(out: str, task: str, done: dict[str, list[str]], split: str, seeds: list[int]) -> str:
@@ -137,13 +142,8 @@ def write_tuning(out: str, task: str, done: dict[str, list[str]], split: str, se
                      f"{Paired(**t['replaced']).text()} | {Paired(**t['probe']).text()} | "
                      f"{'yes' if t['safe'] else 'no'} | {t['rotations']} | {t['decisions']} | {t['angles']} |")
     lines += ["", "## Every run", ""] + per_seed_table([r for runs in summaries.values() for r in runs], checks=True)
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(json.dumps({"task": task, "ranking": ranked, "settings": table,
-                                   "runs": {v: [r.to_dict() for r in s] for v, s in summaries.items()}},
-                                  indent=1).encode(), os.path.join(out, "tuning.json"))
-    path = os.path.join(out, "tuning.md")
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
-    return path
+    return write_table(out, "tuning", lines, {"task": task, "ranking": ranked, "settings": table,
+                                              "runs": {v: [r.to_dict() for r in s] for v, s in summaries.items()}})
 
 
 def write_results(out: str, task: str, done: dict[str, list[str]], figures: bool, static: tuple[str, ...]) -> str:
@@ -179,12 +179,9 @@ def write_results(out: str, task: str, done: dict[str, list[str]], figures: bool
     indicator = indicator_lines([d for a, dirs in done.items() if a not in static for d in dirs])
     if indicator:
         lines += ["", "## AIR and the Eq. 3 score indicator vs the attention mass", ""] + indicator
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(json.dumps({"task": task, "runs": {v: [r.to_dict() for r in s] for v, s in summaries.items()},
-                                   "checks": {str(r.seed): c for r, c in zip(vanilla, checks)}},
-                                  indent=1).encode(), os.path.join(out, "results.json"))
-    path = os.path.join(out, "results.md")
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
+    path = write_table(out, "results", lines, {
+        "task": task, "runs": {v: [r.to_dict() for r in s] for v, s in summaries.items()},
+        "checks": {str(r.seed): c for r, c in zip(vanilla, checks)}})
     if figures:
         from rollingq.analysis.report import write_report
 
@@ -266,9 +263,4 @@ def write_choice(out: str, tuning_dirs: dict[str, str], candidates: list[str], o
                 "yes" if s["safe"] else "no"]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "Optimiser only: " + ", ".join(f"{t}: {w}" for t, w in winners.items())]
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(json.dumps({"default": name, "why": why, "optim_only": winners}, indent=1).encode(),
-                       os.path.join(out, "choice.json"))
-    path = os.path.join(out, "choice.md")
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), path)
-    return path
+    return write_table(out, "choice", lines, {"default": name, "why": why, "optim_only": winners})
