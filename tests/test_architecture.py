@@ -110,6 +110,7 @@ LAYERS = {
     "rollingq.analysis.plots": TRAINING + 6,
     "rollingq.analysis.report": TRAINING + 6,
     "rollingq.demo": TRAINING + 7,
+    "rollingq.demo_text": TRAINING + 7,
     "rollingq.cli": TRAINING + 7,
     "rollingq.__main__": TRAINING + 7,
     "rollingq": TRAINING + 7,
@@ -154,7 +155,11 @@ def _refused_part(module: str, target: str) -> bool:
 
 
 def _layer(module: str) -> int | None:
-    best = max((p for p in LAYERS if module.startswith(p)), key=len, default=None)
+    """The layer of ``module``: its longest entry in :data:`LAYERS` that is the module or a package above it.
+    A package root (``rollingq``, ``rollingq_kernels``) places only its ``__init__``, so that a new module of
+    a package must be placed by name; a user folder (``benchmarks``, …) places everything in it."""
+    matches = [p for p in LAYERS if module == p or (module.startswith(p + ".") and p not in PACKAGES)]
+    best = max(matches, key=len, default=None)
     return None if best is None else LAYERS[best]
 
 
@@ -256,6 +261,14 @@ def test_every_module_has_a_layer():
     assert not missing, f"place these modules in LAYERS (and docs/architecture.md): {missing}"
 
 
+def test_a_new_module_of_a_package_is_not_placed_by_its_package_root():
+    # the roots place only their __init__, and an entry places its own submodules, not a name that merely
+    # starts with it: a module nobody placed must fail the test above
+    assert _layer("rollingq.no_such_module") is None and _layer("rollingq_kernels.no_such_module") is None
+    assert _layer("rollingq") == LAYERS["rollingq"] and _layer("rollingq.demo_textual") is None
+    assert _layer("benchmarks._inputs") == LAYERS["benchmarks"]
+
+
 def test_no_import_circle():
     edges, _ = _graph()
     assert _cycles(edges) == []
@@ -269,7 +282,7 @@ def test_no_upward_or_hidden_import():
 def test_the_checker_sees_circles_and_upward_imports():
     """The check can fail: a made-up circle and an upward edge are found."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert _layer("rollingq_kernels.triton_forward") == 1 and _layer("rollingq.data.cremad") == TRAINING + 2
+    assert _layer("rollingq_kernels.triton.forward") == 1 and _layer("rollingq.data.cremad") == TRAINING + 2
     edges, _ = _graph()
     assert "rollingq_kernels.accumulator" in edges["rollingq_kernels.controller"]
     assert "rollingq_kernels.triton" in edges["rollingq_kernels.ops"]  # a declared optional import
