@@ -37,6 +37,7 @@ class DeferredInterrupt:
         self._installed = False
 
     def __enter__(self) -> DeferredInterrupt:
+        self.requested = False  # a request belongs to one run: a finished run's late Ctrl-C is not carried over
         if (self.enabled and threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self._previous = signal.signal(signal.SIGINT, self._handle)

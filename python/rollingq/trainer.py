@@ -339,12 +339,12 @@ class Trainer:
         """
         with self.interrupt:
             board = None
-            if self.info.is_main:
-                board = RunBoard(self.run_dir, self.start_epoch,
-                                 (self.start_epoch - 1) * len(self.train_loader) + 1)
-                if self.start_epoch == 1:
-                    board.log_hparams(self.cfg.to_dict())
             try:
+                if self.info.is_main:
+                    board = RunBoard(self.run_dir, self.start_epoch,
+                                     (self.start_epoch - 1) * len(self.train_loader) + 1)
+                    if self.start_epoch == 1:
+                        board.log_hparams(self.cfg.to_dict())
                 for epoch in range(self.start_epoch, self.epochs + 1):
                     self.interrupt.check()
                     self._fit_epoch(epoch, board)
