@@ -214,7 +214,8 @@ def test_metrics_are_json_lines(tmp_path):
 
 def test_estimation_pass_before_a_rotation(tmp_path):
     cfg = load_config("synthetic_rollingq", TINY + ["train.epochs=1", "rollingq.beta=0.0", "rollingq.start_epoch=1",
-                                                 "rollingq.estimate=pass", "rollingq.min_accuracy_gain=-1"])
+                                                 "rollingq.estimate=pass", "rollingq.min_accuracy_gain=-1",
+                                                 "rollingq.max_angle_deg=180"])  # uncapped: the full rotation
     rows = read_metrics(os.path.join(train(cfg, str(tmp_path / "run")), "metrics.jsonl"))
     assert rows[0]["rotated"] and rows[0]["rollingq"][0]["reason"] == "rotated"
 
