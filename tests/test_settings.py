@@ -88,7 +88,8 @@ def test_the_config_section_is_the_settings_with_enabled():
 def test_config_mode_is_a_preset_that_explicit_keys_override(tmp_path):
     cfg = load_config("synthetic_rollingq", ["rollingq.mode=official", "rollingq.max_rotations=3"])
     want = RollingQSettings.preset("official", max_rotations=3, rho=1.0, beta=0.1, start_epoch=1,
-                                   min_accuracy_gain=0.05, window="epoch", indicator="cos")
+                                   min_accuracy_gain=0.05, window="epoch", indicator="cos",
+                                   anchor_limit_deg=180.0, max_angle_deg=30.0)
     assert cfg.rollingq.settings() == want  # synthetic_rollingq.yaml states rho, beta, ... explicitly
     official = load_config("synthetic_rollingq_official")
     assert official.rollingq.settings() == RollingQSettings.preset("official") and official.rollingq.enabled

@@ -41,7 +41,7 @@ def test_tensorboard_gets_steps_rotations_probes_and_hparams(tmp_path):
     texts = epochs.Tensors("rollingq/records/text_summary")
     assert [t.step for t in texts] == [1, 2]
     first = texts[0].tensor_proto.string_val[0].decode()
-    assert first.startswith("layer 0 rotated: AIR ") and "angle" in first
+    assert first.startswith("layer 0 rotated (capped): AIR ") and "angle 30.00 of" in first  # the frozen 30 deg cap
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = epochs.PluginTagToContent("hparams")["_hparams_/session_start_info"]
@@ -69,7 +69,7 @@ def test_controller_records_are_one_info_line_and_the_full_record_is_debug(tmp_p
         run = train(load_config("synthetic_rollingq", TINY + ["train.epochs=1"]), str(tmp_path / "run"))
     info = [r.getMessage() for r in caplog.records if r.name == "rollingq.train" and r.levelno == logging.INFO]
     summaries = [m for m in info if m.startswith("rollingq: ")]
-    assert len(summaries) == 1 and summaries[0].startswith("rollingq: layer 0 rotated: AIR ")
+    assert len(summaries) == 1 and summaries[0].startswith("rollingq: layer 0 rotated (capped): AIR ")
     assert not any("cos_before_after" in m or "'alpha'" in m for m in info)
     with open(os.path.join(run, "train.log")) as f:
         assert "cos_before_after" not in f.read()
