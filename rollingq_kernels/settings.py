@@ -42,7 +42,7 @@ PRECISIONS: tuple[str, ...] = ("float64", "model")
 #: The settings a controller state held before this class existed.
 OLD_KEYS: tuple[str, ...] = ("rho", "beta", "max_rotations", "window", "method", "estimate", "indicator")
 
-#: The angle cap of the safe mode, in degrees. Provisional: the study chooses the final value on tuning seeds.
+#: The angle cap of the safe mode, in degrees: chosen on tuning seeds by study II (docs/synthetic_study.md).
 DEFAULT_MAX_ANGLE_DEG = 30.0
 
 
