@@ -45,22 +45,16 @@ def tuning_objective(vanilla, treated) -> dict:
 
 
 def decisions(run_dir: str) -> dict:
-    """The controller's records of one run (``metrics.jsonl``): ``reasons`` {"action/reason": count} over every
-    epoch end, ``applied`` the applied angle of each rotation (degrees), ``proposed`` the angle each rotation or
-    refusal proposed, ``cos_query_keys`` cos(E[q], E[k̄_m]) at each refusal or rotation."""
+    """The controller's records of one run (``metrics.jsonl``, :func:`rollingq.demo_text.controller_summary`):
+    ``reasons`` {"action/reason": count} over every epoch end, ``applied`` the applied angle of each rotation
+    (degrees), ``proposed`` the angle each rotation or refusal proposed, ``cos_query_keys`` cos(E[q], E[k̄_m]) at
+    each refusal or rotation."""
+    from rollingq.demo_text import controller_summary
     from rollingq.records import read_metrics
 
-    out: dict = {"reasons": {}, "applied": [], "proposed": [], "cos_query_keys": []}
-    for row in read_metrics(os.path.join(run_dir, "metrics.jsonl")):
-        for rec in row.get("rollingq") or []:
-            key = f"{rec['action']}/{rec['reason']}"
-            out["reasons"][key] = out["reasons"].get(key, 0) + 1
-            if rec["action"] in ("rotate", "cap"):
-                out["applied"].append(float(rec.get("applied_angle_deg") or 0.0))
-            if rec["action"] in ("rotate", "cap", "refuse") and rec.get("cos_query_keys"):
-                out["proposed"].append(float(rec.get("angle_deg") or 0.0))
-                out["cos_query_keys"].append(rec["cos_query_keys"])
-    return out
+    summary = controller_summary(read_metrics(os.path.join(run_dir, "metrics.jsonl")))
+    return {"reasons": summary["reasons"], "applied": summary["applied"], "proposed": summary["considered"],
+            "cos_query_keys": summary["cos_query_keys"]}
 
 
 def _mean(values) -> str:

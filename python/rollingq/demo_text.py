@@ -58,8 +58,10 @@ def table_entry(run_dir: str, label: str) -> dict:
 def controller_summary(history: list[dict]) -> dict:
     """What the RollingQ controller decided over a run (``metrics.jsonl`` rows): ``counts`` per action, ``reasons``
     per ``action/reason``, ``applied`` / ``proposed`` angles (degrees) of each rotation, ``rolled_back`` epochs;
-    empty counts for a run without a controller."""
-    out: dict = {"counts": {}, "reasons": {}, "applied": [], "proposed": [], "rolled_back": []}
+    ``considered`` the proposed angle of each rotation or refusal that measured the query, with its
+    cos(E[q], E[k̄_m]) in ``cos_query_keys``; empty counts for a run without a controller."""
+    out: dict = {"counts": {}, "reasons": {}, "applied": [], "proposed": [], "rolled_back": [], "considered": [],
+                 "cos_query_keys": []}
     for row in history:
         for rec in row.get("rollingq") or []:
             action, reason = rec["action"], rec["reason"]
@@ -68,6 +70,9 @@ def controller_summary(history: list[dict]) -> dict:
             if action in ("rotate", "cap"):
                 out["applied"].append(float(rec.get("applied_angle_deg") or 0.0))
                 out["proposed"].append(float(rec.get("angle_deg") or 0.0))
+            if action in ("rotate", "cap", "refuse") and rec.get("cos_query_keys"):
+                out["considered"].append(float(rec.get("angle_deg") or 0.0))
+                out["cos_query_keys"].append(rec["cos_query_keys"])
             if action == "rollback":
                 out["rolled_back"].append(row["epoch"])
     return out
