@@ -32,26 +32,27 @@ struct Problem {
   c10::ScalarType dtype = c10::ScalarType::Float;
 };
 
-struct ForwardBuffers {
+// The operands both passes read, in p.dtype: q (B, H, Nq, Dh), k and v (B, H, N, Dh), and the rotated
+// class query q0rot (B, H, Dh; nullptr: row 0 of q is used unrotated).
+struct AttentionInputs {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
-  const void* q0rot = nullptr;  // nullptr: row 0 of q is used unrotated
+  const void* q0rot = nullptr;
+};
+
+struct ForwardBuffers : AttentionInputs {
   void* out = nullptr;
   float* lse = nullptr;
-  float* key_mean = nullptr;  // nullptr: statistics skipped
+  float* key_mean = nullptr;   // nullptr: statistics skipped
   float* mass = nullptr;
   float* score_max = nullptr;  // the class row's largest scaled score (with key_mean)
 };
 
-struct BackwardBuffers {
+struct BackwardBuffers : AttentionInputs {
   const void* grad_out = nullptr;
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
   const void* out = nullptr;
   const float* lse = nullptr;
-  const void* q0rot = nullptr;  // nullptr: row 0 of q is used unrotated
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;

@@ -15,6 +15,7 @@
 #include "attention_kernels.h"
 #include "bf16_tiles.h"
 #include "kernel_utils.h"
+#include "pass_setup.h"
 #include "row_ops.h"
 #include "tile_gemm.h"
 
@@ -74,21 +75,11 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   const RowOps<acc_t> ops;
   const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
-  const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
-  // Varlen: only the valid query rows and keys are visited; padded rows and keys keep a zero gradient.
-  const Layout layout(p, kvB, qB);
-  const bool all_query = Nq > 1;
-  const bool dropout = p.dropout_p > 0.0;
-  const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
-  const acc_t scale = static_cast<acc_t>(p.scale);
-
+  // padded rows and keys are never visited: they keep a zero gradient
+  const auto& [qB, kvB, layout, all_query, dropout, threshold, inv_keep, scale, q, k, v, q0rot, gemm, ldS, row_block,
+               bf16_gemms] = PassSetup<scalar_t>(p, buf, TileGemm<acc_t>::kBackwardRowBlock);
   const auto* go = static_cast<const scalar_t*>(buf.grad_out);
-  const auto* q = static_cast<const scalar_t*>(buf.q);
-  const auto* k = static_cast<const scalar_t*>(buf.k);
-  const auto* v = static_cast<const scalar_t*>(buf.v);
   const auto* o = static_cast<const scalar_t*>(buf.out);
-  const auto* q0rot = static_cast<const scalar_t*>(buf.q0rot);
   auto* dq_out = static_cast<scalar_t*>(buf.dq);
   auto* dk_out = static_cast<scalar_t*>(buf.dk);
   auto* dv_out = static_cast<scalar_t*>(buf.dv);
@@ -101,21 +92,10 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
     for (const Tile& t : layout.keys_of(bh / p.H)) keys += t.size;
     cost[bh] = rows * keys;
   }
-  double visits = 0;  // (query row, key) pairs
-  for (int64_t c : cost) visits += static_cast<double>(c);
   // all-query: the five GEMMs, 10 Dh flops per visit; class-only calls are memory-bound: split by the
   // bytes of K and V read and of dK and dV written
-  const int64_t workers = all_query ? worker_count(10.0 * static_cast<double>(Dh) * visits, at::get_num_threads())
-                                    : worker_count_for_bytes(4.0 * static_cast<double>(Dh) * sizeof(scalar_t) * visits,
-                                                             at::get_num_threads());
-  const std::vector<int64_t> bounds = balance_tasks(cost, workers);
-
-  const TileGemm<acc_t> gemm;
-  const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
-  const int64_t row_block = std::min(qB, TileGemm<acc_t>::kBackwardRowBlock);
-  const bool bf16_gemms = all_query && use_bf16_gemms<scalar_t>();
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
-    SerialBlasGuard serial_blas;
+  const int64_t workers = pass_workers(cost, all_query, 10.0 * Dh, 4.0 * Dh * sizeof(scalar_t), at::get_num_threads());
+  parallel_tasks(cost, workers, [&](int64_t first, int64_t last) {
     std::vector<acc_t> qbuf(qB * Dh), dobuf(qB * Dh), obuf(convert ? qB * Dh : 0);
     std::vector<acc_t> kbuf(kvB * Dh), vbuf(kvB * Dh);
     TilePacker<acc_t> key_panels(gemm, kvB, Dh), value_panels(gemm, kvB, Dh);
@@ -178,8 +158,7 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
       if (dq0rot != nullptr) std::copy_n(dq_row.data(), Dh, dq0rot + bh * Dh);
       store_rows(dq_row.data(), Dh, dq_out + bh * Dh);
     };
-    for (int64_t w = wbegin; w < wend; ++w)
-    for (int64_t bh = bounds[w]; bh < bounds[w + 1]; ++bh) {
+    for (int64_t bh = first; bh < last; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const uint8_t* key_valid = layout.valid_row(b);
       const uint32_t* key_mask = layout.mask_row(b);

@@ -17,6 +17,7 @@
 #include "attention_kernels.h"
 #include "bf16_tiles.h"
 #include "kernel_utils.h"
+#include "pass_setup.h"
 #include "row_ops.h"
 #include "tile_gemm.h"
 
@@ -110,20 +111,9 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
   using acc_t = acc_type<scalar_t>;
   const RowOps<acc_t> ops;
   const int64_t Dh = p.Dh, N = p.N, Nq = p.Nq;
-  const int64_t qB = q_block_size(Nq), kvB = kv_block_size(Dh);
-  // Varlen: only the valid query rows and keys are visited, in tiles of the original positions.
-  const Layout layout(p, kvB, qB);
-  const bool all_query = Nq > 1;
+  const auto& [qB, kvB, layout, all_query, dropout, threshold, inv_keep, scale, q, k, v, q0rot, gemm, ldS, row_block,
+               bf16_gemms] = PassSetup<scalar_t>(p, buf, TileGemm<acc_t>::kRowBlock);
   const bool want_stats = buf.key_mean != nullptr;
-  const bool dropout = p.dropout_p > 0.0;
-  const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
-  const acc_t scale = static_cast<acc_t>(p.scale);
-
-  const auto* q = static_cast<const scalar_t*>(buf.q);
-  const auto* k = static_cast<const scalar_t*>(buf.k);
-  const auto* v = static_cast<const scalar_t*>(buf.v);
-  const auto* q0rot = static_cast<const scalar_t*>(buf.q0rot);
   auto* out = static_cast<scalar_t*>(buf.out);
 
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (b * H + h, query tile index)
@@ -137,22 +127,10 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
       cost.push_back(query_tiles[t].size * keys);
     }
   }
-  double visits = 0;  // (query row, key) pairs
-  for (int64_t c : cost) visits += static_cast<double>(c);
-  const double row_elems = static_cast<double>(Dh);
   // all-query: the two GEMMs, 4 Dh flops per visit; class-only calls are memory-bound: split by
   // the bytes of K and V they read
-  const int64_t workers = all_query ? worker_count(4.0 * row_elems * visits, at::get_num_threads())
-                                    : worker_count_for_bytes(2.0 * row_elems * sizeof(scalar_t) * visits,
-                                                             at::get_num_threads());
-  const std::vector<int64_t> bounds = balance_tasks(cost, workers);
-
-  const TileGemm<acc_t> gemm;
-  const int64_t ldS = gemm.padded_cols(kvB);  // score rows: whole panels
-  const int64_t row_block = std::min(qB, TileGemm<acc_t>::kRowBlock);
-  const bool bf16_gemms = all_query && use_bf16_gemms<scalar_t>();
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t wbegin, int64_t wend) {
-    SerialBlasGuard serial_blas;
+  const int64_t workers = pass_workers(cost, all_query, 4.0 * Dh, 2.0 * Dh * sizeof(scalar_t), at::get_num_threads());
+  parallel_tasks(cost, workers, [&](int64_t first, int64_t last) {
     std::vector<acc_t> qbuf(qB * Dh), kbuf(kvB * Dh), vbuf(kvB * Dh);
     TilePacker<acc_t> key_panels(gemm, kvB, Dh);
     Bf16Operands<scalar_t> bf16(bf16_gemms, qB, kvB, Dh, row_block, ldS);
@@ -160,8 +138,7 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
     RowState<acc_t> rows(qB);
     std::vector<uint32_t> row_keys(qB);
     ClassRowStats<acc_t> stats(p.M, Dh);
-    for (int64_t w = wbegin; w < wend; ++w)
-    for (int64_t task = bounds[w]; task < bounds[w + 1]; ++task) {
+    for (int64_t task = first; task < last; ++task) {
       const int64_t bh = tasks[task].first, b = bh / p.H, h = bh % p.H;
       const std::vector<Tile>& query_tiles = layout.queries_of(b);
       const Tile& qtile = query_tiles[tasks[task].second];

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -51,21 +52,18 @@ class SerialBlasGuard {
   int previous_;
 };
 
-// Column-major C(m x n) = alpha * op(A) op(B) + beta * C (plain BLAS convention).
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+// Column-major C(m x n) = alpha * op(A) op(B) + beta * C (plain BLAS convention), T float or double.
+template <typename T>
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T beta, T* c, int64_t ldc) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "BLAS gemm: float or double");
   const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
   const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
   const int ila = static_cast<int>(lda), ilb = static_cast<int>(ldb), ilc = static_cast<int>(ldc);
-  sgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
-}
-
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ila = static_cast<int>(lda), ilb = static_cast<int>(ldb), ilc = static_cast<int>(ldc);
-  dgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+  else
+    dgemm_(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
 }
 
 // Row-major S(nr x nk, ld lds) = alpha * A(nr x d) B(nk x d)^T, A and B with leading dimension d.
@@ -169,6 +167,15 @@ inline int64_t worker_count(double flops, int64_t threads) {
 constexpr double kMinBytesPerThread = 2.0 * (1 << 20);  // about 80 microseconds of one core's reads
 inline int64_t worker_count_for_bytes(double bytes, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(bytes / kMinBytesPerThread)));
+}
+
+// The workers of a pass over tasks of these costs ((query row, key) pairs visited each): an all-query
+// pass is GEMM-bound (flops_per_visit flops a pair), a class-only one memory-bound (bytes_per_visit).
+inline int64_t pass_workers(const std::vector<int64_t>& cost, bool all_query, double flops_per_visit,
+                            double bytes_per_visit, int64_t threads) {
+  const double visits = std::accumulate(cost.begin(), cost.end(), 0.0);
+  return all_query ? worker_count(flops_per_visit * visits, threads)
+                   : worker_count_for_bytes(bytes_per_visit * visits, threads);
 }
 
 // Calls f(lo, hi, segment) for each run [lo, hi) of valid keys of sample b inside [j0, j0 + n) that

@@ -34,6 +34,7 @@ namespace {
 using gemm::kNtRows;
 using gemm::kNtVecs;
 using gemm::kPanel;
+using gemm::for_row_blocks;
 using gemm::with_count;
 constexpr int64_t kLanes = 16;  // float32 lanes of a zmm
 
@@ -125,11 +126,8 @@ ROLLINGQ_BF16_TARGET void nt_rows(int64_t n, int64_t k, float alpha, const uint1
 // row_max as gemm::gemm_nt.
 ROLLINGQ_BF16_TARGET void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
                                        const uint16_t* bp, float* c, int64_t ldc, float* row_max) {
-  int64_t i = 0;
-  for (; i + kNtRows <= m; i += kNtRows)
-    nt_rows<kNtRows>(n, k, alpha, a + i * lda, lda, bp, c + i * ldc, ldc, row_max ? row_max + i : nullptr);
-  float* rm = row_max ? row_max + i : nullptr;
-  with_count<kNtRows - 1>(m - i, [&](auto rows) {
+  for_row_blocks<kNtRows>(m, [&](auto rows, int64_t i) {
+    float* rm = row_max ? row_max + i : nullptr;
     nt_rows<decltype(rows)::value>(n, k, alpha, a + i * lda, lda, bp, c + i * ldc, ldc, rm);
   });
 }
@@ -202,10 +200,7 @@ ROLLINGQ_BF16_TARGET void gemm_pv_bf16(int64_t m, int64_t n, int64_t k, const fl
     }
   }
   const auto* v = reinterpret_cast<const uint32_t*>(vp);
-  int64_t i = 0;
-  for (; i + kNtRows <= m; i += kNtRows)
-    pv_rows<kNtRows>(k2, pp + i * k2, k2, v, n, c + i * ldc, ldc, c_scale ? c_scale + i : nullptr);
-  with_count<kNtRows - 1>(m - i, [&](auto rows) {
+  for_row_blocks<kNtRows>(m, [&](auto rows, int64_t i) {
     pv_rows<decltype(rows)::value>(k2, pp + i * k2, k2, v, n, c + i * ldc, ldc, c_scale ? c_scale + i : nullptr);
   });
 }

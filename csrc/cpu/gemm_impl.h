@@ -69,27 +69,36 @@ void pack_rows(const float* b, int64_t n, int64_t k, int64_t ldb, float* bp) {
   }
 }
 
+// acc = A[0:MR, :] B[:, 0:NV vectors] over the reduction index kk: MR x NV accumulators in registers, one
+// broadcast of A per row and NV vector loads of B (row kk at b + kk ldb) per step, each sum in a fixed
+// order. kTransA: A is stored transposed (k x m, element (r, kk) at a[kk lda + r]), else row-major.
+template <int MR, int NV, bool kTransA>
+C10_ALWAYS_INLINE void accumulate_block(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                                        Vec (&acc)[MR][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.0f);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Vec bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + kk * ldb + v * kW);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Vec ar(kTransA ? a[kk * lda + r] : a[r * lda + kk]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+}
+
 // C[0:MR, panel] = alpha A[0:MR, :] Bp_panel^T over k; the row maxima of the `cols` valid columns
 // go into rmax. The whole panel is stored (past `cols` the packed zeros give 0).
 template <int MR>
 C10_ALWAYS_INLINE void nt_tile(int64_t k, const float* a, int64_t lda, const float* bp, float alpha, float* c,
                                int64_t ldc, int64_t cols, Vec* rmax) {
   Vec acc[MR][kNtVecs];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < kNtVecs; ++v) acc[r][v] = Vec(0.0f);
-  for (int64_t kk = 0; kk < k; ++kk) {
-    Vec b[kNtVecs];
-#pragma GCC unroll 8
-    for (int v = 0; v < kNtVecs; ++v) b[v] = Vec::loadu(bp + kk * kPanel + v * kW);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const Vec ar(a[r * lda + kk]);
-#pragma GCC unroll 8
-      for (int v = 0; v < kNtVecs; ++v) acc[r][v] = at::vec::fmadd(ar, b[v], acc[r][v]);
-    }
-  }
+  accumulate_block<MR, kNtVecs, false>(k, a, lda, bp, kPanel, acc);  // a panel: kPanel floats per kk
   const Vec va(alpha), neg_inf(-std::numeric_limits<float>::infinity());
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -116,6 +125,15 @@ C10_ALWAYS_INLINE void with_count(int64_t count, const F& f) {
   }
 }
 
+// f(rows, i) for the blocks of rows [i, i + rows) of m rows: R rows each, then one block of the m % R
+// rows left (rows a std::integral_constant<int, ...>, so that f can instantiate a kernel for it).
+template <int R, typename F>
+C10_ALWAYS_INLINE void for_row_blocks(int64_t m, const F& f) {
+  int64_t i = 0;
+  for (; i + R <= m; i += R) f(std::integral_constant<int, R>{}, i);
+  with_count<R - 1>(m - i, [&](auto rows) { f(rows, i); });
+}
+
 template <int MR>
 void nt_rows(int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* bp, float* c, int64_t ldc,
              float* row_max) {
@@ -132,11 +150,8 @@ void nt_rows(int64_t n, int64_t k, float alpha, const float* a, int64_t lda, con
 // row_max[i] = max(row_max[i], max_j C[i, j]) over j < n.
 void gemm_nt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* bp, float* c,
              int64_t ldc, float* row_max) {
-  int64_t i = 0;
-  for (; i + kNtRows <= m; i += kNtRows)
-    nt_rows<kNtRows>(n, k, alpha, a + i * lda, lda, bp, c + i * ldc, ldc, row_max ? row_max + i : nullptr);
-  float* rm = row_max ? row_max + i : nullptr;
-  with_count<kNtRows - 1>(m - i, [&](auto rows) {
+  for_row_blocks<kNtRows>(m, [&](auto rows, int64_t i) {
+    float* rm = row_max ? row_max + i : nullptr;
     nt_rows<decltype(rows)::value>(n, k, alpha, a + i * lda, lda, bp, c + i * ldc, ldc, rm);
   });
 }
@@ -148,27 +163,12 @@ struct Update {
   bool accumulate = true;
 };
 
-// A block of C: MR rows x NV vectors, reduction over k. kTransA: A is stored transposed (k x m,
-// element (r, kk) at a[kk lda + r]), else row-major (a[r lda + kk]).
+// A block of C: MR rows x NV vectors, reduction over k, A as in accumulate_block.
 template <int MR, int NV, bool kTransA>
 C10_ALWAYS_INLINE void nn_tile(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                                int64_t ldc, const Update& u) {
   Vec acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.0f);
-  for (int64_t kk = 0; kk < k; ++kk) {
-    Vec bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + kk * ldb + v * kW);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const Vec ar(kTransA ? a[kk * lda + r] : a[r * lda + kk]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
-    }
-  }
+  accumulate_block<MR, NV, kTransA>(k, a, lda, b, ldb, acc);
   const Vec f(u.factor);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
@@ -212,15 +212,10 @@ template <bool kTransA>
 void gemm_nn_impl(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                   float* c, int64_t ldc, Update u) {
   const int64_t row_step = kTransA ? 1 : lda;  // A's offset between consecutive rows of C
-  int64_t i = 0;
-  for (; i + kNnRows <= m; i += kNnRows) {
+  for_row_blocks<kNnRows>(m, [&](auto rows, int64_t i) {
     Update ui = u;
     if (u.c_scale) ui.c_scale = u.c_scale + i;
-    nn_rows<kNnRows, kTransA>(n, k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, ui);
-  }
-  if (u.c_scale) u.c_scale += i;
-  with_count<kNnRows - 1>(m - i, [&](auto rows) {
-    nn_rows<decltype(rows)::value, kTransA>(n, k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, u);
+    nn_rows<decltype(rows)::value, kTransA>(n, k, a + i * row_step, lda, b, ldb, c + i * ldc, ldc, ui);
   });
 }
 
