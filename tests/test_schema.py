@@ -95,7 +95,8 @@ def test_the_data_section_is_the_chosen_datasets():
     ("data=[1]", "data: input should be a valid dictionary or instance of DataConfig_synthetic, got [1]"),
     ("model.init_encoders={audio: [a]}", "model.init_encoders: expected null or a mapping"),
     ("rollingq.max_rotations=99999999999999999999", "rollingq.max_rotations: expected an integer between"),
-    ("rollingq.window=2.5", "rollingq.window: input should be a valid string, got 2.5"),
+    ("rollingq.window=2.5", "rollingq.window: input should be a valid string or a valid integer, got 2.5"),
+    ("data.synthetic.tokens=abc", "data.synthetic.tokens: input should be a valid integer or a valid list, got 'abc'"),
 ])
 def test_implicit_conversions_are_refused(override, message):
     """Lax pydantic (and OmegaConf before) would turn '3' into 3, 0 into false or 5 into '5'; a config takes a

@@ -130,7 +130,8 @@ def build(section: type[S], raw: Any, prefix: str = "") -> S:
     try:
         return section.model_validate(raw)
     except ValidationError as exc:  # an unknown key first (it may explain the rest), then the most specific problem
-        error = min(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden", -len(e["loc"])))
+        errors = exc.errors()
+    error = min(errors, key=lambda e: (e["type"] != "extra_forbidden", -len(e["loc"])))
     if isinstance(cause := error.get("ctx", {}).get("error"), ConfigError):
         raise cause  # a section's own check that names its key
     keys, fields = [], section.model_fields
@@ -143,6 +144,9 @@ def build(section: type[S], raw: Any, prefix: str = "") -> S:
         raise _unknown_key(prefix + "".join(k + "." for k in keys), error["loc"][len(keys)], error["input"],
                            list(fields))
     message = error["msg"].removeprefix("Value error, ")
+    if len(error["loc"]) == len(keys) + 1 and isinstance(error["loc"][-1], str):  # no member of a union takes it
+        message = "Input should be " + " or ".join(dict.fromkeys(
+            e["msg"].removeprefix("Input should be ") for e in errors if e["loc"][:-1] == tuple(keys)))
     raise ConfigError(f"{(prefix + '.'.join(keys)).rstrip('.') or 'config'}: {message[:1].lower()}{message[1:]}, "
                       f"got {echo(error['input'])}")
 
