@@ -102,7 +102,7 @@ class Section(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """The section as the nested dict of plain values it would be written as in YAML."""
-        return self.model_dump(serialize_as_any=True)
+        return self.model_dump()
 
     def arguments(self) -> dict[str, Any]:
         """The fields as keyword arguments of a constructor (nested sections as dicts)."""
