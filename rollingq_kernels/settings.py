@@ -3,7 +3,7 @@
 Every rule of the rotation policy (:mod:`rollingq_kernels.policy`) reads a field of
 :class:`RollingQSettings`. The controller's constructor, its ``state_dict`` / ``load_state_dict``
 and the YAML ``rollingq:`` section of the training package (``rollingq.config.RollingQConfig``
-derives from this class) all go through it, so each default and each check is stated here only.
+takes this class's fields and checks) all go through it, so each default and each check is stated here only.
 
 Modes (:data:`PRESETS`) are named starting points; explicit values override them:
 

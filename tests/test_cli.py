@@ -228,7 +228,7 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2_and_no_run_folder(tmp_pa
     assert "is not a directory" in capsys.readouterr().err
     for argv in (["--debug", "train", "--config", "synthetic", "train.epochs=abc"],
                  ["train", "--config", "synthetic", "train.epochs=abc", "--debug"]):
-        with pytest.raises(ConfigError, match="train.epochs: expected an integer, got 'abc'"):
+        with pytest.raises(ConfigError, match="train.epochs: input should be a valid integer, got 'abc'"):
             main(argv)
     with pytest.raises(SystemExit) as exc:
         main(["train", "--config", "synthetic", "--out", str(out), "--bogus"])
@@ -249,7 +249,8 @@ def test_the_process_exits_2_with_one_line_on_a_bad_config():
     out = subprocess.run([sys.executable, "-m", "rollingq", "train", "--config", "synthetic", "model.dim=0"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith("rollingq train: error: model.dim: expected an integer >= 1")
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "rollingq train: error: model.dim: input should be greater than or equal to 1, got 0")
 
 
 def test_a_dataloader_worker_error_is_the_workers_own_line(tmp_path, capsys):

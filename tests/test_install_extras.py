@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXTRA_PACKAGES = ("timm", "yaml", "omegaconf", "tqdm", "tensorboard", "PIL", "librosa", "soundfile", "matplotlib",
+EXTRA_PACKAGES = ("timm", "yaml", "pydantic", "tqdm", "tensorboard", "PIL", "librosa", "soundfile", "matplotlib",
                   "scipy", "av", "sklearn")
 OPTIONAL_FEATURE_PACKAGES = ("librosa", "soundfile", "matplotlib", "scipy", "av", "sklearn")
 
@@ -61,7 +61,7 @@ def test_the_core_works_without_any_extra():
             print("ERROR:", exc)
     """, EXTRA_PACKAGES)
     assert res.returncode == 0, res.stderr
-    assert ("ERROR: the rollingq training package needs timm, pyyaml, omegaconf, tqdm, tensorboard, pillow (the "
+    assert ("ERROR: the rollingq training package needs timm, pyyaml, pydantic, tqdm, tensorboard, pillow (the "
             "[train] extra): pip install 'rollingq[train]'") in res.stdout
 
 
@@ -130,7 +130,7 @@ def test_pyproject_and_requirements_agree(extra):
     assert extras["all"] == ["rollingq[train,audio,analysis,prepare,transformers,dev,docs]"]
     requirements = {line.split("==")[0].split(">=")[0].strip() for line in
                     (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
-    names = {name.split(">=")[0] for name in extras[extra]}  # a floor (omegaconf>=2.4) stated in both files
+    names = {name.split(">=")[0] for name in extras[extra]}  # a floor (pydantic>=2) stated in both files
     assert names <= requirements, names - requirements
 
 

@@ -51,7 +51,7 @@ def test_each_setting_is_checked_once_naming_it(field, value, message):
     with pytest.raises(ConfigError) as err:  # and so does the config, naming the dotted key
         load_config("synthetic_rollingq", [f"rollingq.{field}={value!r}" if isinstance(value, str) else
                                            f"rollingq.{field}={value}"])
-    assert str(err.value).startswith(f"rollingq.{field}: expected")
+    assert str(err.value).startswith(f"rollingq.{field}: ")
 
 
 def test_settings_are_frozen_and_numbers_are_floats():
@@ -80,7 +80,7 @@ def test_presets():
 def test_the_config_section_is_the_settings_with_enabled():
     """Defaults stated once: the section's fields and defaults are the settings' (plus ``enabled``)."""
     section = RollingQConfig()
-    assert [f.name for f in dataclasses.fields(RollingQConfig)] == field_names() + ["enabled"]
+    assert list(RollingQConfig.model_fields) == ["enabled"] + field_names()
     assert section.settings() == RollingQSettings() and section.beta == RollingQSettings().beta
     assert Config().to_dict()["rollingq"] == {"enabled": False, **RollingQSettings().to_dict()}
 

@@ -7,17 +7,14 @@ the merged dict (:mod:`rollingq.schema`). ``docs/training.md`` (Configs) lists t
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from pydantic import Field, SerializeAsAny
 
 from rollingq_kernels.settings import PRESETS
 
@@ -25,7 +22,7 @@ from .data.registry import DATASETS
 from .distributed import DEVICES
 from .files import atomic_write_bytes
 from .models import ATTENTION_FUSIONS
-from .schema import ConfigError, Section, build, echo, field_names, option
+from .schema import ConfigError, Section, build, checked, echo
 from .sections import DATA_SECTIONS, DataConfig, ModelConfig, OgmConfig, OptimConfig, RollingQConfig, TrainConfig
 from .yaml_input import deep_merge, parse_override, read_yaml_file, set_dotted
 
@@ -52,21 +49,20 @@ def _plain_name(value: str) -> str | None:
     return "expected one plain folder name (no '/', '\\', '.' or '..', printable, at most 100 characters)"
 
 
-@dataclass
 class Config(Section):
     """A whole run's configuration (``config.yaml``): its ``name``, ``seed``, ``device``, ``out_dir`` and the
     sections; ``cfg.train.epochs == cfg["train"]["epochs"]``."""
 
-    name: str = option("run", check=_plain_name)
-    seed: int = option(0, ge=0, le=SEED_MAX)
-    device: str = option("auto", choices=DEVICES)
+    name: Annotated[str, checked(_plain_name)] = "run"
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    device: Literal[DEVICES] = "auto"
     out_dir: str = "runs"
-    data: DataConfig = option(factory=lambda: DATA_SECTIONS["synthetic"]())
-    model: ModelConfig = option(factory=ModelConfig)
-    rollingq: RollingQConfig = option(factory=RollingQConfig)
-    ogm: OgmConfig = option(factory=OgmConfig)
-    optim: OptimConfig = option(factory=OptimConfig)
-    train: TrainConfig = option(factory=TrainConfig)
+    data: SerializeAsAny[DataConfig] = DATA_SECTIONS["synthetic"]()
+    model: ModelConfig = ModelConfig()
+    rollingq: RollingQConfig = RollingQConfig()
+    ogm: OgmConfig = OgmConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Config:
@@ -86,15 +82,17 @@ class Config(Section):
         name = part["data"].get("name", "synthetic")
         if not isinstance(name, str) or name not in DATASETS:
             raise ConfigError(f"data.name: expected one of {', '.join(DATASETS)}, got {echo(name)}")
-        own = field_names(DATA_SECTIONS[name])
+        own = list(DATA_SECTIONS[name].model_fields)
         for key in part["data"]:
-            if key not in own and (others := [n for n, e in DATASETS.items() if key in field_names(e.options)]):
+            if key not in own and (others := [n for n, e in DATASETS.items() if key in e.options.model_fields]):
                 datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
                 raise ConfigError(f"data.{key}: a key of the {datasets}, not of data.name={name!r} "
                                   f"(its keys: {', '.join(own)})")
         if isinstance(mode := part["rollingq"].get("mode"), str) and mode in PRESETS:  # replaced by the keys given
             raw["rollingq"] = {**PRESETS[mode], **part["rollingq"]}
-        cfg = build(_schema(name), raw)
+        if isinstance(raw, dict):  # the data section of the dataset data.name
+            raw["data"] = build(DATA_SECTIONS[name], raw.get("data"), "data.")
+        cfg = build(cls, raw)
         cfg.check()
         return cfg
 
@@ -126,9 +124,8 @@ class Config(Section):
     def warn_inert_settings(self) -> None:
         """Log settings that are valid but can have no effect in this run (called once, when a run starts)."""
         m, rq, epochs = self.model, self.rollingq, self.train.epochs
-        defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
         for key in {"root", "val_fraction", "skip_bad"} - set(DATASETS[self.data.name].common):
-            if getattr(self.data, key) != defaults[key]:
+            if getattr(self.data, key) != DataConfig.model_fields[key].default:
                 logger.warning("data.%s=%r has no effect with data.name=%r (it does not read it)",
                                key, getattr(self.data, key), self.data.name)
         if rq.enabled and rq.start_epoch > epochs:
@@ -147,11 +144,6 @@ class Config(Section):
         elif m.progressive_epochs >= epochs > 0 and m.fusion == "vanilla_mt_star":
             logger.warning("model.progressive_epochs=%d >= train.epochs=%d: the second fusion block never trains",
                            m.progressive_epochs, epochs)
-
-
-@functools.cache
-def _schema(dataset: str) -> DictConfig:
-    return OmegaConf.structured(Config(data=DATA_SECTIONS[dataset]()))
 
 
 def as_config(cfg: Config | Mapping[str, Any]) -> Config:

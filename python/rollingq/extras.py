@@ -8,7 +8,7 @@ never breaks the commands that do not use it.
 
 | extra | packages | used by |
 |---|---|---|
-| ``train`` | timm, pyyaml, omegaconf, tqdm, tensorboard, pillow | the ``rollingq`` package and command |
+| ``train`` | timm, pyyaml, pydantic, tqdm, tensorboard, pillow | the ``rollingq`` package and command |
 | ``audio`` | librosa, soundfile | CREMA-D audio (wav decoding, resampling) |
 | ``analysis`` | matplotlib, scipy | ``rollingq report`` (figures), ``rollingq eval`` (Pearson r) |
 | ``prepare`` | av (PyAV, its own FFmpeg), scipy, pillow, scikit-learn | ``rollingq prepare`` |
@@ -22,7 +22,7 @@ from types import ModuleType
 
 #: The import names of each extra's packages (``pyyaml`` imports as ``yaml``, ``pillow`` as ``PIL``).
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "train": ("timm", "yaml", "omegaconf", "tqdm", "tensorboard", "PIL"),
+    "train": ("timm", "yaml", "pydantic", "tqdm", "tensorboard", "PIL"),
     "audio": ("librosa", "soundfile"),
     "analysis": ("matplotlib", "scipy"),
     "prepare": ("av", "scipy", "PIL", "sklearn"),

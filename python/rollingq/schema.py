@@ -1,27 +1,22 @@
-"""Typed, strict config sections on OmegaConf structured configs (``docs/architecture.md``, Configuration).
+"""Strict config sections on pydantic v2 models (``docs/architecture.md``, Configuration).
 
-A section is a dataclass deriving from :class:`Section`; :func:`option` gives a field its default and the
-values it accepts. :func:`build` sets a YAML-shaped dict on the structured config in OmegaConf's strict mode
-(flag ``convert`` off: no implicit conversions) and checks the rules; every problem is a :class:`ConfigError`
-naming the dotted key.
+A section is a :class:`Section`: a pydantic model in strict mode (``"3"`` is not 3, 1 is not true, 5 is not
+``"5"``), refusing unknown keys and non-finite numbers. ``Field`` states a key's bounds, ``Literal`` its choices
+and :func:`checked` its own check. :func:`build` validates a YAML-shaped dict; its first problem is a
+:class:`ConfigError` naming the dotted key.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import difflib
-import functools
-import math
-import operator
 import re
 import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf, flag_override
+from pydantic import AfterValidator, BaseModel, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -38,10 +33,8 @@ _ECHO.maxstring, _ECHO.maxlong, _ECHO.maxother = 80, 40, 80
 INT64 = (-(2**63), 2**63 - 1)
 """The integers a config accepts: what torch, NumPy and the loaders can hold."""
 
-_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 _PLAIN_KEY = re.compile(r"[\w.\[\]+-]{1,160}")
-_WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings")}
+S = TypeVar("S", bound="Section")
 
 
 def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
@@ -55,38 +48,6 @@ def clip(text: str, limit: int = ECHO_LIMIT) -> str:
     """``text`` on one line, cut in the middle to at most ``limit`` characters (for messages quoted in errors)."""
     text, half = " ".join(str(text).split()), (limit - 5) // 2
     return text if len(text) <= limit else f"{text[:half]} [...] {text[-half:]}"
-
-
-class Section:
-    """Base of the config dataclasses: read like the YAML they come from (``cfg["train"]["epochs"]``)."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in field_names(type(self)):
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The section as the nested dict of plain values it would be written as in YAML."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v.to_dict() if isinstance(v, Section) else copy.deepcopy(v) for k, v in values.items()}
-
-    def arguments(self) -> dict[str, Any]:
-        """The fields as keyword arguments of a constructor (nested sections as dicts)."""
-        return self.to_dict()
-
-
-def option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **rules: Any) -> Any:
-    """A dataclass field with its default (or ``factory`` for a mutable one) and the values it accepts:
-    ``choices``, bounds ``ge``, ``gt``, ``le``, ``lt``, and ``check``, which returns the text ``expected …`` of
-    a problem or None."""
-    if not set(rules) <= {"choices", "check", *_BOUNDS}:
-        raise TypeError(f"option: unknown rules {sorted(set(rules) - {'choices', 'check', *_BOUNDS})}")
-    return dataclasses.field(default=default, default_factory=factory or dataclasses.MISSING, metadata=rules)
-
-
-def field_names(cls: type) -> list[str]:
-    """The fields of a dataclass, in order."""
-    return [f.name for f in dataclasses.fields(cls)]
 
 
 def closest(word: str, candidates: list[str]) -> str | None:
@@ -105,6 +66,91 @@ def closest(word: str, candidates: list[str]) -> str | None:
     return close[0] if close else next((c for c in candidates if sorted(c) == sorted(low)), None)
 
 
+def _yaml_number(value: Any, tp: Any) -> Any:
+    """A YAML number as a field of type ``tp`` holds it: an integral number (``1e3``) where an integer is
+    expected, within 64 bits (pydantic itself takes an integer where a number is); a list's elements likewise."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if isinstance(value, list):
+        inner = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list]
+        return [_yaml_number(v, inner[0]) for v in value] if inner else value
+    if type(value) is float and value.is_integer() and int in args and float not in args:
+        value = int(value)
+    if type(value) is int and int in args and not INT64[0] <= value <= INT64[1]:
+        raise ValueError(f"expected an integer between {INT64[0]} and {INT64[1]}")
+    return value
+
+
+class Section(BaseModel):
+    """Base of the config sections: read like the YAML they come from (``cfg["train"]["epochs"]``)."""
+
+    model_config = {"strict": True, "extra": "forbid", "allow_inf_nan": False}  # a pydantic ConfigDict
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty(cls, raw: Any) -> Any:
+        return {} if raw is None else raw  # a YAML section without keys (``train:``)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return _yaml_number(value, cls.model_fields[info.field_name].annotation)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as the nested dict of plain values it would be written as in YAML."""
+        return self.model_dump()
+
+    def arguments(self) -> dict[str, Any]:
+        """The fields as keyword arguments of a constructor (nested sections as dicts)."""
+        return self.to_dict()
+
+
+def checked(problem: Callable[[Any], str | None]) -> AfterValidator:
+    """A field's own check (``Annotated[type, checked(problem)]``): ``problem(value)`` is the text ``expected …``
+    of what is wrong, or None."""
+
+    def check(value: Any) -> Any:
+        if text := problem(value):
+            raise ValueError(text)
+        return value
+
+    return AfterValidator(check)
+
+
+def build(section: type[S], raw: Any, prefix: str = "") -> S:
+    """The ``section`` of the YAML-shaped ``raw`` (missing keys take their defaults), validated.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or a value out of range, named as ``prefix`` + the dotted key.
+    """
+    try:
+        return section.model_validate(raw)
+    except ValidationError as exc:  # an unknown key first (it may explain the rest), then the most specific problem
+        errors = exc.errors()
+    error = min(errors, key=lambda e: (e["type"] != "extra_forbidden", -len(e["loc"])))
+    if isinstance(cause := error.get("ctx", {}).get("error"), ConfigError):
+        raise cause  # a section's own check that names its key
+    keys, fields = [], section.model_fields
+    for part in error["loc"]:  # the fields; not the union members and list positions after them
+        if part not in fields:
+            break
+        keys.append(part)
+        fields = getattr(fields[part].annotation, "model_fields", {})
+    if error["type"] == "extra_forbidden":
+        raise _unknown_key(prefix + "".join(k + "." for k in keys), error["loc"][len(keys)], error["input"],
+                           list(fields))
+    message = error["msg"].removeprefix("Value error, ")
+    if len(error["loc"]) == len(keys) + 1 and isinstance(error["loc"][-1], str):  # no member of a union takes it
+        message = "Input should be " + " or ".join(dict.fromkeys(
+            e["msg"].removeprefix("Input should be ") for e in errors if e["loc"][:-1] == tuple(keys)))
+    raise ConfigError(f"{(prefix + '.'.join(keys)).rstrip('.') or 'config'}: {message[:1].lower()}{message[1:]}, "
+                      f"got {echo(error['input'])}")
+
+
 def _unknown_key(prefix: str, key: Any, value: Any, valid: list[str]) -> ConfigError:
     """An unknown key, named as written (``trian.epochs``: its nested keys followed), with the closest valid key."""
     rest = ""
@@ -116,102 +162,3 @@ def _unknown_key(prefix: str, key: Any, value: Any, valid: list[str]) -> ConfigE
     guess = closest(str(key), valid)
     hint = f"did you mean {prefix}{guess}{rest}?" if guess else f"expected one of {', '.join(valid)}"
     return ConfigError(f"{written}: unknown key; {hint}")
-
-
-def _members(tp: Any) -> tuple:
-    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-
-
-def _describe(tp: Any) -> str:
-    """A field's type in words: ``an integer``, ``a string or null``, ``a number or a list of numbers``."""
-    words = [f"a list of {_WORDS.get(typing.get_args(t)[0], ('', 'values'))[1]}" if typing.get_origin(t) is list
-             else _WORDS.get(t, ("a plain value",))[0] for t in _members(tp) if t is not type(None)]
-    return " or ".join(words) + " or null" * (type(None) in _members(tp))
-
-
-def _widen(value: Any, tp: Any) -> Any:
-    """A YAML number as the field's type holds it: an integer where a number is expected, an integral number
-    (``1e3``) where an integer is; the elements of a list likewise."""
-    args = _members(tp)
-    if isinstance(value, list):
-        inner = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list]
-        return [_widen(v, inner[0]) for v in value] if inner else value
-    if type(value) is int and float in args and int not in args:
-        return float(value)  # OverflowError beyond the float range: the caller's type error
-    if type(value) is float and value.is_integer() and int in args and float not in args:
-        return int(value)
-    return value
-
-
-def _literal(value: Any, key: str) -> None:
-    """Refuse OmegaConf's interpolations (``${...}``: other keys, environment variables) and missing value ``???``."""
-    if isinstance(value, str) and ("${" in value or value == "???"):
-        raise ConfigError(f"{key}: {echo(value)} would be an OmegaConf interpolation or missing value; a config "
-                          "states its values literally (no '${' and no '???')")
-    for sub in (value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else ()):
-        _literal(sub, key)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {name: hints[name] for name in field_names(cls)}
-
-
-def _assign(node: DictConfig, raw: Any, prefix: str) -> None:
-    """Set the keys of ``raw`` on the section ``node``; OmegaConf checks each value against its field's type."""
-    if raw is None:
-        return
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix[:-1] or 'config'}: expected a mapping of keys, got {echo(raw)}")
-    hints = _hints(OmegaConf.get_type(node))
-    OmegaConf.set_readonly(node, False)  # a frozen dataclass is a read-only node
-    for key, value in raw.items():
-        if key not in hints:
-            raise _unknown_key(prefix, key, value, list(hints))
-        if dataclasses.is_dataclass(hints[key]):
-            _assign(node[key], value, f"{prefix}{key}.")
-            continue
-        _literal(value, prefix + key)
-        try:  # OmegaConf's strict mode (no conversion); it cannot hold a mapping in an ``Any`` field
-            with flag_override(node, "convert", hints[key] is Any):
-                node[key] = _widen(value, hints[key])
-        except (ValueError, OverflowError):
-            raise ConfigError(f"{prefix}{key}: expected {_describe(hints[key])}, got {echo(value)}") from None
-
-
-def _check(section: Any, prefix: str) -> None:
-    """Check every field of ``section`` (recursively): finite numbers, 64-bit integers and its :func:`option`
-    rules."""
-    for f in dataclasses.fields(section):
-        key, value, rules = prefix + f.name, getattr(section, f.name), f.metadata
-        if dataclasses.is_dataclass(value):
-            _check(value, key + ".")
-            continue
-        for v in value if isinstance(value, list) else [value]:
-            if type(v) is float and not math.isfinite(v):
-                raise ConfigError(f"{key}: expected a number, got {echo(value)} (not finite)")
-            if type(v) is int and not INT64[0] <= v <= INT64[1]:
-                raise ConfigError(f"{key}: expected an integer between {INT64[0]} and {INT64[1]}, got {echo(value)}")
-        if "choices" in rules and value not in rules["choices"]:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, rules['choices']))}, got {echo(value)}")
-        bounds = [(*_BOUNDS[name], rules[name]) for name in _BOUNDS if name in rules]
-        if type(value) in (int, float) and not all(test(value, b) for _, test, b in bounds):
-            kind = "an integer" if type(value) is int else "a number"
-            raise ConfigError(f"{key}: expected {kind} {' and '.join(f'{op} {b}' for op, _, b in bounds)}, "
-                              f"got {echo(value)}")
-        if problem := rules["check"](value) if "check" in rules else None:
-            raise ConfigError(f"{key}: {problem}, got {echo(value)}")
-
-
-def build(schema: DictConfig, raw: Any) -> Any:
-    """The section of the structured config ``schema`` (left as it is) with the keys of the nested dict ``raw`` set.
-
-    Raises:
-        ConfigError: an unknown key, a wrong type or a value out of range, naming the dotted key.
-    """
-    conf = copy.deepcopy(schema)  # a few times faster than OmegaConf.structured
-    _assign(conf, raw, "")
-    out = OmegaConf.to_object(conf)
-    _check(out, "")
-    return out

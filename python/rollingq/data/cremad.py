@@ -12,12 +12,13 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from ..inputs import InputSpec
-from ..schema import Section, option
+from ..schema import Section, checked
 from .common import DataError, read_list_lines
 from .listed import AudioVisualDataset, audio_visual_specs, check_duplicates, check_entry_name, read_lists, split_rows
 from .media import CROP_SCALE, check_audio_file, check_crop_scale, cremad_spectrogram
@@ -27,7 +28,6 @@ HEADER_LABELS = {"label", "emotion", "class"}
 SPECTROGRAM = (257, 188)
 
 
-@dataclass
 class CremaDOptions(Section):
     """The ``data.*`` keys of CREMA-D.
 
@@ -40,9 +40,9 @@ class CremaDOptions(Section):
             hold-out of the training list).
     """
 
-    num_frames: int = option(1, ge=1)
-    image_size: int = option(224, ge=16)
-    crop_scale: list[float] | None = option(factory=lambda: list(CROP_SCALE), check=check_crop_scale)
+    num_frames: int = Field(1, ge=1)
+    image_size: int = Field(224, ge=16)
+    crop_scale: Annotated[list[float] | None, checked(check_crop_scale)] = list(CROP_SCALE)
     flip: bool = True
     train_list: str = "train.csv"
     test_list: str = "test.csv"

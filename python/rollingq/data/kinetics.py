@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..inputs import InputSpec
-from ..schema import Section, option
+from ..schema import Section
 from .common import DataError, read_list_lines
 from .listed import AudioVisualDataset, audio_visual_specs, check_duplicates, check_entry_name, read_lists, split_rows
 from .media import ensure_finite
 
 
-@dataclass
 class KineticsOptions(Section):
     """The ``data.*`` keys of Kinetics-Sounds.
 
@@ -50,13 +50,13 @@ class KineticsOptions(Section):
         classes: class names in id order; default the sorted names of the training list.
     """
 
-    num_frames: int = option(3, ge=1)
-    image_size: int = option(224, ge=16)
-    audio_features: str = option("fbank", choices=("fbank", "spectrogram"))
-    fbank_frames: int = option(1024, ge=16)
-    fbank_bins: int = option(128, ge=16)
-    spectrogram_bins: int = option(257, ge=16)
-    spectrogram_frames: int = option(1004, ge=16)
+    num_frames: int = Field(3, ge=1)
+    image_size: int = Field(224, ge=16)
+    audio_features: Literal["fbank", "spectrogram"] = "fbank"
+    fbank_frames: int = Field(1024, ge=16)
+    fbank_bins: int = Field(128, ge=16)
+    spectrogram_bins: int = Field(257, ge=16)
+    spectrogram_frames: int = Field(1004, ge=16)
     audio_dir: str = "audio"
     frame_dir: str = "visual"
     train_list: str = "train.txt"

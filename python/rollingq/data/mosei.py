@@ -31,15 +31,15 @@ import os
 import pickle
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from ..inputs import InputSpec
-from ..schema import Section, option
+from ..schema import Section
 from .common import DataError, Sample, check_split
 
 logger = logging.getLogger("rollingq.data")
@@ -52,7 +52,6 @@ NPZ_NAME = "mosei_senti_data.npz"
 _CACHE: dict[str, dict] = {}
 
 
-@dataclass
 class MoseiOptions(Section):
     """The ``data.*`` keys of CMU-MOSEI.
 
@@ -66,8 +65,8 @@ class MoseiOptions(Section):
             by others).
     """
 
-    task: str = option("binary", choices=tuple(TASKS))
-    seq_len: int = option(50, ge=1)
+    task: Literal[tuple(TASKS)] = "binary"
+    seq_len: int = Field(50, ge=1)
     path: str | None = None
     file: str = NPZ_NAME
     allow_pickle: bool = False

@@ -14,13 +14,13 @@ split's samples whose strongest modality is replaced by pure noise
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from ..inputs import InputSpec
-from ..schema import Section, option
+from ..schema import Section
 from .common import SPLITS, Sample, check_split
 
 logger = logging.getLogger("rollingq.data")
@@ -29,41 +29,37 @@ SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 
 
 
-@dataclass
 class SplitSizes(Section):
     """``data.synthetic.sizes``: samples per split."""
 
-    train: int = option(2048, ge=1)
-    val: int = option(512, ge=1)
-    test: int = option(1024, ge=1)
+    train: int = Field(2048, ge=1)
+    val: int = Field(512, ge=1)
+    test: int = Field(1024, ge=1)
 
 
-@dataclass
 class SplitFractions(Section):
     """``data.synthetic.corrupt``: the fraction of each split's samples whose strongest modality is noise."""
 
-    train: float = option(0.0, ge=0.0, le=1.0)
-    val: float = option(0.0, ge=0.0, le=1.0)
-    test: float = option(0.0, ge=0.0, le=1.0)
+    train: float = Field(0.0, ge=0.0, le=1.0)
+    val: float = Field(0.0, ge=0.0, le=1.0)
+    test: float = Field(0.0, ge=0.0, le=1.0)
 
 
-@dataclass
 class SyntheticOptions(Section):
     """``data.synthetic``: the task's knobs (``docs/synthetic_data.md``); a number applies to every modality."""
 
-    sizes: SplitSizes = option(factory=SplitSizes)
-    tokens: int | list[int] = option(factory=lambda: [8, 8])
-    feature_dim: int = option(16, ge=1)
-    strength: float | list[float] = option(factory=lambda: [1.5, 0.6])
-    informative: float | list[float] = option(factory=lambda: [1.0, 1.0])
-    corrupt: SplitFractions = option(factory=SplitFractions)
+    sizes: SplitSizes = SplitSizes()
+    tokens: int | list[int] = [8, 8]
+    feature_dim: int = Field(16, ge=1)
+    strength: float | list[float] = [1.5, 0.6]
+    informative: float | list[float] = [1.0, 1.0]
+    corrupt: SplitFractions = SplitFractions()
 
 
-@dataclass
 class SyntheticData(Section):
     """The ``data.*`` keys of the synthetic dataset."""
 
-    synthetic: SyntheticOptions = option(factory=SyntheticOptions)
+    synthetic: SyntheticOptions = SyntheticOptions()
 
     def arguments(self) -> dict:
         return self.synthetic.to_dict()
