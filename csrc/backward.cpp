@@ -211,16 +211,16 @@ void backward_impl(const Problem& p, const BackwardBuffers& buf) {
             };
           };
           // (double: used in place, so each keeps its own scratch; kt and kp then hold the same rows)
+          const acc_t* kt = valid_rows(k, kbuf.data())(ktile);  // read by dK; packed from here when not yet
           const acc_t *kp = nullptr, *vp = nullptr;
           const uint16_t *kp16 = nullptr, *vp16 = nullptr;
           if (bf16.on()) {
             kp16 = bf16.keys(bh, key_tiles, kti, k + bh * N * Dh, key_valid, true, 0);
             vp16 = bf16.keys(bh, key_tiles, kti, v + bh * N * Dh, key_valid, true, 1);
           } else {
-            kp = key_panels.get(bh, key_tiles, kti, valid_rows(k, kbuf.data()));
+            kp = key_panels.get(bh, key_tiles, kti, [kt](const Tile&) { return kt; });  // tile kti is ktile
             vp = value_panels.get(bh, key_tiles, kti, valid_rows(v, vbuf.data()));
           }
-          const acc_t* kt = valid_rows(k, kbuf.data())(ktile);
           // Row blocks: P and dS of a few query rows, then their share of dV, dQ and dK.
           for (int64_t i0 = 0; i0 < nr; i0 += row_block) {
             const int64_t nb = std::min(row_block, nr - i0);

@@ -29,9 +29,6 @@ struct FloatRowOps {
   void (*backward_row)(float* s, float* dp, const uint32_t* mask, int64_t n, float lse, float delta,
                        const uint32_t* col_hash, uint32_t row_key, uint32_t threshold, float inv_keep);
   float (*dot)(const float* a, const float* b, int64_t n);
-  // Returns a . b and adds b into sum (sum += b): the class row's score and its
-  // modality's key sum from one read of the key row.
-  float (*dot_and_add)(const float* a, const float* b, float* sum, int64_t n);
   void (*axpy)(float alpha, const float* x, float* y, int64_t n);  // y += alpha * x
   void (*scale)(float* x, float alpha, int64_t n);                 // x *= alpha
 

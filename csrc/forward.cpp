@@ -78,13 +78,13 @@ struct ClassRowStats {
   }
 };
 
-// Online-softmax update of one score row s (nk,) in place: padded keys (mask
-// 0) become -inf, s becomes exp(s - new max); returns the factor that rescales
-// the row's previous accumulator and sum.
+// Online-softmax update of one score row s (nk,) whose maximum over the valid keys is m_tile (masked_max,
+// which also turns padded keys into -inf, or the GEMM's fused maximum): s becomes exp(s - new max);
+// returns the factor that rescales the row's previous accumulator and sum.
 template <typename acc_t>
-inline acc_t softmax_row_update(const RowOps<acc_t>& ops, acc_t* s, const uint32_t* mask, int64_t nk,
-                                acc_t& row_max, acc_t& row_sum) {
-  const acc_t m_new = std::max(row_max, ops.masked_max(s, mask, nk));  // finite: tile 0 holds the class key
+inline acc_t softmax_row_update(const RowOps<acc_t>& ops, acc_t* s, acc_t m_tile, int64_t nk, acc_t& row_max,
+                                acc_t& row_sum) {
+  const acc_t m_new = std::max(row_max, m_tile);  // finite: tile 0 holds the class key
   const acc_t alpha = exp_vec(row_max - m_new);
   row_sum = row_sum * alpha + ops.exp_sum(s, nk, m_new);
   row_max = m_new;
@@ -177,7 +177,7 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
             acc_t* key_sum = class_tile && segment > 0 ? stats.key_sum.data() + (segment - 1) * Dh : nullptr;
             ops.dot_rows(qt, kt + (lo - j0) * Dh, hi - lo, Dh, scale, s + lo - j0, key_sum);
           });
-          const acc_t a0 = softmax_row_update(ops, s, nullptr, nk, rows.max[0], rows.sum[0]);
+          const acc_t a0 = softmax_row_update(ops, s, ops.masked_max(s, nullptr, nk), nk, rows.max[0], rows.sum[0]);
           if (class_tile) stats.add_mass(s, a0, layout.segment_of.data() + j0, nk);
           if (dropout) ops.dropout(s, nk, row_keys[0], layout.col_hash.data() + j0, threshold, inv_keep);
           if (a0 != acc_t(1)) ops.scale(acc.data(), a0, Dh);
@@ -219,10 +219,7 @@ void forward_impl(const Problem& p, const ForwardBuffers& buf) {
             const int64_t i = i0 + ib;
             acc_t* s = scores.data() + ib * ldS;
             const acc_t m_tile = mask ? ops.masked_max(s, mask, nk) : tile_max[ib];
-            const acc_t m_new = std::max(rows.max[i], m_tile);  // finite: tile 0 holds the class key
-            alpha[ib] = exp_vec(rows.max[i] - m_new);
-            rows.sum[i] = rows.sum[i] * alpha[ib] + ops.exp_sum(s, nk, m_new);
-            rows.max[i] = m_new;
+            alpha[ib] = softmax_row_update(ops, s, m_tile, nk, rows.max[i], rows.sum[i]);
             if (class_tile && i == 0) stats.add_mass(s, alpha[ib], layout.segment_of.data() + j0, nk);
             if (dropout) ops.dropout(s, nk, row_keys[i], layout.col_hash.data() + j0, threshold, inv_keep);
           }

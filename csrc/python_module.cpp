@@ -19,6 +19,7 @@
 #include <Python.h>
 
 #include <cctype>
+#include <exception>
 #include <string>
 
 #include "cpu_capability.h"
@@ -94,8 +95,18 @@ PyObject* tile_gemm_seconds(PyObject*, PyObject* args) {
     return nullptr;
   }
   PyThreadState* released = PyEval_SaveThread();  // the GIL is not needed while it runs
-  const double seconds = rollingq::tile_gemm_seconds(tiles, rows, keys, head_dim, reps);
+  double seconds = 0.0;
+  std::string error;  // a C++ exception must not unwind through CPython's frames: raised below instead
+  try {
+    seconds = rollingq::tile_gemm_seconds(tiles, rows, keys, head_dim, reps);
+  } catch (const std::exception& exc) {
+    error = exc.what();
+  }
   PyEval_RestoreThread(released);
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, error.c_str());
+    return nullptr;
+  }
   return PyFloat_FromDouble(seconds);
 }
 

@@ -46,7 +46,6 @@ struct RowOps<float> {
     t.backward_row(s, dp, mask, n, lse, delta, col_hash, row_key, threshold, inv_keep);
   }
   float dot(const float* a, const float* b, int64_t n) const { return t.dot(a, b, n); }
-  float dot_and_add(const float* a, const float* b, float* sum, int64_t n) const { return t.dot_and_add(a, b, sum, n); }
   void axpy(float alpha, const float* x, float* y, int64_t n) const { t.axpy(alpha, x, y, n); }
   void scale(float* x, float alpha, int64_t n) const { t.scale(x, alpha, n); }
   void dot_rows(const float* q, const float* x, int64_t n, int64_t dh, float scale, float* scores, float* sum) const {

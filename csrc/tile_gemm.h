@@ -92,7 +92,8 @@ class TilePacker {
   using SizeFn = std::function<int64_t(int64_t rows)>;             // elements a packed tile of `rows` takes
   using PackFn = std::function<void(const T* rows, int64_t n, T* dst)>;
 
-  TilePacker(SizeFn size, PackFn pack, int64_t max_tile) : size_(std::move(size)), pack_(std::move(pack)) {
+  TilePacker(SizeFn size, PackFn pack, int64_t max_tile)
+      : size_(std::move(size)), pack_(std::move(pack)), in_place_(size_(1) == 0) {
     buffer_.resize(size_(max_tile));
   }
   // The packing of TileGemm::scores (double: none, tiles are used in place).
@@ -104,7 +105,7 @@ class TilePacker {
   // Tile `index` of `tiles` (the key tiles of `owner`), packed; load(tile) gives its rows.
   template <typename LoadRows>
   const T* get(int64_t owner, const std::vector<Tile>& tiles, size_t index, const LoadRows& load) {
-    if (size_(1) == 0) return load(tiles[index]);  // used in place
+    if (in_place_) return load(tiles[index]);
     if (owner != owner_) {
       owner_ = owner;
       offsets_.assign(tiles.size() + 1, 0);
@@ -124,6 +125,7 @@ class TilePacker {
  private:
   SizeFn size_;
   PackFn pack_;
+  bool in_place_;  // nothing to pack (a packed tile takes no elements): tiles are used as loaded
   int64_t owner_ = -1;
   bool keep_ = false;
   std::vector<T> buffer_;

@@ -222,25 +222,6 @@ float dot(const float* a, const float* b, int64_t n) {
   return hsum((acc0 + acc1) + (acc2 + acc3));
 }
 
-float dot_and_add(const float* a, const float* b, float* sum, int64_t n) {
-  Vec acc0(0.0f), acc1(0.0f);
-  int64_t i = 0;
-  for (; i + 2 * kW <= n; i += 2 * kW) {
-    const Vec b0 = Vec::loadu(b + i), b1 = Vec::loadu(b + i + kW);
-    acc0 = at::vec::fmadd(Vec::loadu(a + i), b0, acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + i + kW), b1, acc1);
-    (Vec::loadu(sum + i) + b0).store(sum + i);
-    (Vec::loadu(sum + i + kW) + b1).store(sum + i + kW);
-  }
-  for (; i < n; i += kW) {
-    const int64_t c = std::min(kW, n - i);
-    const Vec bv = Vec::loadu(b + i, c);
-    acc0 = at::vec::fmadd(Vec::loadu(a + i, c), bv, acc0);
-    (Vec::loadu(sum + i, c) + bv).store(sum + i, c);
-  }
-  return hsum(acc0 + acc1);
-}
-
 void axpy(float alpha, const float* x, float* y, int64_t n) {
   const Vec va(alpha);
   for (int64_t i = 0; i < n; i += kW) {
@@ -261,7 +242,7 @@ void scale(float* x, float alpha, int64_t n) {
 
 const FloatRowOps& float_row_ops() {
   static const FloatRowOps ops = [] {
-    FloatRowOps t{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot, dot_and_add, axpy,
+    FloatRowOps t{C10_STRINGIZE(CPU_CAPABILITY), masked_max, exp_sum, dropout, backward_row, dot, axpy,
                   scale, gemm::kPanel, gemm::pack_rows, gemm::gemm_nt, gemm::gemm_nn, gemm::gemm_tn,
                   class_row::dot_rows, class_row::weighted_rows, class_row::outer_rows,
                   nullptr, nullptr, nullptr, nullptr};
