@@ -176,9 +176,11 @@ class FusedRollingQAttention(nn.Module):
     def restore_rotation(self, rotation: torch.Tensor, num_rotations: int) -> None:
         """Put back a rotation saved earlier, and its count (the controller's rollback)."""
         problem = rotation_problem("rotation", rotation, self)
-        if problem:  # checked before anything changes
-            raise ValueError(problem)
-        self.rotation.copy_(rotation), self.num_rotations.fill_(int(num_rotations))
+        count = int(num_rotations)
+        if problem or count < 0:  # checked before anything changes
+            raise ValueError(problem or f"num_rotations: expected an integer >= 0, got {count}")
+        self.rotation.copy_(rotation)
+        self.num_rotations.fill_(count)
 
     @torch.no_grad()
     def reset_rotation(self) -> None:

@@ -151,6 +151,16 @@ def test_state_dict_with_a_negative_count_or_a_non_rotation_is_rejected():
         _layer().load_state_dict(dict(state, rotation=2 * torch.eye(30, dtype=F64)))
 
 
+def test_restore_rotation_checks_the_count_before_anything_changes():
+    layer = _layer()
+    saved = _rotation(30, 2)
+    with pytest.raises(ValueError, match=r"num_rotations: expected an integer >= 0, got -1"):
+        layer.restore_rotation(saved, -1)
+    assert layer.rotation_is_identity and int(layer.num_rotations) == 0  # neither the rotation nor the count
+    layer.restore_rotation(saved, 2)
+    assert torch.equal(layer.rotation, saved.to(layer.rotation.dtype)) and int(layer.num_rotations) == 2
+
+
 def test_controller_state_of_another_model_size_is_rejected_at_load():
     small, big = _layer(dim=30, heads=3), _layer(dim=36, heads=3)
     small_ctl, big_ctl = RollingQ(small, beta=0.0), RollingQ(big, beta=0.0)

@@ -98,6 +98,14 @@ def test_config_mode_is_a_preset_that_explicit_keys_override(tmp_path):
     assert read_config(path).rollingq == official.rollingq and read_config(path).to_dict() == official.to_dict()
 
 
+def test_the_section_applies_its_mode_preset_however_it_is_built():
+    """Not only through Config.from_dict: a section built directly from a dict or by keywords takes the preset."""
+    for section in (RollingQConfig.model_validate({"mode": "paper", "max_angle_deg": 45.0}),
+                    RollingQConfig(mode="paper", max_angle_deg=45.0)):
+        assert section.settings() == RollingQSettings.preset("paper", max_angle_deg=45.0)
+        assert not section.safety  # the preset's value, not the default's
+
+
 def test_config_rejects_an_unknown_rollingq_key_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"rollingq\.max_angle: unknown key; did you mean rollingq\.max_angle_deg"):
         load_config("synthetic", ["rollingq.max_angle=20"])

@@ -16,8 +16,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny
 
-from rollingq_kernels.settings import PRESETS
-
 from .data.registry import DATASETS
 from .distributed import DEVICES
 from .files import atomic_write_bytes
@@ -73,7 +71,7 @@ class Config(Section):
         """
         raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()} if isinstance(raw, Mapping) else raw
         part = {k: raw[k] if isinstance(raw, dict) and isinstance(raw.get(k), dict) else {}
-                for k in ("data", "model", "rollingq")}
+                for k in {"data"} | {section for section, _ in RENAMED}}
         for (section, old), new in RENAMED.items():
             if old in part[section] and new not in part[section]:
                 logger.warning("%s.%s is now %s.%s; reading it as such", section, old, section, new)
@@ -88,8 +86,6 @@ class Config(Section):
                 datasets = " and ".join(others) + (" datasets" if len(others) > 1 else " dataset")
                 raise ConfigError(f"data.{key}: a key of the {datasets}, not of data.name={name!r} "
                                   f"(its keys: {', '.join(own)})")
-        if isinstance(mode := part["rollingq"].get("mode"), str) and mode in PRESETS:  # replaced by the keys given
-            raw["rollingq"] = {**PRESETS[mode], **part["rollingq"]}
         if isinstance(raw, dict):  # the data section of the dataset data.name
             raw["data"] = build(DATA_SECTIONS[name], raw.get("data"), "data.")
         cfg = build(cls, raw)
@@ -124,7 +120,7 @@ class Config(Section):
     def warn_inert_settings(self) -> None:
         """Log settings that are valid but can have no effect in this run (called once, when a run starts)."""
         m, rq, epochs = self.model, self.rollingq, self.train.epochs
-        for key in {"root", "val_fraction", "skip_bad"} - set(DATASETS[self.data.name].common):
+        for key in sorted({"root", "val_fraction", "skip_bad"} - set(DATASETS[self.data.name].common)):
             if getattr(self.data, key) != DataConfig.model_fields[key].default:
                 logger.warning("data.%s=%r has no effect with data.name=%r (it does not read it)",
                                key, getattr(self.data, key), self.data.name)
@@ -168,9 +164,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         raw = _read_with_bases(path, [])
     elif path is not None:
         name = os.path.basename(path if path.endswith(".yaml") else path + ".yaml")
-        if not os.path.isfile(os.path.join(packaged_config_dir(), name)):
+        packaged = os.path.join(packaged_config_dir(), name)
+        if not os.path.isfile(packaged):
             raise ConfigError(f"--config: no file {path!r} and no packaged config {name!r} in {packaged_config_dir()}")
-        raw = _read_with_bases(os.path.join(packaged_config_dir(), name), [])
+        raw = _read_with_bases(packaged, [])
     for text in overrides or []:
         set_dotted(raw, *parse_override(text))
     return Config.from_dict(raw)

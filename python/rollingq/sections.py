@@ -15,7 +15,7 @@ from pydantic import Field, create_model, model_validator
 
 from rollingq_kernels.checks import BACKENDS
 from rollingq_kernels.module import ROTATION_MODES
-from rollingq_kernels.settings import RollingQSettings
+from rollingq_kernels.settings import PRESETS, RollingQSettings
 
 from .data.registry import DATASETS
 from .models import FUSIONS
@@ -89,6 +89,15 @@ class RollingQSection(Section):
 
     model_config = {"frozen": True}  # as the settings
     enabled: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, raw: Any) -> Any:
+        """``mode`` names a preset (:data:`rollingq_kernels.settings.PRESETS`): its values, replaced by the keys
+        given, however the section is built."""
+        if isinstance(raw, dict) and isinstance(mode := raw.get("mode"), str) and mode in PRESETS:
+            return {**PRESETS[mode], **raw}
+        return raw
 
     @model_validator(mode="after")
     def _settings_check(self) -> RollingQSection:
